@@ -1,0 +1,34 @@
+//! Domain operators of edgeflow: node health over differential collections, event-time
+//! windows, and the record types every other crate shares.
+//!
+//! Nothing here does I/O. Operators are extension traits on timely streams or differential
+//! collections; each validates its parameters in a `try_new` builder so a running operator
+//! never meets a bad one.
+
+pub mod duration;
+pub mod node_health;
+pub mod records;
+pub mod window_aggregate;
+
+pub use duration::DurationMs;
+pub use records::{
+    DeadLetter, Heartbeat, HealthStatus, NodeState, RegionRollup, StatusChange, WindowResult,
+};
+
+/// Event time: milliseconds since the Unix epoch. This is the timely timestamp everywhere.
+pub type EventTime = u64;
+
+/// A stable 64-bit hash used to route keyed records to workers. It must not depend on the
+/// process (no random seed), since every process of a cluster must agree on the owner.
+pub fn route_hash(key: &str) -> u64 {
+    // FNV-1a: tiny, stable across processes and releases, good enough spread for routing.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // Final avalanche so that keys differing in their last byte spread over workers.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
+}

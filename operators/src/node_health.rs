@@ -1,0 +1,472 @@
+//! Node health as a differential collection in event time.
+//!
+//! A heartbeat at time `t` is evidence that its node is alive from `t` until
+//! `t + heartbeat_timeout`, and *fresh* until `t + unhealthy_after`. Both windows are
+//! expressed as updates in the future (a retraction at `t + timeout`), so "which nodes are
+//! alive at time t" is a plain reduction over a collection, maintained incrementally by
+//! differential dataflow. Status changes and per-region rollups are derived from it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use differential_dataflow::collection::AsCollection;
+use differential_dataflow::VecCollection;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::StreamVec;
+
+use crate::records::{Gauge, HealthStatus, Heartbeat, NodeState, RegionRollup, StatusChange};
+use crate::{route_hash, DurationMs, EventTime};
+
+/// YAML configuration of the `node_health` operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeHealthConfig {
+    /// A node with no heartbeat for this long is Offline (default 90s: three missed 30s
+    /// heartbeats).
+    #[serde(default = "defaults::heartbeat_timeout")]
+    pub heartbeat_timeout: DurationMs,
+    /// A node whose latest heartbeat is older than this (but younger than
+    /// `heartbeat_timeout`) is Unhealthy: its heartbeats are late (default 45s).
+    #[serde(default = "defaults::unhealthy_after")]
+    pub unhealthy_after: DurationMs,
+    /// CPU percent at or above which a node is Degraded (default 90).
+    #[serde(default = "defaults::cpu_degraded")]
+    pub cpu_degraded: f64,
+    /// Memory percent at or above which a node is Degraded (default 90).
+    #[serde(default = "defaults::memory_degraded")]
+    pub memory_degraded: f64,
+    /// Disk percent at or above which a node is Degraded (default 95).
+    #[serde(default = "defaults::disk_degraded")]
+    pub disk_degraded: f64,
+    /// Length of the tumbling window of the per-region rollups (default 10s).
+    #[serde(default = "defaults::rollup_window")]
+    pub rollup_window: DurationMs,
+}
+
+mod defaults {
+    use crate::DurationMs;
+    pub fn heartbeat_timeout() -> DurationMs {
+        DurationMs::from_secs(90)
+    }
+    pub fn unhealthy_after() -> DurationMs {
+        DurationMs::from_secs(45)
+    }
+    pub fn cpu_degraded() -> f64 {
+        90.0
+    }
+    pub fn memory_degraded() -> f64 {
+        90.0
+    }
+    pub fn disk_degraded() -> f64 {
+        95.0
+    }
+    pub fn rollup_window() -> DurationMs {
+        DurationMs::from_secs(10)
+    }
+}
+
+impl Default for NodeHealthConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout: defaults::heartbeat_timeout(),
+            unhealthy_after: defaults::unhealthy_after(),
+            cpu_degraded: defaults::cpu_degraded(),
+            memory_degraded: defaults::memory_degraded(),
+            disk_degraded: defaults::disk_degraded(),
+            rollup_window: defaults::rollup_window(),
+        }
+    }
+}
+
+/// A parameter of `node_health` that cannot work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NodeHealthError {
+    #[error("`unhealthy_after` ({unhealthy_after}) must be shorter than `heartbeat_timeout` ({timeout})")]
+    UnhealthyAfterTimeout { unhealthy_after: DurationMs, timeout: DurationMs },
+    #[error("`{field}` is {value}; a threshold must be a percentage in (0, 100]")]
+    Threshold { field: &'static str, value: f64 },
+    #[error("`{0}` must be longer than 0ms")]
+    ZeroDuration(&'static str),
+}
+
+/// Validated parameters of `node_health`; the running operator only ever sees these.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeHealthParams {
+    timeout: u64,
+    unhealthy_after: u64,
+    cpu_degraded: f64,
+    memory_degraded: f64,
+    disk_degraded: f64,
+    rollup_window: u64,
+}
+
+impl NodeHealthParams {
+    /// Checks `config` and returns parameters the operator can run with.
+    pub fn try_new(config: &NodeHealthConfig) -> Result<Self, NodeHealthError> {
+        for (field, value) in [
+            ("heartbeat_timeout", config.heartbeat_timeout),
+            ("unhealthy_after", config.unhealthy_after),
+            ("rollup_window", config.rollup_window),
+        ] {
+            if value.as_millis() == 0 {
+                return Err(NodeHealthError::ZeroDuration(field));
+            }
+        }
+        if config.unhealthy_after >= config.heartbeat_timeout {
+            return Err(NodeHealthError::UnhealthyAfterTimeout {
+                unhealthy_after: config.unhealthy_after,
+                timeout: config.heartbeat_timeout,
+            });
+        }
+        for (field, value) in [
+            ("cpu_degraded", config.cpu_degraded),
+            ("memory_degraded", config.memory_degraded),
+            ("disk_degraded", config.disk_degraded),
+        ] {
+            if !(value > 0.0 && value <= 100.0) {
+                return Err(NodeHealthError::Threshold { field, value });
+            }
+        }
+        Ok(Self {
+            timeout: config.heartbeat_timeout.as_millis(),
+            unhealthy_after: config.unhealthy_after.as_millis(),
+            cpu_degraded: config.cpu_degraded,
+            memory_degraded: config.memory_degraded,
+            disk_degraded: config.disk_degraded,
+            rollup_window: config.rollup_window.as_millis(),
+        })
+    }
+
+    /// The rollup window length in milliseconds.
+    pub fn rollup_window_ms(&self) -> u64 {
+        self.rollup_window
+    }
+
+    /// The status of a node whose latest live heartbeat has these readings.
+    /// `fresh` is false once the heartbeat is older than `unhealthy_after`.
+    pub fn classify(&self, fresh: bool, cpu: f64, memory: f64, disk: f64) -> HealthStatus {
+        if !fresh {
+            HealthStatus::Unhealthy
+        } else if cpu >= self.cpu_degraded || memory >= self.memory_degraded || disk >= self.disk_degraded {
+            HealthStatus::Degraded
+        } else {
+            HealthStatus::Healthy
+        }
+    }
+
+    /// Status of a node at time `now` given all of its heartbeats' event times and readings,
+    /// computed from scratch. This is the specification the incremental operator is tested
+    /// against, and what a hand-written loop computes.
+    pub fn status_at(&self, now: EventTime, beats: &[(EventTime, f64, f64, f64)]) -> HealthStatus {
+        let latest = beats
+            .iter()
+            .filter(|(t, ..)| *t <= now && now < t + self.timeout)
+            .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.total_cmp(&b.2)).then(a.3.total_cmp(&b.3)));
+        match latest {
+            None => HealthStatus::Offline,
+            Some(&(t, cpu, memory, disk)) => self.classify(now < t + self.unhealthy_after, cpu, memory, disk),
+        }
+    }
+
+    fn window_end(&self, time: EventTime) -> EventTime {
+        time.div_ceil(self.rollup_window).saturating_mul(self.rollup_window)
+    }
+}
+
+/// What the node-health reduction sees per node: that the node is known (ever sent a
+/// heartbeat), and each heartbeat still in force with whether it is still fresh.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+enum Evidence {
+    Known { region: String },
+    Beat { time: EventTime, fresh: bool, region: String, cpu: Gauge, memory: Gauge, disk: Gauge },
+}
+
+/// The three outputs of `node_health`.
+#[derive(Clone)]
+pub struct NodeHealthStreams<'scope> {
+    /// The live status collection: one `(node_id, NodeState)` per known node at every time.
+    pub status: VecCollection<'scope, EventTime, (String, NodeState)>,
+    /// One record each time a node's status changes (or a node is first seen).
+    pub changes: StreamVec<'scope, EventTime, StatusChange>,
+    /// Per-region nodes per status and resource use, at the end of each rollup window.
+    pub rollups: StreamVec<'scope, EventTime, RegionRollup>,
+}
+
+impl std::fmt::Debug for NodeHealthStreams<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHealthStreams").finish_non_exhaustive()
+    }
+}
+
+/// Computes node health from a collection of heartbeats.
+///
+/// ```
+/// use differential_dataflow::input::Input;
+/// use edgeflow_operators::node_health::{NodeHealth, NodeHealthConfig, NodeHealthParams};
+/// use edgeflow_operators::Heartbeat;
+/// use timely::dataflow::operators::{Inspect, Probe};
+///
+/// let params = NodeHealthParams::try_new(&NodeHealthConfig::default()).unwrap();
+/// timely::execute_directly(move |worker| {
+///     let mut input = worker.dataflow::<u64, _, _>(|scope| {
+///         let (input, heartbeats) = scope.new_collection::<Heartbeat, isize>();
+///         heartbeats
+///             .node_health(&params)
+///             .changes
+///             .inspect(|change| println!("{} -> {}", change.node_id, change.to));
+///         input
+///     });
+///     let beat: Heartbeat = serde_json::from_str(
+///         r#"{"node_id":"n1","region":"eu","lat":0,"lon":0,"timestamp":0,"cpu":5,"memory":5,"disk":5}"#,
+///     ).unwrap();
+///     input.insert(beat);
+/// });
+/// ```
+pub trait NodeHealth<'scope> {
+    /// Node health under `params`; see the module documentation for the semantics.
+    fn node_health(self, params: &NodeHealthParams) -> NodeHealthStreams<'scope>;
+}
+
+impl<'scope> NodeHealth<'scope> for VecCollection<'scope, EventTime, Heartbeat> {
+    fn node_health(self, params: &NodeHealthParams) -> NodeHealthStreams<'scope> {
+        node_health_core(self, params)
+    }
+}
+
+fn node_health_core<'scope>(
+    heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
+    params: &NodeHealthParams,
+) -> NodeHealthStreams<'scope> {
+    let (soft, timeout) = (params.unhealthy_after, params.timeout);
+
+    // Each heartbeat is fresh on [t, t+soft), stale on [t+soft, t+timeout), gone after.
+    let beats = heartbeats
+        .clone()
+        .inner
+        .flat_map(move |(hb, t, r): (Heartbeat, EventTime, isize)| {
+            let beat = |fresh| Evidence::Beat {
+                time: hb.timestamp,
+                fresh,
+                region: hb.region.clone(),
+                cpu: Gauge(hb.cpu),
+                memory: Gauge(hb.memory),
+                disk: Gauge(hb.disk),
+            };
+            let (fresh, stale) = (beat(true), beat(false));
+            let node = hb.node_id;
+            [
+                ((node.clone(), fresh.clone()), t, r),
+                ((node.clone(), fresh), t.saturating_add(soft), -r),
+                ((node.clone(), stale.clone()), t.saturating_add(soft), r),
+                ((node, stale), t.saturating_add(timeout), -r),
+            ]
+        })
+        .as_collection();
+
+    let known = heartbeats
+        .map(|hb| (hb.node_id, hb.region))
+        .distinct()
+        .map(|(node, region)| (node, Evidence::Known { region }));
+
+    let classify = params.clone();
+    let status = beats.concat(known).reduce_named("NodeHealth", move |node, evidence, output| {
+        let mut region = None;
+        let mut latest = None;
+        for (item, count) in evidence {
+            if *count <= 0 {
+                continue;
+            }
+            match item {
+                Evidence::Known { region: r } => region = Some(r),
+                // Values arrive sorted, so the last live beat is the latest one.
+                beat @ Evidence::Beat { .. } => latest = Some(*beat),
+            }
+        }
+        let state = match latest {
+            Some(Evidence::Beat { time, fresh, region, cpu, memory, disk }) => NodeState {
+                node_id: node.clone(),
+                region: region.clone(),
+                status: classify.classify(*fresh, cpu.0, memory.0, disk.0),
+                last_seen: Some(*time),
+                cpu: Some(*cpu),
+                memory: Some(*memory),
+                disk: Some(*disk),
+            },
+            _ => NodeState {
+                node_id: node.clone(),
+                region: region.cloned().unwrap_or_default(),
+                status: HealthStatus::Offline,
+                last_seen: None,
+                cpu: None,
+                memory: None,
+                disk: None,
+            },
+        };
+        output.push((state, 1));
+    });
+
+    let changes = status_changes(status.clone());
+    let rollups = region_rollups(status.clone(), params);
+    NodeHealthStreams { status, changes, rollups }
+}
+
+/// Turns the status collection's updates into one `StatusChange` per node whose status
+/// differs from its previous one, once the time is final.
+fn status_changes<'scope>(
+    status: VecCollection<'scope, EventTime, (String, NodeState)>,
+) -> StreamVec<'scope, EventTime, StatusChange> {
+    type Update = ((String, NodeState), EventTime, isize);
+    let pact = Exchange::new(|update: &Update| route_hash(&(update.0).0));
+    status.inner.unary_frontier(pact, "NodeHealthChanges", |_, _| {
+        let mut pending: BTreeMap<EventTime, (Capability<EventTime>, Vec<(String, NodeState)>)> = BTreeMap::new();
+        let mut current: HashMap<String, HealthStatus> = HashMap::new();
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                for ((node, state), time, diff) in data.drain(..) {
+                    if diff > 0 {
+                        pending
+                            .entry(time)
+                            .or_insert_with(|| (cap.delayed(&time, output.output_index()), Vec::new()))
+                            .1
+                            .push((node, state));
+                    }
+                }
+            });
+            while let Some(entry) = pending.first_entry() {
+                if frontier.less_equal(entry.key()) {
+                    break;
+                }
+                let (time, (cap, mut states)) = entry.remove_entry();
+                states.sort();
+                let mut session = output.session(&cap);
+                for (node, state) in states {
+                    let previous = current.insert(node.clone(), state.status);
+                    if previous != Some(state.status) {
+                        session.give(StatusChange {
+                            time,
+                            node_id: node,
+                            region: state.region,
+                            from: previous,
+                            to: state.status,
+                        });
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Aggregate of one region as maintained by the rollup reduction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct RegionAggregate {
+    counts: [u64; 4],
+    cpu_mean: Option<Gauge>,
+    cpu_max: Option<Gauge>,
+    memory_mean: Option<Gauge>,
+    memory_max: Option<Gauge>,
+}
+
+fn region_rollups<'scope>(
+    status: VecCollection<'scope, EventTime, (String, NodeState)>,
+    params: &NodeHealthParams,
+) -> StreamVec<'scope, EventTime, RegionRollup> {
+    let window = params.rollup_window;
+    let snap = params.clone();
+    let aggregates = status
+        .map(|(_, state)| (state.region, (state.status, state.cpu, state.memory)))
+        .delay(move |time| snap.window_end(*time))
+        .reduce_named("RegionRollup", |_region, nodes, output| {
+            let mut aggregate = RegionAggregate::default();
+            let (mut cpu_sum, mut memory_sum, mut reporting) = (0.0, 0.0, 0u64);
+            for ((status, cpu, memory), count) in nodes {
+                let count = u64::try_from(*count).unwrap_or(0);
+                aggregate.counts[status.index()] += count;
+                if let (Some(cpu), Some(memory)) = (cpu, memory) {
+                    reporting += count;
+                    cpu_sum += cpu.0 * count as f64;
+                    memory_sum += memory.0 * count as f64;
+                    aggregate.cpu_max = aggregate.cpu_max.max(Some(*cpu));
+                    aggregate.memory_max = aggregate.memory_max.max(Some(*memory));
+                }
+            }
+            if reporting > 0 {
+                aggregate.cpu_mean = Some(Gauge(cpu_sum / reporting as f64));
+                aggregate.memory_mean = Some(Gauge(memory_sum / reporting as f64));
+            }
+            output.push((aggregate, 1));
+        });
+
+    type Update = ((String, RegionAggregate), EventTime, isize);
+    let pact = Exchange::new(|update: &Update| route_hash(&(update.0).0));
+    aggregates.inner.unary_frontier(pact, "RegionRollupWindows", move |_, _| {
+        let mut pending: BTreeMap<EventTime, Vec<(String, RegionAggregate, isize)>> = BTreeMap::new();
+        let mut current: BTreeMap<String, RegionAggregate> = BTreeMap::new();
+        // Capability at the next window end to report, and the last window end with data.
+        let mut next: Option<Capability<EventTime>> = None;
+        // Per region, the last window end at which its aggregate changed: a region is reported
+        // up to there, so the output does not depend on which regions share a worker.
+        let mut last_with_data: HashMap<String, EventTime> = HashMap::new();
+        let mut horizon: EventTime = 0;
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                for ((region, aggregate), time, diff) in data.drain(..) {
+                    let last = last_with_data.entry(region.clone()).or_default();
+                    *last = (*last).max(time);
+                    horizon = horizon.max(time);
+                    match &next {
+                        Some(held) if held.time() <= &time => {}
+                        _ => next = Some(cap.delayed(&time, output.output_index())),
+                    }
+                    pending.entry(time).or_default().push((region, aggregate, diff));
+                }
+            });
+            while let Some(cap) = next.as_mut() {
+                let end = *cap.time();
+                if frontier.less_equal(&end) || end > horizon {
+                    break;
+                }
+                if let Some(mut updates) = pending.remove(&end) {
+                    // Retractions first, so that a region's new aggregate replaces the old.
+                    updates.sort_by_key(|update| update.2);
+                    for (region, aggregate, diff) in updates {
+                        if diff < 0 {
+                            if current.get(&region) == Some(&aggregate) {
+                                current.remove(&region);
+                            }
+                        } else {
+                            current.insert(region, aggregate);
+                        }
+                    }
+                }
+                let mut session = output.session(&*cap);
+                for (region, aggregate) in &current {
+                    if last_with_data.get(region).is_none_or(|last| *last < end) {
+                        continue;
+                    }
+                    let [healthy, degraded, unhealthy, offline] = aggregate.counts;
+                    session.give(RegionRollup {
+                        region: region.clone(),
+                        window_start: end.saturating_sub(window),
+                        window_end: end,
+                        nodes: healthy + degraded + unhealthy + offline,
+                        healthy,
+                        degraded,
+                        unhealthy,
+                        offline,
+                        cpu_mean: aggregate.cpu_mean,
+                        cpu_max: aggregate.cpu_max,
+                        memory_mean: aggregate.memory_mean,
+                        memory_max: aggregate.memory_max,
+                    });
+                }
+                drop(session);
+                cap.downgrade(&(end + window));
+            }
+            if frontier.is_empty() && next.as_ref().is_some_and(|cap| *cap.time() > horizon) {
+                next = None;
+            }
+        }
+    })
+}

@@ -1,0 +1,375 @@
+//! Tumbling and sliding event-time windows over a key, with count, sum, mean, min and max.
+//!
+//! A window's result is emitted once, when the input frontier passes its end. A record whose
+//! window already closed (only possible under the late policy `update`, which lets late
+//! records into the dataflow at the current watermark) produces a corrected result for that
+//! window with `revision` incremented, as long as the window is within `allowed_lateness`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::{Capability, Operator};
+use timely::dataflow::StreamVec;
+
+use crate::records::{Gauge, Heartbeat, WindowResult};
+use crate::{route_hash, DurationMs, EventTime};
+
+/// Which heartbeat field identifies the group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowKey {
+    /// Group by node id.
+    NodeId,
+    /// Group by region.
+    Region,
+    /// Group by the value of a label (records without the label are grouped under "").
+    Label(String),
+}
+
+/// Which heartbeat field is aggregated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowField {
+    /// CPU percent.
+    Cpu,
+    /// Memory percent.
+    Memory,
+    /// Disk percent.
+    Disk,
+    /// Bytes received.
+    NetRxBytes,
+    /// Bytes sent.
+    NetTxBytes,
+    /// Capacity in cores.
+    Capacity,
+}
+
+impl WindowField {
+    /// The field's value in `heartbeat`.
+    pub fn read(self, heartbeat: &Heartbeat) -> f64 {
+        match self {
+            WindowField::Cpu => heartbeat.cpu,
+            WindowField::Memory => heartbeat.memory,
+            WindowField::Disk => heartbeat.disk,
+            WindowField::NetRxBytes => heartbeat.net_rx_bytes as f64,
+            WindowField::NetTxBytes => heartbeat.net_tx_bytes as f64,
+            WindowField::Capacity => heartbeat.capacity,
+        }
+    }
+}
+
+/// An aggregate function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregate {
+    /// Number of records (always reported).
+    Count,
+    /// Sum of the field.
+    Sum,
+    /// Mean of the field.
+    Mean,
+    /// Minimum of the field.
+    Min,
+    /// Maximum of the field.
+    Max,
+}
+
+/// YAML configuration of the `window_aggregate` operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowAggregateConfig {
+    /// What to group by: `node_id`, `region`, or `{label: NAME}`.
+    #[serde(default = "default_key")]
+    pub key: WindowKey,
+    /// The field to aggregate (default `cpu`).
+    #[serde(default = "default_field")]
+    pub field: WindowField,
+    /// Window length, e.g. `10s`.
+    pub window: DurationMs,
+    /// Distance between window starts for sliding windows; defaults to `window` (tumbling).
+    /// `window` must be a whole multiple of it.
+    #[serde(default)]
+    pub slide: Option<DurationMs>,
+    /// Aggregates to report (default all of count, sum, mean, min, max).
+    #[serde(default = "default_aggregates")]
+    pub aggregates: Vec<Aggregate>,
+    /// How long after a window's end a late record may still correct it (late policy
+    /// `update` only; default one window length).
+    #[serde(default)]
+    pub allowed_lateness: Option<DurationMs>,
+}
+
+fn default_key() -> WindowKey {
+    WindowKey::NodeId
+}
+fn default_field() -> WindowField {
+    WindowField::Cpu
+}
+fn default_aggregates() -> Vec<Aggregate> {
+    vec![Aggregate::Count, Aggregate::Sum, Aggregate::Mean, Aggregate::Min, Aggregate::Max]
+}
+
+/// A window parameter that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("`window` must be longer than 0ms")]
+    ZeroWindow,
+    #[error("`slide` ({slide}) must be longer than 0ms and no longer than `window` ({window})")]
+    BadSlide { slide: DurationMs, window: DurationMs },
+    #[error("`window` ({window}) must be a whole multiple of `slide` ({slide})")]
+    NotMultiple { slide: DurationMs, window: DurationMs },
+    #[error("`aggregates` is empty; list at least one of count, sum, mean, min, max")]
+    NoAggregates,
+}
+
+/// Validated window parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowParams {
+    size: u64,
+    slide: u64,
+    lateness: u64,
+    aggregates: BTreeSet<Aggregate>,
+}
+
+impl WindowParams {
+    /// Checks a window of `window` length every `slide`.
+    pub fn try_new(
+        window: DurationMs,
+        slide: Option<DurationMs>,
+        aggregates: &[Aggregate],
+        allowed_lateness: Option<DurationMs>,
+    ) -> Result<Self, WindowError> {
+        let size = window.as_millis();
+        if size == 0 {
+            return Err(WindowError::ZeroWindow);
+        }
+        let slide_ms = slide.map_or(size, DurationMs::as_millis);
+        if slide_ms == 0 || slide_ms > size {
+            return Err(WindowError::BadSlide { slide: DurationMs(slide_ms), window });
+        }
+        if size % slide_ms != 0 {
+            return Err(WindowError::NotMultiple { slide: DurationMs(slide_ms), window });
+        }
+        if aggregates.is_empty() {
+            return Err(WindowError::NoAggregates);
+        }
+        Ok(Self {
+            size,
+            slide: slide_ms,
+            lateness: allowed_lateness.map_or(size, DurationMs::as_millis),
+            aggregates: aggregates.iter().copied().collect(),
+        })
+    }
+
+    /// From the YAML configuration.
+    pub fn from_config(config: &WindowAggregateConfig) -> Result<Self, WindowError> {
+        Self::try_new(config.window, config.slide, &config.aggregates, config.allowed_lateness)
+    }
+
+    /// Ends of the windows containing `time`, earliest first.
+    pub fn window_ends(&self, time: EventTime) -> impl Iterator<Item = EventTime> + '_ {
+        let last_start = time - time % self.slide;
+        let count = self.size / self.slide;
+        (0..count)
+            .rev()
+            .filter_map(move |back| last_start.checked_sub(back * self.slide))
+            .map(move |start| start + self.size)
+    }
+
+    fn result(&self, key: &str, end: EventTime, acc: &Accumulator, revision: u32) -> WindowResult {
+        let wanted = |aggregate| self.aggregates.contains(&aggregate);
+        WindowResult {
+            key: key.to_owned(),
+            window_start: end - self.size,
+            window_end: end,
+            count: acc.count,
+            sum: wanted(Aggregate::Sum).then_some(Gauge(acc.sum)),
+            mean: (wanted(Aggregate::Mean) && acc.count > 0).then(|| Gauge(acc.sum / acc.count as f64)),
+            min: wanted(Aggregate::Min).then_some(Gauge(acc.min)),
+            max: wanted(Aggregate::Max).then_some(Gauge(acc.max)),
+            revision,
+        }
+    }
+}
+
+/// Running aggregate of one key in one window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Accumulator {
+    /// Records seen.
+    pub count: u64,
+    /// Sum of values.
+    pub sum: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Default for Accumulator {
+    fn default() -> Self {
+        Self { count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY }
+    }
+}
+
+impl Accumulator {
+    /// Adds `value` with multiplicity `weight`.
+    pub fn add(&mut self, value: f64, weight: isize) {
+        self.count = self.count.saturating_add_signed(weight as i64);
+        self.sum += value * weight as f64;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+}
+
+/// Event-time window aggregation over a stream of `(record, time, diff)` updates.
+///
+/// ```
+/// use edgeflow_operators::window_aggregate::{WindowAggregate, WindowParams, Aggregate};
+/// use edgeflow_operators::DurationMs;
+/// use timely::dataflow::operators::{ToStream, Inspect};
+///
+/// let params = WindowParams::try_new(DurationMs(10), None, &[Aggregate::Count, Aggregate::Mean], None).unwrap();
+/// timely::example(move |scope| {
+///     vec![(("a".to_string(), 1.0), 3u64, 1isize), (("a".to_string(), 3.0), 7, 1)]
+///         .to_stream(scope)
+///         .window_aggregate("Windows", params, |(k, _): &(String, f64)| k.clone(), |r, t| (*t, r.1))
+///         .inspect(|result| assert_eq!(result.mean.unwrap().0, 2.0));
+/// });
+/// ```
+pub trait WindowAggregate<'scope, D> {
+    /// Groups each record by `key`, reads `(event_time, value)` from it with `value`, and
+    /// emits one [`WindowResult`] per key and window once the window is final.
+    fn window_aggregate<K, V>(self, name: &str, params: WindowParams, key: K, value: V) -> StreamVec<'scope, EventTime, WindowResult>
+    where
+        K: Fn(&D) -> String + 'static,
+        V: Fn(&D, &EventTime) -> (EventTime, f64) + 'static;
+}
+
+impl<'scope, D> WindowAggregate<'scope, D> for StreamVec<'scope, EventTime, (D, EventTime, isize)>
+where
+    D: timely::ExchangeData + Clone,
+{
+    fn window_aggregate<K, V>(self, name: &str, params: WindowParams, key: K, value: V) -> StreamVec<'scope, EventTime, WindowResult>
+    where
+        K: Fn(&D) -> String + 'static,
+        V: Fn(&D, &EventTime) -> (EventTime, f64) + 'static,
+    {
+        window_aggregate_core(self, name, params, key, value)
+    }
+}
+
+/// Windows over heartbeats, by the key and field of `config`.
+pub fn heartbeat_windows<'scope>(
+    updates: StreamVec<'scope, EventTime, (Heartbeat, EventTime, isize)>,
+    name: &str,
+    config: &WindowAggregateConfig,
+) -> Result<StreamVec<'scope, EventTime, WindowResult>, WindowError> {
+    let params = WindowParams::from_config(config)?;
+    let key = config.key.clone();
+    let field = config.field;
+    Ok(updates.window_aggregate(
+        name,
+        params,
+        move |hb: &Heartbeat| match &key {
+            WindowKey::NodeId => hb.node_id.clone(),
+            WindowKey::Region => hb.region.clone(),
+            WindowKey::Label(label) => hb.labels.get(label).cloned().unwrap_or_default(),
+        },
+        move |hb, _time| (hb.timestamp, field.read(hb)),
+    ))
+}
+
+struct ClosedWindow {
+    accumulators: HashMap<String, Accumulator>,
+    revisions: HashMap<String, u32>,
+}
+
+fn window_aggregate_core<'scope, D, K, V>(
+    stream: StreamVec<'scope, EventTime, (D, EventTime, isize)>,
+    name: &str,
+    params: WindowParams,
+    key: K,
+    value: V,
+) -> StreamVec<'scope, EventTime, WindowResult>
+where
+    D: timely::ExchangeData + Clone,
+    K: Fn(&D) -> String + 'static,
+    V: Fn(&D, &EventTime) -> (EventTime, f64) + 'static,
+{
+    let key = std::rc::Rc::new(key);
+    let route = key.clone();
+    let pact = Exchange::new(move |update: &(D, EventTime, isize)| route_hash(&route(&update.0)));
+    stream.unary_frontier(pact, name, move |_, _| {
+        let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<String, Accumulator>)> = BTreeMap::new();
+        let mut closed: BTreeMap<EventTime, ClosedWindow> = BTreeMap::new();
+        let mut corrected: BTreeSet<(EventTime, String)> = BTreeSet::new();
+        let mut results = Vec::new();
+        // Windows ending at or before this were emitted and may have been forgotten.
+        let mut emitted_up_to: EventTime = 0;
+        let mut beyond_lateness: u64 = 0;
+        move |(input, frontier), output| {
+            input.for_each(|cap, data| {
+                let message_time = cap.least().copied().unwrap_or_default();
+                for (record, time, diff) in data.drain(..) {
+                    let (event_time, value) = value(&record, &time);
+                    let group = key(&record);
+                    for end in params.window_ends(event_time) {
+                        if let Some(window) = closed.get_mut(&end) {
+                            window.accumulators.entry(group.clone()).or_default().add(value, diff);
+                            corrected.insert((end, group.clone()));
+                        } else if end > emitted_up_to {
+                            let at = end.max(message_time);
+                            open.entry(end)
+                                .or_insert_with(|| (cap.delayed(&at, output.output_index()), HashMap::new()))
+                                .1
+                                .entry(group.clone())
+                                .or_default()
+                                .add(value, diff);
+                        } else {
+                            beyond_lateness += 1;
+                        }
+                    }
+                }
+                if !corrected.is_empty() {
+                    let out_cap = cap.retain_least(output.output_index());
+                    if let Some(out_cap) = out_cap {
+                        let mut session = output.session(&out_cap);
+                        for (end, group) in std::mem::take(&mut corrected) {
+                            if let Some(window) = closed.get_mut(&end) {
+                                let revision = window.revisions.entry(group.clone()).or_insert(0);
+                                *revision += 1;
+                                let acc = window.accumulators[&group];
+                                session.give(params.result(&group, end, &acc, *revision));
+                            }
+                        }
+                    }
+                }
+            });
+            while let Some(entry) = open.first_entry() {
+                if frontier.less_equal(entry.key()) {
+                    break;
+                }
+                let (end, (cap, accumulators)) = entry.remove_entry();
+                results.clear();
+                results.extend(accumulators.iter().map(|(group, acc)| params.result(group, end, acc, 0)));
+                results.sort();
+                output.session(&cap).give_iterator(results.drain(..));
+                emitted_up_to = emitted_up_to.max(end);
+                closed.insert(end, ClosedWindow { accumulators, revisions: HashMap::new() });
+            }
+            if beyond_lateness > 0 {
+                tracing::warn!(operator = "window_aggregate", records = beyond_lateness, "late records beyond allowed_lateness were not applied");
+                beyond_lateness = 0;
+            }
+            // Forget windows beyond the allowed lateness.
+            let horizon = frontier.frontier().iter().min().copied();
+            match horizon {
+                Some(now) => closed.retain(|end, _| end + params.lateness >= now),
+                None => closed.clear(),
+            }
+        }
+    })
+}
+
+
