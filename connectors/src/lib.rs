@@ -1,1 +1,71 @@
+//! Sources and sinks of edgeflow: all I/O to the outside lives here.
+//!
+//! A [`Source`] is polled by the engine's driver loop on each worker; it yields decoded
+//! records together with the source's event clock, or dead letters for input it could not
+//! decode. A [`Sink`] receives encoded lines on one worker and writes them out.
+//! Each connector is one directory: its `<Name>Config` (the YAML shape) and `<Name>` (the
+//! running thing).
 
+pub mod dead_letter;
+pub mod file;
+pub mod generator;
+pub mod stdout;
+
+use edgeflow_operators::{DeadLetter, EventTime, Heartbeat};
+
+/// One item produced by a source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceItem {
+    /// A decoded record. `clock` is the source's event clock at this record (for most
+    /// sources the record's own event time; for the generator its emission time), from
+    /// which the engine derives the watermark.
+    Record { heartbeat: Heartbeat, clock: EventTime },
+    /// Input that could not be decoded, with its position and the reason.
+    Malformed(DeadLetter),
+}
+
+/// What a poll found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceStatus {
+    /// Items were produced and more may be available right away.
+    Ready,
+    /// Nothing available now; `retry_in_ms` is a hint for when to look again.
+    Idle { retry_in_ms: u64 },
+    /// The source is finite and has produced everything.
+    Exhausted,
+}
+
+/// An error from the outside world that stops a source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// A file could not be opened or read.
+    #[error("cannot read `{path}`: {source}\nhint: check that the file exists and is readable")]
+    Read { path: String, source: std::io::Error },
+    /// A file could not be created or written.
+    #[error("cannot write `{path}`: {source}\nhint: check that the directory exists and is writable")]
+    Write { path: String, source: std::io::Error },
+    /// A parameter that cannot work.
+    #[error("invalid {connector} configuration: {reason}")]
+    Config { connector: &'static str, reason: String },
+}
+
+/// A source of heartbeats, one instance per worker.
+pub trait Source: Send {
+    /// Appends at most `max` items to `out`.
+    fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError>;
+}
+
+/// A sink of encoded records (one JSON document per call, without the newline).
+pub trait Sink: Send {
+    /// Writes one record.
+    fn write(&mut self, record: &[u8]) -> Result<(), ConnectorError>;
+    /// Makes everything written so far durable or visible.
+    fn flush(&mut self) -> Result<(), ConnectorError>;
+}
+
+/// Milliseconds since the Unix epoch by the wall clock.
+pub fn wall_clock_ms() -> EventTime {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+}

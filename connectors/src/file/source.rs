@@ -1,0 +1,272 @@
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+
+use edgeflow_operators::{DeadLetter, DurationMs, Heartbeat};
+use serde::{Deserialize, Serialize};
+
+use crate::{ConnectorError, Source, SourceItem, SourceStatus};
+
+/// YAML configuration of the `file` source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceConfig {
+    /// File of JSON heartbeats, one per line (see the Heartbeat record). Blank lines are
+    /// skipped; any other line that does not decode goes to the dead-letter output.
+    pub path: PathBuf,
+    /// Keep reading what is appended to the file instead of ending at its end (default false).
+    #[serde(default)]
+    pub follow: bool,
+    /// How often a followed file is checked for new data (default 200ms).
+    #[serde(default = "defaults::poll_interval")]
+    pub poll_interval: DurationMs,
+    /// How far behind the latest event time seen a record may be and still be on time; the
+    /// watermark is the latest event time minus this (default 5s).
+    #[serde(default = "defaults::max_out_of_orderness")]
+    pub max_out_of_orderness: DurationMs,
+    /// After this long without new data a followed file stops holding the watermark back:
+    /// its watermark then follows the wall clock (default 30s).
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: DurationMs,
+}
+
+pub(crate) mod defaults {
+    use edgeflow_operators::DurationMs;
+    pub fn poll_interval() -> DurationMs {
+        DurationMs(200)
+    }
+    pub fn max_out_of_orderness() -> DurationMs {
+        DurationMs::from_secs(5)
+    }
+    pub fn idle_timeout() -> DurationMs {
+        DurationMs::from_secs(30)
+    }
+}
+
+/// Reads JSON heartbeats from one byte range of a file (or follows it).
+#[derive(Debug)]
+pub struct FileSource {
+    name: String,
+    shown: String,
+    reader: Option<BufReader<File>>,
+    /// Byte offset of the next line to read.
+    offset: u64,
+    /// Lines starting at or after this offset belong to another worker.
+    end: u64,
+    /// 1-based number of the next line.
+    line: u64,
+    follow: bool,
+    poll_interval: u64,
+    buffer: Vec<u8>,
+}
+
+impl FileSource {
+    /// The part of `config.path` that worker `index` of `peers` reads.
+    pub fn open(name: &str, config: &FileSourceConfig, index: usize, peers: usize) -> Result<Self, ConnectorError> {
+        let shown = config.path.display().to_string();
+        let read_error = |source| ConnectorError::Read { path: shown.clone(), source };
+        let mut file = File::open(&config.path).map_err(read_error)?;
+        let len = file.metadata().map_err(read_error)?.len();
+        let mut source = Self {
+            name: name.to_owned(),
+            shown: shown.clone(),
+            reader: None,
+            offset: 0,
+            end: u64::MAX,
+            line: 1,
+            follow: config.follow,
+            poll_interval: config.poll_interval.as_millis().max(1),
+            buffer: Vec::with_capacity(1024),
+        };
+        if config.follow {
+            // One reader follows the whole file; the other workers have nothing to read.
+            if index != 0 {
+                return Ok(source);
+            }
+        } else {
+            let peers = peers.max(1) as u64;
+            let start = len * index as u64 / peers;
+            source.end = len * (index as u64 + 1) / peers;
+            if start >= source.end {
+                return Ok(source);
+            }
+            // Start at the first line that begins inside our range, and number lines.
+            let (aligned, lines_before) = align_to_line(&mut file, start).map_err(read_error)?;
+            source.offset = aligned;
+            source.line = lines_before + 1;
+            file.seek(SeekFrom::Start(aligned)).map_err(read_error)?;
+        }
+        source.reader = Some(BufReader::with_capacity(1 << 16, file));
+        Ok(source)
+    }
+}
+
+/// The offset of the first line starting at or after `start`, and how many lines precede it.
+fn align_to_line(file: &mut File, start: u64) -> std::io::Result<(u64, u64)> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut newlines = 0u64;
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut position = 0u64;
+    // Count newlines in [0, start - 1): the byte at start - 1 decides alignment.
+    let prefix = start.saturating_sub(1);
+    while position < prefix {
+        let want = usize::try_from((prefix - position).min(chunk.len() as u64)).unwrap_or(chunk.len());
+        let read = file.read(&mut chunk[..want])?;
+        if read == 0 {
+            break;
+        }
+        newlines += chunk[..read].iter().filter(|byte| **byte == b'\n').count() as u64;
+        position += read as u64;
+    }
+    if start == 0 {
+        return Ok((0, 0));
+    }
+    // Find the end of the line that straddles `start` (or starts right at it).
+    let mut reader = BufReader::new(&mut *file);
+    let mut rest = Vec::new();
+    let read = reader.read_until(b'\n', &mut rest)?;
+    let aligned = prefix + read as u64;
+    if read > 0 && rest.last() == Some(&b'\n') {
+        newlines += 1;
+    }
+    Ok((aligned, newlines))
+}
+
+impl Source for FileSource {
+    fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(SourceStatus::Exhausted);
+        };
+        let mut produced = 0;
+        while produced < max {
+            if self.offset >= self.end {
+                self.reader = None;
+                return Ok(SourceStatus::Exhausted);
+            }
+            self.buffer.clear();
+            let read = reader
+                .read_until(b'\n', &mut self.buffer)
+                .map_err(|source| ConnectorError::Read { path: self.shown.clone(), source })?;
+            if read == 0 {
+                if self.follow {
+                    return Ok(SourceStatus::Idle { retry_in_ms: self.poll_interval });
+                }
+                self.reader = None;
+                return Ok(SourceStatus::Exhausted);
+            }
+            if self.follow && self.buffer.last() != Some(&b'\n') {
+                // A line still being written: read it again once it is complete.
+                reader
+                    .seek(SeekFrom::Start(self.offset))
+                    .map_err(|source| ConnectorError::Read { path: self.shown.clone(), source })?;
+                return Ok(SourceStatus::Idle { retry_in_ms: self.poll_interval });
+            }
+            self.offset += read as u64;
+            let line = self.line;
+            self.line += 1;
+            let text = trim_line(&self.buffer);
+            if text.is_empty() {
+                continue;
+            }
+            produced += 1;
+            match Heartbeat::from_json(text) {
+                Ok(heartbeat) => {
+                    let clock = heartbeat.timestamp;
+                    out.push(SourceItem::Record { heartbeat, clock });
+                }
+                Err(reason) => out.push(SourceItem::Malformed(DeadLetter {
+                    source: self.name.clone(),
+                    position: format!("{}:{line}", self.shown),
+                    reason,
+                    payload: text.to_vec(),
+                })),
+            }
+        }
+        Ok(SourceStatus::Ready)
+    }
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    let mut end = line.len();
+    while end > 0 && matches!(line[end - 1], b'\n' | b'\r' | b' ' | b'\t') {
+        end -= 1;
+    }
+    &line[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn beat(node: usize, time: u64) -> String {
+        format!(
+            r#"{{"node_id":"n{node}","region":"eu","lat":1,"lon":2,"timestamp":{time},"cpu":1,"memory":2,"disk":3}}"#
+        )
+    }
+
+    fn config(path: &std::path::Path) -> FileSourceConfig {
+        FileSourceConfig {
+            path: path.to_owned(),
+            follow: false,
+            poll_interval: DurationMs(10),
+            max_out_of_orderness: DurationMs(0),
+            idle_timeout: DurationMs(1000),
+        }
+    }
+
+    fn drain(source: &mut FileSource) -> Vec<SourceItem> {
+        let mut out = Vec::new();
+        while source.poll(&mut out, 7).unwrap() == SourceStatus::Ready {}
+        out
+    }
+
+    #[test]
+    fn every_line_read_once_whatever_the_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let mut file = File::create(&path).unwrap();
+        for i in 0..101 {
+            writeln!(file, "{}", beat(i, i as u64)).unwrap();
+        }
+        writeln!(file, "{{broken").unwrap();
+        for peers in 1..=6 {
+            let mut times = Vec::new();
+            let mut bad = Vec::new();
+            for index in 0..peers {
+                let mut source = FileSource::open("f", &config(&path), index, peers).unwrap();
+                for item in drain(&mut source) {
+                    match item {
+                        SourceItem::Record { heartbeat, .. } => times.push(heartbeat.timestamp),
+                        SourceItem::Malformed(letter) => bad.push(letter.position),
+                    }
+                }
+            }
+            times.sort();
+            assert_eq!(times, (0..101).collect::<Vec<_>>(), "peers {peers}");
+            assert_eq!(bad, vec![format!("{}:102", path.display())], "peers {peers}");
+        }
+    }
+
+    #[test]
+    fn follow_waits_for_complete_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grow.jsonl");
+        let mut file = File::create(&path).unwrap();
+        let mut cfg = config(&path);
+        cfg.follow = true;
+        let mut source = FileSource::open("f", &cfg, 0, 1).unwrap();
+        let mut out = Vec::new();
+        assert!(matches!(source.poll(&mut out, 10).unwrap(), SourceStatus::Idle { .. }));
+        let line = beat(1, 5);
+        write!(file, "{}", &line[..10]).unwrap();
+        file.flush().unwrap();
+        assert!(matches!(source.poll(&mut out, 10).unwrap(), SourceStatus::Idle { .. }));
+        assert!(out.is_empty());
+        writeln!(file, "{}", &line[10..]).unwrap();
+        file.flush().unwrap();
+        source.poll(&mut out, 10).unwrap();
+        assert_eq!(out.len(), 1);
+    }
+}
