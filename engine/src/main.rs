@@ -1,1 +1,185 @@
-fn main() {}
+//! The `edgeflow` command: run, validate, graph and describe pipelines.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use edgeflow_engine::config::{self, Pipeline};
+use edgeflow_engine::graph::{self, Format};
+use edgeflow_engine::metrics::{self, Metrics};
+use edgeflow_engine::runtime::{self, RunOptions};
+use edgeflow_engine::status_line;
+
+/// Exit status of an invalid pipeline, distinct from a runtime failure (1) and from a
+/// command-line usage error (2).
+const EXIT_INVALID: u8 = 3;
+
+/// edgeflow: a stream-processing engine for intelligence at the network edge.
+#[derive(Debug, Parser)]
+#[command(name = "edgeflow", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format: `json`, `text`, or `auto` (text on a terminal, JSON otherwise).
+    #[arg(long, global = true, default_value = "auto")]
+    log_format: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline.
+    Run {
+        /// The pipeline YAML file.
+        pipeline: PathBuf,
+        /// Timely worker threads in this process.
+        #[arg(long, short = 'w', default_value_t = 1, env = "EDGEFLOW_WORKERS")]
+        workers: usize,
+        /// Number of processes in the cluster.
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// This process's index in the cluster, from 0.
+        #[arg(long, default_value_t = 0)]
+        process: usize,
+        /// File with one host:port per process (for --processes > 1).
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// Override the metrics address of the pipeline (`host:port`; port 0 picks one).
+        #[arg(long, env = "EDGEFLOW_METRICS_ADDR")]
+        metrics_addr: Option<String>,
+        /// Do not serve /metrics, /health and /ready.
+        #[arg(long)]
+        no_metrics: bool,
+        /// Do not draw the live status line, even on a terminal.
+        #[arg(long)]
+        no_status: bool,
+    },
+    /// Check a pipeline and report every problem, without running it.
+    Validate {
+        /// The pipeline YAML file.
+        pipeline: PathBuf,
+    },
+    /// Print the dataflow of a pipeline as Mermaid or DOT.
+    Graph {
+        /// The pipeline YAML file.
+        pipeline: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "mermaid")]
+        format: Format,
+    },
+    /// Print the JSON Schema of pipeline files (for editors).
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Validate { pipeline } => match load(&pipeline) {
+            Ok(loaded) => {
+                println!(
+                    "{}: ok ({} sources, {} operators, {} sinks)",
+                    pipeline.display(),
+                    loaded.sources.len(),
+                    loaded.operators.len(),
+                    loaded.sinks.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Graph { pipeline, format } => match load(&pipeline) {
+            Ok(loaded) => {
+                print!("{}", graph::render(&loaded, format));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Schema => {
+            let schema = config::schema::pipeline_schema();
+            println!("{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Command::Run { pipeline, workers, processes, process, hostfile, metrics_addr, no_metrics, no_status } => {
+            let loaded = match load(&pipeline) {
+                Ok(loaded) => loaded,
+                Err(code) => return code,
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let options = RunOptions { workers, processes, process, hostfile, stop: stop.clone() };
+            match run(&loaded, &options, metrics_addr, no_metrics, no_status) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
+    config::load_file(path).map_err(|problems| {
+        eprintln!("{problems}");
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+fn run(
+    pipeline: &Pipeline,
+    options: &RunOptions,
+    metrics_addr: Option<String>,
+    no_metrics: bool,
+    no_status: bool,
+) -> anyhow::Result<()> {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while stopping exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, options.stop.clone())?;
+        signal_hook::flag::register(signal, options.stop.clone())?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    if pipeline.metrics.enabled && !no_metrics {
+        let mut config = pipeline.metrics.clone();
+        if let Some(address) = metrics_addr {
+            config.address = address;
+        }
+        let address = config.socket_addr().map_err(anyhow::Error::msg)?;
+        let bound = metrics::serve(metrics.clone(), address)
+            .map_err(|err| anyhow::anyhow!("cannot serve metrics on {address}: {err}\nhint: pick another address with --metrics-addr, or --no-metrics"))?;
+        tracing::info!(address = %bound, "serving /metrics, /health and /ready");
+    }
+    let status_stop = Arc::new(AtomicBool::new(false));
+    let status = if !no_status && std::io::stderr().is_terminal() {
+        Some(status_line::spawn(metrics.clone(), status_stop.clone())?)
+    } else {
+        None
+    };
+    tracing::info!(pipeline = %pipeline.name, workers = options.workers, processes = options.processes, process = options.process, "starting");
+    let result = runtime::run(pipeline, options, metrics);
+    status_stop.store(true, Ordering::Relaxed);
+    if let Some(status) = status {
+        let _ = status.join();
+    }
+    if options.stop.load(Ordering::Relaxed) && result.is_ok() {
+        tracing::info!("stopped by signal; sinks flushed");
+    }
+    result
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("EDGEFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        "json" => true,
+        "text" => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.compact().init();
+    }
+}

@@ -1,0 +1,168 @@
+//! Prometheus metrics of a running pipeline, and the `/metrics`, `/health` and `/ready`
+//! endpoints.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+
+use edgeflow_operators::HealthStatus;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Label set: a list of `(name, value)` pairs.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// Every metric edgeflow exports. Cheap to clone handles out of; shared by all workers.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Records read per source.
+    pub source_records: Family<Labels, Counter>,
+    /// Records in and out per operator and port.
+    pub operator_records: Family<Labels, Counter>,
+    /// Records written per sink.
+    pub sink_records: Family<Labels, Counter>,
+    /// Dead-lettered records per source and reason kind.
+    pub dead_letters: Family<Labels, Counter>,
+    /// Records behind the watermark per source and late policy.
+    pub late_records: Family<Labels, Counter>,
+    /// Watermark per source and worker, ms since the epoch.
+    pub watermark: Family<Labels, Gauge>,
+    /// Wall clock minus watermark per source and worker, ms.
+    pub watermark_lag: Family<Labels, Gauge>,
+    /// Nodes per health status (this process's share of the keys).
+    pub nodes: Family<Labels, Gauge>,
+    /// Sink write failures.
+    pub sink_errors: Family<Labels, Counter>,
+    /// Readiness: set once the dataflow runs, cleared when it stops.
+    pub ready: AtomicBool,
+    /// Total records read by all sources, for the status line.
+    pub records_total: Counter,
+    node_counts: [AtomicI64; 4],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("edgeflow");
+        let metrics = Self {
+            source_records: Family::default(),
+            operator_records: Family::default(),
+            sink_records: Family::default(),
+            dead_letters: Family::default(),
+            late_records: Family::default(),
+            watermark: Family::default(),
+            watermark_lag: Family::default(),
+            nodes: Family::default(),
+            sink_errors: Family::default(),
+            ready: AtomicBool::new(false),
+            records_total: Counter::default(),
+            node_counts: Default::default(),
+            registry: Registry::default(),
+        };
+        registry.register("source_records", "Records read per source", metrics.source_records.clone());
+        registry.register("operator_records", "Records in and out per operator and port", metrics.operator_records.clone());
+        registry.register("sink_records", "Records written per sink", metrics.sink_records.clone());
+        registry.register("dead_letters", "Records sent to the dead-letter output, per source and reason", metrics.dead_letters.clone());
+        registry.register("late_records", "Records behind their source's watermark, per source and late policy", metrics.late_records.clone());
+        registry.register("watermark_milliseconds", "Source watermark per worker, ms since the Unix epoch", metrics.watermark.clone());
+        registry.register("watermark_lag_milliseconds", "Wall clock minus the source watermark per worker", metrics.watermark_lag.clone());
+        registry.register("nodes", "Edge nodes per health status", metrics.nodes.clone());
+        registry.register("sink_errors", "Sink write failures", metrics.sink_errors.clone());
+        registry.register("records_read", "Records read by all sources", metrics.records_total.clone());
+        for status in HealthStatus::ALL {
+            metrics.nodes.get_or_create(&vec![("status", status.as_str().to_owned())]).set(0);
+        }
+        Self { registry, ..metrics }
+    }
+
+    /// Applies a change of `diff` nodes in `status`.
+    pub fn add_nodes(&self, status: HealthStatus, diff: i64) {
+        let count = self.node_counts[status.index()].fetch_add(diff, Ordering::Relaxed) + diff;
+        self.nodes.get_or_create(&vec![("status", status.as_str().to_owned())]).set(count);
+    }
+
+    /// Nodes per status, in [`HealthStatus::ALL`] order.
+    pub fn node_counts(&self) -> [i64; 4] {
+        std::array::from_fn(|i| self.node_counts[i].load(Ordering::Relaxed))
+    }
+
+    /// The largest watermark lag over all sources and workers, ms.
+    pub fn max_watermark_lag(&self) -> Option<i64> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).ok()?;
+        text.lines()
+            .filter(|line| line.starts_with("edgeflow_watermark_lag_milliseconds{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<i64>().ok())
+            .max()
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Serves `/metrics`, `/health` and `/ready` on `address` from a background thread; returns
+/// the bound address (useful with port 0).
+pub fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("edgeflow-http".into()).spawn(move || {
+        runtime.block_on(async move {
+            use axum::http::StatusCode;
+            use axum::routing::get;
+            let metrics_route = metrics.clone();
+            let ready_route = metrics.clone();
+            let app = axum::Router::new()
+                .route(
+                    "/metrics",
+                    get(move || {
+                        let metrics = metrics_route.clone();
+                        async move {
+                            (
+                                [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                                metrics.encode(),
+                            )
+                        }
+                    }),
+                )
+                .route("/health", get(|| async { "ok\n" }))
+                .route(
+                    "/ready",
+                    get(move || {
+                        let metrics = ready_route.clone();
+                        async move {
+                            if metrics.ready.load(Ordering::Relaxed) {
+                                (StatusCode::OK, "ready\n")
+                            } else {
+                                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                            }
+                        }
+                    }),
+                );
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    if let Err(err) = axum::serve(listener, app).await {
+                        tracing::error!(%err, "metrics server stopped");
+                    }
+                }
+                Err(err) => tracing::error!(%err, "metrics server could not start"),
+            }
+        });
+    })?;
+    Ok(bound)
+}

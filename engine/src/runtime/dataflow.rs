@@ -1,0 +1,171 @@
+//! Builds the timely dataflow of a pipeline on one worker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use differential_dataflow::input::InputSession;
+use differential_dataflow::VecCollection;
+use edgeflow_operators::node_health::{NodeHealth, NodeHealthParams};
+use edgeflow_operators::window_aggregate::heartbeat_windows;
+use edgeflow_operators::{DeadLetter, EventTime, Heartbeat, NodeState, RegionRollup, StatusChange, WindowResult};
+use timely::dataflow::operators::core::Inspect;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Concatenate, Probe};
+use timely::dataflow::{ProbeHandle, Scope, StreamVec};
+
+use super::sink::{sink_operator, SinkHandle};
+use crate::config::{OperatorConfig, Pipeline, PortRef};
+use crate::metrics::Metrics;
+
+/// A stream of one of the record kinds, as an output port of a component.
+#[derive(Clone)]
+pub(crate) enum Port<'scope> {
+    /// Heartbeats.
+    Heartbeats(VecCollection<'scope, EventTime, Heartbeat>),
+    /// Node status collection.
+    Status(VecCollection<'scope, EventTime, (String, NodeState)>),
+    /// Status changes.
+    Changes(StreamVec<'scope, EventTime, StatusChange>),
+    /// Region rollups.
+    Rollups(StreamVec<'scope, EventTime, RegionRollup>),
+    /// Window results.
+    Windows(StreamVec<'scope, EventTime, WindowResult>),
+    /// Dead letters.
+    DeadLetters(StreamVec<'scope, EventTime, DeadLetter>),
+}
+
+/// The inputs of one source on this worker.
+pub struct SourceInputs {
+    /// Heartbeats, at their event time.
+    pub heartbeats: InputSession<EventTime, Heartbeat, isize>,
+    /// Dead letters, at the watermark when they were found.
+    pub dead_letters: InputSession<EventTime, DeadLetter, isize>,
+}
+
+/// Builds the pipeline's dataflow in `scope`; returns each source's inputs (in pipeline
+/// order) and a probe that passes a time once every sink has written everything before it.
+pub fn build<'scope>(
+    scope: Scope<'scope, EventTime>,
+    pipeline: &Pipeline,
+    sinks: Vec<SinkHandle>,
+    metrics: &Arc<Metrics>,
+) -> (Vec<SourceInputs>, ProbeHandle<EventTime>) {
+    let mut ports: BTreeMap<String, Port<'scope>> = BTreeMap::new();
+    let mut inputs = Vec::new();
+    for source in &pipeline.sources {
+        let mut heartbeats = InputSession::new();
+        let mut dead_letters = InputSession::new();
+        ports.insert(source.name.clone(), Port::Heartbeats(heartbeats.to_collection(scope)));
+        let letters = dead_letters.to_collection(scope).inner.map(|(letter, _, _)| letter);
+        ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
+        inputs.push(SourceInputs { heartbeats, dead_letters });
+    }
+
+    for operator in &pipeline.operators {
+        let heartbeats = heartbeat_inputs(scope, &ports, &operator.inputs);
+        let counted = count(heartbeats, metrics, &operator.name, "input");
+        match &operator.config {
+            OperatorConfig::NodeHealth(config) => {
+                // Validated when the pipeline was loaded.
+                let Ok(params) = NodeHealthParams::try_new(config) else { continue };
+                let streams = counted.node_health(&params);
+                let nodes = metrics.clone();
+                let status = streams.status.clone().inner.inspect(move |((_, state), _, diff)| {
+                    nodes.add_nodes(state.status, *diff as i64);
+                });
+                let status = differential_dataflow::collection::AsCollection::as_collection(status);
+                let changes = count_stream(streams.changes, metrics, &operator.name, "changes");
+                let rollups = count_stream(streams.rollups, metrics, &operator.name, "rollups");
+                ports.insert(operator.name.clone(), Port::Changes(changes.clone()));
+                ports.insert(format!("{}.changes", operator.name), Port::Changes(changes));
+                ports.insert(format!("{}.status", operator.name), Port::Status(status));
+                ports.insert(format!("{}.rollups", operator.name), Port::Rollups(rollups));
+            }
+            OperatorConfig::WindowAggregate(config) => {
+                let Ok(results) = heartbeat_windows(counted.inner, &operator.name, config) else { continue };
+                let results = count_stream(results, metrics, &operator.name, "results");
+                ports.insert(operator.name.clone(), Port::Windows(results.clone()));
+                ports.insert(format!("{}.results", operator.name), Port::Windows(results));
+            }
+        }
+    }
+
+    let probe = ProbeHandle::new();
+    for (spec, handle) in pipeline.sinks.iter().zip(sinks) {
+        let mut lines = Vec::new();
+        let references: Vec<PortRef> = if spec.inputs.is_empty() {
+            // A dead_letter sink without inputs takes every source's dead letters.
+            pipeline.sources.iter().map(|s| PortRef { component: s.name.clone(), port: Some("dead_letters".into()) }).collect()
+        } else {
+            spec.inputs.clone()
+        };
+        for reference in references {
+            if let Some(port) = ports.get(&reference.to_string()) {
+                lines.push(encode(port.clone()));
+            }
+        }
+        let merged = scope.concatenate(lines);
+        sink_operator(merged, &spec.name, handle, metrics.clone()).probe_with(&probe);
+    }
+    (inputs, probe)
+}
+
+fn heartbeat_inputs<'scope>(
+    scope: Scope<'scope, EventTime>,
+    ports: &BTreeMap<String, Port<'scope>>,
+    inputs: &[PortRef],
+) -> VecCollection<'scope, EventTime, Heartbeat> {
+    let streams: Vec<_> = inputs
+        .iter()
+        .filter_map(|reference| match ports.get(&reference.to_string()) {
+            Some(Port::Heartbeats(collection)) => Some(collection.inner.clone()),
+            _ => None,
+        })
+        .collect();
+    differential_dataflow::collection::AsCollection::as_collection(scope.concatenate(streams))
+}
+
+fn count<'scope>(
+    collection: VecCollection<'scope, EventTime, Heartbeat>,
+    metrics: &Arc<Metrics>,
+    operator: &str,
+    port: &str,
+) -> VecCollection<'scope, EventTime, Heartbeat> {
+    let counted = count_stream(collection.inner, metrics, operator, port);
+    differential_dataflow::collection::AsCollection::as_collection(counted)
+}
+
+fn count_stream<'scope, D: 'static>(
+    stream: StreamVec<'scope, EventTime, D>,
+    metrics: &Arc<Metrics>,
+    operator: &str,
+    port: &str,
+) -> StreamVec<'scope, EventTime, D> {
+    let counter = metrics.operator_records.get_or_create(&vec![("operator", operator.to_owned()), ("port", port.to_owned())]).clone();
+    stream.inspect_core(move |event| {
+        if let Ok((_, batch)) = event {
+            counter.inc_by(batch.len() as u64);
+        }
+    })
+}
+
+/// Encodes a port's records as `(event time, JSON line)` for sinks.
+fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
+    fn json<T: serde::Serialize>(value: &T) -> String {
+        // Records are plain data; serialising them to JSON cannot fail.
+        serde_json::to_string(value).unwrap_or_default()
+    }
+    match port {
+        Port::Heartbeats(collection) => collection.inner.map(|(hb, time, _)| (time, json(&hb))),
+        Port::Status(collection) => collection.inner.map(|((_, state), time, diff)| {
+            let mut value = serde_json::to_value(&state).unwrap_or_default();
+            value["time"] = time.into();
+            value["diff"] = (diff as i64).into();
+            (time, value.to_string())
+        }),
+        Port::Changes(stream) => stream.map(|change| (change.time, json(&change))),
+        Port::Rollups(stream) => stream.map(|rollup| (rollup.window_end, json(&rollup))),
+        Port::Windows(stream) => stream.map(|result| (result.window_end, json(&result))),
+        Port::DeadLetters(stream) => stream.map(|letter| (0, letter.to_json().to_string())),
+    }
+}

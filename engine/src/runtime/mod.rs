@@ -1,0 +1,371 @@
+//! Runs a pipeline on timely workers: threads of one process, or a cluster of processes.
+//!
+//! Each worker polls its share of every source in a driver loop, decides lateness against
+//! the source's watermark (latest event clock minus `max_out_of_orderness`), feeds records
+//! into the dataflow at their event time and advances the input to the watermark. The loop
+//! stops polling a source when it is exhausted (its inputs close) or when a stop is
+//! requested (SIGINT/SIGTERM): then in-flight records drain up to the watermark, sinks flush,
+//! and the run ends.
+
+mod dataflow;
+mod sink;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use edgeflow_connectors::dead_letter::DeadLetterSink;
+use edgeflow_connectors::file::{FileSink, FileSource};
+use edgeflow_connectors::generator::Generator;
+use edgeflow_connectors::stdout::StdoutSink;
+use edgeflow_connectors::{wall_clock_ms, ConnectorError, Sink, Source, SourceItem, SourceStatus};
+use edgeflow_operators::{DeadLetter, EventTime};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+use self::dataflow::SourceInputs;
+use self::sink::{Failure, SinkHandle};
+use crate::config::{LatePolicy, Pipeline, SinkConfig, SourceConfig};
+use crate::metrics::Metrics;
+
+
+
+/// How to run a pipeline.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Worker threads per process.
+    pub workers: usize,
+    /// Processes in the cluster (1: no cluster).
+    pub processes: usize,
+    /// This process's index in the cluster.
+    pub process: usize,
+    /// File with one `host:port` per process, for a cluster.
+    pub hostfile: Option<PathBuf>,
+    /// Set to stop the run gracefully.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { workers: 1, processes: 1, process: 0, hostfile: None, stop: Arc::new(AtomicBool::new(false)) }
+    }
+}
+
+/// Records per poll of one source.
+const BATCH: usize = 1024;
+/// Batches a worker may have in flight before it waits for the dataflow to catch up.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// Runs `pipeline` to completion (finite sources) or until `options.stop` is set.
+pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let config = timely_config(options)?;
+    let failure: Failure = Arc::new(Mutex::new(None));
+    let pipeline = pipeline.clone();
+    let stop = options.stop.clone();
+    let worker_failure = failure.clone();
+    let guards = timely::execute(config, move |worker| {
+        let result = run_worker(worker, &pipeline, &metrics, &stop, &worker_failure);
+        if let Err(err) = &result {
+            let mut failure = worker_failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert_with(|| format!("{err:#}"));
+            stop.store(true, Ordering::Relaxed);
+        }
+    })
+    .map_err(|err| anyhow!("cannot start the timely workers: {err}"))?;
+    for result in guards.join() {
+        result.map_err(|err| anyhow!("a worker failed: {err}"))?;
+    }
+    let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match failure {
+        Some(message) => Err(anyhow!(message)),
+        None => Ok(()),
+    }
+}
+
+fn timely_config(options: &RunOptions) -> anyhow::Result<timely::Config> {
+    let workers = options.workers.max(1);
+    if options.processes <= 1 {
+        return Ok(timely::Config::process(workers));
+    }
+    let hostfile = options
+        .hostfile
+        .as_ref()
+        .ok_or_else(|| anyhow!("--processes {} needs --hostfile FILE with one host:port per process", options.processes))?;
+    let text = std::fs::read_to_string(hostfile).with_context(|| format!("cannot read hostfile `{}`", hostfile.display()))?;
+    let addresses: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect();
+    if addresses.len() < options.processes {
+        return Err(anyhow!(
+            "hostfile `{}` lists {} addresses but --processes is {}\nhint: write one host:port per line, one line per process",
+            hostfile.display(),
+            addresses.len(),
+            options.processes
+        ));
+    }
+    if options.process >= options.processes {
+        return Err(anyhow!("--process {} is out of range for --processes {}", options.process, options.processes));
+    }
+    Ok(timely::Config {
+        communication: timely::CommunicationConfig::Cluster {
+            threads: workers,
+            process: options.process,
+            addresses: addresses[..options.processes].to_vec(),
+            report: false,
+            zerocopy: false,
+        },
+        worker: timely::WorkerConfig::default(),
+    })
+}
+
+fn open_source(config: &SourceConfig, name: &str, index: usize, peers: usize) -> Result<Box<dyn Source>, ConnectorError> {
+    Ok(match config {
+        SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
+        SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
+    })
+}
+
+fn open_sink(config: &SinkConfig) -> Result<Box<dyn Sink>, ConnectorError> {
+    Ok(match config {
+        SinkConfig::Stdout(config) => Box::new(StdoutSink::new(config)),
+        SinkConfig::File(config) => Box::new(FileSink::open(config)?),
+        SinkConfig::DeadLetter(config) => Box::new(DeadLetterSink::open(config)?),
+    })
+}
+
+/// One source on one worker: its connector, inputs and watermark.
+struct SourceDriver {
+    name: String,
+    source: Option<Box<dyn Source>>,
+    inputs: Option<SourceInputs>,
+    max_out_of_orderness: u64,
+    idle_timeout: u64,
+    /// Latest event clock seen.
+    clock: Option<EventTime>,
+    /// Current watermark: the inputs' time.
+    watermark: EventTime,
+    last_data: Instant,
+    items: Vec<SourceItem>,
+    records: Counter,
+    dead: Counter,
+    late: Counter,
+    watermark_gauge: Gauge,
+    lag_gauge: Gauge,
+}
+
+impl SourceDriver {
+    /// Polls once; returns the status, feeding records into the dataflow.
+    fn poll(&mut self, policy: LatePolicy, metrics: &Metrics) -> anyhow::Result<SourceStatus> {
+        let (Some(source), Some(inputs)) = (self.source.as_mut(), self.inputs.as_mut()) else {
+            return Ok(SourceStatus::Exhausted);
+        };
+        let status = source.poll(&mut self.items, BATCH).with_context(|| format!("source `{}` failed", self.name))?;
+        let mut records = 0u64;
+        for item in self.items.drain(..) {
+            match item {
+                SourceItem::Record { heartbeat, clock } => {
+                    records += 1;
+                    let clock = self.clock.map_or(clock, |seen| seen.max(clock));
+                    self.clock = Some(clock);
+                    let watermark = clock.saturating_sub(self.max_out_of_orderness).max(self.watermark);
+                    if heartbeat.timestamp >= watermark {
+                        let time = heartbeat.timestamp;
+                        inputs.heartbeats.update_at(heartbeat, time, 1);
+                        continue;
+                    }
+                    self.late.inc();
+                    match policy {
+                        LatePolicy::Drop => {}
+                        LatePolicy::Update => inputs.heartbeats.update_at(heartbeat, self.watermark, 1),
+                        LatePolicy::DeadLetter => {
+                            self.dead.inc();
+                            let reason = format!(
+                                "late record: event time {} is {} ms behind the watermark {watermark}",
+                                heartbeat.timestamp,
+                                watermark - heartbeat.timestamp
+                            );
+                            let payload = serde_json::to_vec(&heartbeat).unwrap_or_default();
+                            let position = format!("node {} time {}", heartbeat.node_id, heartbeat.timestamp);
+                            let letter = DeadLetter { source: self.name.clone(), position, reason, payload };
+                            inputs.dead_letters.update_at(letter, self.watermark, 1);
+                        }
+                    }
+                }
+                SourceItem::Malformed(letter) => {
+                    records += 1;
+                    self.dead.inc();
+                    metrics
+                        .dead_letters
+                        .get_or_create(&vec![("source", self.name.clone()), ("reason", "malformed".into())])
+                        .inc();
+                    inputs.dead_letters.update_at(letter, self.watermark, 1);
+                }
+            }
+        }
+        if records > 0 {
+            self.records.inc_by(records);
+            metrics.records_total.inc_by(records);
+            self.last_data = Instant::now();
+        }
+        let mut target = self.clock.map_or(0, |clock| clock.saturating_sub(self.max_out_of_orderness));
+        if matches!(status, SourceStatus::Idle { .. }) && self.last_data.elapsed() >= Duration::from_millis(self.idle_timeout) {
+            // An idle source must not hold the frontier back: follow the wall clock.
+            target = target.max(wall_clock_ms().saturating_sub(self.max_out_of_orderness));
+        }
+        self.advance(target);
+        if status == SourceStatus::Exhausted {
+            self.close();
+        }
+        Ok(status)
+    }
+
+    fn advance(&mut self, target: EventTime) {
+        if target > self.watermark {
+            self.watermark = target;
+            if let Some(inputs) = self.inputs.as_mut() {
+                inputs.heartbeats.advance_to(target);
+                inputs.dead_letters.advance_to(target);
+                inputs.heartbeats.flush();
+                inputs.dead_letters.flush();
+            }
+            self.watermark_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
+        }
+        let lag = i64::try_from(wall_clock_ms()).unwrap_or(i64::MAX) - i64::try_from(self.watermark).unwrap_or(i64::MAX);
+        self.lag_gauge.set(lag);
+    }
+
+    fn flush(&mut self) {
+        if let Some(inputs) = self.inputs.as_mut() {
+            inputs.heartbeats.flush();
+            inputs.dead_letters.flush();
+        }
+    }
+
+    fn close(&mut self) {
+        self.source = None;
+        self.inputs = None; // dropping the inputs closes them
+    }
+}
+
+fn run_worker(
+    worker: &mut timely::worker::Worker,
+    pipeline: &Pipeline,
+    metrics: &Arc<Metrics>,
+    stop: &AtomicBool,
+    failure: &Failure,
+) -> anyhow::Result<()> {
+    let (index, peers) = (worker.index(), worker.peers());
+    let mut handles = Vec::new();
+    for spec in &pipeline.sinks {
+        let sink = if index == 0 {
+            Some(open_sink(&spec.config).with_context(|| format!("cannot open sink `{}`", spec.name))?)
+        } else {
+            None
+        };
+        handles.push(SinkHandle { sink, failure: failure.clone() });
+    }
+    let dataflow_index = worker.next_dataflow_index();
+    let (inputs, probe) = worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, handles, metrics));
+
+    let mut drivers = Vec::new();
+    for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
+        let source = open_source(&spec.config, &spec.name, index, peers).with_context(|| format!("cannot open source `{}`", spec.name))?;
+        let labels = vec![("source", spec.name.clone()), ("worker", index.to_string())];
+        drivers.push(SourceDriver {
+            name: spec.name.clone(),
+            source: Some(source),
+            inputs: Some(inputs),
+            max_out_of_orderness: spec.config.max_out_of_orderness(),
+            idle_timeout: spec.config.idle_timeout(),
+            clock: None,
+            watermark: 0,
+            last_data: Instant::now(),
+            items: Vec::with_capacity(BATCH),
+            records: metrics.source_records.get_or_create(&vec![("source", spec.name.clone())]).clone(),
+            dead: metrics.dead_letters.get_or_create(&vec![("source", spec.name.clone()), ("reason", "any".into())]).clone(),
+            late: metrics
+                .late_records
+                .get_or_create(&vec![("source", spec.name.clone()), ("policy", format!("{:?}", pipeline.late_policy).to_lowercase())])
+                .clone(),
+            watermark_gauge: metrics.watermark.get_or_create(&labels).clone(),
+            lag_gauge: metrics.watermark_lag.get_or_create(&labels).clone(),
+        });
+    }
+    metrics.ready.store(true, Ordering::Relaxed);
+    tracing::info!(worker = index, peers, sources = drivers.len(), "worker started");
+
+    let mut in_flight: std::collections::VecDeque<EventTime> = std::collections::VecDeque::new();
+    let failed = || failure.lock().map(|f| f.is_some()).unwrap_or(true);
+    loop {
+        if stop.load(Ordering::Relaxed) || failed() {
+            break;
+        }
+        let mut active = false;
+        let mut ready = false;
+        let mut wait_ms = 200u64;
+        for driver in &mut drivers {
+            if driver.inputs.is_none() {
+                continue;
+            }
+            match driver.poll(pipeline.late_policy, metrics)? {
+                SourceStatus::Ready => ready = true,
+                SourceStatus::Idle { retry_in_ms } => wait_ms = wait_ms.min(retry_in_ms.max(1)),
+                SourceStatus::Exhausted => {}
+            }
+            active |= driver.inputs.is_some();
+        }
+        if !active {
+            break;
+        }
+        if ready {
+            worker.step();
+            // Flow control: do not run more than MAX_IN_FLIGHT batches ahead of the sinks.
+            let low = drivers.iter().filter(|d| d.inputs.is_some()).map(|d| d.watermark).min().unwrap_or(0);
+            in_flight.push_back(low);
+            if in_flight.len() > MAX_IN_FLIGHT {
+                let target = in_flight.pop_front().unwrap_or(0);
+                while probe.less_than(&target) && !failed() {
+                    worker.step();
+                }
+            }
+        } else {
+            for driver in &mut drivers {
+                driver.flush();
+            }
+            worker.step_or_park(Some(Duration::from_millis(wait_ms)));
+        }
+    }
+
+    if stop.load(Ordering::Relaxed) && drivers.iter().any(|d| d.inputs.is_some()) {
+        // Graceful stop: drain what is in flight up to the watermark, let sinks flush, and
+        // leave without pretending the sources ended (which would expire every node).
+        let low = drivers.iter().filter(|d| d.inputs.is_some()).map(|d| d.watermark).min().unwrap_or(0);
+        for driver in &mut drivers {
+            driver.flush();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while probe.less_than(&low) && Instant::now() < deadline && !failed() {
+            worker.step_or_park(Some(Duration::from_millis(10)));
+        }
+        tracing::info!(worker = index, watermark = low, "stopped; in-flight records drained");
+        metrics.ready.store(false, Ordering::Relaxed);
+        worker.drop_dataflow(dataflow_index);
+        return Ok(());
+    }
+    drop(drivers);
+    if failed() {
+        worker.drop_dataflow(dataflow_index);
+        return Ok(());
+    }
+    // Sources exhausted: run the dataflow to completion.
+    while !probe.done() {
+        if failed() {
+            worker.drop_dataflow(dataflow_index);
+            break;
+        }
+        worker.step_or_park(Some(Duration::from_millis(10)));
+    }
+    metrics.ready.store(false, Ordering::Relaxed);
+    tracing::info!(worker = index, "sources exhausted; pipeline finished");
+    Ok(())
+}
