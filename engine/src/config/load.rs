@@ -44,7 +44,11 @@ pub fn load_str(text: &str, file: &str, env_lookup: &dyn Fn(&str) -> Option<Stri
             checker.pipeline(&root)
         }
         Err(err) => {
-            checker.problem("", err.mark, format!("invalid YAML: {}", err.message));
+            checker.problem(
+                "",
+                err.mark,
+                format!("invalid YAML: {}\nhint: the mistake may be before this position, e.g. an unclosed bracket or quote", err.message),
+            );
             None
         }
     };
@@ -299,13 +303,13 @@ impl Checker {
                     }
                 },
             };
-            let inputs = self.inputs(section, &path, &type_name, body);
+            let inputs = self.inputs(section, &path, &type_name, body, key.mark);
             written.push(Written { section, name, name_mark: key.mark, type_name, body, inputs });
         }
         written
     }
 
-    fn inputs(&mut self, section: &str, path: &str, type_name: &str, body: &Node) -> Vec<(PortRef, Mark, String)> {
+    fn inputs(&mut self, section: &str, path: &str, type_name: &str, body: &Node, name_mark: Mark) -> Vec<(PortRef, Mark, String)> {
         let single = body.get("input");
         let many = body.get("inputs");
         if section == "sources" {
@@ -322,7 +326,7 @@ impl Checker {
                 self.problem(&join(path, "inputs"), node.mark, "both `input` and `inputs` are set; use one of them");
             }
             (None, None) if type_name != "dead_letter" => {
-                self.problem(path, body.mark, "missing `input`: name the source or operator output to read, e.g. `input: fleet`");
+                self.problem(path, name_mark, "missing `input`: name the source or operator output to read, e.g. `input: fleet`");
             }
             _ => {}
         }
@@ -402,7 +406,8 @@ impl Checker {
 
     fn source(&mut self, written: &Written<'_>) -> Option<SourceSpec> {
         let path = format!("sources.{}", written.name);
-        let skip = ["type"];
+        // `input` and `inputs` on a source are reported as such, not as unknown keys.
+        let skip = ["type", "input", "inputs"];
         let config = match written.type_name.as_str() {
             "generator" => {
                 let config: edgeflow_connectors::generator::GeneratorConfig = self.typed_without(written.body, &path, &skip)?;
@@ -464,7 +469,7 @@ impl Checker {
         accepts: impl Fn(PortKind) -> Result<(), String>,
     ) {
         for (reference, mark, path) in &written.inputs {
-            if reference.component == written.name {
+            if reference.component == written.name && written.section == "operators" {
                 self.problem(path, *mark, format!("`{}` reads its own output: cycle {} -> {}", written.name, written.name, written.name));
                 continue;
             }
@@ -485,7 +490,12 @@ impl Checker {
                 let available: Vec<String> =
                     outputs.iter().filter(|(n, _)| !n.is_empty()).map(|(n, _)| format!("{}.{n}", reference.component)).collect();
                 let available: Vec<&str> = available.iter().map(String::as_str).collect();
-                self.problem(path, *mark, unknown(&format!("output of `{}`", reference.component), &reference.to_string(), &available));
+                let mut message = format!("unknown output `{reference}`");
+                if let Some(close) = closest(&reference.to_string(), &available) {
+                    message.push_str(&format!("\nhint: did you mean `{close}`?"));
+                }
+                message.push_str(&format!("\nhint: `{}` has the outputs {}", reference.component, list(&available)));
+                self.problem(path, *mark, message);
                 continue;
             };
             if *kind != PortKind::DeadLetters {

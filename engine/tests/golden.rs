@@ -1,0 +1,103 @@
+//! Golden tests: malformed pipelines under `pipelines/tests/invalid/` with their expected
+//! messages (`NAME.expected`), and runnable pipelines under `pipelines/tests/valid/` with
+//! their input and expected output. `EDGEFLOW_BLESS=1 cargo test --test golden` rewrites the
+//! expectations on purpose.
+
+use std::path::{Path, PathBuf};
+
+use edgeflow_engine::config::load_str;
+use edgeflow_engine::metrics::Metrics;
+use edgeflow_engine::runtime::{run, RunOptions};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn bless() -> bool {
+    std::env::var_os("EDGEFLOW_BLESS").is_some()
+}
+
+fn cases(dir: &str) -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+        .unwrap_or_else(|err| panic!("cannot list {dir}: {err}"))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    cases.sort();
+    cases
+}
+
+fn compare(expected_path: &Path, actual: &str, failures: &mut Vec<String>) {
+    if bless() {
+        std::fs::write(expected_path, actual).unwrap_or_else(|err| panic!("cannot bless {}: {err}", expected_path.display()));
+        return;
+    }
+    match std::fs::read_to_string(expected_path) {
+        Ok(expected) if expected == actual => {}
+        Ok(expected) => failures.push(format!(
+            "{} differs\n--- expected\n{expected}\n--- actual\n{actual}",
+            expected_path.display()
+        )),
+        Err(_) => failures.push(format!("{} is missing; run with EDGEFLOW_BLESS=1\n--- actual\n{actual}", expected_path.display())),
+    }
+}
+
+#[test]
+fn invalid_pipelines_report_every_problem() {
+    let cases = cases("pipelines/tests/invalid");
+    assert!(cases.len() >= 12, "expected at least 12 malformed pipelines, found {}", cases.len());
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = std::fs::read_to_string(&case).expect("readable case");
+        let name = format!("pipelines/tests/invalid/{}", case.file_name().unwrap().to_string_lossy());
+        let problems = match load_str(&text, &name, &|_| None) {
+            Ok(_) => panic!("{name} should be invalid"),
+            Err(problems) => problems,
+        };
+        assert!(!problems.problems.is_empty());
+        for problem in &problems.problems {
+            assert!(problem.mark.line >= 1, "{name}: problem without a position: {problem:?}");
+        }
+        compare(&case.with_extension("expected"), &format!("{problems}\n"), &mut failures);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn valid_pipelines_produce_expected_output() {
+    let mut failures = Vec::new();
+    for case in cases("pipelines/tests/valid") {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = case.parent().unwrap().join("data");
+        let out = dir.path().to_owned();
+        let text = std::fs::read_to_string(&case).expect("readable case");
+        let lookup = |name: &str| match name {
+            "DATA" => Some(data.display().to_string()),
+            "OUT" => Some(out.display().to_string()),
+            _ => None,
+        };
+        let pipeline = load_str(&text, &case.display().to_string(), &lookup)
+            .unwrap_or_else(|problems| panic!("{} should be valid:\n{problems}", case.display()));
+        for workers in [1, 3] {
+            run(&pipeline, &RunOptions { workers, ..RunOptions::default() }, std::sync::Arc::new(Metrics::new()))
+                .unwrap_or_else(|err| panic!("{} failed: {err:#}", case.display()));
+            let stem = case.file_stem().unwrap().to_string_lossy().to_string();
+            let mut outputs: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+            outputs.sort();
+            let mut actual = String::new();
+            for output in outputs {
+                actual.push_str(&format!("== {}\n", output.file_name().unwrap().to_string_lossy()));
+                let text = std::fs::read_to_string(&output).unwrap();
+                // Positions name the input file; keep the expectation independent of the checkout.
+                actual.push_str(&text.replace(&data.display().to_string(), "${DATA}"));
+            }
+            let expected = case.with_file_name(format!("{stem}.expected"));
+            if workers == 1 {
+                compare(&expected, &actual, &mut failures);
+            } else if !bless() {
+                compare(&expected, &actual, &mut failures);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
