@@ -20,8 +20,9 @@ pub enum SourceItem {
     /// sources the record's own event time; for the generator its emission time), from
     /// which the engine derives the watermark.
     Record { heartbeat: Heartbeat, clock: EventTime },
-    /// Input that could not be decoded, with its position and the reason.
-    Malformed(DeadLetter),
+    /// Input that could not be decoded, with its position and the reason. `clock` is the
+    /// source's event clock at this item when the source knows it (the generator does).
+    Malformed { letter: DeadLetter, clock: Option<EventTime> },
 }
 
 /// What a poll found.

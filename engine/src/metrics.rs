@@ -2,7 +2,7 @@
 //! endpoints.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use edgeflow_operators::HealthStatus;
@@ -24,14 +24,16 @@ pub struct Metrics {
     pub operator_records: Family<Labels, Counter>,
     /// Records written per sink.
     pub sink_records: Family<Labels, Counter>,
-    /// Dead-lettered records per source and reason kind.
+    /// Dead-lettered records per source and reason kind (`malformed`, `late`).
     pub dead_letters: Family<Labels, Counter>,
+    /// Dead-lettered records per source, all reasons.
+    pub dead_letters_total: Family<Labels, Counter>,
     /// Records behind the watermark per source and late policy.
     pub late_records: Family<Labels, Counter>,
-    /// Watermark per source and worker, ms since the epoch.
-    pub watermark: Family<Labels, Gauge>,
-    /// Wall clock minus watermark per source and worker, ms.
-    pub watermark_lag: Family<Labels, Gauge>,
+    /// Watermark per source and worker, seconds since the epoch.
+    pub watermark: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Wall clock minus watermark per source and worker, seconds.
+    pub watermark_lag: Family<Labels, Gauge<f64, AtomicU64>>,
     /// Nodes per health status (this process's share of the keys).
     pub nodes: Family<Labels, Gauge>,
     /// Sink write failures.
@@ -58,6 +60,7 @@ impl Metrics {
             operator_records: Family::default(),
             sink_records: Family::default(),
             dead_letters: Family::default(),
+            dead_letters_total: Family::default(),
             late_records: Family::default(),
             watermark: Family::default(),
             watermark_lag: Family::default(),
@@ -72,9 +75,10 @@ impl Metrics {
         registry.register("operator_records", "Records in and out per operator and port", metrics.operator_records.clone());
         registry.register("sink_records", "Records written per sink", metrics.sink_records.clone());
         registry.register("dead_letters", "Records sent to the dead-letter output, per source and reason", metrics.dead_letters.clone());
+        registry.register("source_dead_letters", "Records sent to the dead-letter output, per source", metrics.dead_letters_total.clone());
         registry.register("late_records", "Records behind their source's watermark, per source and late policy", metrics.late_records.clone());
-        registry.register("watermark_milliseconds", "Source watermark per worker, ms since the Unix epoch", metrics.watermark.clone());
-        registry.register("watermark_lag_milliseconds", "Wall clock minus the source watermark per worker", metrics.watermark_lag.clone());
+        registry.register("watermark_seconds", "Source watermark per worker, seconds since the Unix epoch", metrics.watermark.clone());
+        registry.register("watermark_lag_seconds", "Wall clock minus the source watermark per worker, seconds", metrics.watermark_lag.clone());
         registry.register("nodes", "Edge nodes per health status", metrics.nodes.clone());
         registry.register("sink_errors", "Sink write failures", metrics.sink_errors.clone());
         registry.register("records_read", "Records read by all sources", metrics.records_total.clone());
@@ -100,18 +104,49 @@ impl Metrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).ok()?;
         text.lines()
-            .filter(|line| line.starts_with("edgeflow_watermark_lag_milliseconds{"))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<i64>().ok())
+            .filter(|line| line.starts_with("edgeflow_watermark_lag_seconds{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|seconds| (seconds * 1000.0) as i64)
             .max()
     }
 
-    /// The text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode_openmetrics(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
+
+    /// The Prometheus text exposition (format 0.0.4) of every metric: what `/metrics`
+    /// serves, and what `promtool check metrics` validates.
+    pub fn encode(&self) -> String {
+        to_prometheus_text(&self.encode_openmetrics())
+    }
+}
+
+/// Converts OpenMetrics text to the classic Prometheus text format: counters' `HELP` and
+/// `TYPE` lines name the `_total` series, and `# EOF` and `# UNIT` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 /// Serves `/metrics`, `/health` and `/ready` on `address` from a background thread; returns
@@ -134,7 +169,7 @@ pub fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<Sock
                         let metrics = metrics_route.clone();
                         async move {
                             (
-                                [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                                [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
                                 metrics.encode(),
                             )
                         }

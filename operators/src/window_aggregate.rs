@@ -184,8 +184,8 @@ impl WindowParams {
             window_start: end - self.size,
             window_end: end,
             count: acc.count,
-            sum: wanted(Aggregate::Sum).then_some(Gauge(acc.sum)),
-            mean: (wanted(Aggregate::Mean) && acc.count > 0).then(|| Gauge(acc.sum / acc.count as f64)),
+            sum: wanted(Aggregate::Sum).then_some(Gauge(acc.sum())),
+            mean: (wanted(Aggregate::Mean) && acc.count > 0).then(|| Gauge(acc.mean())),
             min: wanted(Aggregate::Min).then_some(Gauge(acc.min)),
             max: wanted(Aggregate::Max).then_some(Gauge(acc.max)),
             revision,
@@ -193,13 +193,18 @@ impl WindowParams {
     }
 }
 
+/// Fixed-point scale of sums: values are summed exactly in millionths, so a window's sum
+/// and mean do not depend on the order in which its records arrive (floating-point addition
+/// is not associative), and so are identical on any number of workers.
+const SUM_SCALE: f64 = 1e6;
+
 /// Running aggregate of one key in one window.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Accumulator {
     /// Records seen.
     pub count: u64,
-    /// Sum of values.
-    pub sum: f64,
+    /// Sum of values, in millionths.
+    pub sum_micros: i128,
     /// Smallest value.
     pub min: f64,
     /// Largest value.
@@ -208,15 +213,29 @@ pub struct Accumulator {
 
 impl Default for Accumulator {
     fn default() -> Self {
-        Self { count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY }
+        Self { count: 0, sum_micros: 0, min: f64::INFINITY, max: f64::NEG_INFINITY }
     }
 }
 
 impl Accumulator {
+    /// Sum of the values.
+    pub fn sum(&self) -> f64 {
+        self.sum_micros as f64 / SUM_SCALE
+    }
+
+    /// Mean of the values (0 when empty).
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            (self.sum_micros as f64 / self.count as f64) / SUM_SCALE
+        }
+    }
+
     /// Adds `value` with multiplicity `weight`.
     pub fn add(&mut self, value: f64, weight: isize) {
         self.count = self.count.saturating_add_signed(weight as i64);
-        self.sum += value * weight as f64;
+        self.sum_micros += (value * SUM_SCALE).round() as i128 * weight as i128;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
     }

@@ -1,9 +1,9 @@
 //! The `file` source (JSON lines, optionally following a growing file) and the `file` sink
 //! (JSON lines).
 //!
-//! Without `follow`, the file is split into byte ranges, one per worker of the whole
-//! cluster: a line belongs to the worker whose range holds its first byte, so every line is
-//! read exactly once and parsing runs in parallel. With `follow`, worker 0 reads the file and
+//! Without `follow`, every worker of the whole cluster reads the file and decodes its share
+//! of blocks of 64 lines, so every line is decoded exactly once, decoding runs in parallel,
+//! and all workers' watermarks advance together. With `follow`, worker 0 reads the file and
 //! keeps reading what is appended to it.
 
 mod sink;

@@ -1,5 +1,5 @@
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use edgeflow_operators::{DeadLetter, DurationMs, Heartbeat};
@@ -43,7 +43,12 @@ pub(crate) mod defaults {
     }
 }
 
-/// Reads JSON heartbeats from one byte range of a file (or follows it).
+/// Lines per block when several workers share a file.
+const STRIDE: u64 = 64;
+
+/// Reads JSON heartbeats from a file (or follows it). When several workers read one file,
+/// each reads every line but decodes only its blocks of lines, so decoding runs in parallel
+/// while every worker's event clock advances through the file at the same pace.
 #[derive(Debug)]
 pub struct FileSource {
     name: String,
@@ -51,10 +56,12 @@ pub struct FileSource {
     reader: Option<BufReader<File>>,
     /// Byte offset of the next line to read.
     offset: u64,
-    /// Lines starting at or after this offset belong to another worker.
-    end: u64,
     /// 1-based number of the next line.
     line: u64,
+    /// This reader parses the lines of every `peers`-th block of `STRIDE` lines, starting
+    /// with block `index`.
+    index: u64,
+    peers: u64,
     follow: bool,
     poll_interval: u64,
     buffer: Vec<u8>,
@@ -65,15 +72,15 @@ impl FileSource {
     pub fn open(name: &str, config: &FileSourceConfig, index: usize, peers: usize) -> Result<Self, ConnectorError> {
         let shown = config.path.display().to_string();
         let read_error = |source| ConnectorError::Read { path: shown.clone(), source };
-        let mut file = File::open(&config.path).map_err(read_error)?;
-        let len = file.metadata().map_err(read_error)?.len();
+        let file = File::open(&config.path).map_err(read_error)?;
         let mut source = Self {
             name: name.to_owned(),
             shown: shown.clone(),
             reader: None,
             offset: 0,
-            end: u64::MAX,
             line: 1,
+            index: index as u64,
+            peers: peers.max(1) as u64,
             follow: config.follow,
             poll_interval: config.poll_interval.as_millis().max(1),
             buffer: Vec::with_capacity(1024),
@@ -83,53 +90,12 @@ impl FileSource {
             if index != 0 {
                 return Ok(source);
             }
-        } else {
-            let peers = peers.max(1) as u64;
-            let start = len * index as u64 / peers;
-            source.end = len * (index as u64 + 1) / peers;
-            if start >= source.end {
-                return Ok(source);
-            }
-            // Start at the first line that begins inside our range, and number lines.
-            let (aligned, lines_before) = align_to_line(&mut file, start).map_err(read_error)?;
-            source.offset = aligned;
-            source.line = lines_before + 1;
-            file.seek(SeekFrom::Start(aligned)).map_err(read_error)?;
+            source.peers = 1;
+            source.index = 0;
         }
         source.reader = Some(BufReader::with_capacity(1 << 16, file));
         Ok(source)
     }
-}
-
-/// The offset of the first line starting at or after `start`, and how many lines precede it.
-fn align_to_line(file: &mut File, start: u64) -> std::io::Result<(u64, u64)> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut newlines = 0u64;
-    let mut chunk = vec![0u8; 1 << 16];
-    let mut position = 0u64;
-    // Count newlines in [0, start - 1): the byte at start - 1 decides alignment.
-    let prefix = start.saturating_sub(1);
-    while position < prefix {
-        let want = usize::try_from((prefix - position).min(chunk.len() as u64)).unwrap_or(chunk.len());
-        let read = file.read(&mut chunk[..want])?;
-        if read == 0 {
-            break;
-        }
-        newlines += chunk[..read].iter().filter(|byte| **byte == b'\n').count() as u64;
-        position += read as u64;
-    }
-    if start == 0 {
-        return Ok((0, 0));
-    }
-    // Find the end of the line that straddles `start` (or starts right at it).
-    let mut reader = BufReader::new(&mut *file);
-    let mut rest = Vec::new();
-    let read = reader.read_until(b'\n', &mut rest)?;
-    let aligned = prefix + read as u64;
-    if read > 0 && rest.last() == Some(&b'\n') {
-        newlines += 1;
-    }
-    Ok((aligned, newlines))
 }
 
 impl Source for FileSource {
@@ -139,10 +105,6 @@ impl Source for FileSource {
         };
         let mut produced = 0;
         while produced < max {
-            if self.offset >= self.end {
-                self.reader = None;
-                return Ok(SourceStatus::Exhausted);
-            }
             self.buffer.clear();
             let read = reader
                 .read_until(b'\n', &mut self.buffer)
@@ -164,6 +126,9 @@ impl Source for FileSource {
             self.offset += read as u64;
             let line = self.line;
             self.line += 1;
+            if ((line - 1) / STRIDE) % self.peers != self.index {
+                continue;
+            }
             let text = trim_line(&self.buffer);
             if text.is_empty() {
                 continue;
@@ -174,12 +139,15 @@ impl Source for FileSource {
                     let clock = heartbeat.timestamp;
                     out.push(SourceItem::Record { heartbeat, clock });
                 }
-                Err(reason) => out.push(SourceItem::Malformed(DeadLetter {
-                    source: self.name.clone(),
-                    position: format!("{}:{line}", self.shown),
-                    reason,
-                    payload: text.to_vec(),
-                })),
+                Err(reason) => out.push(SourceItem::Malformed {
+                    letter: DeadLetter {
+                        source: self.name.clone(),
+                        position: format!("{}:{line}", self.shown),
+                        reason,
+                        payload: text.to_vec(),
+                    },
+                    clock: None,
+                }),
             }
         }
         Ok(SourceStatus::Ready)
@@ -227,7 +195,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("in.jsonl");
         let mut file = File::create(&path).unwrap();
-        for i in 0..101 {
+        for i in 0..301 {
             writeln!(file, "{}", beat(i, i as u64)).unwrap();
         }
         writeln!(file, "{{broken").unwrap();
@@ -239,13 +207,13 @@ mod tests {
                 for item in drain(&mut source) {
                     match item {
                         SourceItem::Record { heartbeat, .. } => times.push(heartbeat.timestamp),
-                        SourceItem::Malformed(letter) => bad.push(letter.position),
+                        SourceItem::Malformed { letter, .. } => bad.push(letter.position),
                     }
                 }
             }
             times.sort();
-            assert_eq!(times, (0..101).collect::<Vec<_>>(), "peers {peers}");
-            assert_eq!(bad, vec![format!("{}:102", path.display())], "peers {peers}");
+            assert_eq!(times, (0..301).collect::<Vec<_>>(), "peers {peers}");
+            assert_eq!(bad, vec![format!("{}:302", path.display())], "peers {peers}");
         }
     }
 

@@ -388,14 +388,17 @@ impl Source for Generator {
                     produced += 1;
                     out.push(match pending.payload {
                         Payload::Beat(heartbeat) => SourceItem::Record { heartbeat, clock: pending.emit_at },
-                        Payload::Malformed(bytes) => SourceItem::Malformed(DeadLetter {
-                            source: self.name.clone(),
-                            position: format!("node {} seq {}", pending.node, pending.seq),
-                            reason: edgeflow_operators::Heartbeat::from_json(&bytes)
-                                .err()
-                                .unwrap_or_else(|| "malformed heartbeat".into()),
-                            payload: bytes,
-                        }),
+                        Payload::Malformed(bytes) => SourceItem::Malformed {
+                            letter: DeadLetter {
+                                source: self.name.clone(),
+                                position: format!("node {} seq {}", pending.node, pending.seq),
+                                reason: edgeflow_operators::Heartbeat::from_json(&bytes)
+                                    .err()
+                                    .unwrap_or_else(|| "malformed heartbeat".into()),
+                                payload: bytes,
+                            },
+                            clock: Some(pending.emit_at),
+                        },
                     });
                 }
                 _ if horizon == EventTime::MAX => return Ok(SourceStatus::Exhausted),
@@ -460,7 +463,7 @@ mod tests {
                         late += 1;
                     }
                 }
-                SourceItem::Malformed(letter) => {
+                SourceItem::Malformed { letter, .. } => {
                     malformed += 1;
                     assert!(letter.reason.starts_with("invalid heartbeat"), "{}", letter.reason);
                 }

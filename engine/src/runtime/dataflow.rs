@@ -31,7 +31,7 @@ pub(crate) enum Port<'scope> {
     /// Window results.
     Windows(StreamVec<'scope, EventTime, WindowResult>),
     /// Dead letters.
-    DeadLetters(StreamVec<'scope, EventTime, DeadLetter>),
+    DeadLetters(StreamVec<'scope, EventTime, (DeadLetter, EventTime)>),
 }
 
 /// The inputs of one source on this worker.
@@ -42,21 +42,32 @@ pub struct SourceInputs {
     pub dead_letters: InputSession<EventTime, DeadLetter, isize>,
 }
 
+/// Probes of a built dataflow.
+pub struct Probes {
+    /// Passes a time once every source input (of every worker) has passed it.
+    pub inputs: ProbeHandle<EventTime>,
+    /// Passes a time once every sink has written everything before it.
+    pub sinks: ProbeHandle<EventTime>,
+}
+
 /// Builds the pipeline's dataflow in `scope`; returns each source's inputs (in pipeline
-/// order) and a probe that passes a time once every sink has written everything before it.
+/// order) and the probes.
 pub fn build<'scope>(
     scope: Scope<'scope, EventTime>,
     pipeline: &Pipeline,
     sinks: Vec<SinkHandle>,
     metrics: &Arc<Metrics>,
-) -> (Vec<SourceInputs>, ProbeHandle<EventTime>) {
+) -> (Vec<SourceInputs>, Probes) {
     let mut ports: BTreeMap<String, Port<'scope>> = BTreeMap::new();
     let mut inputs = Vec::new();
+    let input_probe = ProbeHandle::new();
     for source in &pipeline.sources {
         let mut heartbeats = InputSession::new();
         let mut dead_letters = InputSession::new();
-        ports.insert(source.name.clone(), Port::Heartbeats(heartbeats.to_collection(scope)));
-        let letters = dead_letters.to_collection(scope).inner.map(|(letter, _, _)| letter);
+        let collection = heartbeats.to_collection(scope);
+        let collection = differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
+        ports.insert(source.name.clone(), Port::Heartbeats(collection));
+        let letters = dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
         ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
         inputs.push(SourceInputs { heartbeats, dead_letters });
     }
@@ -107,7 +118,7 @@ pub fn build<'scope>(
         let merged = scope.concatenate(lines);
         sink_operator(merged, &spec.name, handle, metrics.clone()).probe_with(&probe);
     }
-    (inputs, probe)
+    (inputs, Probes { inputs: input_probe, sinks: probe })
 }
 
 fn heartbeat_inputs<'scope>(
@@ -166,6 +177,6 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::Changes(stream) => stream.map(|change| (change.time, json(&change))),
         Port::Rollups(stream) => stream.map(|rollup| (rollup.window_end, json(&rollup))),
         Port::Windows(stream) => stream.map(|result| (result.window_end, json(&result))),
-        Port::DeadLetters(stream) => stream.map(|letter| (0, letter.to_json().to_string())),
+        Port::DeadLetters(stream) => stream.map(|(letter, time)| (time, letter.to_json().to_string())),
     }
 }

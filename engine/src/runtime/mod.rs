@@ -24,8 +24,10 @@ use edgeflow_connectors::{wall_clock_ms, ConnectorError, Sink, Source, SourceIte
 use edgeflow_operators::{DeadLetter, EventTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::AtomicU64;
 
 use self::dataflow::SourceInputs;
+use timely::dataflow::ProbeHandle;
 use self::sink::{Failure, SinkHandle};
 use crate::config::{LatePolicy, Pipeline, SinkConfig, SourceConfig};
 use crate::metrics::Metrics;
@@ -149,8 +151,8 @@ struct SourceDriver {
     records: Counter,
     dead: Counter,
     late: Counter,
-    watermark_gauge: Gauge,
-    lag_gauge: Gauge,
+    watermark_gauge: Gauge<f64, AtomicU64>,
+    lag_gauge: Gauge<f64, AtomicU64>,
 }
 
 impl SourceDriver {
@@ -162,43 +164,46 @@ impl SourceDriver {
         let status = source.poll(&mut self.items, BATCH).with_context(|| format!("source `{}` failed", self.name))?;
         let mut records = 0u64;
         for item in self.items.drain(..) {
-            match item {
-                SourceItem::Record { heartbeat, clock } => {
-                    records += 1;
-                    let clock = self.clock.map_or(clock, |seen| seen.max(clock));
-                    self.clock = Some(clock);
-                    let watermark = clock.saturating_sub(self.max_out_of_orderness).max(self.watermark);
-                    if heartbeat.timestamp >= watermark {
-                        let time = heartbeat.timestamp;
-                        inputs.heartbeats.update_at(heartbeat, time, 1);
-                        continue;
-                    }
-                    self.late.inc();
-                    match policy {
-                        LatePolicy::Drop => {}
-                        LatePolicy::Update => inputs.heartbeats.update_at(heartbeat, self.watermark, 1),
-                        LatePolicy::DeadLetter => {
-                            self.dead.inc();
-                            let reason = format!(
-                                "late record: event time {} is {} ms behind the watermark {watermark}",
-                                heartbeat.timestamp,
-                                watermark - heartbeat.timestamp
-                            );
-                            let payload = serde_json::to_vec(&heartbeat).unwrap_or_default();
-                            let position = format!("node {} time {}", heartbeat.node_id, heartbeat.timestamp);
-                            let letter = DeadLetter { source: self.name.clone(), position, reason, payload };
-                            inputs.dead_letters.update_at(letter, self.watermark, 1);
-                        }
-                    }
-                }
-                SourceItem::Malformed(letter) => {
-                    records += 1;
+            records += 1;
+            // Each record's watermark is decided by the clock up to and including it, so
+            // lateness, and the time at which rejected records enter the dataflow, do not
+            // depend on how items were batched or spread over workers.
+            let (clock, heartbeat, letter) = match item {
+                SourceItem::Record { heartbeat, clock } => (Some(clock), Some(heartbeat), None),
+                SourceItem::Malformed { letter, clock } => (clock, None, Some(letter)),
+            };
+            if let Some(clock) = clock {
+                self.clock = Some(self.clock.map_or(clock, |seen| seen.max(clock)));
+            }
+            let watermark = self.clock.map_or(0, |c| c.saturating_sub(self.max_out_of_orderness)).max(self.watermark);
+            if let Some(letter) = letter {
+                self.dead.inc();
+                metrics.dead_letters.get_or_create(&vec![("source", self.name.clone()), ("reason", "malformed".into())]).inc();
+                inputs.dead_letters.update_at(letter, watermark, 1);
+                continue;
+            }
+            let Some(heartbeat) = heartbeat else { continue };
+            if heartbeat.timestamp >= watermark {
+                let time = heartbeat.timestamp;
+                inputs.heartbeats.update_at(heartbeat, time, 1);
+                continue;
+            }
+            self.late.inc();
+            match policy {
+                LatePolicy::Drop => {}
+                LatePolicy::Update => inputs.heartbeats.update_at(heartbeat, watermark, 1),
+                LatePolicy::DeadLetter => {
                     self.dead.inc();
-                    metrics
-                        .dead_letters
-                        .get_or_create(&vec![("source", self.name.clone()), ("reason", "malformed".into())])
-                        .inc();
-                    inputs.dead_letters.update_at(letter, self.watermark, 1);
+                    metrics.dead_letters.get_or_create(&vec![("source", self.name.clone()), ("reason", "late".into())]).inc();
+                    let reason = format!(
+                        "late record: event time {} is {} ms behind the watermark {watermark}",
+                        heartbeat.timestamp,
+                        watermark - heartbeat.timestamp
+                    );
+                    let payload = serde_json::to_vec(&heartbeat).unwrap_or_default();
+                    let position = format!("node {} time {}", heartbeat.node_id, heartbeat.timestamp);
+                    let letter = DeadLetter { source: self.name.clone(), position, reason, payload };
+                    inputs.dead_letters.update_at(letter, watermark, 1);
                 }
             }
         }
@@ -228,10 +233,10 @@ impl SourceDriver {
                 inputs.heartbeats.flush();
                 inputs.dead_letters.flush();
             }
-            self.watermark_gauge.set(i64::try_from(target).unwrap_or(i64::MAX));
+            self.watermark_gauge.set(target as f64 / 1000.0);
         }
-        let lag = i64::try_from(wall_clock_ms()).unwrap_or(i64::MAX) - i64::try_from(self.watermark).unwrap_or(i64::MAX);
-        self.lag_gauge.set(lag);
+        let lag_ms = wall_clock_ms() as f64 - self.watermark as f64;
+        self.lag_gauge.set(lag_ms / 1000.0);
     }
 
     fn flush(&mut self) {
@@ -265,7 +270,7 @@ fn run_worker(
         handles.push(SinkHandle { sink, failure: failure.clone() });
     }
     let dataflow_index = worker.next_dataflow_index();
-    let (inputs, probe) = worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, handles, metrics));
+    let (inputs, probes) = worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, handles, metrics));
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
@@ -282,7 +287,7 @@ fn run_worker(
             last_data: Instant::now(),
             items: Vec::with_capacity(BATCH),
             records: metrics.source_records.get_or_create(&vec![("source", spec.name.clone())]).clone(),
-            dead: metrics.dead_letters.get_or_create(&vec![("source", spec.name.clone()), ("reason", "any".into())]).clone(),
+            dead: metrics.dead_letters_total.get_or_create(&vec![("source", spec.name.clone())]).clone(),
             late: metrics
                 .late_records
                 .get_or_create(&vec![("source", spec.name.clone()), ("policy", format!("{:?}", pipeline.late_policy).to_lowercase())])
@@ -324,8 +329,8 @@ fn run_worker(
             in_flight.push_back(low);
             if in_flight.len() > MAX_IN_FLIGHT {
                 let target = in_flight.pop_front().unwrap_or(0);
-                while probe.less_than(&target) && !failed() {
-                    worker.step();
+                while probes.sinks.less_than(&target) && !failed() && !stop.load(Ordering::Relaxed) {
+                    worker.step_or_park(Some(Duration::from_millis(1)));
                 }
             }
         } else {
@@ -337,17 +342,19 @@ fn run_worker(
     }
 
     if stop.load(Ordering::Relaxed) && drivers.iter().any(|d| d.inputs.is_some()) {
-        // Graceful stop: drain what is in flight up to the watermark, let sinks flush, and
-        // leave without pretending the sources ended (which would expire every node).
-        let low = drivers.iter().filter(|d| d.inputs.is_some()).map(|d| d.watermark).min().unwrap_or(0);
+        // Graceful stop: drain what is in flight up to the inputs' frontier (over all
+        // workers), let sinks flush, and leave without pretending the sources ended (which
+        // would expire every node).
         for driver in &mut drivers {
             driver.flush();
         }
+        worker.step();
+        let low = frontier_of(&probes.inputs);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while probe.less_than(&low) && Instant::now() < deadline && !failed() {
+        while low.is_some_and(|low| probes.sinks.less_than(&low)) && Instant::now() < deadline && !failed() {
             worker.step_or_park(Some(Duration::from_millis(10)));
         }
-        tracing::info!(worker = index, watermark = low, "stopped; in-flight records drained");
+        tracing::info!(worker = index, frontier = ?low, "stopped; in-flight records drained");
         metrics.ready.store(false, Ordering::Relaxed);
         worker.drop_dataflow(dataflow_index);
         return Ok(());
@@ -358,7 +365,7 @@ fn run_worker(
         return Ok(());
     }
     // Sources exhausted: run the dataflow to completion.
-    while !probe.done() {
+    while !probes.sinks.done() {
         if failed() {
             worker.drop_dataflow(dataflow_index);
             break;
@@ -368,4 +375,9 @@ fn run_worker(
     metrics.ready.store(false, Ordering::Relaxed);
     tracing::info!(worker = index, "sources exhausted; pipeline finished");
     Ok(())
+}
+
+/// The least time of a probe's frontier; `None` once it is empty.
+fn frontier_of(probe: &ProbeHandle<EventTime>) -> Option<EventTime> {
+    probe.with_frontier(|frontier| frontier.iter().min().copied())
 }

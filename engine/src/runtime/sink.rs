@@ -41,8 +41,12 @@ pub fn sink_operator<'scope>(
         let mut failed = false;
         move |(input, frontier), _output: &mut timely::dataflow::operators::generic::OutputBuilderSession<'_, EventTime, CapacityContainerBuilder<Vec<()>>>| {
             input.for_each(|cap, data| {
+                // A record is written once the frontier passes its key (its event time), or
+                // its message time if later; within a time, records are sorted.
                 let time = cap.least().copied().unwrap_or_default();
-                pending.entry(time).or_default().append(data);
+                for (key, line) in data.drain(..) {
+                    pending.entry(key.max(time)).or_default().push((key, line));
+                }
             });
             let mut wrote = false;
             while let Some(entry) = pending.first_entry() {
