@@ -1,1 +1,155 @@
+//! Baselines and inputs shared by edgeflow's benchmarks.
+//!
+//! The COST baseline (Frank McSherry's "Configuration that Outperforms a Single Thread") is
+//! the node-health computation written as one single-threaded loop with event-time timers:
+//! what a careful engineer would write by hand instead of using a dataflow engine.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use edgeflow_connectors::generator::{Generator, GeneratorConfig, Speed};
+use edgeflow_connectors::{Source, SourceItem, SourceStatus};
+use edgeflow_operators::node_health::{NodeHealthConfig, NodeHealthParams};
+use edgeflow_operators::{DurationMs, EventTime, HealthStatus, Heartbeat};
+
+/// The generator settings every benchmark uses for `nodes` nodes over `minutes`.
+pub fn fleet_config(nodes: u32, minutes: u64) -> GeneratorConfig {
+    GeneratorConfig {
+        nodes,
+        speed: Speed::Max,
+        duration: Some(DurationMs(minutes * 60_000)),
+        failure_rate: 0.005,
+        seed: 7,
+        ..GeneratorConfig::default()
+    }
+}
+
+/// The heartbeats of `config`, in emission order (as the source yields them).
+pub fn fleet_heartbeats(config: &GeneratorConfig) -> Vec<Heartbeat> {
+    let mut generator = Generator::new("bench", config, 0, 1).expect("valid generator settings");
+    let mut items = Vec::new();
+    while generator.poll(&mut items, 4096).expect("generator never fails") == SourceStatus::Ready {}
+    items
+        .into_iter()
+        .filter_map(|item| match item {
+            SourceItem::Record { heartbeat, .. } => Some(heartbeat),
+            SourceItem::Malformed { .. } => None,
+        })
+        .collect()
+}
+
+/// What the baseline computed, to check it did the same work as the dataflow.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BaselineOutput {
+    /// Status changes (including first sightings).
+    pub changes: u64,
+    /// Region rollup rows.
+    pub rollups: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Soft,
+    Hard,
+}
+
+/// Node health by hand: heartbeats in event-time order, per-node state, a timer heap for
+/// the `unhealthy_after` and `heartbeat_timeout` deadlines, and per-region rollups at each
+/// window end.
+pub fn cost_baseline(heartbeats: &[Heartbeat], config: &NodeHealthConfig) -> BaselineOutput {
+    let params = NodeHealthParams::try_new(config).expect("valid node health settings");
+    let (soft, hard, window) =
+        (config.unhealthy_after.as_millis(), config.heartbeat_timeout.as_millis(), params.rollup_window_ms());
+    let mut order: Vec<&Heartbeat> = heartbeats.iter().collect();
+    order.sort_by_key(|hb| hb.timestamp);
+
+    struct Node {
+        region: usize,
+        latest: EventTime,
+        status: HealthStatus,
+    }
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut regions: HashMap<&str, usize> = HashMap::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut timers: BinaryHeap<Reverse<(EventTime, usize, EventTime, Timer)>> = BinaryHeap::new();
+    let mut out = BaselineOutput::default();
+    let mut next_window: Option<EventTime> = None;
+
+    // Per region: heartbeats, cpu sum and max, memory sum and max in the current window.
+    let mut readings: Vec<(u64, f64, f64, f64, f64)> = Vec::new();
+    let rollup = |nodes: &[Node], readings: &mut Vec<(u64, f64, f64, f64, f64)>, out: &mut BaselineOutput| {
+        let mut counts = vec![[0u64; 4]; readings.len()];
+        for node in nodes {
+            counts[node.region][node.status.index()] += 1;
+        }
+        out.rollups += counts.iter().filter(|c| c.iter().sum::<u64>() > 0).count() as u64;
+        std::hint::black_box((&counts, &readings));
+        readings.iter_mut().for_each(|r| *r = (0, 0.0, 0.0, 0.0, 0.0));
+    };
+
+    let fire_until = |until: EventTime, nodes: &mut Vec<Node>, timers: &mut BinaryHeap<_>, out: &mut BaselineOutput| {
+        while let Some(Reverse((at, node, beat, kind))) = timers.peek().copied() {
+            if at >= until {
+                break;
+            }
+            timers.pop();
+            let state: &mut Node = &mut nodes[node];
+            if state.latest != beat {
+                continue; // a newer heartbeat replaced this deadline
+            }
+            let status = if kind == Timer::Soft { HealthStatus::Unhealthy } else { HealthStatus::Offline };
+            if state.status != status {
+                state.status = status;
+                out.changes += 1;
+            }
+        }
+    };
+
+    for hb in order {
+        // Close the rollup windows that end before this heartbeat.
+        let end = hb.timestamp.div_ceil(window) * window;
+        match next_window {
+            None => next_window = Some(end),
+            Some(mut w) => {
+                while w < end {
+                    fire_until(w + 1, &mut nodes, &mut timers, &mut out);
+                    rollup(&nodes, &mut readings, &mut out);
+                    w += window;
+                }
+                next_window = Some(w);
+            }
+        }
+        fire_until(hb.timestamp, &mut nodes, &mut timers, &mut out);
+        let region_count = regions.len();
+        let region = *regions.entry(hb.region.as_str()).or_insert(region_count);
+        if region == readings.len() {
+            readings.push((0, 0.0, 0.0, 0.0, 0.0));
+        }
+        let reading = &mut readings[region];
+        reading.0 += 1;
+        reading.1 += hb.cpu;
+        reading.2 = reading.2.max(hb.cpu);
+        reading.3 += hb.memory;
+        reading.4 = reading.4.max(hb.memory);
+        let node_count = nodes.len();
+        let index = *ids.entry(hb.node_id.as_str()).or_insert(node_count);
+        if index == nodes.len() {
+            nodes.push(Node { region, latest: 0, status: HealthStatus::Offline });
+            out.changes += 1; // first sighting
+            nodes[index].status = params.classify(true, hb.cpu, hb.memory, hb.disk);
+        } else {
+            let status = params.classify(true, hb.cpu, hb.memory, hb.disk);
+            if nodes[index].status != status {
+                out.changes += 1;
+                nodes[index].status = status;
+            }
+        }
+        let node = &mut nodes[index];
+        node.latest = hb.timestamp;
+        timers.push(Reverse((hb.timestamp + soft, index, hb.timestamp, Timer::Soft)));
+        timers.push(Reverse((hb.timestamp + hard, index, hb.timestamp, Timer::Hard)));
+    }
+    fire_until(EventTime::MAX, &mut nodes, &mut timers, &mut out);
+    rollup(&nodes, &mut readings, &mut out);
+    out
+}

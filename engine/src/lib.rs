@@ -2,7 +2,7 @@
 //! services around it (metrics, health, status line).
 
 pub mod config;
+pub mod graph;
 pub mod metrics;
 pub mod runtime;
-pub mod graph;
 pub mod status_line;

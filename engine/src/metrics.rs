@@ -72,13 +72,37 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("source_records", "Records read per source", metrics.source_records.clone());
-        registry.register("operator_records", "Records in and out per operator and port", metrics.operator_records.clone());
+        registry.register(
+            "operator_records",
+            "Records in and out per operator and port",
+            metrics.operator_records.clone(),
+        );
         registry.register("sink_records", "Records written per sink", metrics.sink_records.clone());
-        registry.register("dead_letters", "Records sent to the dead-letter output, per source and reason", metrics.dead_letters.clone());
-        registry.register("source_dead_letters", "Records sent to the dead-letter output, per source", metrics.dead_letters_total.clone());
-        registry.register("late_records", "Records behind their source's watermark, per source and late policy", metrics.late_records.clone());
-        registry.register("watermark_seconds", "Source watermark per worker, seconds since the Unix epoch", metrics.watermark.clone());
-        registry.register("watermark_lag_seconds", "Wall clock minus the source watermark per worker, seconds", metrics.watermark_lag.clone());
+        registry.register(
+            "dead_letters",
+            "Records sent to the dead-letter output, per source and reason",
+            metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "source_dead_letters",
+            "Records sent to the dead-letter output, per source",
+            metrics.dead_letters_total.clone(),
+        );
+        registry.register(
+            "late_records",
+            "Records behind their source's watermark, per source and late policy",
+            metrics.late_records.clone(),
+        );
+        registry.register(
+            "watermark_seconds",
+            "Source watermark per worker, seconds since the Unix epoch",
+            metrics.watermark.clone(),
+        );
+        registry.register(
+            "watermark_lag_seconds",
+            "Wall clock minus the source watermark per worker, seconds",
+            metrics.watermark_lag.clone(),
+        );
         registry.register("nodes", "Edge nodes per health status", metrics.nodes.clone());
         registry.register("sink_errors", "Sink write failures", metrics.sink_errors.clone());
         registry.register("records_read", "Records read by all sources", metrics.records_total.clone());

@@ -8,7 +8,13 @@ use std::time::{Duration, Instant};
 use crate::metrics::Metrics;
 
 /// Renders one status line from two readings of the record counter `elapsed` apart.
-pub fn render(records_now: u64, records_before: u64, elapsed: Duration, lag_ms: Option<i64>, nodes: [i64; 4]) -> String {
+pub fn render(
+    records_now: u64,
+    records_before: u64,
+    elapsed: Duration,
+    lag_ms: Option<i64>,
+    nodes: [i64; 4],
+) -> String {
     let rate = (records_now - records_before.min(records_now)) as f64 / elapsed.as_secs_f64().max(1e-3);
     let lag = lag_ms.map_or_else(|| "-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
     format!(

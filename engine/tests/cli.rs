@@ -91,7 +91,10 @@ fn read_outputs(dir: &Path) -> Vec<(String, String)> {
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
         .collect();
     files.sort();
-    files.into_iter().map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap())).collect()
+    files
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
+        .collect()
 }
 
 #[test]
@@ -151,7 +154,10 @@ fn same_output_on_one_and_four_workers() {
         assert!(a == b, "{name} differs between 1 and 4 workers");
     }
     let changes = &one.iter().find(|(n, _)| n == "changes.jsonl").unwrap().1;
-    assert!(changes.contains("\"to\":\"offline\"") && changes.contains("\"from\":\"offline\",\"to\":\"healthy\""), "failures and recoveries");
+    assert!(
+        changes.contains("\"to\":\"offline\"") && changes.contains("\"from\":\"offline\",\"to\":\"healthy\""),
+        "failures and recoveries"
+    );
     let dead = &one.iter().find(|(n, _)| n == "dead.jsonl").unwrap().1;
     assert!(dead.contains("late record") && dead.contains("invalid heartbeat"), "{dead}");
 }
@@ -216,7 +222,8 @@ fn start_realtime(dir: &Path) -> (Child, String, PathBuf) {
     let mut address = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("log lines are JSON: {line}"));
+        let log: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("log lines are JSON: {line}"));
         if let Some(addr) = log.get("address").and_then(|a| a.as_str()) {
             address = Some(addr.to_owned());
             break;
@@ -250,7 +257,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 fn metrics_endpoints_and_graceful_sigint() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, address, out) = start_realtime(dir.path());
-    let get = |path: &str| ureq::get(&format!("http://{address}{path}")).call();
+    let get = |path: &str| ureq::get(&format!("http://{address}{path}")).call().map_err(Box::new);
     assert_eq!(get("/health").unwrap().into_string().unwrap(), "ok\n");
     wait_for("readiness", Duration::from_secs(20), || get("/ready").is_ok());
     // Wait until the health of all 200 nodes is known (status changes written).
@@ -279,10 +286,19 @@ fn metrics_endpoints_and_graceful_sigint() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|err| panic!("promtool is needed to validate /metrics ({err}); scripts/test.sh installs it (apt package prometheus)"));
+        .unwrap_or_else(|err| {
+            panic!(
+                "promtool is needed to validate /metrics ({err}); scripts/test.sh installs it (apt package prometheus)"
+            )
+        });
     promtool.stdin.as_ref().unwrap().write_all(metrics.as_bytes()).unwrap();
     let checked = promtool.wait_with_output().unwrap();
-    assert!(checked.status.success(), "promtool: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     signal(&child, "INT");
     let status = wait_exit(&mut child, Duration::from_secs(20));
@@ -298,7 +314,9 @@ fn metrics_endpoints_and_graceful_sigint() {
 fn sigterm_stops_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, _address, out) = start_realtime(dir.path());
-    wait_for("status changes", Duration::from_secs(30), || std::fs::metadata(&out).map(|m| m.len() > 0).unwrap_or(false));
+    wait_for("status changes", Duration::from_secs(30), || {
+        std::fs::metadata(&out).map(|m| m.len() > 0).unwrap_or(false)
+    });
     signal(&child, "TERM");
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "SIGTERM exits 0: {status:?}");
@@ -330,7 +348,14 @@ fn idle_followed_file_does_not_hold_the_watermark() {
         .unwrap();
     }
     file.flush().unwrap();
-    let mut child = edgeflow().arg("run").arg(&pipeline).arg("--no-metrics").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = edgeflow()
+        .arg("run")
+        .arg(&pipeline)
+        .arg("--no-metrics")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     // No record after these: only the idle timeout can move the watermark past the window.
     wait_for("the window to close on an idle source", Duration::from_secs(20), || {
         std::fs::read_to_string(&output_path).map(|t| t.contains("\"count\":5")).unwrap_or(false)

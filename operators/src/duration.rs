@@ -50,9 +50,7 @@ impl FromStr for DurationMs {
         if number.is_empty() {
             return Err(DurationError::BadNumber(input.to_owned()));
         }
-        let value: u64 = number
-            .parse()
-            .map_err(|_| DurationError::Overflow(input.to_owned()))?;
+        let value: u64 = number.parse().map_err(|_| DurationError::Overflow(input.to_owned()))?;
         let factor = match unit.trim() {
             "ms" => 1,
             "s" => 1_000,
@@ -60,17 +58,9 @@ impl FromStr for DurationMs {
             "h" => 3_600_000,
             "d" => 86_400_000,
             "" => return Err(DurationError::MissingUnit(input.to_owned())),
-            other => {
-                return Err(DurationError::UnknownUnit {
-                    input: input.to_owned(),
-                    unit: other.to_owned(),
-                })
-            }
+            other => return Err(DurationError::UnknownUnit { input: input.to_owned(), unit: other.to_owned() }),
         };
-        value
-            .checked_mul(factor)
-            .map(DurationMs)
-            .ok_or_else(|| DurationError::Overflow(input.to_owned()))
+        value.checked_mul(factor).map(DurationMs).ok_or_else(|| DurationError::Overflow(input.to_owned()))
     }
 }
 
@@ -79,11 +69,11 @@ impl fmt::Display for DurationMs {
         let ms = self.0;
         if ms == 0 {
             write!(f, "0s")
-        } else if ms % 3_600_000 == 0 {
+        } else if ms.is_multiple_of(3_600_000) {
             write!(f, "{}h", ms / 3_600_000)
-        } else if ms % 60_000 == 0 {
+        } else if ms.is_multiple_of(60_000) {
             write!(f, "{}m", ms / 60_000)
-        } else if ms % 1_000 == 0 {
+        } else if ms.is_multiple_of(1_000) {
             write!(f, "{}s", ms / 1_000)
         } else {
             write!(f, "{ms}ms")

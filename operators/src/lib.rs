@@ -11,9 +11,7 @@ pub mod records;
 pub mod window_aggregate;
 
 pub use duration::DurationMs;
-pub use records::{
-    DeadLetter, Heartbeat, HealthStatus, NodeState, RegionRollup, StatusChange, WindowResult,
-};
+pub use records::{DeadLetter, HealthStatus, Heartbeat, NodeState, RegionRollup, StatusChange, WindowResult};
 
 /// Event time: milliseconds since the Unix epoch. This is the timely timestamp everywhere.
 pub type EventTime = u64;

@@ -179,15 +179,20 @@ impl NodeHealthParams {
 /// heartbeat), and each heartbeat still in force with whether it is still fresh.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 enum Evidence {
-    Known { region: String },
-    Beat { time: EventTime, fresh: bool, region: String, cpu: Gauge, memory: Gauge, disk: Gauge },
+    Known { node_id: String, region: String },
+    Beat { time: EventTime, fresh: bool, cpu: Gauge, memory: Gauge, disk: Gauge },
 }
+
+/// Nodes are keyed by a 64-bit hash of their id inside the dataflow: comparing, hashing and
+/// copying a `u64` is much cheaper than a `String` in arrangements. Two ids with the same
+/// hash would share a key; with 64 bits this is vanishingly unlikely for any real fleet.
+pub type NodeKey = u64;
 
 /// The three outputs of `node_health`.
 #[derive(Clone)]
 pub struct NodeHealthStreams<'scope> {
-    /// The live status collection: one `(node_id, NodeState)` per known node at every time.
-    pub status: VecCollection<'scope, EventTime, (String, NodeState)>,
+    /// The live status collection: one `(key, NodeState)` per known node at every time.
+    pub status: VecCollection<'scope, EventTime, (NodeKey, NodeState)>,
     /// One record each time a node's status changes (or a node is first seen).
     pub changes: StreamVec<'scope, EventTime, StatusChange>,
     /// Per-region nodes per status and resource use, at the end of each rollup window.
@@ -241,96 +246,89 @@ fn node_health_core<'scope>(
 ) -> NodeHealthStreams<'scope> {
     let (soft, timeout) = (params.unhealthy_after, params.timeout);
 
-    // Each heartbeat is fresh on [t, t+soft), stale on [t+soft, t+timeout), gone after.
-    let beats = heartbeats
+    // Each heartbeat is fresh on [t, t+soft), stale on [t+soft, t+timeout), gone after; and
+    // it makes its node known for good (the `Known` evidence is never retracted, and
+    // consolidates to one entry per node as the arrangement compacts).
+    let mut seen: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+    let evidence = heartbeats
         .clone()
         .inner
         .flat_map(move |(hb, t, r): (Heartbeat, EventTime, isize)| {
+            let node = route_hash(&hb.node_id);
             let beat = |fresh| Evidence::Beat {
                 time: hb.timestamp,
                 fresh,
-                region: hb.region.clone(),
                 cpu: Gauge(hb.cpu),
                 memory: Gauge(hb.memory),
                 disk: Gauge(hb.disk),
             };
             let (fresh, stale) = (beat(true), beat(false));
-            let node = hb.node_id;
-            [
-                ((node.clone(), fresh.clone()), t, r),
-                ((node.clone(), fresh), t.saturating_add(soft), -r),
-                ((node.clone(), stale.clone()), t.saturating_add(soft), r),
+            // A node is known from its first heartbeat on. The evidence is never retracted,
+            // so each worker states it once per node (the count does not matter, only that
+            // it is positive), instead of once per heartbeat.
+            let first = r > 0 && !seen.contains(&(hb.node_id.clone(), hb.region.clone()));
+            let known = first.then(|| {
+                seen.insert((hb.node_id.clone(), hb.region.clone()));
+                ((node, Evidence::Known { node_id: hb.node_id, region: hb.region }), t, 1)
+            });
+            known.into_iter().chain([
+                ((node, fresh.clone()), t, r),
+                ((node, fresh), t.saturating_add(soft), -r),
+                ((node, stale.clone()), t.saturating_add(soft), r),
                 ((node, stale), t.saturating_add(timeout), -r),
-            ]
+            ])
         })
         .as_collection();
 
-    let known = heartbeats
-        .map(|hb| (hb.node_id, hb.region))
-        .distinct()
-        .map(|(node, region)| (node, Evidence::Known { region }));
-
     let classify = params.clone();
-    let status = beats.concat(known).reduce_named("NodeHealth", move |node, evidence, output| {
-        let mut region = None;
+    let status = evidence.reduce_named("NodeHealth", move |_key, evidence, output| {
+        let mut known = None;
         let mut latest = None;
         for (item, count) in evidence {
             if *count <= 0 {
                 continue;
             }
             match item {
-                Evidence::Known { region: r } => region = Some(r),
+                Evidence::Known { node_id, region } => known = Some((node_id, region)),
                 // Values arrive sorted, so the last live beat is the latest one.
-                beat @ Evidence::Beat { .. } => latest = Some(*beat),
+                Evidence::Beat { fresh, cpu, memory, disk, .. } => latest = Some((*fresh, cpu.0, memory.0, disk.0)),
             }
         }
-        let state = match latest {
-            Some(Evidence::Beat { time, fresh, region, cpu, memory, disk }) => NodeState {
-                node_id: node.clone(),
-                region: region.clone(),
-                status: classify.classify(*fresh, cpu.0, memory.0, disk.0),
-                last_seen: Some(*time),
-                cpu: Some(*cpu),
-                memory: Some(*memory),
-                disk: Some(*disk),
-            },
-            _ => NodeState {
-                node_id: node.clone(),
-                region: region.cloned().unwrap_or_default(),
-                status: HealthStatus::Offline,
-                last_seen: None,
-                cpu: None,
-                memory: None,
-                disk: None,
-            },
+        let Some((node_id, region)) = known else { return };
+        let status = match latest {
+            Some((fresh, cpu, memory, disk)) => classify.classify(fresh, cpu, memory, disk),
+            None => HealthStatus::Offline,
         };
-        output.push((state, 1));
+        output.push((NodeState { node_id: node_id.clone(), region: region.clone(), status }, 1));
     });
 
     let changes = status_changes(status.clone());
-    let rollups = region_rollups(status.clone(), params);
+    let rollups = region_rollups(status.clone(), heartbeats, params);
     NodeHealthStreams { status, changes, rollups }
 }
+
+/// Node states that became current at one time, with the capability to report them.
+type PendingStates = (Capability<EventTime>, Vec<NodeState>);
 
 /// Turns the status collection's updates into one `StatusChange` per node whose status
 /// differs from its previous one, once the time is final.
 fn status_changes<'scope>(
-    status: VecCollection<'scope, EventTime, (String, NodeState)>,
+    status: VecCollection<'scope, EventTime, (NodeKey, NodeState)>,
 ) -> StreamVec<'scope, EventTime, StatusChange> {
-    type Update = ((String, NodeState), EventTime, isize);
-    let pact = Exchange::new(|update: &Update| route_hash(&(update.0).0));
+    type Update = ((NodeKey, NodeState), EventTime, isize);
+    let pact = Exchange::new(|update: &Update| (update.0).0);
     status.inner.unary_frontier(pact, "NodeHealthChanges", |_, _| {
-        let mut pending: BTreeMap<EventTime, (Capability<EventTime>, Vec<(String, NodeState)>)> = BTreeMap::new();
+        let mut pending: BTreeMap<EventTime, PendingStates> = BTreeMap::new();
         let mut current: HashMap<String, HealthStatus> = HashMap::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
-                for ((node, state), time, diff) in data.drain(..) {
+                for ((_, state), time, diff) in data.drain(..) {
                     if diff > 0 {
                         pending
                             .entry(time)
                             .or_insert_with(|| (cap.delayed(&time, output.output_index()), Vec::new()))
                             .1
-                            .push((node, state));
+                            .push(state);
                     }
                 }
             });
@@ -341,12 +339,12 @@ fn status_changes<'scope>(
                 let (time, (cap, mut states)) = entry.remove_entry();
                 states.sort();
                 let mut session = output.session(&cap);
-                for (node, state) in states {
-                    let previous = current.insert(node.clone(), state.status);
+                for state in states {
+                    let previous = current.insert(state.node_id.clone(), state.status);
                     if previous != Some(state.status) {
                         session.give(StatusChange {
                             time,
-                            node_id: node,
+                            node_id: state.node_id,
                             region: state.region,
                             from: previous,
                             to: state.status,
@@ -362,41 +360,65 @@ fn status_changes<'scope>(
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 struct RegionAggregate {
     counts: [u64; 4],
+    heartbeats: u64,
     cpu_mean: Option<Gauge>,
     cpu_max: Option<Gauge>,
     memory_mean: Option<Gauge>,
     memory_max: Option<Gauge>,
 }
 
+/// What the rollup reduction sees per region: each node's status, and each heartbeat's
+/// readings during the window it arrived in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+enum RegionEvidence {
+    Status(HealthStatus),
+    Reading { cpu: Gauge, memory: Gauge },
+}
+
 fn region_rollups<'scope>(
-    status: VecCollection<'scope, EventTime, (String, NodeState)>,
+    status: VecCollection<'scope, EventTime, (NodeKey, NodeState)>,
+    heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
     params: &NodeHealthParams,
 ) -> StreamVec<'scope, EventTime, RegionRollup> {
     let window = params.rollup_window;
     let snap = params.clone();
-    let aggregates = status
-        .map(|(_, state)| (state.region, (state.status, state.cpu, state.memory)))
-        .delay(move |time| snap.window_end(*time))
-        .reduce_named("RegionRollup", |_region, nodes, output| {
+    let statuses = status.map(|(_, state)| (state.region, RegionEvidence::Status(state.status)));
+    // A heartbeat's readings count in the window it falls in: present from that window's
+    // end until the next one.
+    let readings = heartbeats
+        .inner
+        .flat_map(move |(hb, t, r): (Heartbeat, EventTime, isize)| {
+            let end = snap.window_end(t);
+            let reading = RegionEvidence::Reading { cpu: Gauge(hb.cpu), memory: Gauge(hb.memory) };
+            [((hb.region.clone(), reading.clone()), end, r), ((hb.region, reading), end + window, -r)]
+        })
+        .as_collection();
+    let snap = params.clone();
+    let aggregates = statuses.delay(move |time| snap.window_end(*time)).concat(readings).reduce_named(
+        "RegionRollup",
+        |_region, values, output| {
             let mut aggregate = RegionAggregate::default();
-            let (mut cpu_sum, mut memory_sum, mut reporting) = (0.0, 0.0, 0u64);
-            for ((status, cpu, memory), count) in nodes {
+            let (mut cpu_sum, mut memory_sum) = (0.0, 0.0);
+            for (value, count) in values {
                 let count = u64::try_from(*count).unwrap_or(0);
-                aggregate.counts[status.index()] += count;
-                if let (Some(cpu), Some(memory)) = (cpu, memory) {
-                    reporting += count;
-                    cpu_sum += cpu.0 * count as f64;
-                    memory_sum += memory.0 * count as f64;
-                    aggregate.cpu_max = aggregate.cpu_max.max(Some(*cpu));
-                    aggregate.memory_max = aggregate.memory_max.max(Some(*memory));
+                match value {
+                    RegionEvidence::Status(status) => aggregate.counts[status.index()] += count,
+                    RegionEvidence::Reading { cpu, memory } => {
+                        aggregate.heartbeats += count;
+                        cpu_sum += cpu.0 * count as f64;
+                        memory_sum += memory.0 * count as f64;
+                        aggregate.cpu_max = aggregate.cpu_max.max(Some(*cpu));
+                        aggregate.memory_max = aggregate.memory_max.max(Some(*memory));
+                    }
                 }
             }
-            if reporting > 0 {
-                aggregate.cpu_mean = Some(Gauge(cpu_sum / reporting as f64));
-                aggregate.memory_mean = Some(Gauge(memory_sum / reporting as f64));
+            if aggregate.heartbeats > 0 {
+                aggregate.cpu_mean = Some(Gauge(cpu_sum / aggregate.heartbeats as f64));
+                aggregate.memory_mean = Some(Gauge(memory_sum / aggregate.heartbeats as f64));
             }
             output.push((aggregate, 1));
-        });
+        },
+    );
 
     type Update = ((String, RegionAggregate), EventTime, isize);
     let pact = Exchange::new(|update: &Update| route_hash(&(update.0).0));
@@ -455,6 +477,7 @@ fn region_rollups<'scope>(
                         degraded,
                         unhealthy,
                         offline,
+                        heartbeats: aggregate.heartbeats,
                         cpu_mean: aggregate.cpu_mean,
                         cpu_max: aggregate.cpu_max,
                         memory_mean: aggregate.memory_mean,

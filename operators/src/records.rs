@@ -110,9 +110,7 @@ impl Heartbeat {
         ];
         for (field, value, low, high) in checks {
             if !value.is_finite() || value < low || value > high {
-                return Err(format!(
-                    "invalid heartbeat: `{field}` is {value}, expected a number in [{low}, {high}]"
-                ));
+                return Err(format!("invalid heartbeat: `{field}` is {value}, expected a number in [{low}, {high}]"));
             }
         }
         Ok(())
@@ -151,9 +149,7 @@ impl Ord for Heartbeat {
 }
 
 /// Health of one edge node, from best to worst.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthStatus {
     /// Heartbeats on time and resources under the thresholds.
@@ -168,12 +164,8 @@ pub enum HealthStatus {
 
 impl HealthStatus {
     /// Every status, in order; handy for per-status counters.
-    pub const ALL: [HealthStatus; 4] = [
-        HealthStatus::Healthy,
-        HealthStatus::Degraded,
-        HealthStatus::Unhealthy,
-        HealthStatus::Offline,
-    ];
+    pub const ALL: [HealthStatus; 4] =
+        [HealthStatus::Healthy, HealthStatus::Degraded, HealthStatus::Unhealthy, HealthStatus::Offline];
 
     /// The lowercase name used in JSON, metrics labels and logs.
     pub const fn as_str(self) -> &'static str {
@@ -197,7 +189,8 @@ impl fmt::Display for HealthStatus {
     }
 }
 
-/// The live state of one node, as held in the node-health collection.
+/// The live state of one node, as held in the node-health collection. It changes only when
+/// the node's status does, so the collection stays small and quiet.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeState {
     /// Node id.
@@ -206,14 +199,6 @@ pub struct NodeState {
     pub region: String,
     /// Current status.
     pub status: HealthStatus,
-    /// Event time of the latest heartbeat still in force (none once Offline).
-    pub last_seen: Option<EventTime>,
-    /// CPU percent of the latest heartbeat (none once Offline).
-    pub cpu: Option<Gauge>,
-    /// Memory percent of the latest heartbeat (none once Offline).
-    pub memory: Option<Gauge>,
-    /// Disk percent of the latest heartbeat (none once Offline).
-    pub disk: Option<Gauge>,
 }
 
 /// A node's status changed at event time `time`.
@@ -250,13 +235,15 @@ pub struct RegionRollup {
     pub unhealthy: u64,
     /// Nodes Offline.
     pub offline: u64,
-    /// Mean CPU percent over nodes that are not Offline.
+    /// Heartbeats received from the region in the window.
+    pub heartbeats: u64,
+    /// Mean CPU percent of those heartbeats (none without heartbeats).
     pub cpu_mean: Option<Gauge>,
-    /// Max CPU percent over nodes that are not Offline.
+    /// Max CPU percent of those heartbeats.
     pub cpu_max: Option<Gauge>,
-    /// Mean memory percent over nodes that are not Offline.
+    /// Mean memory percent of those heartbeats.
     pub memory_mean: Option<Gauge>,
-    /// Max memory percent over nodes that are not Offline.
+    /// Max memory percent of those heartbeats.
     pub memory_max: Option<Gauge>,
 }
 
@@ -347,12 +334,8 @@ mod tests {
 
     #[test]
     fn dead_letter_keeps_binary_payloads() {
-        let letter = DeadLetter {
-            source: "s".into(),
-            position: "p".into(),
-            reason: "r".into(),
-            payload: vec![0xff, 0x00],
-        };
+        let letter =
+            DeadLetter { source: "s".into(), position: "p".into(), reason: "r".into(), payload: vec![0xff, 0x00] };
         assert_eq!(letter.to_json()["payload_hex"], "ff00");
     }
 }

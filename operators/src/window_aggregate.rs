@@ -148,7 +148,7 @@ impl WindowParams {
         if slide_ms == 0 || slide_ms > size {
             return Err(WindowError::BadSlide { slide: DurationMs(slide_ms), window });
         }
-        if size % slide_ms != 0 {
+        if !size.is_multiple_of(slide_ms) {
             return Err(WindowError::NotMultiple { slide: DurationMs(slide_ms), window });
         }
         if aggregates.is_empty() {
@@ -259,7 +259,13 @@ impl Accumulator {
 pub trait WindowAggregate<'scope, D> {
     /// Groups each record by `key`, reads `(event_time, value)` from it with `value`, and
     /// emits one [`WindowResult`] per key and window once the window is final.
-    fn window_aggregate<K, V>(self, name: &str, params: WindowParams, key: K, value: V) -> StreamVec<'scope, EventTime, WindowResult>
+    fn window_aggregate<K, V>(
+        self,
+        name: &str,
+        params: WindowParams,
+        key: K,
+        value: V,
+    ) -> StreamVec<'scope, EventTime, WindowResult>
     where
         K: Fn(&D) -> String + 'static,
         V: Fn(&D, &EventTime) -> (EventTime, f64) + 'static;
@@ -269,7 +275,13 @@ impl<'scope, D> WindowAggregate<'scope, D> for StreamVec<'scope, EventTime, (D, 
 where
     D: timely::ExchangeData + Clone,
 {
-    fn window_aggregate<K, V>(self, name: &str, params: WindowParams, key: K, value: V) -> StreamVec<'scope, EventTime, WindowResult>
+    fn window_aggregate<K, V>(
+        self,
+        name: &str,
+        params: WindowParams,
+        key: K,
+        value: V,
+    ) -> StreamVec<'scope, EventTime, WindowResult>
     where
         K: Fn(&D) -> String + 'static,
         V: Fn(&D, &EventTime) -> (EventTime, f64) + 'static,
@@ -378,7 +390,11 @@ where
                 closed.insert(end, ClosedWindow { accumulators, revisions: HashMap::new() });
             }
             if beyond_lateness > 0 {
-                tracing::warn!(operator = "window_aggregate", records = beyond_lateness, "late records beyond allowed_lateness were not applied");
+                tracing::warn!(
+                    operator = "window_aggregate",
+                    records = beyond_lateness,
+                    "late records beyond allowed_lateness were not applied"
+                );
                 beyond_lateness = 0;
             }
             // Forget windows beyond the allowed lateness.
@@ -390,5 +406,3 @@ where
         }
     })
 }
-
-

@@ -13,7 +13,7 @@ use timely::dataflow::operators::Inspect;
 
 #[derive(Default, Debug, Clone, PartialEq)]
 struct Outputs {
-    status: Vec<((String, NodeState), u64, isize)>,
+    status: Vec<((u64, NodeState), u64, isize)>,
     changes: Vec<StatusChange>,
     rollups: Vec<RegionRollup>,
 }
@@ -82,15 +82,16 @@ fn run(beats: &[Heartbeat], workers: usize) -> Outputs {
 }
 
 /// Accumulates status updates up to and including `time`.
-fn status_at(updates: &[((String, NodeState), u64, isize)], time: u64) -> BTreeMap<String, HealthStatus> {
-    let mut counts: BTreeMap<(String, NodeState), isize> = BTreeMap::new();
+fn status_at(updates: &[((u64, NodeState), u64, isize)], time: u64) -> BTreeMap<String, HealthStatus> {
+    let mut counts: BTreeMap<(u64, NodeState), isize> = BTreeMap::new();
     for (data, t, diff) in updates {
         if *t <= time {
             *counts.entry(data.clone()).or_default() += diff;
         }
     }
     let mut result = BTreeMap::new();
-    for ((node, state), count) in counts {
+    for ((_, state), count) in counts {
+        let node = state.node_id.clone();
         assert!(count == 0 || count == 1, "node {node} has count {count} at {time}");
         if count == 1 {
             assert!(result.insert(node.clone(), state.status).is_none(), "two states for {node} at {time}");

@@ -260,7 +260,8 @@ impl Generator {
         let mut nodes = Vec::new();
         let mut slots = BinaryHeap::new();
         for index in (index as u32..config.nodes).step_by(peers.max(1)) {
-            let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(config.seed ^ (u64::from(index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let region = &config.regions[index as usize % config.regions.len()];
             let hot = rng.gen_bool(config.hot_fraction);
             let tier = if index % 10 == 0 { "gpu" } else { "cpu" };
@@ -341,7 +342,8 @@ impl Generator {
             capacity: node.capacity,
             labels: node.labels.clone(),
         };
-        let payload = if malformed { Payload::Malformed(corrupt(&heartbeat, node.seq)) } else { Payload::Beat(heartbeat) };
+        let payload =
+            if malformed { Payload::Malformed(corrupt(&heartbeat, node.seq)) } else { Payload::Beat(heartbeat) };
         self.pending.push(Reverse(Pending { emit_at, node: node.index, seq: node.seq, payload }));
     }
 
@@ -352,7 +354,8 @@ impl Generator {
 
     /// Ms until the next heartbeat is due by the wall clock (realtime), if any.
     pub fn next_due_in(&self, now: EventTime) -> Option<u64> {
-        let next = self.pending.peek().map(|Reverse(p)| p.emit_at).unwrap_or(EventTime::MAX).min(self.generation_horizon());
+        let next =
+            self.pending.peek().map(|Reverse(p)| p.emit_at).unwrap_or(EventTime::MAX).min(self.generation_horizon());
         (next != EventTime::MAX).then(|| next.saturating_sub(now))
     }
 }

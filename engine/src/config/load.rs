@@ -125,10 +125,8 @@ impl Checker {
             }
         }
         let name = root.get("name").and_then(Node::as_str).unwrap_or("pipeline").to_owned();
-        let late_policy = root
-            .get("late_policy")
-            .and_then(|node| self.typed::<LatePolicy>(node, "late_policy"))
-            .unwrap_or_default();
+        let late_policy =
+            root.get("late_policy").and_then(|node| self.typed::<LatePolicy>(node, "late_policy")).unwrap_or_default();
         let metrics = match root.get("metrics") {
             Some(node) => self.typed::<MetricsConfig>(node, "metrics").unwrap_or_default(),
             None => MetricsConfig::default(),
@@ -142,13 +140,21 @@ impl Checker {
         let operators = self.section(root, "operators", OPERATOR_TYPES);
         let sinks = self.section(root, "sinks", SINK_TYPES);
         if sources.is_empty() && root.get("sources").is_some_and(|s| s.as_map().is_some_and(<[_]>::is_empty)) {
-            self.problem("sources", root.get("sources").map_or(root.mark, |s| s.mark), "`sources` is empty; a pipeline needs at least one source");
+            self.problem(
+                "sources",
+                root.get("sources").map_or(root.mark, |s| s.mark),
+                "`sources` is empty; a pipeline needs at least one source",
+            );
         }
         if root.get("sources").is_none() {
             self.problem("", root.mark, "missing `sources`; a pipeline needs at least one source");
         }
         if root.get("sinks").is_none() {
-            self.problem("", root.mark, "missing `sinks`; a pipeline needs at least one sink, or its results go nowhere");
+            self.problem(
+                "",
+                root.mark,
+                "missing `sinks`; a pipeline needs at least one sink, or its results go nowhere",
+            );
         }
 
         // Names are unique across sections, since inputs refer to them.
@@ -175,7 +181,8 @@ impl Checker {
         // Output ports of every component whose type is known.
         let mut ports: BTreeMap<String, Vec<(&'static str, PortKind)>> = BTreeMap::new();
         for source in typed_sources.iter().flatten() {
-            ports.insert(source.name.clone(), vec![("", PortKind::Heartbeats), ("dead_letters", PortKind::DeadLetters)]);
+            ports
+                .insert(source.name.clone(), vec![("", PortKind::Heartbeats), ("dead_letters", PortKind::DeadLetters)]);
         }
         for operator in typed_operators.iter().flatten() {
             let mut outputs = operator_outputs(&operator.config).to_vec();
@@ -188,9 +195,9 @@ impl Checker {
         for (written, typed) in operators.iter().zip(&typed_operators) {
             let Some(operator) = typed else { continue };
             self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
-                (kind == PortKind::Heartbeats)
-                    .then_some(())
-                    .ok_or_else(|| format!("operator `{}` ({}) reads heartbeats", operator.name, operator.config.type_name()))
+                (kind == PortKind::Heartbeats).then_some(()).ok_or_else(|| {
+                    format!("operator `{}` ({}) reads heartbeats", operator.name, operator.config.type_name())
+                })
             });
         }
         for (written, typed) in sinks.iter().zip(&typed_sinks) {
@@ -198,7 +205,10 @@ impl Checker {
             let dead_letter = matches!(sink.config, SinkConfig::DeadLetter(_));
             self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
                 if dead_letter && kind != PortKind::DeadLetters {
-                    Err(format!("sink `{}` (dead_letter) writes dead letters, for example `SOURCE.dead_letters`", sink.name))
+                    Err(format!(
+                        "sink `{}` (dead_letter) writes dead letters, for example `SOURCE.dead_letters`",
+                        sink.name
+                    ))
                 } else {
                     Ok(())
                 }
@@ -269,7 +279,11 @@ impl Checker {
         let Some(node) = root.get(section) else { return Vec::new() };
         let Some(entries) = node.as_map() else {
             if node.as_str() != Some("") {
-                self.problem(section, node.mark, format!("`{section}` must be a mapping of names to settings, found {}", node.kind()));
+                self.problem(
+                    section,
+                    node.mark,
+                    format!("`{section}` must be a mapping of names to settings, found {}", node.kind()),
+                );
             }
             return Vec::new();
         };
@@ -286,7 +300,11 @@ impl Checker {
                 continue;
             }
             if body.as_map().is_none() {
-                self.problem(&path, body.mark, format!("`{name}` must be a mapping with a `type`, found {}", body.kind()));
+                self.problem(
+                    &path,
+                    body.mark,
+                    format!("`{name}` must be a mapping with a `type`, found {}", body.kind()),
+                );
                 continue;
             }
             let type_name = match body.get("type") {
@@ -298,7 +316,11 @@ impl Checker {
                     Some(t) if types.contains(&t) => t.to_owned(),
                     other => {
                         let kind = &section[..section.len() - 1];
-                        self.problem(&format!("{path}.type"), node.mark, unknown(&format!("{kind} type"), other.unwrap_or_default(), types));
+                        self.problem(
+                            &format!("{path}.type"),
+                            node.mark,
+                            unknown(&format!("{kind} type"), other.unwrap_or_default(), types),
+                        );
                         continue;
                     }
                 },
@@ -309,13 +331,24 @@ impl Checker {
         written
     }
 
-    fn inputs(&mut self, section: &str, path: &str, type_name: &str, body: &Node, name_mark: Mark) -> Vec<(PortRef, Mark, String)> {
+    fn inputs(
+        &mut self,
+        section: &str,
+        path: &str,
+        type_name: &str,
+        body: &Node,
+        name_mark: Mark,
+    ) -> Vec<(PortRef, Mark, String)> {
         let single = body.get("input");
         let many = body.get("inputs");
         if section == "sources" {
             for key in ["input", "inputs"] {
                 if let Some(node) = body.key_of(key) {
-                    self.problem(&join(path, key), node.mark, format!("a source reads from the outside world and takes no `{key}`"));
+                    self.problem(
+                        &join(path, key),
+                        node.mark,
+                        format!("a source reads from the outside world and takes no `{key}`"),
+                    );
                 }
             }
             return Vec::new();
@@ -326,14 +359,22 @@ impl Checker {
                 self.problem(&join(path, "inputs"), node.mark, "both `input` and `inputs` are set; use one of them");
             }
             (None, None) if type_name != "dead_letter" => {
-                self.problem(path, name_mark, "missing `input`: name the source or operator output to read, e.g. `input: fleet`");
+                self.problem(
+                    path,
+                    name_mark,
+                    "missing `input`: name the source or operator output to read, e.g. `input: fleet`",
+                );
             }
             _ => {}
         }
         if let Some(node) = single {
             match node.as_str() {
                 Some(text) if !text.is_empty() => refs.push((parse_ref(text), node.mark, join(path, "input"))),
-                _ => self.problem(&join(path, "input"), node.mark, format!("`input` must be a name such as `fleet`, found {}", node.kind())),
+                _ => self.problem(
+                    &join(path, "input"),
+                    node.mark,
+                    format!("`input` must be a name such as `fleet`, found {}", node.kind()),
+                ),
             }
         }
         if let Some(node) = many {
@@ -343,7 +384,11 @@ impl Checker {
                         let item_path = format!("{path}.inputs[{i}]");
                         match item.as_str() {
                             Some(text) if !text.is_empty() => refs.push((parse_ref(text), item.mark, item_path)),
-                            _ => self.problem(&item_path, item.mark, format!("an input must be a name, found {}", item.kind())),
+                            _ => self.problem(
+                                &item_path,
+                                item.mark,
+                                format!("an input must be a name, found {}", item.kind()),
+                            ),
                         }
                     }
                 }
@@ -359,7 +404,12 @@ impl Checker {
         self.typed_without::<T>(node, path, &[])
     }
 
-    fn typed_without<T: DeserializeOwned + schemars::JsonSchema>(&mut self, node: &Node, path: &str, skip: &[&str]) -> Option<T> {
+    fn typed_without<T: DeserializeOwned + schemars::JsonSchema>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        skip: &[&str],
+    ) -> Option<T> {
         let mut json = node.to_json();
         if let (serde_json::Value::Object(object), Some(entries)) = (&mut json, node.as_map()) {
             let known = known_fields::<T>();
@@ -410,7 +460,8 @@ impl Checker {
         let skip = ["type", "input", "inputs"];
         let config = match written.type_name.as_str() {
             "generator" => {
-                let config: edgeflow_connectors::generator::GeneratorConfig = self.typed_without(written.body, &path, &skip)?;
+                let config: edgeflow_connectors::generator::GeneratorConfig =
+                    self.typed_without(written.body, &path, &skip)?;
                 for (field, message) in config.problems() {
                     self.problem(&join(&path, field), written.body.locate(field).mark, message);
                 }
@@ -427,7 +478,8 @@ impl Checker {
         let skip = ["type", "input", "inputs"];
         let config = match written.type_name.as_str() {
             "node_health" => {
-                let config: edgeflow_operators::node_health::NodeHealthConfig = self.typed_without(written.body, &path, &skip)?;
+                let config: edgeflow_operators::node_health::NodeHealthConfig =
+                    self.typed_without(written.body, &path, &skip)?;
                 if let Err(err) = NodeHealthParams::try_new(&config) {
                     let field = err.to_string().split('`').nth(1).unwrap_or_default().to_owned();
                     self.problem(&join(&path, &field), written.body.locate(&field).mark, err.to_string());
@@ -445,7 +497,11 @@ impl Checker {
             }
             _ => return None,
         };
-        Some(OperatorSpec { name: written.name.clone(), inputs: written.inputs.iter().map(|i| i.0.clone()).collect(), config })
+        Some(OperatorSpec {
+            name: written.name.clone(),
+            inputs: written.inputs.iter().map(|i| i.0.clone()).collect(),
+            config,
+        })
     }
 
     fn sink(&mut self, written: &Written<'_>) -> Option<SinkSpec> {
@@ -457,7 +513,11 @@ impl Checker {
             "dead_letter" => SinkConfig::DeadLetter(self.typed_without(written.body, &path, &skip)?),
             _ => return None,
         };
-        Some(SinkSpec { name: written.name.clone(), inputs: written.inputs.iter().map(|i| i.0.clone()).collect(), config })
+        Some(SinkSpec {
+            name: written.name.clone(),
+            inputs: written.inputs.iter().map(|i| i.0.clone()).collect(),
+            config,
+        })
     }
 
     fn check_inputs(
@@ -470,12 +530,19 @@ impl Checker {
     ) {
         for (reference, mark, path) in &written.inputs {
             if reference.component == written.name && written.section == "operators" {
-                self.problem(path, *mark, format!("`{}` reads its own output: cycle {} -> {}", written.name, written.name, written.name));
+                self.problem(
+                    path,
+                    *mark,
+                    format!("`{}` reads its own output: cycle {} -> {}", written.name, written.name, written.name),
+                );
                 continue;
             }
             let Some(outputs) = ports.get(&reference.component) else {
                 if !names.contains(&reference.component.as_str()) {
-                    let mut message = format!("unknown input `{reference}`: no source or operator is called `{}`", reference.component);
+                    let mut message = format!(
+                        "unknown input `{reference}`: no source or operator is called `{}`",
+                        reference.component
+                    );
                     if let Some(close) = closest(&reference.component, names) {
                         message.push_str(&format!("\nhint: did you mean `{close}`?"));
                     } else if !names.is_empty() {
@@ -487,8 +554,11 @@ impl Checker {
             };
             let port = reference.port.as_deref().unwrap_or("");
             let Some((_, kind)) = outputs.iter().find(|(name, _)| *name == port) else {
-                let available: Vec<String> =
-                    outputs.iter().filter(|(n, _)| !n.is_empty()).map(|(n, _)| format!("{}.{n}", reference.component)).collect();
+                let available: Vec<String> = outputs
+                    .iter()
+                    .filter(|(n, _)| !n.is_empty())
+                    .map(|(n, _)| format!("{}.{n}", reference.component))
+                    .collect();
                 let available: Vec<&str> = available.iter().map(String::as_str).collect();
                 let mut message = format!("unknown output `{reference}`");
                 if let Some(close) = closest(&reference.to_string(), &available) {
@@ -550,7 +620,11 @@ impl Checker {
             visit(&written.name, &by_name, &mut state, &mut Vec::new(), &mut order, &mut cycles);
         }
         for (cycle, mark, path) in cycles {
-            self.problem(&path, mark, format!("cycle: {}\nhint: a pipeline is a directed acyclic graph; break the loop", cycle.join(" -> ")));
+            self.problem(
+                &path,
+                mark,
+                format!("cycle: {}\nhint: a pipeline is a directed acyclic graph; break the loop", cycle.join(" -> ")),
+            );
         }
         order
     }

@@ -288,12 +288,7 @@ impl fmt::Display for Problems {
             }
         }
         let count = self.problems.len();
-        write!(
-            f,
-            "{}: {count} problem{} found; nothing was started",
-            self.file,
-            if count == 1 { "" } else { "s" }
-        )
+        write!(f, "{}: {count} problem{} found; nothing was started", self.file, if count == 1 { "" } else { "s" })
     }
 }
 

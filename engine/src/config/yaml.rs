@@ -161,10 +161,9 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|err| SyntaxError {
-        message: err.info().to_owned(),
-        mark: Mark::from(*err.marker()),
-    })?;
+    parser
+        .load(&mut builder, false)
+        .map_err(|err| SyntaxError { message: err.info().to_owned(), mark: Mark::from(*err.marker()) })?;
     Ok(builder.root.unwrap_or(Node { value: Value::Map(Vec::new()), mark: Mark { line: 1, col: 1 } }))
 }
 
@@ -223,10 +222,11 @@ impl MarkedEventReceiver for Builder {
                 }
             }
             Event::Alias(anchor) => {
-                let node = self.anchors.get(&anchor).cloned().unwrap_or(Node {
-                    value: Value::Scalar { text: String::new(), plain: true },
-                    mark,
-                });
+                let node = self
+                    .anchors
+                    .get(&anchor)
+                    .cloned()
+                    .unwrap_or(Node { value: Value::Scalar { text: String::new(), plain: true }, mark });
                 self.push_value(node, 0);
             }
             Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}

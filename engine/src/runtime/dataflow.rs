@@ -23,7 +23,7 @@ pub(crate) enum Port<'scope> {
     /// Heartbeats.
     Heartbeats(VecCollection<'scope, EventTime, Heartbeat>),
     /// Node status collection.
-    Status(VecCollection<'scope, EventTime, (String, NodeState)>),
+    Status(VecCollection<'scope, EventTime, (u64, NodeState)>),
     /// Status changes.
     Changes(StreamVec<'scope, EventTime, StatusChange>),
     /// Region rollups.
@@ -65,9 +65,11 @@ pub fn build<'scope>(
         let mut heartbeats = InputSession::new();
         let mut dead_letters = InputSession::new();
         let collection = heartbeats.to_collection(scope);
-        let collection = differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
+        let collection =
+            differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
         ports.insert(source.name.clone(), Port::Heartbeats(collection));
-        let letters = dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
+        let letters =
+            dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
         ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
         inputs.push(SourceInputs { heartbeats, dead_letters });
     }
@@ -106,7 +108,11 @@ pub fn build<'scope>(
         let mut lines = Vec::new();
         let references: Vec<PortRef> = if spec.inputs.is_empty() {
             // A dead_letter sink without inputs takes every source's dead letters.
-            pipeline.sources.iter().map(|s| PortRef { component: s.name.clone(), port: Some("dead_letters".into()) }).collect()
+            pipeline
+                .sources
+                .iter()
+                .map(|s| PortRef { component: s.name.clone(), port: Some("dead_letters".into()) })
+                .collect()
         } else {
             spec.inputs.clone()
         };
@@ -152,7 +158,10 @@ fn count_stream<'scope, D: 'static>(
     operator: &str,
     port: &str,
 ) -> StreamVec<'scope, EventTime, D> {
-    let counter = metrics.operator_records.get_or_create(&vec![("operator", operator.to_owned()), ("port", port.to_owned())]).clone();
+    let counter = metrics
+        .operator_records
+        .get_or_create(&vec![("operator", operator.to_owned()), ("port", port.to_owned())])
+        .clone();
     stream.inspect_core(move |event| {
         if let Ok((_, batch)) = event {
             counter.inc_by(batch.len() as u64);

@@ -27,12 +27,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::AtomicU64;
 
 use self::dataflow::SourceInputs;
-use timely::dataflow::ProbeHandle;
 use self::sink::{Failure, SinkHandle};
 use crate::config::{LatePolicy, Pipeline, SinkConfig, SourceConfig};
 use crate::metrics::Metrics;
-
-
+use timely::dataflow::ProbeHandle;
 
 /// How to run a pipeline.
 #[derive(Clone, Debug)]
@@ -91,12 +89,13 @@ fn timely_config(options: &RunOptions) -> anyhow::Result<timely::Config> {
     if options.processes <= 1 {
         return Ok(timely::Config::process(workers));
     }
-    let hostfile = options
-        .hostfile
-        .as_ref()
-        .ok_or_else(|| anyhow!("--processes {} needs --hostfile FILE with one host:port per process", options.processes))?;
-    let text = std::fs::read_to_string(hostfile).with_context(|| format!("cannot read hostfile `{}`", hostfile.display()))?;
-    let addresses: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect();
+    let hostfile = options.hostfile.as_ref().ok_or_else(|| {
+        anyhow!("--processes {} needs --hostfile FILE with one host:port per process", options.processes)
+    })?;
+    let text =
+        std::fs::read_to_string(hostfile).with_context(|| format!("cannot read hostfile `{}`", hostfile.display()))?;
+    let addresses: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect();
     if addresses.len() < options.processes {
         return Err(anyhow!(
             "hostfile `{}` lists {} addresses but --processes is {}\nhint: write one host:port per line, one line per process",
@@ -120,7 +119,12 @@ fn timely_config(options: &RunOptions) -> anyhow::Result<timely::Config> {
     })
 }
 
-fn open_source(config: &SourceConfig, name: &str, index: usize, peers: usize) -> Result<Box<dyn Source>, ConnectorError> {
+fn open_source(
+    config: &SourceConfig,
+    name: &str,
+    index: usize,
+    peers: usize,
+) -> Result<Box<dyn Source>, ConnectorError> {
     Ok(match config {
         SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
         SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
@@ -178,7 +182,10 @@ impl SourceDriver {
             let watermark = self.clock.map_or(0, |c| c.saturating_sub(self.max_out_of_orderness)).max(self.watermark);
             if let Some(letter) = letter {
                 self.dead.inc();
-                metrics.dead_letters.get_or_create(&vec![("source", self.name.clone()), ("reason", "malformed".into())]).inc();
+                metrics
+                    .dead_letters
+                    .get_or_create(&vec![("source", self.name.clone()), ("reason", "malformed".into())])
+                    .inc();
                 inputs.dead_letters.update_at(letter, watermark, 1);
                 continue;
             }
@@ -194,7 +201,10 @@ impl SourceDriver {
                 LatePolicy::Update => inputs.heartbeats.update_at(heartbeat, watermark, 1),
                 LatePolicy::DeadLetter => {
                     self.dead.inc();
-                    metrics.dead_letters.get_or_create(&vec![("source", self.name.clone()), ("reason", "late".into())]).inc();
+                    metrics
+                        .dead_letters
+                        .get_or_create(&vec![("source", self.name.clone()), ("reason", "late".into())])
+                        .inc();
                     let reason = format!(
                         "late record: event time {} is {} ms behind the watermark {watermark}",
                         heartbeat.timestamp,
@@ -213,7 +223,9 @@ impl SourceDriver {
             self.last_data = Instant::now();
         }
         let mut target = self.clock.map_or(0, |clock| clock.saturating_sub(self.max_out_of_orderness));
-        if matches!(status, SourceStatus::Idle { .. }) && self.last_data.elapsed() >= Duration::from_millis(self.idle_timeout) {
+        if matches!(status, SourceStatus::Idle { .. })
+            && self.last_data.elapsed() >= Duration::from_millis(self.idle_timeout)
+        {
             // An idle source must not hold the frontier back: follow the wall clock.
             target = target.max(wall_clock_ms().saturating_sub(self.max_out_of_orderness));
         }
@@ -270,11 +282,13 @@ fn run_worker(
         handles.push(SinkHandle { sink, failure: failure.clone() });
     }
     let dataflow_index = worker.next_dataflow_index();
-    let (inputs, probes) = worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, handles, metrics));
+    let (inputs, probes) =
+        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, handles, metrics));
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
-        let source = open_source(&spec.config, &spec.name, index, peers).with_context(|| format!("cannot open source `{}`", spec.name))?;
+        let source = open_source(&spec.config, &spec.name, index, peers)
+            .with_context(|| format!("cannot open source `{}`", spec.name))?;
         let labels = vec![("source", spec.name.clone()), ("worker", index.to_string())];
         drivers.push(SourceDriver {
             name: spec.name.clone(),
@@ -290,7 +304,10 @@ fn run_worker(
             dead: metrics.dead_letters_total.get_or_create(&vec![("source", spec.name.clone())]).clone(),
             late: metrics
                 .late_records
-                .get_or_create(&vec![("source", spec.name.clone()), ("policy", format!("{:?}", pipeline.late_policy).to_lowercase())])
+                .get_or_create(&vec![
+                    ("source", spec.name.clone()),
+                    ("policy", format!("{:?}", pipeline.late_policy).to_lowercase()),
+                ])
                 .clone(),
             watermark_gauge: metrics.watermark.get_or_create(&labels).clone(),
             lag_gauge: metrics.watermark_lag.get_or_create(&labels).clone(),

@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use edgeflow_connectors::Sink;
 use edgeflow_operators::EventTime;
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Operator;
 use timely::dataflow::StreamVec;
-use timely::container::CapacityContainerBuilder;
 
 use crate::metrics::Metrics;
 
@@ -39,7 +39,12 @@ pub fn sink_operator<'scope>(
     lines.unary_frontier(Exchange::new(|_: &(EventTime, String)| 0), &format!("Sink({name})"), move |_cap, _| {
         let mut pending: BTreeMap<EventTime, Vec<(EventTime, String)>> = BTreeMap::new();
         let mut failed = false;
-        move |(input, frontier), _output: &mut timely::dataflow::operators::generic::OutputBuilderSession<'_, EventTime, CapacityContainerBuilder<Vec<()>>>| {
+        move |(input, frontier),
+              _output: &mut timely::dataflow::operators::generic::OutputBuilderSession<
+            '_,
+            EventTime,
+            CapacityContainerBuilder<Vec<()>>,
+        >| {
             input.for_each(|cap, data| {
                 // A record is written once the frontier passes its key (its event time), or
                 // its message time if later; within a time, records are sorted.

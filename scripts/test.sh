@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need, checks formatting and lints, and runs
+# every test of the workspace (unit, property, golden, end-to-end, doc tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh test
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+start=$(date +%s)
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test"
+status=0
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee /tmp/edgeflow-test.log || status=$?
+cargo test --workspace --doc 2>&1 | tee -a /tmp/edgeflow-test.log || status=$?
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d passed, %d failed", p, f }' /tmp/edgeflow-test.log)
+echo "== $(( $(date +%s) - start ))s"
+echo "test: ${summary}"
+exit "$status"
