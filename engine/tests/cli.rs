@@ -8,6 +8,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A running edgeflow process that is killed if the test panics before it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 fn edgeflow() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
     command.env("EDGEFLOW_LOG", "info").env_remove("EDGEFLOW_WORKERS").env_remove("EDGEFLOW_METRICS_ADDR");
@@ -172,7 +197,7 @@ fn two_processes_give_the_output_of_one() {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = write(dir.path(), "p.yaml", &fleet_pipeline(dir.path(), 60, "40m"));
     let hostfile = write(dir.path(), "hosts", &format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()));
-    let children: Vec<Child> = (0..2)
+    let children: Vec<Running> = (0..2)
         .map(|process| {
             edgeflow()
                 .arg("run")
@@ -183,12 +208,15 @@ fn two_processes_give_the_output_of_one() {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
+                .map(Running)
                 .unwrap()
         })
         .collect();
-    for child in children {
-        let result = child.wait_with_output().unwrap();
-        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    for mut child in children {
+        let status = wait_exit(&mut child, Duration::from_secs(120));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(status.success(), "{stderr}");
     }
     let cluster = read_outputs(dir.path());
     assert_eq!(single.len(), cluster.len());
@@ -199,7 +227,7 @@ fn two_processes_give_the_output_of_one() {
 
 /// Starts a realtime fleet writing status changes to a file, with metrics on an ephemeral
 /// port; returns the child, the metrics address and the output directory.
-fn start_realtime(dir: &Path) -> (Child, String, PathBuf) {
+fn start_realtime(dir: &Path) -> (Running, String, PathBuf) {
     let out = dir.join("changes.jsonl");
     let pipeline = write(
         dir,
@@ -209,14 +237,16 @@ fn start_realtime(dir: &Path) -> (Child, String, PathBuf) {
             out.display()
         ),
     );
-    let mut child = edgeflow()
-        .arg("run")
-        .arg(&pipeline)
-        .args(["--log-format", "json", "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        edgeflow()
+            .arg("run")
+            .arg(&pipeline)
+            .args(["--log-format", "json", "--workers", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut address = None;

@@ -6,7 +6,8 @@
 //! alive at time t" is a plain reduction over a collection, maintained incrementally by
 //! differential dataflow. Status changes and per-region rollups are derived from it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
@@ -236,14 +237,149 @@ pub trait NodeHealth<'scope> {
 
 impl<'scope> NodeHealth<'scope> for VecCollection<'scope, EventTime, Heartbeat> {
     fn node_health(self, params: &NodeHealthParams) -> NodeHealthStreams<'scope> {
-        node_health_core(self, params)
+        let status = status_machine(self.clone(), params);
+        let changes = status_changes(status.clone());
+        let rollups = region_rollups(status.clone(), self, params);
+        NodeHealthStreams { status, changes, rollups }
     }
 }
 
-fn node_health_core<'scope>(
+/// A heartbeat waiting for the frontier: node key, cpu/memory/disk, and the node's id and
+/// region when the worker has not seen the node before.
+type PendingBeat = (NodeKey, [Gauge; 3], Option<(String, String)>);
+
+/// The node-status collection computed by event-time timers, one state machine per node.
+///
+/// Per node only the latest heartbeat matters (a newer heartbeat's fresh and alive periods
+/// outlast an older one's), so the operator keeps it and two deadlines, `t + unhealthy_after`
+/// and `t + heartbeat_timeout`, in a timer heap. Heartbeats and deadlines are processed in
+/// event-time order once the frontier has passed them; whenever a node's status at that time
+/// differs from the one in the collection, the old state is retracted and the new one added.
+/// The result equals the differential formulation ([`status_differential`]) update for
+/// update, at a fraction of its cost. The input must be append-only (heartbeats are never
+/// retracted).
+fn status_machine<'scope>(
     heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
     params: &NodeHealthParams,
-) -> NodeHealthStreams<'scope> {
+) -> VecCollection<'scope, EventTime, (NodeKey, NodeState)> {
+    type Update = (Heartbeat, EventTime, isize);
+    struct Node {
+        state: Option<NodeState>,
+        node_id: String,
+        region: String,
+        /// Data time and readings of the latest heartbeat.
+        latest: (EventTime, Gauge, Gauge, Gauge),
+    }
+    let params = params.clone();
+    let pact = Exchange::new(|update: &Update| route_hash(&update.0.node_id));
+    heartbeats
+        .inner
+        .unary_frontier(pact, "NodeHealth", move |_, _| {
+            let mut nodes: HashMap<NodeKey, Node> = HashMap::new();
+            // Heartbeats waiting for the frontier, reduced to what the state machine needs; the
+            // id and region travel along only for nodes this worker has not seen yet.
+            let mut pending: BTreeMap<EventTime, Vec<PendingBeat>> = BTreeMap::new();
+            let mut timers: BinaryHeap<Reverse<(EventTime, NodeKey)>> = BinaryHeap::new();
+            let mut held: Option<Capability<EventTime>> = None;
+            let mut touched: Vec<NodeKey> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    let time = cap.least().copied().unwrap_or_default();
+                    if held.as_ref().is_none_or(|h| time < *h.time()) {
+                        held = cap.retain_least(output.output_index());
+                    }
+                    for (hb, t, diff) in data.drain(..) {
+                        if diff > 0 {
+                            let key = route_hash(&hb.node_id);
+                            let names = (!nodes.contains_key(&key)).then_some((hb.node_id, hb.region));
+                            pending.entry(t).or_default().push((
+                                key,
+                                [Gauge(hb.cpu), Gauge(hb.memory), Gauge(hb.disk)],
+                                names,
+                            ));
+                        }
+                    }
+                });
+                loop {
+                    let next_beat = pending.first_key_value().map(|(t, _)| *t);
+                    let next_timer = timers.peek().map(|Reverse((t, _))| *t);
+                    let Some(now) = next_beat.into_iter().chain(next_timer).min() else { break };
+                    if frontier.less_equal(&now) {
+                        break;
+                    }
+                    let Some(cap) = held.as_ref() else { break };
+                    touched.clear();
+                    if next_beat == Some(now) {
+                        for (key, [cpu, memory, disk], names) in
+                            pending.pop_first().map(|(_, beats)| beats).unwrap_or_default()
+                        {
+                            let readings = (now, cpu, memory, disk);
+                            let node = match nodes.entry(key) {
+                                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                                std::collections::hash_map::Entry::Vacant(entry) => {
+                                    let (node_id, region) = names.unwrap_or_default();
+                                    entry.insert(Node { state: None, node_id, region, latest: readings })
+                                }
+                            };
+                            node.latest = node.latest.max(readings);
+                            timers.push(Reverse((now.saturating_add(params.unhealthy_after), key)));
+                            timers.push(Reverse((now.saturating_add(params.timeout), key)));
+                            touched.push(key);
+                        }
+                    }
+                    while let Some(Reverse((at, key))) = timers.peek().copied() {
+                        if at != now {
+                            break;
+                        }
+                        timers.pop();
+                        touched.push(key);
+                    }
+                    touched.sort_unstable();
+                    touched.dedup();
+                    let at = cap.delayed(&now);
+                    let mut session = output.session(&at);
+                    for key in &touched {
+                        let Some(node) = nodes.get_mut(key) else { continue };
+                        let (t, cpu, memory, disk) = node.latest;
+                        let status = if now < t.saturating_add(params.timeout) {
+                            params.classify(now < t.saturating_add(params.unhealthy_after), cpu.0, memory.0, disk.0)
+                        } else {
+                            HealthStatus::Offline
+                        };
+                        if node.state.as_ref().is_some_and(|state| state.status == status) {
+                            continue;
+                        }
+                        let new = NodeState { node_id: node.node_id.clone(), region: node.region.clone(), status };
+                        if let Some(old) = node.state.replace(new.clone()) {
+                            session.give(((*key, old), now, -1));
+                        }
+                        session.give(((*key, new), now, 1));
+                    }
+                }
+                let next = pending
+                    .first_key_value()
+                    .map(|(t, _)| *t)
+                    .into_iter()
+                    .chain(timers.peek().map(|Reverse((t, _))| *t))
+                    .min();
+                match (next, held.as_mut()) {
+                    (Some(next), Some(cap)) => cap.downgrade(&next),
+                    _ => held = None,
+                }
+            }
+        })
+        .as_collection()
+}
+
+/// The node-status collection in its purely differential formulation: each heartbeat is
+/// evidence that is fresh on `[t, t+unhealthy_after)` and alive on `[t, t+timeout)`, as
+/// updates with retractions in the future, and a reduction per node picks the latest live
+/// evidence. It states the semantics most directly and serves as the reference that
+/// [`NodeHealth::node_health`] is tested against; it does several times more work.
+pub fn status_differential<'scope>(
+    heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
+    params: &NodeHealthParams,
+) -> VecCollection<'scope, EventTime, (NodeKey, NodeState)> {
     let (soft, timeout) = (params.unhealthy_after, params.timeout);
 
     // Each heartbeat is fresh on [t, t+soft), stale on [t+soft, t+timeout), gone after; and
@@ -281,7 +417,7 @@ fn node_health_core<'scope>(
         .as_collection();
 
     let classify = params.clone();
-    let status = evidence.reduce_named("NodeHealth", move |_key, evidence, output| {
+    evidence.reduce_named("NodeHealth", move |_key, evidence, output| {
         let mut known = None;
         let mut latest = None;
         for (item, count) in evidence {
@@ -300,11 +436,7 @@ fn node_health_core<'scope>(
             None => HealthStatus::Offline,
         };
         output.push((NodeState { node_id: node_id.clone(), region: region.clone(), status }, 1));
-    });
-
-    let changes = status_changes(status.clone());
-    let rollups = region_rollups(status.clone(), heartbeats, params);
-    NodeHealthStreams { status, changes, rollups }
+    })
 }
 
 /// Node states that became current at one time, with the capability to report them.
@@ -372,7 +504,86 @@ struct RegionAggregate {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 enum RegionEvidence {
     Status(HealthStatus),
-    Reading { cpu: Gauge, memory: Gauge },
+    /// One worker's partial aggregate of the region's heartbeats in one window.
+    Readings(Readings),
+}
+
+/// Partial aggregate of heartbeat readings. Sums are kept exactly in millionths, so that
+/// partials from any number of workers add up to the same result.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Readings {
+    count: u64,
+    cpu_micros: i128,
+    memory_micros: i128,
+    cpu_max: Option<Gauge>,
+    memory_max: Option<Gauge>,
+}
+
+impl Readings {
+    fn add(&mut self, cpu: f64, memory: f64) {
+        self.count += 1;
+        self.cpu_micros += (cpu * 1e6).round() as i128;
+        self.memory_micros += (memory * 1e6).round() as i128;
+        self.cpu_max = self.cpu_max.max(Some(Gauge(cpu)));
+        self.memory_max = self.memory_max.max(Some(Gauge(memory)));
+    }
+
+    fn merge(&mut self, other: &Readings, times: u64) {
+        self.count += other.count * times;
+        self.cpu_micros += other.cpu_micros * i128::from(times);
+        self.memory_micros += other.memory_micros * i128::from(times);
+        self.cpu_max = self.cpu_max.max(other.cpu_max);
+        self.memory_max = self.memory_max.max(other.memory_max);
+    }
+}
+
+/// Each worker sums its heartbeats' readings per region and rollup window, and states each
+/// sum once, present from the window's end until the next window's end, instead of every
+/// heartbeat entering the rollup reduction on its own.
+fn window_readings<'scope>(
+    heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
+    params: &NodeHealthParams,
+) -> VecCollection<'scope, EventTime, (String, RegionEvidence)> {
+    let params = params.clone();
+    let window = params.rollup_window;
+    heartbeats
+        .inner
+        .unary_frontier(timely::dataflow::channels::pact::Pipeline, "RegionReadings", move |_, _| {
+            let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<String, Readings>)> = BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each(|cap, data| {
+                    for (hb, t, diff) in data.drain(..) {
+                        if diff <= 0 {
+                            continue;
+                        }
+                        let end = params.window_end(t);
+                        let (_, regions) = open
+                            .entry(end)
+                            .or_insert_with(|| (cap.delayed(&end, output.output_index()), HashMap::new()));
+                        match regions.get_mut(&hb.region) {
+                            Some(readings) => readings.add(hb.cpu, hb.memory),
+                            None => {
+                                let mut readings = Readings::default();
+                                readings.add(hb.cpu, hb.memory);
+                                regions.insert(hb.region, readings);
+                            }
+                        }
+                    }
+                });
+                while let Some(entry) = open.first_entry() {
+                    if frontier.less_equal(entry.key()) {
+                        break;
+                    }
+                    let (end, (cap, regions)) = entry.remove_entry();
+                    let mut session = output.session(&cap);
+                    for (region, readings) in regions {
+                        session.give(((region.clone(), RegionEvidence::Readings(readings)), end, 1));
+                        session.give(((region, RegionEvidence::Readings(readings)), end + window, -1));
+                    }
+                }
+            }
+        })
+        .as_collection()
 }
 
 fn region_rollups<'scope>(
@@ -383,38 +594,26 @@ fn region_rollups<'scope>(
     let window = params.rollup_window;
     let snap = params.clone();
     let statuses = status.map(|(_, state)| (state.region, RegionEvidence::Status(state.status)));
-    // A heartbeat's readings count in the window it falls in: present from that window's
-    // end until the next one.
-    let readings = heartbeats
-        .inner
-        .flat_map(move |(hb, t, r): (Heartbeat, EventTime, isize)| {
-            let end = snap.window_end(t);
-            let reading = RegionEvidence::Reading { cpu: Gauge(hb.cpu), memory: Gauge(hb.memory) };
-            [((hb.region.clone(), reading.clone()), end, r), ((hb.region, reading), end + window, -r)]
-        })
-        .as_collection();
-    let snap = params.clone();
+    let readings = window_readings(heartbeats, params);
     let aggregates = statuses.delay(move |time| snap.window_end(*time)).concat(readings).reduce_named(
         "RegionRollup",
         |_region, values, output| {
             let mut aggregate = RegionAggregate::default();
-            let (mut cpu_sum, mut memory_sum) = (0.0, 0.0);
+            let mut readings = Readings::default();
             for (value, count) in values {
                 let count = u64::try_from(*count).unwrap_or(0);
                 match value {
                     RegionEvidence::Status(status) => aggregate.counts[status.index()] += count,
-                    RegionEvidence::Reading { cpu, memory } => {
-                        aggregate.heartbeats += count;
-                        cpu_sum += cpu.0 * count as f64;
-                        memory_sum += memory.0 * count as f64;
-                        aggregate.cpu_max = aggregate.cpu_max.max(Some(*cpu));
-                        aggregate.memory_max = aggregate.memory_max.max(Some(*memory));
-                    }
+                    RegionEvidence::Readings(partial) => readings.merge(partial, count),
                 }
             }
-            if aggregate.heartbeats > 0 {
-                aggregate.cpu_mean = Some(Gauge(cpu_sum / aggregate.heartbeats as f64));
-                aggregate.memory_mean = Some(Gauge(memory_sum / aggregate.heartbeats as f64));
+            aggregate.heartbeats = readings.count;
+            if readings.count > 0 {
+                let mean = |micros: i128| Gauge(micros as f64 / readings.count as f64 / 1e6);
+                aggregate.cpu_mean = Some(mean(readings.cpu_micros));
+                aggregate.memory_mean = Some(mean(readings.memory_micros));
+                aggregate.cpu_max = readings.cpu_max;
+                aggregate.memory_max = readings.memory_max;
             }
             output.push((aggregate, 1));
         },

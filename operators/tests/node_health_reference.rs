@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::InputSession;
-use edgeflow_operators::node_health::{NodeHealth, NodeHealthConfig, NodeHealthParams};
+use edgeflow_operators::node_health::{status_differential, NodeHealth, NodeHealthConfig, NodeHealthParams};
 use edgeflow_operators::records::{HealthStatus, Heartbeat, NodeState, RegionRollup, StatusChange};
 use edgeflow_operators::DurationMs;
 use proptest::prelude::*;
@@ -14,6 +14,8 @@ use timely::dataflow::operators::Inspect;
 #[derive(Default, Debug, Clone, PartialEq)]
 struct Outputs {
     status: Vec<((u64, NodeState), u64, isize)>,
+    /// The status of the purely differential formulation, consolidated.
+    differential: Vec<((u64, NodeState), u64, isize)>,
     changes: Vec<StatusChange>,
     rollups: Vec<RegionRollup>,
 }
@@ -55,7 +57,12 @@ fn run(beats: &[Heartbeat], workers: usize) -> Outputs {
         let params = params();
         let mut input = InputSession::new();
         worker.dataflow::<u64, _, _>(|scope| {
-            let streams = input.to_collection(scope).node_health(&params);
+            let heartbeats = input.to_collection(scope);
+            let d = sink.clone();
+            status_differential(heartbeats.clone(), &params)
+                .inner
+                .inspect(move |update| d.lock().unwrap().differential.push(update.clone()));
+            let streams = heartbeats.node_health(&params);
             let (a, b, c) = (sink.clone(), sink.clone(), sink.clone());
             streams.status.inner.inspect(move |update| a.lock().unwrap().status.push(update.clone()));
             streams.changes.inspect(move |change| b.lock().unwrap().changes.push(change.clone()));
@@ -76,9 +83,21 @@ fn run(beats: &[Heartbeat], workers: usize) -> Outputs {
     .expect("timely runs");
     let mut outputs = Arc::try_unwrap(outputs).expect("workers finished").into_inner().unwrap();
     outputs.status.sort();
+    outputs.differential = consolidate(std::mem::take(&mut outputs.differential));
     outputs.changes.sort();
     outputs.rollups.sort();
     outputs
+}
+
+fn consolidate(updates: Vec<((u64, NodeState), u64, isize)>) -> Vec<((u64, NodeState), u64, isize)> {
+    let mut sums: BTreeMap<((u64, NodeState), u64), isize> = BTreeMap::new();
+    for (data, time, diff) in updates {
+        *sums.entry((data, time)).or_default() += diff;
+    }
+    let mut out: Vec<_> =
+        sums.into_iter().filter(|(_, d)| *d != 0).map(|((data, time), diff)| (data, time, diff)).collect();
+    out.sort();
+    out
 }
 
 /// Accumulates status updates up to and including `time`.
@@ -120,6 +139,7 @@ proptest! {
     #[test]
     fn status_matches_recomputation_at_every_time(beats in beats_strategy()) {
         let outputs = run(&beats, 1);
+        prop_assert_eq!(consolidate(outputs.status.clone()), outputs.differential.clone(), "timers and differential formulations agree");
         let mut times: BTreeSet<u64> = BTreeSet::new();
         for hb in &beats {
             for offset in [0, 44, 45, 46, 89, 90, 91] {

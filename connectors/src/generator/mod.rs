@@ -218,13 +218,14 @@ struct SimNode {
     down_until: EventTime,
 }
 
-/// A heartbeat generated but not yet emitted, ordered by emission time.
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A heartbeat generated but not yet emitted, ordered by emission time. The payload waits
+/// in a slab so that the heap moves only these few words around.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Pending {
     emit_at: EventTime,
     node: u32,
     seq: u64,
-    payload: Payload,
+    slot: usize,
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -242,6 +243,8 @@ pub struct Generator {
     /// Nodes by next heartbeat slot.
     slots: BinaryHeap<Reverse<(EventTime, usize)>>,
     pending: BinaryHeap<Reverse<Pending>>,
+    payloads: Vec<Option<Payload>>,
+    free: Vec<usize>,
     end: EventTime,
     /// Wall clock minus event time, for realtime pacing.
     realtime: bool,
@@ -291,6 +294,8 @@ impl Generator {
             nodes,
             slots,
             pending: BinaryHeap::new(),
+            payloads: Vec::new(),
+            free: Vec::new(),
             end,
             realtime,
         })
@@ -344,7 +349,18 @@ impl Generator {
         };
         let payload =
             if malformed { Payload::Malformed(corrupt(&heartbeat, node.seq)) } else { Payload::Beat(heartbeat) };
-        self.pending.push(Reverse(Pending { emit_at, node: node.index, seq: node.seq, payload }));
+        let (index, seq) = (node.index, node.seq);
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.payloads[slot] = Some(payload);
+                slot
+            }
+            None => {
+                self.payloads.push(Some(payload));
+                self.payloads.len() - 1
+            }
+        };
+        self.pending.push(Reverse(Pending { emit_at, node: index, seq, slot }));
     }
 
     /// The earliest time anything not yet generated could be emitted.
@@ -388,8 +404,10 @@ impl Source for Generator {
                         return Ok(SourceStatus::Idle { retry_in_ms: (emit_at - now).min(1000) });
                     }
                     let Some(Reverse(pending)) = self.pending.pop() else { break };
+                    let Some(payload) = self.payloads[pending.slot].take() else { continue };
+                    self.free.push(pending.slot);
                     produced += 1;
-                    out.push(match pending.payload {
+                    out.push(match payload {
                         Payload::Beat(heartbeat) => SourceItem::Record { heartbeat, clock: pending.emit_at },
                         Payload::Malformed(bytes) => SourceItem::Malformed {
                             letter: DeadLetter {

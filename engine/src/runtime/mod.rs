@@ -56,7 +56,7 @@ impl Default for RunOptions {
 /// Records per poll of one source.
 const BATCH: usize = 1024;
 /// Batches a worker may have in flight before it waits for the dataflow to catch up.
-const MAX_IN_FLIGHT: usize = 8;
+const MAX_IN_FLIGHT: usize = 4;
 
 /// Runs `pipeline` to completion (finite sources) or until `options.stop` is set.
 pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> anyhow::Result<()> {
