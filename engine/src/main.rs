@@ -69,8 +69,12 @@ enum Command {
         #[arg(long, value_enum, default_value = "mermaid")]
         format: Format,
     },
-    /// Print the JSON Schema of pipeline files (for editors).
-    Schema,
+    /// Print the JSON Schema of pipeline files (for editors), or the Markdown reference.
+    Schema {
+        /// `json` (JSON Schema) or `markdown` (the README's YAML reference).
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,11 +101,21 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Schema => {
-            let schema = config::schema::pipeline_schema();
-            println!("{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
+        Command::Schema { format } => match format.as_str() {
+            "json" => {
+                let schema = config::schema::pipeline_schema();
+                println!("{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            "markdown" => {
+                print!("{}", config::schema::pipeline_reference_markdown());
+                ExitCode::SUCCESS
+            }
+            other => {
+                eprintln!("error: unknown schema format `{other}`\nhint: use `--format json` or `--format markdown`");
+                ExitCode::from(2)
+            }
+        },
         Command::Run { pipeline, workers, processes, process, hostfile, metrics_addr, no_metrics, no_status } => {
             let loaded = match load(&pipeline) {
                 Ok(loaded) => loaded,

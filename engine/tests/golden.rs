@@ -100,3 +100,22 @@ fn valid_pipelines_produce_expected_output() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+#[test]
+fn readme_reference_matches_the_schema() {
+    let readme_path = root().join("README.md");
+    let readme = std::fs::read_to_string(&readme_path).expect("README.md");
+    let (start, end) = ("<!-- reference:start -->\n", "<!-- reference:end -->");
+    let from = readme.find(start).expect("reference start marker") + start.len();
+    let to = readme.find(end).expect("reference end marker");
+    let generated = edgeflow_engine::config::schema::pipeline_reference_markdown();
+    if bless() {
+        let updated = format!("{}{generated}{}", &readme[..from], &readme[to..]);
+        std::fs::write(&readme_path, updated).expect("write README.md");
+        return;
+    }
+    assert!(
+        readme[from..to] == generated,
+        "README.md's YAML reference is out of date; run EDGEFLOW_BLESS=1 cargo test -p edgeflow-engine --test golden"
+    );
+}

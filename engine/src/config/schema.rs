@@ -105,3 +105,94 @@ struct PipelineFile {
 pub fn pipeline_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(PipelineFile)).unwrap_or_default()
 }
+
+/// The pipeline YAML reference in Markdown, generated from the JSON Schema (and so from the
+/// configuration structs' doc comments). The README embeds it; a test keeps the two equal.
+pub fn pipeline_reference_markdown() -> String {
+    use std::fmt::Write;
+    let schema = pipeline_schema();
+    let defs = &schema["$defs"];
+    let mut out = String::new();
+    let _ = writeln!(out, "Top-level keys:\n");
+    render_properties(&mut out, &schema, defs, &[]);
+    let _ = writeln!(out, "\n`metrics`:\n");
+    render_properties(&mut out, &defs["MetricsConfig"], defs, &[]);
+    for (section, def, what) in [("sources", "Source", "source"), ("operators", "Operator", "operator"), ("sinks", "Sink", "sink")] {
+        let _ = writeln!(out, "\n### {section}\n");
+        for variant in defs[def]["oneOf"].as_array().into_iter().flatten() {
+            let type_name = variant["properties"]["type"]["const"].as_str().unwrap_or("?");
+            let _ = writeln!(out, "#### {what} `type: {type_name}`\n");
+            if let Some(description) = variant["description"].as_str() {
+                let _ = writeln!(out, "{}\n", description.replace('\n', " "));
+            }
+            render_properties(&mut out, variant, defs, &["type"]);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn render_properties(out: &mut String, schema: &serde_json::Value, defs: &serde_json::Value, skip: &[&str]) {
+    use std::fmt::Write;
+    let required: Vec<&str> =
+        schema["required"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_str).collect();
+    let _ = writeln!(out, "| key | type | default | description |");
+    let _ = writeln!(out, "| --- | --- | --- | --- |");
+    let Some(properties) = schema["properties"].as_object() else { return };
+    for (name, property) in properties {
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
+        let default = match property.get("default") {
+            _ if required.contains(&name.as_str()) => "required".to_owned(),
+            Some(serde_json::Value::Null) | None => "-".to_owned(),
+            Some(value) => format!("`{value}`"),
+        };
+        let description = property["description"].as_str().unwrap_or("").replace('\n', " ").replace('|', "\\|");
+        let _ = writeln!(out, "| `{name}` | {} | {default} | {description} |", type_of(property, defs));
+    }
+}
+
+fn type_of(property: &serde_json::Value, defs: &serde_json::Value) -> String {
+    if let Some(reference) = property["$ref"].as_str() {
+        let name = reference.rsplit('/').next().unwrap_or(reference);
+        let def = &defs[name];
+        if let Some(values) = enum_values(def) {
+            return values;
+        }
+        return name.to_owned();
+    }
+    if let Some(any) = property["anyOf"].as_array() {
+        let kinds: Vec<String> = any.iter().filter(|v| v["type"] != "null").map(|v| type_of(v, defs)).collect();
+        return format!("{} (optional)", kinds.join(" or "));
+    }
+    if let Some(values) = enum_values(property) {
+        return values;
+    }
+    match &property["type"] {
+        serde_json::Value::String(kind) if kind == "array" => format!("list of {}", type_of(&property["items"], defs)),
+        serde_json::Value::String(kind) => kind.clone(),
+        serde_json::Value::Array(kinds) => {
+            let kinds: Vec<&str> = kinds.iter().filter_map(|k| k.as_str()).filter(|k| *k != "null").collect();
+            format!("{} (optional)", kinds.join(" or "))
+        }
+        _ => "value".to_owned(),
+    }
+}
+
+fn enum_values(schema: &serde_json::Value) -> Option<String> {
+    let mut values: Vec<String> = Vec::new();
+    if let Some(list) = schema["enum"].as_array() {
+        values.extend(list.iter().map(|v| format!("`{}`", v.as_str().unwrap_or_default())));
+    }
+    for variant in schema["oneOf"].as_array().into_iter().flatten() {
+        if let Some(constant) = variant["const"].as_str() {
+            values.push(format!("`{constant}`"));
+        } else if let Some(list) = variant["enum"].as_array() {
+            values.extend(list.iter().map(|v| format!("`{}`", v.as_str().unwrap_or_default())));
+        } else if let Some(object) = variant["properties"].as_object() {
+            values.extend(object.keys().map(|k| format!("`{{{k}: ...}}`")));
+        }
+    }
+    (!values.is_empty()).then(|| values.join(", "))
+}
