@@ -481,8 +481,7 @@ impl Checker {
                 let config: edgeflow_operators::node_health::NodeHealthConfig =
                     self.typed_without(written.body, &path, &skip)?;
                 if let Err(err) = NodeHealthParams::try_new(&config) {
-                    let field = err.to_string().split('`').nth(1).unwrap_or_default().to_owned();
-                    self.problem(&join(&path, &field), written.body.locate(&field).mark, err.to_string());
+                    self.parameter_problem(&path, written.body, &err);
                 }
                 OperatorConfig::NodeHealth(config)
             }
@@ -490,8 +489,7 @@ impl Checker {
                 let config: edgeflow_operators::window_aggregate::WindowAggregateConfig =
                     self.typed_without(written.body, &path, &skip)?;
                 if let Err(err) = WindowParams::from_config(&config) {
-                    let field = err.to_string().split('`').nth(1).unwrap_or_default().to_owned();
-                    self.problem(&join(&path, &field), written.body.locate(&field).mark, err.to_string());
+                    self.parameter_problem(&path, written.body, &err);
                 }
                 OperatorConfig::WindowAggregate(config)
             }
@@ -502,6 +500,13 @@ impl Checker {
             inputs: written.inputs.iter().map(|i| i.0.clone()).collect(),
             config,
         })
+    }
+
+    /// Reports a builder's parameter error at the field it names first (in backticks).
+    fn parameter_problem(&mut self, path: &str, body: &Node, err: &dyn std::fmt::Display) {
+        let message = err.to_string();
+        let field = message.split('`').nth(1).unwrap_or_default().to_owned();
+        self.problem(&join(path, &field), body.locate(&field).mark, message);
     }
 
     fn sink(&mut self, written: &Written<'_>) -> Option<SinkSpec> {

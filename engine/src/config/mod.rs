@@ -35,6 +35,17 @@ pub enum LatePolicy {
     Update,
 }
 
+impl LatePolicy {
+    /// The name used in YAML and in metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LatePolicy::Drop => "drop",
+            LatePolicy::DeadLetter => "dead_letter",
+            LatePolicy::Update => "update",
+        }
+    }
+}
+
 /// Where the metrics and health endpoints listen.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -117,7 +117,9 @@ pub fn pipeline_reference_markdown() -> String {
     render_properties(&mut out, &schema, defs, &[]);
     let _ = writeln!(out, "\n`metrics`:\n");
     render_properties(&mut out, &defs["MetricsConfig"], defs, &[]);
-    for (section, def, what) in [("sources", "Source", "source"), ("operators", "Operator", "operator"), ("sinks", "Sink", "sink")] {
+    for (section, def, what) in
+        [("sources", "Source", "source"), ("operators", "Operator", "operator"), ("sinks", "Sink", "sink")]
+    {
         let _ = writeln!(out, "\n### {section}\n");
         for variant in defs[def]["oneOf"].as_array().into_iter().flatten() {
             let type_name = variant["properties"]["type"]["const"].as_str().unwrap_or("?");

@@ -306,7 +306,7 @@ fn run_worker(
                 .late_records
                 .get_or_create(&vec![
                     ("source", spec.name.clone()),
-                    ("policy", format!("{:?}", pipeline.late_policy).to_lowercase()),
+                    ("policy", pipeline.late_policy.as_str().to_owned()),
                 ])
                 .clone(),
             watermark_gauge: metrics.watermark.get_or_create(&labels).clone(),
