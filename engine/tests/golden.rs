@@ -78,8 +78,15 @@ fn valid_pipelines_produce_expected_output() {
         };
         let pipeline = load_str(&text, &case.display().to_string(), &lookup)
             .unwrap_or_else(|problems| panic!("{} should be valid:\n{problems}", case.display()));
-        for workers in [1, 3] {
-            run(&pipeline, &RunOptions { workers, ..RunOptions::default() }, std::sync::Arc::new(Metrics::new()))
+        // A case may restrict the worker counts it runs on: `# golden-workers: 1`.
+        let workers_list: Vec<usize> = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# golden-workers:"))
+            .map(|list| list.split(',').filter_map(|w| w.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 3]);
+        for workers in workers_list {
+            let metrics = std::sync::Arc::new(Metrics::new());
+            run(&pipeline, &RunOptions { workers, ..RunOptions::default() }, metrics.clone())
                 .unwrap_or_else(|err| panic!("{} failed: {err:#}", case.display()));
             let stem = case.file_stem().unwrap().to_string_lossy().to_string();
             let mut outputs: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
@@ -90,6 +97,18 @@ fn valid_pipelines_produce_expected_output() {
                 let text = std::fs::read_to_string(&output).unwrap();
                 // Positions name the input file; keep the expectation independent of the checkout.
                 actual.push_str(&text.replace(&data.display().to_string(), "${DATA}"));
+            }
+            // Counters show that nothing was lost silently: late and rejected records.
+            actual.push_str("== metrics\n");
+            let counted =
+                ["edgeflow_late_records_total", "edgeflow_dead_letters_total", "edgeflow_source_records_total"];
+            let text = metrics.encode();
+            let mut lines: Vec<&str> =
+                text.lines().filter(|line| counted.iter().any(|name| line.starts_with(&format!("{name}{{")))).collect();
+            lines.sort_unstable();
+            for line in lines {
+                actual.push_str(line);
+                actual.push('\n');
             }
             let expected = case.with_file_name(format!("{stem}.expected"));
             // Bless from the 1-worker run; every worker count must then match it.

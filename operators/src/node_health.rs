@@ -609,7 +609,7 @@ fn region_rollups<'scope>(
             }
             aggregate.heartbeats = readings.count;
             if readings.count > 0 {
-                let mean = |micros: i128| Gauge(micros as f64 / readings.count as f64 / 1e6);
+                let mean = |micros: i128| Gauge(micros as f64 / 1e6 / readings.count as f64);
                 aggregate.cpu_mean = Some(mean(readings.cpu_micros));
                 aggregate.memory_mean = Some(mean(readings.memory_micros));
                 aggregate.cpu_max = readings.cpu_max;

@@ -228,7 +228,7 @@ impl Accumulator {
         if self.count == 0 {
             0.0
         } else {
-            (self.sum_micros as f64 / self.count as f64) / SUM_SCALE
+            self.sum() / self.count as f64
         }
     }
 
