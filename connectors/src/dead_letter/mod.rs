@@ -8,37 +8,73 @@ use serde::{Deserialize, Serialize};
 use crate::file::FileSink;
 use crate::{ConnectorError, Sink};
 
-/// YAML configuration of the `dead_letter` sink.
+/// YAML configuration of the `dead_letter` sink: a file (`path`) or a Kafka topic (`kafka`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterSinkConfig {
     /// File that receives one JSON object per rejected record:
     /// `{"source","position","reason","payload"}` (`payload_hex` for non-UTF-8 bytes).
-    pub path: PathBuf,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     /// Append to an existing file instead of replacing it (default false).
     #[serde(default)]
     pub append: bool,
+    /// A Kafka topic instead of a file: each message is the rejected record's original
+    /// bytes, with the headers `edgeflow.reason`, `edgeflow.source` and `edgeflow.position`
+    /// (for Kafka sources: `topic T partition P offset O`).
+    #[cfg(feature = "kafka")]
+    #[serde(default)]
+    pub kafka: Option<crate::kafka::KafkaSinkConfig>,
 }
 
-/// Writes dead letters to a file.
+impl DeadLetterSinkConfig {
+    /// What is wrong with the settings, if anything.
+    pub fn problem(&self) -> Option<String> {
+        #[cfg(feature = "kafka")]
+        let kafka = self.kafka.is_some();
+        #[cfg(not(feature = "kafka"))]
+        let kafka = false;
+        match (self.path.is_some(), kafka) {
+            (true, true) => Some("set either `path` or `kafka`, not both".into()),
+            (false, false) => Some("missing `path` (a file) or `kafka` (a topic) for the dead letters".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Writes dead letters to a file or a topic.
 #[derive(Debug)]
 pub struct DeadLetterSink {
-    file: FileSink,
+    inner: Box<dyn Sink>,
+}
+
+impl std::fmt::Debug for dyn Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sink")
+    }
 }
 
 impl DeadLetterSink {
-    /// Opens the dead-letter file.
+    /// Opens the dead-letter file or producer.
     pub fn open(config: &DeadLetterSinkConfig) -> Result<Self, ConnectorError> {
-        Ok(Self { file: FileSink::create(&config.path, config.append)? })
+        if let Some(problem) = config.problem() {
+            return Err(ConnectorError::Config { connector: "dead_letter", reason: problem });
+        }
+        #[cfg(feature = "kafka")]
+        if let Some(kafka) = &config.kafka {
+            return Ok(Self { inner: Box::new(crate::kafka::KafkaSink::open_dead_letters(kafka)?) });
+        }
+        let path = config.path.clone().unwrap_or_default();
+        Ok(Self { inner: Box::new(FileSink::create(&path, config.append)?) })
     }
 }
 
 impl Sink for DeadLetterSink {
     fn write(&mut self, record: &[u8]) -> Result<(), ConnectorError> {
-        self.file.write(record)
+        self.inner.write(record)
     }
 
     fn flush(&mut self) -> Result<(), ConnectorError> {
-        self.file.flush()
+        self.inner.flush()
     }
 }

@@ -14,9 +14,9 @@ use super::{
 };
 
 const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
-const SOURCE_TYPES: &[&str] = &["generator", "file"];
+const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka"];
 const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate"];
-const SINK_TYPES: &[&str] = &["stdout", "file", "dead_letter"];
+const SINK_TYPES: &[&str] = &["stdout", "file", "dead_letter", "kafka"];
 
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
 pub fn load_file(path: &Path) -> Result<Pipeline, Problems> {
@@ -468,6 +468,15 @@ impl Checker {
                 SourceConfig::Generator(config)
             }
             "file" => SourceConfig::File(self.typed_without(written.body, &path, &skip)?),
+            "kafka" => {
+                let config: edgeflow_connectors::kafka::KafkaSourceConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                self.check_kafka(&path, written.body, &config.brokers, config.topics.iter());
+                if config.group.trim().is_empty() {
+                    self.problem(&join(&path, "group"), written.body.locate("group").mark, "`group` is empty");
+                }
+                SourceConfig::Kafka(config)
+            }
             _ => return None,
         };
         Some(SourceSpec { name: written.name.clone(), config })
@@ -502,6 +511,44 @@ impl Checker {
         })
     }
 
+    /// Brokers must be `host:port` entries; topic names follow Kafka's rules.
+    fn check_kafka<'t>(
+        &mut self,
+        path: &str,
+        body: &Node,
+        brokers: &str,
+        topics: impl IntoIterator<Item = &'t String>,
+    ) {
+        let bad_broker = brokers
+            .split(',')
+            .map(str::trim)
+            .find(|b| b.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()));
+        if let Some(broker) = bad_broker {
+            self.problem(
+                &join(path, "brokers"),
+                body.locate("brokers").mark,
+                format!("`{broker}` is not a broker address\nhint: write `host:port`, several separated by commas, e.g. `localhost:9092`"),
+            );
+        }
+        let mut any = false;
+        for topic in topics {
+            any = true;
+            let valid = !topic.is_empty()
+                && topic.len() <= 249
+                && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                self.problem(
+                    path,
+                    body.mark,
+                    format!("`{topic}` is not a valid topic name\nhint: use letters, digits, `.`, `_` and `-` (at most 249)"),
+                );
+            }
+        }
+        if !any {
+            self.problem(&join(path, "topics"), body.mark, "no topic given; list at least one");
+        }
+    }
+
     /// Reports a builder's parameter error at the field it names first (in backticks).
     fn parameter_problem(&mut self, path: &str, body: &Node, err: &dyn std::fmt::Display) {
         let message = err.to_string();
@@ -515,7 +562,28 @@ impl Checker {
         let config = match written.type_name.as_str() {
             "stdout" => SinkConfig::Stdout(self.typed_without(written.body, &path, &skip)?),
             "file" => SinkConfig::File(self.typed_without(written.body, &path, &skip)?),
-            "dead_letter" => SinkConfig::DeadLetter(self.typed_without(written.body, &path, &skip)?),
+            "dead_letter" => {
+                let config: edgeflow_connectors::dead_letter::DeadLetterSinkConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                if let Some(problem) = config.problem() {
+                    self.problem(&path, written.name_mark, problem);
+                }
+                if let Some(kafka) = &config.kafka {
+                    self.check_kafka(
+                        &join(&path, "kafka"),
+                        written.body.locate("kafka"),
+                        &kafka.brokers,
+                        [&kafka.topic],
+                    );
+                }
+                SinkConfig::DeadLetter(config)
+            }
+            "kafka" => {
+                let config: edgeflow_connectors::kafka::KafkaSinkConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                self.check_kafka(&path, written.body, &config.brokers, [&config.topic]);
+                SinkConfig::Kafka(config)
+            }
             _ => return None,
         };
         Some(SinkSpec {

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
 use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
 use edgeflow_connectors::generator::GeneratorConfig;
+use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
 use edgeflow_operators::window_aggregate::WindowAggregateConfig;
@@ -136,6 +137,8 @@ pub enum SourceConfig {
     Generator(GeneratorConfig),
     /// JSON lines file.
     File(FileSourceConfig),
+    /// Kafka topics.
+    Kafka(KafkaSourceConfig),
 }
 
 impl SourceConfig {
@@ -144,6 +147,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Generator(_) => "generator",
             SourceConfig::File(_) => "file",
+            SourceConfig::Kafka(_) => "kafka",
         }
     }
 
@@ -152,6 +156,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Generator(c) => c.max_out_of_orderness.as_millis(),
             SourceConfig::File(c) => c.max_out_of_orderness.as_millis(),
+            SourceConfig::Kafka(c) => c.max_out_of_orderness.as_millis(),
         }
     }
 
@@ -160,6 +165,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Generator(c) => c.idle_timeout.as_millis(),
             SourceConfig::File(c) => c.idle_timeout.as_millis(),
+            SourceConfig::Kafka(c) => c.idle_timeout.as_millis(),
         }
     }
 }
@@ -190,8 +196,10 @@ pub enum SinkConfig {
     Stdout(StdoutSinkConfig),
     /// JSON lines file.
     File(FileSinkConfig),
-    /// Dead-letter file.
+    /// Dead-letter file or topic.
     DeadLetter(DeadLetterSinkConfig),
+    /// Kafka topic.
+    Kafka(KafkaSinkConfig),
 }
 
 impl SinkConfig {
@@ -201,6 +209,7 @@ impl SinkConfig {
             SinkConfig::Stdout(_) => "stdout",
             SinkConfig::File(_) => "file",
             SinkConfig::DeadLetter(_) => "dead_letter",
+            SinkConfig::Kafka(_) => "kafka",
         }
     }
 }

@@ -4,6 +4,7 @@
 use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
 use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
 use edgeflow_connectors::generator::GeneratorConfig;
+use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
 use edgeflow_operators::window_aggregate::WindowAggregateConfig;
@@ -34,6 +35,8 @@ enum Source {
     Generator(GeneratorConfig),
     /// Heartbeats from a JSON lines file.
     File(FileSourceConfig),
+    /// Heartbeats from Kafka topics (consumer group; offsets committed after the sinks wrote).
+    Kafka(KafkaSourceConfig),
 }
 
 /// An operator's settings.
@@ -68,6 +71,8 @@ enum SinkKind {
     File(FileSinkConfig),
     /// Rejected records with their reason (inputs default to every source's dead letters).
     DeadLetter(DeadLetterSinkConfig),
+    /// Records as JSON messages on a Kafka topic (idempotent producer, zstd).
+    Kafka(KafkaSinkConfig),
 }
 
 /// A sink.

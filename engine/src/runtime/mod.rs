@@ -19,6 +19,7 @@ use anyhow::{anyhow, Context};
 use edgeflow_connectors::dead_letter::DeadLetterSink;
 use edgeflow_connectors::file::{FileSink, FileSource};
 use edgeflow_connectors::generator::Generator;
+use edgeflow_connectors::kafka::{KafkaSink, KafkaSource};
 use edgeflow_connectors::stdout::StdoutSink;
 use edgeflow_connectors::{wall_clock_ms, ConnectorError, Sink, Source, SourceItem, SourceStatus};
 use edgeflow_operators::{DeadLetter, EventTime};
@@ -128,6 +129,7 @@ fn open_source(
     Ok(match config {
         SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
         SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
+        SourceConfig::Kafka(config) => Box::new(KafkaSource::open(name, config)?),
     })
 }
 
@@ -136,6 +138,7 @@ fn open_sink(config: &SinkConfig) -> Result<Box<dyn Sink>, ConnectorError> {
         SinkConfig::Stdout(config) => Box::new(StdoutSink::new(config)),
         SinkConfig::File(config) => Box::new(FileSink::open(config)?),
         SinkConfig::DeadLetter(config) => Box::new(DeadLetterSink::open(config)?),
+        SinkConfig::Kafka(config) => Box::new(KafkaSink::open(config)?),
     })
 }
 
@@ -148,6 +151,11 @@ struct SourceDriver {
     idle_timeout: u64,
     /// Latest event clock seen.
     clock: Option<EventTime>,
+    /// Latest data time of any record handed to the dataflow.
+    max_time: EventTime,
+    /// Checkpoints waiting for the sinks: committed once the sinks pass their time.
+    checkpoints: std::collections::VecDeque<(EventTime, edgeflow_connectors::Checkpoint)>,
+    last_commit: Instant,
     /// Current watermark: the inputs' time.
     watermark: EventTime,
     last_data: Instant,
@@ -190,8 +198,10 @@ impl SourceDriver {
                 continue;
             }
             let Some(heartbeat) = heartbeat else { continue };
+            self.max_time = self.max_time.max(watermark);
             if heartbeat.timestamp >= watermark {
                 let time = heartbeat.timestamp;
+                self.max_time = self.max_time.max(time);
                 inputs.heartbeats.update_at(heartbeat, time, 1);
                 continue;
             }
@@ -218,6 +228,9 @@ impl SourceDriver {
             }
         }
         if records > 0 {
+            if let Some(checkpoint) = source.checkpoint() {
+                self.checkpoints.push_back((self.max_time, checkpoint));
+            }
             self.records.inc_by(records);
             metrics.records_total.inc_by(records);
             self.last_data = Instant::now();
@@ -251,6 +264,28 @@ impl SourceDriver {
         self.lag_gauge.set(lag_ms / 1000.0);
     }
 
+    /// Commits every checkpoint whose records the sinks have written (their probe has
+    /// passed the latest time read before the checkpoint).
+    fn commit_written(&mut self, sinks: &ProbeHandle<EventTime>, last: bool) -> anyhow::Result<()> {
+        // Commit at most every 200 ms while running; the last commit waits for the broker.
+        if !last && self.last_commit.elapsed() < Duration::from_millis(200) {
+            return Ok(());
+        }
+        let Some(source) = self.source.as_mut() else { return Ok(()) };
+        let mut latest = None;
+        while let Some((time, _)) = self.checkpoints.front() {
+            if sinks.less_equal(time) {
+                break;
+            }
+            latest = self.checkpoints.pop_front().map(|(_, checkpoint)| checkpoint);
+        }
+        if let Some(checkpoint) = latest {
+            source.commit(&checkpoint, last).with_context(|| format!("source `{}` failed to commit", self.name))?;
+            self.last_commit = Instant::now();
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) {
         if let Some(inputs) = self.inputs.as_mut() {
             inputs.heartbeats.flush();
@@ -258,9 +293,10 @@ impl SourceDriver {
         }
     }
 
+    /// Closes the inputs (dropping them closes them); the connector stays, to commit the
+    /// last checkpoints once the sinks have written them.
     fn close(&mut self) {
-        self.source = None;
-        self.inputs = None; // dropping the inputs closes them
+        self.inputs = None;
     }
 }
 
@@ -297,6 +333,9 @@ fn run_worker(
             max_out_of_orderness: spec.config.max_out_of_orderness(),
             idle_timeout: spec.config.idle_timeout(),
             clock: None,
+            max_time: 0,
+            checkpoints: std::collections::VecDeque::new(),
+            last_commit: Instant::now(),
             watermark: 0,
             last_data: Instant::now(),
             items: Vec::with_capacity(BATCH),
@@ -329,6 +368,7 @@ fn run_worker(
             if driver.inputs.is_none() {
                 continue;
             }
+            driver.commit_written(&probes.sinks, false)?;
             match driver.poll(pipeline.late_policy, metrics)? {
                 SourceStatus::Ready => ready = true,
                 SourceStatus::Idle { retry_in_ms } => wait_ms = wait_ms.min(retry_in_ms.max(1)),
@@ -371,15 +411,20 @@ fn run_worker(
         while low.is_some_and(|low| probes.sinks.less_than(&low)) && Instant::now() < deadline && !failed() {
             worker.step_or_park(Some(Duration::from_millis(10)));
         }
+        for driver in &mut drivers {
+            driver.commit_written(&probes.sinks, true)?;
+        }
         tracing::info!(worker = index, frontier = ?low, "stopped; in-flight records drained");
         metrics.ready.store(false, Ordering::Relaxed);
         worker.drop_dataflow(dataflow_index);
         return Ok(());
     }
-    drop(drivers);
     if failed() {
         worker.drop_dataflow(dataflow_index);
         return Ok(());
+    }
+    for driver in &mut drivers {
+        driver.close();
     }
     // Sources exhausted: run the dataflow to completion.
     while !probes.sinks.done() {
@@ -388,6 +433,9 @@ fn run_worker(
             break;
         }
         worker.step_or_park(Some(Duration::from_millis(10)));
+    }
+    for driver in &mut drivers {
+        driver.commit_written(&probes.sinks, true)?;
     }
     metrics.ready.store(false, Ordering::Relaxed);
     tracing::info!(worker = index, "sources exhausted; pipeline finished");

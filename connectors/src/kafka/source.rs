@@ -1,0 +1,274 @@
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use edgeflow_operators::{DeadLetter, EventTime, Heartbeat};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::ClientContext;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::config::{AutoOffsetReset, KafkaSourceConfig};
+use crate::{Checkpoint, ConnectorError, Source, SourceItem, SourceStatus};
+
+/// What the source knows of one assigned partition.
+#[derive(Debug)]
+struct Partition {
+    /// Latest event time seen.
+    max_time: Option<EventTime>,
+    /// When a message last arrived.
+    last_message: Instant,
+    /// Offset after the last message read.
+    next_offset: i64,
+    /// Read to its end (with `stop_at_end`).
+    at_end: bool,
+}
+
+/// Notes when the group has assigned partitions, and keeps end-of-partition events (normal
+/// with `stop_at_end`) out of the error log.
+#[derive(Debug, Clone)]
+struct SourceContext {
+    assigned: Arc<AtomicBool>,
+    assigned_at: Arc<std::sync::Mutex<Instant>>,
+}
+
+impl Default for SourceContext {
+    fn default() -> Self {
+        Self { assigned: Arc::default(), assigned_at: Arc::new(std::sync::Mutex::new(Instant::now())) }
+    }
+}
+
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                tracing::info!(partitions = partitions.count(), "kafka partitions assigned");
+                *self.assigned_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                self.assigned.store(true, Ordering::Relaxed);
+            }
+            Rebalance::Revoke(partitions) => {
+                tracing::info!(partitions = partitions.count(), "kafka partitions revoked")
+            }
+            Rebalance::Error(err) => tracing::warn!(%err, "kafka rebalance failed"),
+        }
+    }
+}
+
+/// One worker's member of the consumer group.
+pub struct KafkaSource {
+    name: String,
+    brokers: String,
+    consumer: BaseConsumer<SourceContext>,
+    assigned: Arc<AtomicBool>,
+    assigned_at: Arc<std::sync::Mutex<Instant>>,
+    partitions: HashMap<(String, i32), Partition>,
+    idle_timeout: Duration,
+    stop_at_end: bool,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource").field("name", &self.name).field("brokers", &self.brokers).finish_non_exhaustive()
+    }
+}
+
+impl KafkaSource {
+    /// Joins the consumer group and subscribes to the topics.
+    pub fn open(name: &str, config: &KafkaSourceConfig) -> Result<Self, ConnectorError> {
+        let mut client = super::client_config(&config.brokers, &config.security, &config.options);
+        client
+            .set("group.id", &config.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", if config.stop_at_end { "true" } else { "false" })
+            // Shorter than librdkafka's defaults so that group joins and rebalances settle in
+            // seconds; override through `options`.
+            .set("session.timeout.ms", "10000")
+            .set("max.poll.interval.ms", "30000")
+            .set(
+                "auto.offset.reset",
+                match config.auto_offset_reset {
+                    AutoOffsetReset::Earliest => "earliest",
+                    AutoOffsetReset::Latest => "latest",
+                },
+            );
+        for (key, value) in &config.options {
+            client.set(key, value);
+        }
+        let fail = |err: KafkaError| ConnectorError::Kafka {
+            brokers: config.brokers.clone(),
+            message: format!("cannot create the consumer for group `{}`: {err}", config.group),
+        };
+        let context = SourceContext::default();
+        let assigned = context.assigned.clone();
+        let assigned_at = context.assigned_at.clone();
+        let consumer: BaseConsumer<SourceContext> = client.create_with_context(context).map_err(fail)?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(fail)?;
+        Ok(Self {
+            name: name.to_owned(),
+            brokers: config.brokers.clone(),
+            consumer,
+            assigned,
+            assigned_at,
+            partitions: HashMap::new(),
+            idle_timeout: Duration::from_millis(config.idle_timeout.as_millis()),
+            stop_at_end: config.stop_at_end,
+        })
+    }
+
+    /// The source's event clock: the least, over assigned partitions that are neither idle
+    /// nor finished, of the latest event time seen in the partition. A partition assigned but
+    /// not read yet holds the clock back (0) until it has been idle for `idle_timeout`; when
+    /// every partition is idle the clock follows the latest event time seen.
+    fn clock(&self) -> EventTime {
+        let Ok(assignment) = self.consumer.assignment() else { return 0 };
+        let since_assignment = self.assigned_at.lock().map(|at| at.elapsed()).unwrap_or_default();
+        let mut least: Option<EventTime> = None;
+        for element in assignment.elements() {
+            match self.partitions.get(&(element.topic().to_owned(), element.partition())) {
+                Some(state) if state.at_end || state.last_message.elapsed() >= self.idle_timeout => {}
+                Some(state) => match state.max_time {
+                    Some(time) => least = Some(least.map_or(time, |l| l.min(time))),
+                    None => return 0,
+                },
+                None if since_assignment < self.idle_timeout => return 0,
+                None => {}
+            }
+        }
+        least.or_else(|| self.partitions.values().filter_map(|state| state.max_time).max()).unwrap_or(0)
+    }
+
+    fn all_at_end(&self) -> bool {
+        if !self.assigned.load(Ordering::Relaxed) {
+            return false; // still joining the group
+        }
+        let Ok(assignment) = self.consumer.assignment() else { return false };
+        let elements = assignment.elements();
+        elements.iter().all(|element| {
+            self.partitions.get(&(element.topic().to_owned(), element.partition())).is_some_and(|state| state.at_end)
+        })
+    }
+}
+
+impl Source for KafkaSource {
+    fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
+        let mut produced = 0;
+        while produced < max {
+            let Some(result) = self.consumer.poll(Duration::ZERO) else {
+                if self.stop_at_end && self.all_at_end() {
+                    return Ok(SourceStatus::Exhausted);
+                }
+                return Ok(if produced > 0 { SourceStatus::Ready } else { SourceStatus::Idle { retry_in_ms: 5 } });
+            };
+            let message = match result {
+                Ok(message) => message,
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    let topics: Vec<String> = self
+                        .consumer
+                        .assignment()
+                        .map(|list| {
+                            list.elements()
+                                .iter()
+                                .filter(|e| e.partition() == partition)
+                                .map(|e| e.topic().to_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for topic in topics {
+                        self.partitions
+                            .entry((topic, partition))
+                            .or_insert_with(|| Partition {
+                                max_time: None,
+                                last_message: Instant::now(),
+                                next_offset: 0,
+                                at_end: true,
+                            })
+                            .at_end = true;
+                    }
+                    continue;
+                }
+                Err(err) => {
+                    // librdkafka retries broker connections itself; report and go on.
+                    tracing::warn!(source = %self.name, brokers = %self.brokers, %err, "kafka consumer error");
+                    return Ok(SourceStatus::Idle { retry_in_ms: 100 });
+                }
+            };
+            produced += 1;
+            let key = (message.topic().to_owned(), message.partition());
+            let payload = message.payload().unwrap_or_default();
+            let decoded = Heartbeat::from_json(payload);
+            let state = self.partitions.entry(key).or_insert_with(|| Partition {
+                max_time: None,
+                last_message: Instant::now(),
+                next_offset: 0,
+                at_end: false,
+            });
+            state.last_message = Instant::now();
+            state.next_offset = message.offset() + 1;
+            state.at_end = false;
+            match decoded {
+                Ok(heartbeat) => {
+                    state.max_time = Some(state.max_time.map_or(heartbeat.timestamp, |t| t.max(heartbeat.timestamp)));
+                    let clock = self.clock();
+                    out.push(SourceItem::Record { heartbeat, clock });
+                }
+                Err(reason) => out.push(SourceItem::Malformed {
+                    letter: DeadLetter {
+                        source: self.name.clone(),
+                        position: format!(
+                            "topic {} partition {} offset {}",
+                            message.topic(),
+                            message.partition(),
+                            message.offset()
+                        ),
+                        reason,
+                        payload: payload.to_vec(),
+                    },
+                    clock: None,
+                }),
+            }
+        }
+        Ok(SourceStatus::Ready)
+    }
+
+    fn checkpoint(&mut self) -> Option<Checkpoint> {
+        let offsets: Vec<(String, i32, i64)> = self
+            .partitions
+            .iter()
+            .map(|((topic, partition), state)| (topic.clone(), *partition, state.next_offset))
+            .collect();
+        (!offsets.is_empty()).then_some(Checkpoint { offsets })
+    }
+
+    fn commit(&mut self, checkpoint: &Checkpoint, wait: bool) -> Result<(), ConnectorError> {
+        let assignment = self.consumer.assignment().unwrap_or_default();
+        let mut list = TopicPartitionList::new();
+        for (topic, partition, offset) in &checkpoint.offsets {
+            // Partitions revoked since are another member's now; their records are reread
+            // there (at-least-once).
+            if assignment.find_partition(topic, *partition).is_some() {
+                let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+            }
+        }
+        if list.count() == 0 {
+            return Ok(());
+        }
+        let mode = if wait { CommitMode::Sync } else { CommitMode::Async };
+        self.consumer.commit(&list, mode).map_err(|err| ConnectorError::Kafka {
+            brokers: self.brokers.clone(),
+            message: format!("cannot commit offsets: {err}"),
+        })
+    }
+}
