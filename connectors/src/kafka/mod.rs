@@ -14,7 +14,7 @@ mod source;
 
 pub use config::{AutoOffsetReset, KafkaFormat, KafkaSecurity, KafkaSinkConfig, KafkaSourceConfig, SinkKey};
 pub use sink::KafkaSink;
-pub use source::KafkaSource;
+pub use source::{FinishedPartitions, KafkaSource};
 
 use std::collections::BTreeMap;
 

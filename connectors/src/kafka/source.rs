@@ -27,6 +27,9 @@ struct Partition {
     at_end: bool,
 }
 
+/// Partitions read to their end, shared by the workers of one process.
+pub type FinishedPartitions = Arc<std::sync::Mutex<std::collections::HashSet<(String, i32)>>>;
+
 /// Notes when the group has assigned partitions, and keeps end-of-partition events (normal
 /// with `stop_at_end`) out of the error log.
 #[derive(Debug, Clone)]
@@ -43,7 +46,9 @@ impl Default for SourceContext {
 
 impl ClientContext for SourceContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let end_of_partition = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !end_of_partition {
             tracing::warn!(%error, reason, "kafka client error");
         }
     }
@@ -72,6 +77,9 @@ pub struct KafkaSource {
     consumer: BaseConsumer<SourceContext>,
     assigned: Arc<AtomicBool>,
     assigned_at: Arc<std::sync::Mutex<Instant>>,
+    /// With `stop_at_end`: each partition's end offset when the source opened.
+    end_offsets: HashMap<(String, i32), i64>,
+    finished: FinishedPartitions,
     partitions: HashMap<(String, i32), Partition>,
     idle_timeout: Duration,
     stop_at_end: bool,
@@ -84,8 +92,10 @@ impl std::fmt::Debug for KafkaSource {
 }
 
 impl KafkaSource {
-    /// Joins the consumer group and subscribes to the topics.
-    pub fn open(name: &str, config: &KafkaSourceConfig) -> Result<Self, ConnectorError> {
+    /// Joins the consumer group and subscribes to the topics. `finished` is shared by the
+    /// workers of this process: with `stop_at_end`, the partitions read to the end offsets
+    /// they had when the source opened.
+    pub fn open(name: &str, config: &KafkaSourceConfig, finished: FinishedPartitions) -> Result<Self, ConnectorError> {
         let mut client = super::client_config(&config.brokers, &config.security, &config.options);
         client
             .set("group.id", &config.group)
@@ -115,6 +125,24 @@ impl KafkaSource {
         let assigned_at = context.assigned_at.clone();
         let consumer: BaseConsumer<SourceContext> = client.create_with_context(context).map_err(fail)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        let mut end_offsets = HashMap::new();
+        if config.stop_at_end {
+            // The end is where each partition ends now.
+            for topic in &topics {
+                let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(fail)?;
+                for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                    let (_, high) =
+                        consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(30)).map_err(fail)?;
+                    end_offsets.insert(((*topic).to_owned(), partition.id()), high);
+                }
+            }
+            if end_offsets.is_empty() {
+                return Err(ConnectorError::Kafka {
+                    brokers: config.brokers.clone(),
+                    message: format!("topics {:?} have no partitions; do they exist?", config.topics),
+                });
+            }
+        }
         consumer.subscribe(&topics).map_err(fail)?;
         Ok(Self {
             name: name.to_owned(),
@@ -122,6 +150,8 @@ impl KafkaSource {
             consumer,
             assigned,
             assigned_at,
+            end_offsets,
+            finished,
             partitions: HashMap::new(),
             idle_timeout: Duration::from_millis(config.idle_timeout.as_millis()),
             stop_at_end: config.stop_at_end,
@@ -150,15 +180,36 @@ impl KafkaSource {
         least.or_else(|| self.partitions.values().filter_map(|state| state.max_time).max()).unwrap_or(0)
     }
 
+    /// With `stop_at_end`: every partition of the topics has been read to its end offset by
+    /// some worker of this process. (A partition may move between workers in a rebalance,
+    /// and a restarted process first waits for a dead member's partitions.)
     fn all_at_end(&self) -> bool {
         if !self.assigned.load(Ordering::Relaxed) {
             return false; // still joining the group
         }
-        let Ok(assignment) = self.consumer.assignment() else { return false };
-        let elements = assignment.elements();
-        elements.iter().all(|element| {
-            self.partitions.get(&(element.topic().to_owned(), element.partition())).is_some_and(|state| state.at_end)
-        })
+        let Ok(mut finished) = self.finished.lock() else { return false };
+        for ((topic, partition), state) in &self.partitions {
+            let end = self.end_offsets.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
+            if state.next_offset >= end {
+                finished.insert((topic.clone(), *partition));
+            }
+        }
+        // Partitions whose read position is at the end: empty ones, and those committed to
+        // the end by an earlier run.
+        if let Ok(positions) = self.consumer.position() {
+            for element in positions.elements() {
+                let key = (element.topic().to_owned(), element.partition());
+                let end = self.end_offsets.get(&key).copied().unwrap_or(0);
+                let at_end = match element.offset() {
+                    Offset::Offset(position) => position >= end,
+                    _ => end == 0,
+                };
+                if at_end {
+                    finished.insert(key);
+                }
+            }
+        }
+        self.end_offsets.keys().all(|key| finished.contains(key))
     }
 }
 

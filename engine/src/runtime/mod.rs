@@ -66,8 +66,9 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> 
     let pipeline = pipeline.clone();
     let stop = options.stop.clone();
     let worker_failure = failure.clone();
+    let shared: Shared = pipeline.sources.iter().map(|s| (s.name.clone(), Default::default())).collect();
     let guards = timely::execute(config, move |worker| {
-        let result = run_worker(worker, &pipeline, &metrics, &stop, &worker_failure);
+        let result = run_worker(worker, &pipeline, &metrics, &stop, &worker_failure, &shared);
         if let Err(err) = &result {
             let mut failure = worker_failure.lock().unwrap_or_else(|p| p.into_inner());
             failure.get_or_insert_with(|| format!("{err:#}"));
@@ -120,16 +121,22 @@ fn timely_config(options: &RunOptions) -> anyhow::Result<timely::Config> {
     })
 }
 
+/// State shared by the workers of one process, per source.
+type Shared = std::collections::HashMap<String, edgeflow_connectors::kafka::FinishedPartitions>;
+
 fn open_source(
     config: &SourceConfig,
     name: &str,
     index: usize,
     peers: usize,
+    shared: &Shared,
 ) -> Result<Box<dyn Source>, ConnectorError> {
     Ok(match config {
         SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
         SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
-        SourceConfig::Kafka(config) => Box::new(KafkaSource::open(name, config)?),
+        SourceConfig::Kafka(config) => {
+            Box::new(KafkaSource::open(name, config, shared.get(name).cloned().unwrap_or_default())?)
+        }
     })
 }
 
@@ -306,6 +313,7 @@ fn run_worker(
     metrics: &Arc<Metrics>,
     stop: &AtomicBool,
     failure: &Failure,
+    shared: &Shared,
 ) -> anyhow::Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
     let mut handles = Vec::new();
@@ -323,7 +331,7 @@ fn run_worker(
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
-        let source = open_source(&spec.config, &spec.name, index, peers)
+        let source = open_source(&spec.config, &spec.name, index, peers, shared)
             .with_context(|| format!("cannot open source `{}`", spec.name))?;
         let labels = vec![("source", spec.name.clone()), ("worker", index.to_string())];
         drivers.push(SourceDriver {
