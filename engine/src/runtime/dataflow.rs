@@ -46,8 +46,11 @@ pub struct SourceInputs {
 pub struct Probes {
     /// Passes a time once every source input (of every worker) has passed it.
     pub inputs: ProbeHandle<EventTime>,
-    /// Passes a time once every sink has written everything before it.
+    /// Passes a time once every sink has written and flushed everything before it.
     pub sinks: ProbeHandle<EventTime>,
+    /// Passes a time once the dataflow has delivered everything before it to the sinks
+    /// (not necessarily flushed): what flow control waits on.
+    pub processed: ProbeHandle<EventTime>,
 }
 
 /// Builds the pipeline's dataflow in `scope`; returns each source's inputs (in pipeline
@@ -104,6 +107,7 @@ pub fn build<'scope>(
     }
 
     let probe = ProbeHandle::new();
+    let processed = ProbeHandle::new();
     for (spec, handle) in pipeline.sinks.iter().zip(sinks) {
         let mut lines = Vec::new();
         let references: Vec<PortRef> = if spec.inputs.is_empty() {
@@ -121,10 +125,10 @@ pub fn build<'scope>(
                 lines.push(encode(port.clone()));
             }
         }
-        let merged = scope.concatenate(lines);
+        let merged = scope.concatenate(lines).probe_with(&processed);
         sink_operator(merged, &spec.name, handle, metrics.clone()).probe_with(&probe);
     }
-    (inputs, Probes { inputs: input_probe, sinks: probe })
+    (inputs, Probes { inputs: input_probe, sinks: probe, processed })
 }
 
 fn heartbeat_inputs<'scope>(

@@ -394,7 +394,7 @@ fn run_worker(
             in_flight.push_back(low);
             if in_flight.len() > MAX_IN_FLIGHT {
                 let target = in_flight.pop_front().unwrap_or(0);
-                while probes.sinks.less_than(&target) && !failed() && !stop.load(Ordering::Relaxed) {
+                while probes.processed.less_than(&target) && !failed() && !stop.load(Ordering::Relaxed) {
                     worker.step_or_park(Some(Duration::from_millis(1)));
                 }
             }
