@@ -18,6 +18,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::StreamVec;
 
 use crate::records::{Gauge, HealthStatus, Heartbeat, NodeState, RegionRollup, StatusChange};
+use crate::window_aggregate::{from_micros, to_micros};
 use crate::{route_hash, DurationMs, EventTime};
 
 /// YAML configuration of the `node_health` operator.
@@ -522,8 +523,8 @@ struct Readings {
 impl Readings {
     fn add(&mut self, cpu: f64, memory: f64) {
         self.count += 1;
-        self.cpu_micros += (cpu * 1e6).round() as i128;
-        self.memory_micros += (memory * 1e6).round() as i128;
+        self.cpu_micros += to_micros(cpu);
+        self.memory_micros += to_micros(memory);
         self.cpu_max = self.cpu_max.max(Some(Gauge(cpu)));
         self.memory_max = self.memory_max.max(Some(Gauge(memory)));
     }
@@ -609,7 +610,7 @@ fn region_rollups<'scope>(
             }
             aggregate.heartbeats = readings.count;
             if readings.count > 0 {
-                let mean = |micros: i128| Gauge(micros as f64 / 1e6 / readings.count as f64);
+                let mean = |micros: i128| Gauge(from_micros(micros) / readings.count as f64);
                 aggregate.cpu_mean = Some(mean(readings.cpu_micros));
                 aggregate.memory_mean = Some(mean(readings.memory_micros));
                 aggregate.cpu_max = readings.cpu_max;

@@ -198,6 +198,16 @@ impl WindowParams {
 /// is not associative), and so are identical on any number of workers.
 const SUM_SCALE: f64 = 1e6;
 
+/// `value` in exact millionths, for order-independent sums.
+pub fn to_micros(value: f64) -> i128 {
+    (value * SUM_SCALE).round() as i128
+}
+
+/// A sum of millionths back as a number.
+pub fn from_micros(micros: i128) -> f64 {
+    micros as f64 / SUM_SCALE
+}
+
 /// Running aggregate of one key in one window.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Accumulator {
@@ -220,7 +230,7 @@ impl Default for Accumulator {
 impl Accumulator {
     /// Sum of the values.
     pub fn sum(&self) -> f64 {
-        self.sum_micros as f64 / SUM_SCALE
+        from_micros(self.sum_micros)
     }
 
     /// Mean of the values (0 when empty).
@@ -235,7 +245,7 @@ impl Accumulator {
     /// Adds `value` with multiplicity `weight`.
     pub fn add(&mut self, value: f64, weight: isize) {
         self.count = self.count.saturating_add_signed(weight as i64);
-        self.sum_micros += (value * SUM_SCALE).round() as i128 * weight as i128;
+        self.sum_micros += to_micros(value) * weight as i128;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
     }

@@ -124,18 +124,6 @@ pub enum SinkKey {
     None,
 }
 
-impl SinkKey {
-    /// The JSON field this key reads, if any.
-    pub fn field(&self) -> Option<&'static str> {
-        match self {
-            SinkKey::NodeId => Some("node_id"),
-            SinkKey::Region => Some("region"),
-            SinkKey::Key => Some("key"),
-            SinkKey::None => None,
-        }
-    }
-}
-
 /// YAML configuration of the `kafka` sink.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -131,8 +131,8 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn write(&mut self, record: &[u8]) -> Result<(), ConnectorError> {
-        let value: serde_json::Value = serde_json::from_slice(record).unwrap_or_default();
         if self.dead_letters {
+            let value: serde_json::Value = serde_json::from_slice(record).unwrap_or_default();
             let text = |field: &str| value.get(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
             let payload = match value.get("payload").and_then(|v| v.as_str()) {
                 Some(text) => text.as_bytes().to_vec(),
@@ -144,7 +144,14 @@ impl Sink for KafkaSink {
                 .insert(Header { key: "edgeflow.position", value: Some(text("position").as_bytes()) });
             return self.send(None, &payload, Some(headers));
         }
-        let key = self.key.field().and_then(|field| value.get(field)).and_then(|v| v.as_str()).map(str::to_owned);
+        // Only the key fields are decoded (borrowed), not a whole JSON tree per record.
+        let keys: KeyFields<'_> = serde_json::from_slice(record).unwrap_or_default();
+        let key = match &self.key {
+            SinkKey::NodeId => keys.node_id,
+            SinkKey::Region => keys.region,
+            SinkKey::Key => keys.key,
+            SinkKey::None => None,
+        };
         self.send(key.as_deref(), record, None)
     }
 
@@ -162,6 +169,17 @@ impl Sink for KafkaSink {
             None => Ok(()),
         }
     }
+}
+
+/// The fields a record may be keyed by; all others are skipped while decoding.
+#[derive(Debug, Default, serde::Deserialize)]
+struct KeyFields<'a> {
+    #[serde(borrow, default)]
+    node_id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    region: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    key: Option<std::borrow::Cow<'a, str>>,
 }
 
 fn decode_hex(text: &str) -> Vec<u8> {

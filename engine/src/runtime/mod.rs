@@ -170,6 +170,9 @@ struct SourceDriver {
     records: Counter,
     dead: Counter,
     late: Counter,
+    /// Dead letters by reason, registered on first use (so only reasons that occurred show).
+    malformed: Option<Counter>,
+    late_dead: Option<Counter>,
     watermark_gauge: Gauge<f64, AtomicU64>,
     lag_gauge: Gauge<f64, AtomicU64>,
 }
@@ -197,10 +200,7 @@ impl SourceDriver {
             let watermark = self.clock.map_or(0, |c| c.saturating_sub(self.max_out_of_orderness)).max(self.watermark);
             if let Some(letter) = letter {
                 self.dead.inc();
-                metrics
-                    .dead_letters
-                    .get_or_create(&vec![("source", self.name.clone()), ("reason", "malformed".into())])
-                    .inc();
+                reason_counter(&mut self.malformed, metrics, &self.name, "malformed").inc();
                 inputs.dead_letters.update_at(letter, watermark, 1);
                 continue;
             }
@@ -218,10 +218,7 @@ impl SourceDriver {
                 LatePolicy::Update => inputs.heartbeats.update_at(heartbeat, watermark, 1),
                 LatePolicy::DeadLetter => {
                     self.dead.inc();
-                    metrics
-                        .dead_letters
-                        .get_or_create(&vec![("source", self.name.clone()), ("reason", "late".into())])
-                        .inc();
+                    reason_counter(&mut self.late_dead, metrics, &self.name, "late").inc();
                     let reason = format!(
                         "late record: event time {} is {} ms behind the watermark {watermark}",
                         heartbeat.timestamp,
@@ -356,6 +353,8 @@ fn run_worker(
                     ("policy", pipeline.late_policy.as_str().to_owned()),
                 ])
                 .clone(),
+            malformed: None,
+            late_dead: None,
             watermark_gauge: metrics.watermark.get_or_create(&labels).clone(),
             lag_gauge: metrics.watermark_lag.get_or_create(&labels).clone(),
         });
@@ -448,6 +447,13 @@ fn run_worker(
     metrics.ready.store(false, Ordering::Relaxed);
     tracing::info!(worker = index, "sources exhausted; pipeline finished");
     Ok(())
+}
+
+/// The dead-letter counter of `source` for `reason`, looked up once and then kept.
+fn reason_counter<'a>(slot: &'a mut Option<Counter>, metrics: &Metrics, source: &str, reason: &str) -> &'a Counter {
+    slot.get_or_insert_with(|| {
+        metrics.dead_letters.get_or_create(&vec![("source", source.to_owned()), ("reason", reason.to_owned())]).clone()
+    })
 }
 
 /// The least time of a probe's frontier; `None` once it is empty.
