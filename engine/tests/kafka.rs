@@ -369,23 +369,15 @@ print(json.dumps(sorted((c["node_id"], c["to"]) for c in changes)))
     }
 }
 
-/// Issue 3's at-least-once check. Known problem: with late policy `update` about 100 of the
-/// 1,000,000 records are missing after kill -9 and restart (with `drop`, records that become
-/// late after a rebalance are dropped by design); run with `cargo test --test kafka --
-/// --ignored` while investigating.
-#[test]
-#[ignore = "about 100 of 1,000,000 records go missing after kill -9 and restart; under investigation (issue 3)"]
-fn kill_9_and_restart_loses_nothing() {
-    let broker = Broker::start();
-    broker.create_topic("in", 4);
-    broker.create_topic("out", 4);
-    let total = 1_000_000usize;
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+/// Produces `total` heartbeats to `topic` (4 partitions), each carrying its index in
+/// `net_rx_bytes`, keyed by node; fails unless the broker acknowledged every one.
+fn produce_numbered(broker: &Broker, topic: &str, total: usize) {
+    let producer: ThreadedProducer<Acknowledged> = ClientConfig::new()
         .set("bootstrap.servers", &broker.address)
         .set("linger.ms", "20")
         .set("batch.size", "1000000")
         .set("queue.buffering.max.messages", "1000000")
-        .create()
+        .create_with_context(Acknowledged::default())
         .unwrap();
     for i in 0..total {
         let payload = format!(
@@ -395,14 +387,111 @@ fn kill_9_and_restart_loses_nothing() {
         );
         let key = format!("n{}", i % 1000);
         loop {
-            match producer.send(BaseRecord::to("in").key(&key).payload(&payload)) {
+            match producer.send(BaseRecord::to(topic).key(&key).payload(&payload)) {
                 Ok(()) => break,
                 Err(_) => producer.poll(Duration::from_millis(5)),
             }
         }
     }
     producer.flush(Duration::from_secs(120)).unwrap();
+    let context = producer.context();
+    assert_eq!(context.delivered.load(std::sync::atomic::Ordering::Relaxed), total as u64, "every input acknowledged");
+}
 
+/// Counts acknowledged deliveries.
+#[derive(Default)]
+struct Acknowledged {
+    delivered: std::sync::atomic::AtomicU64,
+}
+
+impl rdkafka::ClientContext for Acknowledged {}
+
+impl rdkafka::producer::ProducerContext for Acknowledged {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if result.is_ok() {
+            self.delivered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// How many times each index `0..total` occurs in `topic`, read from the beginning of all
+/// its partitions to their end (end of partition reported by the broker; its high watermark
+/// from ListOffsets is not trusted, Tansu under-reports it). `read_committed` skips aborted
+/// transactions.
+fn count_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, read_committed: bool) -> Vec<u32> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", format!("verify-{topic}"))
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", if read_committed { "read_committed" } else { "read_uncommitted" })
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+    }
+    reader.assign(&assignment).unwrap();
+    let mut counts = vec![0u32; total];
+    let mut at_end = std::collections::HashSet::new();
+    let start = Instant::now();
+    while at_end.len() < partitions as usize {
+        assert!(start.elapsed() < Duration::from_secs(300), "reading `{topic}` back timed out");
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                at_end.remove(&message.partition());
+                let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+                counts[value["net_rx_bytes"].as_u64().unwrap() as usize] += 1;
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                at_end.insert(partition);
+            }
+            _ => {}
+        }
+    }
+    counts
+}
+
+/// Starts `edgeflow run PIPELINE --workers 2`, waits until `out` holds more than `progress`
+/// messages, kills it with SIGKILL, then runs the pipeline again to its end.
+fn kill_9_part_way_and_restart(broker: &Broker, pipeline: &Path, progress: i64) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+        .arg("run")
+        .arg(pipeline)
+        .args(["--no-metrics", "--workers", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &broker.address).set("group.id", "progress").create().unwrap();
+    let start = Instant::now();
+    loop {
+        // Approximate (the broker's high watermark lags), which is all this needs.
+        let written: i64 = (0..4)
+            .map(|p| consumer.fetch_watermarks("out", p, Duration::from_secs(5)).map(|(_, high)| high).unwrap_or(0))
+            .sum();
+        if written > progress {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(240), "no progress: {written} written");
+        assert!(child.try_wait().unwrap().is_none(), "the engine ended before it was killed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    run(pipeline, 2);
+}
+
+/// At-least-once: `kill -9` part-way through 1,000,000 records, restart, and every record
+/// is in the output at least once.
+#[test]
+fn kill_9_and_restart_loses_nothing() {
+    let broker = Broker::start();
+    broker.create_topic("in", 4);
+    broker.create_topic("out", 4);
+    let total = 1_000_000usize;
+    produce_numbered(&broker, "in", total);
     let dir = tempfile::tempdir().unwrap();
     let pipeline = dir.path().join("copy.yaml");
     std::fs::write(
@@ -413,62 +502,12 @@ fn kill_9_and_restart_loses_nothing() {
         ),
     )
     .unwrap();
-    // Kill -9 part-way: once some output exists.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
-        .arg("run")
-        .arg(&pipeline)
-        .args(["--no-metrics", "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &broker.address).set("group.id", "progress").create().unwrap();
-    let start = Instant::now();
-    loop {
-        let written: i64 = (0..4)
-            .map(|p| consumer.fetch_watermarks("out", p, Duration::from_secs(5)).map(|(_, high)| high).unwrap_or(0))
-            .sum();
-        if written > 200_000 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(240), "no progress: {written} written");
-        assert!(child.try_wait().unwrap().is_none(), "the engine ended before it was killed");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    // Restart from the committed offsets and run to the end.
-    run(&pipeline, 2);
-
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.address)
-        .set("group.id", "verify")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    let ends: Vec<i64> =
-        (0..4).map(|p| reader.fetch_watermarks("out", p, Duration::from_secs(10)).unwrap().1).collect();
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..4 {
-        assignment.add_partition_offset("out", partition, Offset::Beginning).unwrap();
-    }
-    reader.assign(&assignment).unwrap();
-    let mut seen = vec![false; total];
-    let mut messages = 0usize;
-    let mut next = [0i64; 4];
-    let start = Instant::now();
-    while (0..4).any(|p| next[p] < ends[p]) && start.elapsed() < Duration::from_secs(300) {
-        if let Some(Ok(message)) = reader.poll(Duration::from_millis(200)) {
-            messages += 1;
-            next[message.partition() as usize] = message.offset() + 1;
-            let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
-            seen[value["net_rx_bytes"].as_u64().unwrap() as usize] = true;
-        }
-    }
-    let missing = seen.iter().filter(|s| !**s).count();
-    assert_eq!(missing, 0, "records lost after kill -9 and restart ({messages} messages read)");
-    assert!(messages >= total, "at-least-once: {messages} messages for {total} records");
+    kill_9_part_way_and_restart(&broker, &pipeline, 200_000);
+    let counts = count_numbered(&broker, "out", 4, total, false);
+    let missing = counts.iter().filter(|c| **c == 0).count();
+    let duplicated: u64 = counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum();
+    eprintln!("at-least-once after kill -9: {missing} missing, {duplicated} duplicates of {total}");
+    assert_eq!(missing, 0, "records lost after kill -9 and restart");
 }
 
 #[test]

@@ -180,36 +180,47 @@ impl KafkaSource {
         least.or_else(|| self.partitions.values().filter_map(|state| state.max_time).max()).unwrap_or(0)
     }
 
-    /// With `stop_at_end`: every partition of the topics has been read to its end offset by
-    /// some worker of this process. (A partition may move between workers in a rebalance,
-    /// and a restarted process first waits for a dead member's partitions.)
+    /// With `stop_at_end`: every partition of the topics has been read to its end by some
+    /// worker of this process. A partition is at its end when the broker has reported end
+    /// of partition (the fetch reached its high watermark) at a position at or past the end
+    /// offset it had when the source opened. Both are needed: the end offset alone is not
+    /// trusted (some Kafka-compatible brokers under-report it), and end of partition alone
+    /// may come before the messages that were there at open (a partition assigned at its
+    /// committed offset). (A partition may move between workers in a rebalance, and a
+    /// restarted process first waits for a dead member's partitions.)
     fn all_at_end(&self) -> bool {
         if !self.assigned.load(Ordering::Relaxed) {
             return false; // still joining the group
         }
         let Ok(mut finished) = self.finished.lock() else { return false };
-        for ((topic, partition), state) in &self.partitions {
-            let end = self.end_offsets.get(&(topic.clone(), *partition)).copied().unwrap_or(0);
-            if state.next_offset >= end {
-                finished.insert((topic.clone(), *partition));
-            }
-        }
-        // Partitions whose read position is at the end: empty ones, and those committed to
-        // the end by an earlier run.
-        if let Ok(positions) = self.consumer.position() {
-            for element in positions.elements() {
-                let key = (element.topic().to_owned(), element.partition());
-                let end = self.end_offsets.get(&key).copied().unwrap_or(0);
-                let at_end = match element.offset() {
-                    Offset::Offset(position) => position >= end,
-                    _ => end == 0,
-                };
-                if at_end {
-                    finished.insert(key);
-                }
+        for (key, state) in &self.partitions {
+            if state.at_end {
+                finished.insert(key.clone());
             }
         }
         self.end_offsets.keys().all(|key| finished.contains(key))
+    }
+
+    /// End of partition reported for `partition` (of whichever assigned topic has it): marks
+    /// those whose read position has reached the end offset they had at open.
+    fn end_of_partition(&mut self, partition: i32) {
+        let Ok(positions) = self.consumer.position() else { return };
+        for element in positions.elements().iter().filter(|e| e.partition() == partition) {
+            let key = (element.topic().to_owned(), partition);
+            let end = self.end_offsets.get(&key).copied().unwrap_or(0);
+            let position = match element.offset() {
+                Offset::Offset(position) => position,
+                _ => 0,
+            };
+            let state = self.partitions.entry(key).or_insert_with(|| Partition {
+                max_time: None,
+                last_message: Instant::now(),
+                next_offset: position,
+                at_end: false,
+            });
+            state.next_offset = state.next_offset.max(position);
+            state.at_end = position >= end;
+        }
     }
 }
 
@@ -226,28 +237,7 @@ impl Source for KafkaSource {
             let message = match result {
                 Ok(message) => message,
                 Err(KafkaError::PartitionEOF(partition)) => {
-                    let topics: Vec<String> = self
-                        .consumer
-                        .assignment()
-                        .map(|list| {
-                            list.elements()
-                                .iter()
-                                .filter(|e| e.partition() == partition)
-                                .map(|e| e.topic().to_owned())
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    for topic in topics {
-                        self.partitions
-                            .entry((topic, partition))
-                            .or_insert_with(|| Partition {
-                                max_time: None,
-                                last_message: Instant::now(),
-                                next_offset: 0,
-                                at_end: true,
-                            })
-                            .at_end = true;
-                    }
+                    self.end_of_partition(partition);
                     continue;
                 }
                 Err(err) => {
