@@ -42,6 +42,8 @@ pub struct Metrics {
     pub ready: AtomicBool,
     /// Total records read by all sources, for the status line.
     pub records_total: Counter,
+    /// Kafka sources and sinks.
+    pub kafka: Arc<edgeflow_connectors::kafka::KafkaMetrics>,
     node_counts: [AtomicI64; 4],
 }
 
@@ -68,6 +70,7 @@ impl Metrics {
             sink_errors: Family::default(),
             ready: AtomicBool::new(false),
             records_total: Counter::default(),
+            kafka: Arc::default(),
             node_counts: Default::default(),
             registry: Registry::default(),
         };
@@ -106,6 +109,7 @@ impl Metrics {
         registry.register("nodes", "Edge nodes per health status", metrics.nodes.clone());
         registry.register("sink_errors", "Sink write failures", metrics.sink_errors.clone());
         registry.register("records_read", "Records read by all sources", metrics.records_total.clone());
+        metrics.kafka.register(&mut registry);
         for status in HealthStatus::ALL {
             metrics.nodes.get_or_create(&vec![("status", status.as_str().to_owned())]).set(0);
         }

@@ -537,23 +537,95 @@ fn edge_to_cloud_pipeline_runs_against_a_broker() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
         .arg("run")
         .arg(root().join("pipelines/edge-to-cloud.yaml"))
+        .args(["--log-format", "json"])
         .env("KAFKA_BROKERS", &broker.address)
         .env("EDGEFLOW_METRICS_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let address = metrics_address(&mut child);
     // The heartbeats are ten minutes old: once the source is idle its watermark follows the
     // wall clock, so each node is reported healthy, then unhealthy, then offline.
     let changes = broker.read_all("cloud.node-status-changes", 30, Duration::from_secs(120));
     let letters = broker.read_all("edge.heartbeats.dead-letters", 1, Duration::from_secs(30));
     let rollups = broker.read_all("cloud.region-rollups", 2, Duration::from_secs(30));
+    // Kafka metrics: messages and bytes in and out, lag per partition (statistics every
+    // second), commit latency and the producers' state.
+    let get = || ureq::get(&format!("http://{address}/metrics")).call().unwrap().into_string().unwrap();
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+    };
+    let start = Instant::now();
+    let mut metrics = get();
+    while value(&metrics, "edgeflow_kafka_consumer_lag{topic=\"edge.heartbeats\",partition=\"1\"}").is_none()
+        || value(&metrics, "edgeflow_kafka_commit_latency_seconds_count{group=\"edgeflow-node-health\"}").is_none()
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "no lag or commit metrics:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+        metrics = get();
+    }
     let _ = Command::new("kill").args(["-s", "INT", &child.id().to_string()]).status();
     let status = child.wait().unwrap();
     assert!(status.success(), "SIGINT exits 0: {status:?}");
+    assert_eq!(value(&metrics, "edgeflow_kafka_messages_in_total{topic=\"edge.heartbeats\"}"), Some(11.0), "{metrics}");
+    assert!(value(&metrics, "edgeflow_kafka_bytes_in_total{topic=\"edge.heartbeats\"}").unwrap() > 1000.0);
+    assert_eq!(
+        value(&metrics, "edgeflow_kafka_messages_out_total{topic=\"cloud.node-status-changes\"}"),
+        Some(30.0),
+        "{metrics}"
+    );
+    assert!(value(&metrics, "edgeflow_kafka_bytes_out_total{topic=\"cloud.node-status-changes\"}").unwrap() > 1000.0);
+    assert_eq!(value(&metrics, "edgeflow_kafka_messages_out_total{topic=\"edge.heartbeats.dead-letters\"}"), Some(1.0));
+    for partition in 0..2 {
+        let series = format!("edgeflow_kafka_consumer_lag{{topic=\"edge.heartbeats\",partition=\"{partition}\"}}");
+        assert_eq!(value(&metrics, &series), Some(0.0), "all read: {series}");
+    }
+    for series in [
+        "edgeflow_kafka_producer_errors_total{topic=\"cloud.node-status-changes\"} 0",
+        "edgeflow_kafka_producer_retries_total{topic=\"cloud.node-status-changes\"} 0",
+        "edgeflow_kafka_producer_in_flight{topic=\"cloud.node-status-changes\"} 0",
+    ] {
+        assert!(metrics.contains(series), "missing {series} in\n{metrics}");
+    }
+    promtool_accepts(&metrics);
     assert_eq!(changes.len(), 30, "healthy, unhealthy and offline for 10 nodes");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].1, b"garbage");
     assert!(letters[0].2["edgeflow.position"].starts_with("topic edge.heartbeats partition "));
     assert!(rollups.len() >= 2, "rollups for both regions");
+}
+
+/// Reads the child's JSON log until the metrics address appears, then keeps draining it.
+fn metrics_address(child: &mut Child) -> String {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut address = None;
+    for line in lines.by_ref() {
+        let log: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap_or_default();
+        if let Some(found) = log.get("address").and_then(|a| a.as_str()) {
+            address = Some(found.to_owned());
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    address.expect("the metrics address is logged")
+}
+
+fn promtool_accepts(metrics: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup.sh test installs it)");
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 }

@@ -55,14 +55,17 @@ impl std::fmt::Debug for dyn Sink {
 }
 
 impl DeadLetterSink {
-    /// Opens the dead-letter file or producer.
-    pub fn open(config: &DeadLetterSinkConfig) -> Result<Self, ConnectorError> {
+    /// Opens the dead-letter file or producer (whose metrics go to `kafka_metrics`).
+    pub fn open(
+        config: &DeadLetterSinkConfig,
+        #[cfg(feature = "kafka")] kafka_metrics: &crate::kafka::KafkaMetrics,
+    ) -> Result<Self, ConnectorError> {
         if let Some(problem) = config.problem() {
             return Err(ConnectorError::Config { connector: "dead_letter", reason: problem });
         }
         #[cfg(feature = "kafka")]
         if let Some(kafka) = &config.kafka {
-            return Ok(Self { inner: Box::new(crate::kafka::KafkaSink::open_dead_letters(kafka)?) });
+            return Ok(Self { inner: Box::new(crate::kafka::KafkaSink::open_dead_letters(kafka, kafka_metrics)?) });
         }
         let path = config.path.clone().unwrap_or_default();
         Ok(Self { inner: Box::new(FileSink::create(&path, config.append)?) })

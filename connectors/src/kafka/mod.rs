@@ -9,10 +9,12 @@
 //! as a flush error, which stops the pipeline.
 
 mod config;
+mod metrics;
 mod sink;
 mod source;
 
 pub use config::{AutoOffsetReset, KafkaFormat, KafkaSecurity, KafkaSinkConfig, KafkaSourceConfig, SinkKey};
+pub use metrics::KafkaMetrics;
 pub use sink::KafkaSink;
 pub use source::{FinishedPartitions, KafkaSource};
 

@@ -8,32 +8,71 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use rdkafka::statistics::Statistics;
+
 use super::config::{KafkaSinkConfig, SinkKey};
+use super::metrics::KafkaMetrics;
 use crate::{ConnectorError, Sink};
 
-/// Counts deliveries and keeps the first failure.
-#[derive(Debug, Default)]
+/// Counts deliveries (in the metrics too) and keeps the first failure.
+#[derive(Debug)]
 struct Deliveries {
     delivered: AtomicU64,
     failed: AtomicU64,
     first_failure: Mutex<Option<String>>,
+    /// Retries reported by the last statistics, to count the increase.
+    retries_seen: AtomicU64,
+    messages_out: Counter,
+    bytes_out: Counter,
+    errors: Counter,
+    retries: Counter,
+    in_flight: Gauge,
 }
 
-#[derive(Debug, Clone, Default)]
+impl Deliveries {
+    fn new(topic: &str, metrics: &KafkaMetrics) -> Self {
+        let labels = super::metrics::topic(topic);
+        Self {
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            first_failure: Mutex::new(None),
+            retries_seen: AtomicU64::new(0),
+            messages_out: metrics.messages_out.get_or_create(&labels).clone(),
+            bytes_out: metrics.bytes_out.get_or_create(&labels).clone(),
+            errors: metrics.producer_errors.get_or_create(&labels).clone(),
+            retries: metrics.producer_retries.get_or_create(&labels).clone(),
+            in_flight: metrics.producer_in_flight.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 struct SinkContext(Arc<Deliveries>);
 
-impl ClientContext for SinkContext {}
+impl ClientContext for SinkContext {
+    fn stats(&self, statistics: Statistics) {
+        let retries: u64 = statistics.brokers.values().map(|broker| broker.txretries).sum();
+        let before = self.0.retries_seen.swap(retries, Ordering::Relaxed);
+        self.0.retries.inc_by(retries.saturating_sub(before));
+        self.0.in_flight.set(i64::try_from(statistics.msg_cnt).unwrap_or(i64::MAX));
+    }
+}
 
 impl ProducerContext for SinkContext {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         match result {
-            Ok(_) => {
+            Ok(message) => {
                 self.0.delivered.fetch_add(1, Ordering::Relaxed);
+                self.0.messages_out.inc();
+                self.0.bytes_out.inc_by(rdkafka::Message::payload(message).map_or(0, <[u8]>::len) as u64);
             }
             Err((err, _)) => {
                 self.0.failed.fetch_add(1, Ordering::Relaxed);
+                self.0.errors.inc();
                 let mut first = self.0.first_failure.lock().unwrap_or_else(|p| p.into_inner());
                 first.get_or_insert_with(|| err.to_string());
             }
@@ -60,28 +99,29 @@ impl std::fmt::Debug for KafkaSink {
 
 impl KafkaSink {
     /// Creates the producer.
-    pub fn open(config: &KafkaSinkConfig) -> Result<Self, ConnectorError> {
-        Self::create(config, false)
+    pub fn open(config: &KafkaSinkConfig, metrics: &KafkaMetrics) -> Result<Self, ConnectorError> {
+        Self::create(config, false, metrics)
     }
 
     /// A producer for dead letters: each message is the rejected record's original bytes,
     /// with `edgeflow.reason`, `edgeflow.source` and `edgeflow.position` headers.
-    pub fn open_dead_letters(config: &KafkaSinkConfig) -> Result<Self, ConnectorError> {
-        Self::create(config, true)
+    pub fn open_dead_letters(config: &KafkaSinkConfig, metrics: &KafkaMetrics) -> Result<Self, ConnectorError> {
+        Self::create(config, true, metrics)
     }
 
-    fn create(config: &KafkaSinkConfig, dead_letters: bool) -> Result<Self, ConnectorError> {
+    fn create(config: &KafkaSinkConfig, dead_letters: bool, metrics: &KafkaMetrics) -> Result<Self, ConnectorError> {
         let mut client = super::client_config(&config.brokers, &config.security, &config.options);
         client
             .set("enable.idempotence", "true")
             .set("compression.type", &config.compression)
             .set("linger.ms", config.linger.as_millis().to_string())
             .set("batch.size", config.batch_bytes.to_string())
-            .set("delivery.timeout.ms", config.delivery_timeout.as_millis().to_string());
+            .set("delivery.timeout.ms", config.delivery_timeout.as_millis().to_string())
+            .set("statistics.interval.ms", "1000");
         for (key, value) in &config.options {
             client.set(key, value);
         }
-        let context = SinkContext::default();
+        let context = SinkContext(Arc::new(Deliveries::new(&config.topic, metrics)));
         let deliveries = context.0.clone();
         let producer: ThreadedProducer<SinkContext> =
             client.create_with_context(context).map_err(|err| ConnectorError::Kafka {
@@ -160,6 +200,7 @@ impl Sink for KafkaSink {
             brokers: self.brokers.clone(),
             message: format!("messages to `{}` not delivered: {err}", self.topic),
         })?;
+        self.deliveries.in_flight.set(0);
         let first = self.deliveries.first_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
         match first {
             Some(err) => Err(ConnectorError::Kafka {

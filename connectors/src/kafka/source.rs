@@ -11,7 +11,11 @@ use rdkafka::message::Message;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 
+use prometheus_client::metrics::counter::Counter;
+use rdkafka::statistics::Statistics;
+
 use super::config::{AutoOffsetReset, KafkaSourceConfig};
+use super::metrics::KafkaMetrics;
 use crate::{Checkpoint, ConnectorError, Source, SourceItem, SourceStatus};
 
 /// What the source knows of one assigned partition.
@@ -32,15 +36,17 @@ pub type FinishedPartitions = Arc<std::sync::Mutex<std::collections::HashSet<(St
 
 /// Notes when the group has assigned partitions, and keeps end-of-partition events (normal
 /// with `stop_at_end`) out of the error log.
+/// Also reports consumer lag from librdkafka's statistics and times commits.
 #[derive(Debug, Clone)]
 struct SourceContext {
     assigned: Arc<AtomicBool>,
     assigned_at: Arc<std::sync::Mutex<Instant>>,
+    metrics: Arc<KafkaMetrics>,
 }
 
-impl Default for SourceContext {
-    fn default() -> Self {
-        Self { assigned: Arc::default(), assigned_at: Arc::new(std::sync::Mutex::new(Instant::now())) }
+impl SourceContext {
+    fn new(metrics: Arc<KafkaMetrics>) -> Self {
+        Self { assigned: Arc::default(), assigned_at: Arc::new(std::sync::Mutex::new(Instant::now())), metrics }
     }
 }
 
@@ -50,6 +56,18 @@ impl ClientContext for SourceContext {
             || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
         if !end_of_partition {
             tracing::warn!(%error, reason, "kafka client error");
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, stats) in &stats.partitions {
+                // -1: the internal unassigned partition; lag -1: not known (not fetching).
+                if *partition >= 0 && stats.consumer_lag >= 0 && stats.fetch_state == "active" {
+                    let labels = vec![("topic", topic.clone()), ("partition", partition.to_string())];
+                    self.metrics.consumer_lag.get_or_create(&labels).set(stats.consumer_lag);
+                }
+            }
         }
     }
 }
@@ -74,7 +92,8 @@ impl ConsumerContext for SourceContext {
 pub struct KafkaSource {
     name: String,
     brokers: String,
-    consumer: BaseConsumer<SourceContext>,
+    consumer: Arc<BaseConsumer<SourceContext>>,
+    committer: Committer,
     assigned: Arc<AtomicBool>,
     assigned_at: Arc<std::sync::Mutex<Instant>>,
     /// With `stop_at_end`: each partition's end offset when the source opened.
@@ -83,6 +102,9 @@ pub struct KafkaSource {
     partitions: HashMap<(String, i32), Partition>,
     idle_timeout: Duration,
     stop_at_end: bool,
+    metrics: Arc<KafkaMetrics>,
+    /// Messages and bytes consumed, per topic.
+    counters: HashMap<String, (Counter, Counter)>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -95,7 +117,12 @@ impl KafkaSource {
     /// Joins the consumer group and subscribes to the topics. `finished` is shared by the
     /// workers of this process: with `stop_at_end`, the partitions read to the end offsets
     /// they had when the source opened.
-    pub fn open(name: &str, config: &KafkaSourceConfig, finished: FinishedPartitions) -> Result<Self, ConnectorError> {
+    pub fn open(
+        name: &str,
+        config: &KafkaSourceConfig,
+        finished: FinishedPartitions,
+        metrics: Arc<KafkaMetrics>,
+    ) -> Result<Self, ConnectorError> {
         let mut client = super::client_config(&config.brokers, &config.security, &config.options);
         client
             .set("group.id", &config.group)
@@ -106,6 +133,7 @@ impl KafkaSource {
             // seconds; override through `options`.
             .set("session.timeout.ms", "10000")
             .set("max.poll.interval.ms", "30000")
+            .set("statistics.interval.ms", "1000")
             .set(
                 "auto.offset.reset",
                 match config.auto_offset_reset {
@@ -120,10 +148,10 @@ impl KafkaSource {
             brokers: config.brokers.clone(),
             message: format!("cannot create the consumer for group `{}`: {err}", config.group),
         };
-        let context = SourceContext::default();
+        let context = SourceContext::new(metrics.clone());
         let assigned = context.assigned.clone();
         let assigned_at = context.assigned_at.clone();
-        let consumer: BaseConsumer<SourceContext> = client.create_with_context(context).map_err(fail)?;
+        let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(client.create_with_context(context).map_err(fail)?);
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         let mut end_offsets = HashMap::new();
         if config.stop_at_end {
@@ -144,10 +172,12 @@ impl KafkaSource {
             }
         }
         consumer.subscribe(&topics).map_err(fail)?;
+        let committer = Committer::start(name, &config.group, &config.brokers, consumer.clone(), metrics.clone())?;
         Ok(Self {
             name: name.to_owned(),
             brokers: config.brokers.clone(),
             consumer,
+            committer,
             assigned,
             assigned_at,
             end_offsets,
@@ -155,6 +185,8 @@ impl KafkaSource {
             partitions: HashMap::new(),
             idle_timeout: Duration::from_millis(config.idle_timeout.as_millis()),
             stop_at_end: config.stop_at_end,
+            metrics,
+            counters: HashMap::new(),
         })
     }
 
@@ -249,6 +281,15 @@ impl Source for KafkaSource {
             produced += 1;
             let key = (message.topic().to_owned(), message.partition());
             let payload = message.payload().unwrap_or_default();
+            let (messages, bytes) = self.counters.entry(message.topic().to_owned()).or_insert_with(|| {
+                let labels = super::metrics::topic(message.topic());
+                (
+                    self.metrics.messages_in.get_or_create(&labels).clone(),
+                    self.metrics.bytes_in.get_or_create(&labels).clone(),
+                )
+            });
+            messages.inc();
+            bytes.inc_by(payload.len() as u64);
             let decoded = Heartbeat::from_json(payload);
             let state = self.partitions.entry(key).or_insert_with(|| Partition {
                 max_time: None,
@@ -306,10 +347,82 @@ impl Source for KafkaSource {
         if list.count() == 0 {
             return Ok(());
         }
-        let mode = if wait { CommitMode::Sync } else { CommitMode::Async };
-        self.consumer.commit(&list, mode).map_err(|err| ConnectorError::Kafka {
-            brokers: self.brokers.clone(),
-            message: format!("cannot commit offsets: {err}"),
-        })
+        self.committer.commit(list, wait)
+    }
+}
+
+/// Commits offsets on its own thread, synchronously and in order, so that the worker never
+/// waits for the broker and each commit's latency and outcome are known (rdkafka reports no
+/// result for asynchronous commits). Commits queued while one is in flight are coalesced:
+/// only the latest is sent, which covers the earlier ones.
+struct Committer {
+    requests: std::sync::mpsc::Sender<CommitRequest>,
+    brokers: String,
+}
+
+struct CommitRequest {
+    offsets: TopicPartitionList,
+    /// Where to report the outcome, for a commit the caller waits for.
+    done: Option<std::sync::mpsc::Sender<Result<(), String>>>,
+}
+
+impl Committer {
+    fn start(
+        name: &str,
+        group: &str,
+        brokers: &str,
+        consumer: Arc<BaseConsumer<SourceContext>>,
+        metrics: Arc<KafkaMetrics>,
+    ) -> Result<Self, ConnectorError> {
+        let (requests, incoming) = std::sync::mpsc::channel::<CommitRequest>();
+        let group = group.to_owned();
+        let source = name.to_owned();
+        let failures = metrics.commit_failures.get_or_create(&vec![("group", group.clone())]).clone();
+        std::thread::Builder::new()
+            .name(format!("commit-{name}"))
+            .spawn(move || {
+                while let Ok(mut request) = incoming.recv() {
+                    // Coalesce: a later commit covers the earlier ones (same partitions or
+                    // more); keep any waiter of a skipped one.
+                    let mut waiters: Vec<_> = request.done.take().into_iter().collect();
+                    while let Ok(mut next) = incoming.try_recv() {
+                        waiters.extend(next.done.take());
+                        request = next;
+                    }
+                    let started = Instant::now();
+                    let result = consumer.commit(&request.offsets, CommitMode::Sync);
+                    match &result {
+                        Ok(()) => metrics.observe_commit(&group, started.elapsed()),
+                        Err(err) => {
+                            failures.inc();
+                            tracing::warn!(%source, %group, %err, "kafka offset commit failed; the next commit covers it");
+                        }
+                    }
+                    for waiter in waiters {
+                        let _ = waiter.send(result.clone().map_err(|err| err.to_string()));
+                    }
+                }
+            })
+            .map_err(|err| ConnectorError::Kafka {
+                brokers: brokers.to_owned(),
+                message: format!("cannot start the offset committer: {err}"),
+            })?;
+        Ok(Self { requests, brokers: brokers.to_owned() })
+    }
+
+    /// Queues `offsets`; with `wait`, returns once they (or later ones) are committed.
+    fn commit(&self, offsets: TopicPartitionList, wait: bool) -> Result<(), ConnectorError> {
+        let fail = |message: String| ConnectorError::Kafka { brokers: self.brokers.clone(), message };
+        let (done, outcome) = std::sync::mpsc::channel();
+        let request = CommitRequest { offsets, done: wait.then_some(done) };
+        self.requests.send(request).map_err(|_| fail("the offset committer has stopped".into()))?;
+        if !wait {
+            return Ok(());
+        }
+        match outcome.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(fail(format!("cannot commit offsets: {err}"))),
+            Err(_) => Err(fail("the offset committer has stopped".into())),
+        }
     }
 }

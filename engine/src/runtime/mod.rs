@@ -130,22 +130,24 @@ fn open_source(
     index: usize,
     peers: usize,
     shared: &Shared,
+    metrics: &Metrics,
 ) -> Result<Box<dyn Source>, ConnectorError> {
     Ok(match config {
         SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
         SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
         SourceConfig::Kafka(config) => {
-            Box::new(KafkaSource::open(name, config, shared.get(name).cloned().unwrap_or_default())?)
+            let finished = shared.get(name).cloned().unwrap_or_default();
+            Box::new(KafkaSource::open(name, config, finished, metrics.kafka.clone())?)
         }
     })
 }
 
-fn open_sink(config: &SinkConfig) -> Result<Box<dyn Sink>, ConnectorError> {
+fn open_sink(config: &SinkConfig, metrics: &Metrics) -> Result<Box<dyn Sink>, ConnectorError> {
     Ok(match config {
         SinkConfig::Stdout(config) => Box::new(StdoutSink::new(config)),
         SinkConfig::File(config) => Box::new(FileSink::open(config)?),
-        SinkConfig::DeadLetter(config) => Box::new(DeadLetterSink::open(config)?),
-        SinkConfig::Kafka(config) => Box::new(KafkaSink::open(config)?),
+        SinkConfig::DeadLetter(config) => Box::new(DeadLetterSink::open(config, &metrics.kafka)?),
+        SinkConfig::Kafka(config) => Box::new(KafkaSink::open(config, &metrics.kafka)?),
     })
 }
 
@@ -316,7 +318,7 @@ fn run_worker(
     let mut handles = Vec::new();
     for spec in &pipeline.sinks {
         let sink = if index == 0 {
-            Some(open_sink(&spec.config).with_context(|| format!("cannot open sink `{}`", spec.name))?)
+            Some(open_sink(&spec.config, metrics).with_context(|| format!("cannot open sink `{}`", spec.name))?)
         } else {
             None
         };
@@ -328,7 +330,7 @@ fn run_worker(
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
-        let source = open_source(&spec.config, &spec.name, index, peers, shared)
+        let source = open_source(&spec.config, &spec.name, index, peers, shared, metrics)
             .with_context(|| format!("cannot open source `{}`", spec.name))?;
         let labels = vec![("source", spec.name.clone()), ("worker", index.to_string())];
         drivers.push(SourceDriver {
