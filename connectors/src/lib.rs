@@ -56,9 +56,12 @@ pub enum ConnectorError {
 }
 
 /// Positions a source has read up to: `(topic, partition, next offset)`. The engine hands it
-/// back through [`Source::commit`] once everything read before it has been written.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// back through [`Source::commit`] once everything read before it has been written, or, in
+/// an exactly-once pipeline, to the sinks' [`Transaction`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
+    /// The consumer group the offsets belong to.
+    pub group: String,
     /// Next offset to read per topic and partition.
     pub offsets: Vec<(String, i32, i64)>,
 }
@@ -86,6 +89,14 @@ pub trait Sink: Send {
     fn write(&mut self, record: &[u8]) -> Result<(), ConnectorError>;
     /// Makes everything written so far durable or visible.
     fn flush(&mut self) -> Result<(), ConnectorError>;
+}
+
+/// The transaction that the sinks of an exactly-once pipeline write into.
+pub trait Transaction: Send {
+    /// Commits everything the sinks wrote since the last commit together with the source
+    /// positions `offsets` (the latest per group, topic and partition), and opens the next
+    /// transaction. On error the open transaction is aborted and the pipeline must stop.
+    fn commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError>;
 }
 
 /// Milliseconds since the Unix epoch by the wall clock.

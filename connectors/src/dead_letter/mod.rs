@@ -58,7 +58,7 @@ impl DeadLetterSink {
     /// Opens the dead-letter file or producer (whose metrics go to `kafka_metrics`).
     pub fn open(
         config: &DeadLetterSinkConfig,
-        #[cfg(feature = "kafka")] kafka_metrics: &crate::kafka::KafkaMetrics,
+        #[cfg(feature = "kafka")] kafka_metrics: &std::sync::Arc<crate::kafka::KafkaMetrics>,
     ) -> Result<Self, ConnectorError> {
         if let Some(problem) = config.problem() {
             return Err(ConnectorError::Config { connector: "dead_letter", reason: problem });

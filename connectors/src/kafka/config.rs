@@ -149,6 +149,18 @@ pub struct KafkaSinkConfig {
     /// fails (default 2m).
     #[serde(default = "default_delivery_timeout")]
     pub delivery_timeout: DurationMs,
+    /// Write inside Kafka transactions that also commit the consumed offsets, so that a
+    /// `read_committed` consumer sees every record exactly once, across crashes and restarts
+    /// (default false: at-least-once). For Kafka-to-Kafka pipelines without operators: every
+    /// source is Kafka and every sink is a Kafka sink with `exactly_once: true` or a Kafka
+    /// dead-letter sink, all on the same brokers, sharing one transactional producer.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// The producer's `transactional.id` with `exactly_once` (default
+    /// `edgeflow-PIPELINE`). A restarted pipeline must keep it: it fences the crashed
+    /// producer and aborts its open transaction.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
     /// TLS and SASL.
     #[serde(default)]
     pub security: KafkaSecurity,

@@ -15,8 +15,8 @@ mod source;
 
 pub use config::{AutoOffsetReset, KafkaFormat, KafkaSecurity, KafkaSinkConfig, KafkaSourceConfig, SinkKey};
 pub use metrics::KafkaMetrics;
-pub use sink::KafkaSink;
-pub use source::{FinishedPartitions, KafkaSource};
+pub use sink::{KafkaSink, KafkaTransaction};
+pub use source::{FinishedPartitions, KafkaSource, Membership};
 
 use std::collections::BTreeMap;
 

@@ -12,18 +12,16 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::statistics::Statistics;
 
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
 use super::config::{KafkaSinkConfig, SinkKey};
 use super::metrics::KafkaMetrics;
-use crate::{ConnectorError, Sink};
+use crate::{Checkpoint, ConnectorError, Sink, Transaction};
 
-/// Counts deliveries (in the metrics too) and keeps the first failure.
+/// Per-topic delivery counters.
 #[derive(Debug)]
-struct Deliveries {
-    delivered: AtomicU64,
-    failed: AtomicU64,
-    first_failure: Mutex<Option<String>>,
-    /// Retries reported by the last statistics, to count the increase.
-    retries_seen: AtomicU64,
+struct TopicCounters {
     messages_out: Counter,
     bytes_out: Counter,
     errors: Counter,
@@ -31,20 +29,57 @@ struct Deliveries {
     in_flight: Gauge,
 }
 
+/// Counts one producer's deliveries (in the metrics too) and keeps the first failure.
+#[derive(Debug)]
+struct Deliveries {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    first_failure: Mutex<Option<String>>,
+    /// Retries reported by the last statistics, to count the increase.
+    retries_seen: AtomicU64,
+    metrics: Arc<KafkaMetrics>,
+    /// The topics this producer writes; statistics (retries, in flight) are per producer and
+    /// reported under each of them.
+    topics: Mutex<std::collections::HashMap<String, Arc<TopicCounters>>>,
+}
+
 impl Deliveries {
-    fn new(topic: &str, metrics: &KafkaMetrics) -> Self {
-        let labels = super::metrics::topic(topic);
+    fn new(metrics: Arc<KafkaMetrics>) -> Self {
         Self {
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             first_failure: Mutex::new(None),
             retries_seen: AtomicU64::new(0),
-            messages_out: metrics.messages_out.get_or_create(&labels).clone(),
-            bytes_out: metrics.bytes_out.get_or_create(&labels).clone(),
-            errors: metrics.producer_errors.get_or_create(&labels).clone(),
-            retries: metrics.producer_retries.get_or_create(&labels).clone(),
-            in_flight: metrics.producer_in_flight.get_or_create(&labels).clone(),
+            metrics,
+            topics: Mutex::default(),
         }
+    }
+
+    fn topic(&self, topic: &str) -> Arc<TopicCounters> {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics
+            .entry(topic.to_owned())
+            .or_insert_with(|| {
+                let labels = super::metrics::topic(topic);
+                Arc::new(TopicCounters {
+                    messages_out: self.metrics.messages_out.get_or_create(&labels).clone(),
+                    bytes_out: self.metrics.bytes_out.get_or_create(&labels).clone(),
+                    errors: self.metrics.producer_errors.get_or_create(&labels).clone(),
+                    retries: self.metrics.producer_retries.get_or_create(&labels).clone(),
+                    in_flight: self.metrics.producer_in_flight.get_or_create(&labels).clone(),
+                })
+            })
+            .clone()
+    }
+
+    fn each_topic(&self, mut f: impl FnMut(&TopicCounters)) {
+        let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.values().for_each(|counters| f(counters));
+    }
+
+    /// The first delivery failure since the last call.
+    fn take_failure(&self) -> Option<String> {
+        self.first_failure.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -55,8 +90,11 @@ impl ClientContext for SinkContext {
     fn stats(&self, statistics: Statistics) {
         let retries: u64 = statistics.brokers.values().map(|broker| broker.txretries).sum();
         let before = self.0.retries_seen.swap(retries, Ordering::Relaxed);
-        self.0.retries.inc_by(retries.saturating_sub(before));
-        self.0.in_flight.set(i64::try_from(statistics.msg_cnt).unwrap_or(i64::MAX));
+        let in_flight = i64::try_from(statistics.msg_cnt).unwrap_or(i64::MAX);
+        self.0.each_topic(|counters| {
+            counters.retries.inc_by(retries.saturating_sub(before));
+            counters.in_flight.set(in_flight);
+        });
     }
 }
 
@@ -67,12 +105,13 @@ impl ProducerContext for SinkContext {
         match result {
             Ok(message) => {
                 self.0.delivered.fetch_add(1, Ordering::Relaxed);
-                self.0.messages_out.inc();
-                self.0.bytes_out.inc_by(rdkafka::Message::payload(message).map_or(0, <[u8]>::len) as u64);
+                let counters = self.0.topic(message.topic());
+                counters.messages_out.inc();
+                counters.bytes_out.inc_by(message.payload().map_or(0, <[u8]>::len) as u64);
             }
-            Err((err, _)) => {
+            Err((err, message)) => {
                 self.0.failed.fetch_add(1, Ordering::Relaxed);
-                self.0.errors.inc();
+                self.0.topic(message.topic()).errors.inc();
                 let mut first = self.0.first_failure.lock().unwrap_or_else(|p| p.into_inner());
                 first.get_or_insert_with(|| err.to_string());
             }
@@ -80,15 +119,49 @@ impl ProducerContext for SinkContext {
     }
 }
 
-/// An idempotent producer writing one message per record.
+type SharedProducer = Arc<ThreadedProducer<SinkContext>>;
+
+/// Creates an idempotent producer with the sink's settings (and `extra` ones).
+fn producer(
+    config: &KafkaSinkConfig,
+    metrics: Arc<KafkaMetrics>,
+    extra: &[(&str, &str)],
+) -> Result<(SharedProducer, Arc<Deliveries>), ConnectorError> {
+    let mut client = super::client_config(&config.brokers, &config.security, &config.options);
+    client
+        .set("enable.idempotence", "true")
+        .set("compression.type", &config.compression)
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set("batch.size", config.batch_bytes.to_string())
+        .set("delivery.timeout.ms", config.delivery_timeout.as_millis().to_string())
+        .set("statistics.interval.ms", "1000");
+    for (key, value) in extra {
+        client.set(*key, *value);
+    }
+    for (key, value) in &config.options {
+        client.set(key, value);
+    }
+    let deliveries = Arc::new(Deliveries::new(metrics));
+    let producer: ThreadedProducer<SinkContext> =
+        client.create_with_context(SinkContext(deliveries.clone())).map_err(|err| ConnectorError::Kafka {
+            brokers: config.brokers.clone(),
+            message: format!("cannot create the producer for topic `{}`: {err}", config.topic),
+        })?;
+    Ok((Arc::new(producer), deliveries))
+}
+
+/// A producer writing one message per record: its own idempotent producer, or, in an
+/// exactly-once pipeline, the [`KafkaTransaction`]'s.
 pub struct KafkaSink {
-    producer: ThreadedProducer<SinkContext>,
+    producer: SharedProducer,
     deliveries: Arc<Deliveries>,
     topic: String,
     brokers: String,
     key: SinkKey,
     /// Dead letters: the original payload as value, reason and position in headers.
     dead_letters: bool,
+    /// Part of a transaction: the transaction's commit makes the writes visible.
+    transactional: bool,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -99,35 +172,37 @@ impl std::fmt::Debug for KafkaSink {
 
 impl KafkaSink {
     /// Creates the producer.
-    pub fn open(config: &KafkaSinkConfig, metrics: &KafkaMetrics) -> Result<Self, ConnectorError> {
+    pub fn open(config: &KafkaSinkConfig, metrics: &Arc<KafkaMetrics>) -> Result<Self, ConnectorError> {
         Self::create(config, false, metrics)
     }
 
     /// A producer for dead letters: each message is the rejected record's original bytes,
     /// with `edgeflow.reason`, `edgeflow.source` and `edgeflow.position` headers.
-    pub fn open_dead_letters(config: &KafkaSinkConfig, metrics: &KafkaMetrics) -> Result<Self, ConnectorError> {
+    pub fn open_dead_letters(config: &KafkaSinkConfig, metrics: &Arc<KafkaMetrics>) -> Result<Self, ConnectorError> {
         Self::create(config, true, metrics)
     }
 
-    fn create(config: &KafkaSinkConfig, dead_letters: bool, metrics: &KafkaMetrics) -> Result<Self, ConnectorError> {
-        let mut client = super::client_config(&config.brokers, &config.security, &config.options);
-        client
-            .set("enable.idempotence", "true")
-            .set("compression.type", &config.compression)
-            .set("linger.ms", config.linger.as_millis().to_string())
-            .set("batch.size", config.batch_bytes.to_string())
-            .set("delivery.timeout.ms", config.delivery_timeout.as_millis().to_string())
-            .set("statistics.interval.ms", "1000");
-        for (key, value) in &config.options {
-            client.set(key, value);
+    /// A sink writing to `config.topic` inside `transaction` (records, or dead letters).
+    pub fn in_transaction(config: &KafkaSinkConfig, transaction: &KafkaTransaction, dead_letters: bool) -> Self {
+        transaction.deliveries.topic(&config.topic);
+        Self {
+            producer: transaction.producer.clone(),
+            deliveries: transaction.deliveries.clone(),
+            topic: config.topic.clone(),
+            brokers: config.brokers.clone(),
+            key: config.key.clone(),
+            dead_letters,
+            transactional: true,
         }
-        let context = SinkContext(Arc::new(Deliveries::new(&config.topic, metrics)));
-        let deliveries = context.0.clone();
-        let producer: ThreadedProducer<SinkContext> =
-            client.create_with_context(context).map_err(|err| ConnectorError::Kafka {
-                brokers: config.brokers.clone(),
-                message: format!("cannot create the producer for topic `{}`: {err}", config.topic),
-            })?;
+    }
+
+    fn create(
+        config: &KafkaSinkConfig,
+        dead_letters: bool,
+        metrics: &Arc<KafkaMetrics>,
+    ) -> Result<Self, ConnectorError> {
+        let (producer, deliveries) = producer(config, metrics.clone(), &[])?;
+        deliveries.topic(&config.topic);
         Ok(Self {
             producer,
             deliveries,
@@ -135,6 +210,7 @@ impl KafkaSink {
             brokers: config.brokers.clone(),
             key: config.key.clone(),
             dead_letters,
+            transactional: false,
         })
     }
 
@@ -196,19 +272,145 @@ impl Sink for KafkaSink {
     }
 
     fn flush(&mut self) -> Result<(), ConnectorError> {
-        self.producer.flush(Duration::from_secs(60)).map_err(|err| ConnectorError::Kafka {
-            brokers: self.brokers.clone(),
-            message: format!("messages to `{}` not delivered: {err}", self.topic),
-        })?;
-        self.deliveries.in_flight.set(0);
-        let first = self.deliveries.first_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match first {
+        if !self.transactional {
+            self.producer.flush(Duration::from_secs(60)).map_err(|err| ConnectorError::Kafka {
+                brokers: self.brokers.clone(),
+                message: format!("messages to `{}` not delivered: {err}", self.topic),
+            })?;
+            self.deliveries.each_topic(|counters| {
+                counters.in_flight.set(0);
+            });
+        }
+        // In a transaction the commit flushes; failures seen so far still stop the pipeline.
+        match self.deliveries.take_failure() {
             Some(err) => Err(ConnectorError::Kafka {
                 brokers: self.brokers.clone(),
                 message: format!("delivery to `{}` failed after retries: {err}", self.topic),
             }),
             None => Ok(()),
         }
+    }
+}
+
+/// The transaction of an exactly-once pipeline: one transactional producer shared by all
+/// its Kafka sinks, committing their writes together with the consumed offsets.
+pub struct KafkaTransaction {
+    producer: SharedProducer,
+    deliveries: Arc<Deliveries>,
+    brokers: String,
+    transactional_id: String,
+    metrics: Arc<KafkaMetrics>,
+    /// A consumer per group, created without joining it, for the group metadata that
+    /// `send_offsets_to_transaction` needs (generation -1: no member fencing; the
+    /// transactional id fences a crashed instance).
+    groups: std::collections::HashMap<String, BaseConsumer>,
+}
+
+impl std::fmt::Debug for KafkaTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransaction").field("transactional_id", &self.transactional_id).finish_non_exhaustive()
+    }
+}
+
+/// How long transaction calls may take before the pipeline fails.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl KafkaTransaction {
+    /// Creates the transactional producer with `config`'s settings, fences any earlier
+    /// producer with the same `transactional_id` (aborting its open transaction) and opens
+    /// the first transaction.
+    pub fn open(
+        config: &KafkaSinkConfig,
+        transactional_id: &str,
+        metrics: &Arc<KafkaMetrics>,
+    ) -> Result<Self, ConnectorError> {
+        // librdkafka requires delivery.timeout.ms <= transaction.timeout.ms.
+        let timeout = config.delivery_timeout.as_millis().to_string();
+        let extra = [("transactional.id", transactional_id), ("transaction.timeout.ms", timeout.as_str())];
+        let (producer, deliveries) = producer(config, metrics.clone(), &extra)?;
+        let fail = |what: &str, err: KafkaError| ConnectorError::Kafka {
+            brokers: config.brokers.clone(),
+            message: format!("transactional producer `{transactional_id}`: {what}: {err}"),
+        };
+        producer.init_transactions(TRANSACTION_TIMEOUT).map_err(|err| fail("cannot initialise transactions", err))?;
+        producer.begin_transaction().map_err(|err| fail("cannot begin a transaction", err))?;
+        Ok(Self {
+            producer,
+            deliveries,
+            brokers: config.brokers.clone(),
+            transactional_id: transactional_id.to_owned(),
+            metrics: metrics.clone(),
+            groups: std::collections::HashMap::new(),
+        })
+    }
+
+    fn group_metadata(&mut self, group: &str) -> Result<rdkafka::consumer::ConsumerGroupMetadata, ConnectorError> {
+        if !self.groups.contains_key(group) {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &self.brokers)
+                .set("group.id", group)
+                .create()
+                .map_err(|err| self.error(&format!("cannot create a client for group `{group}`"), &err))?;
+            self.groups.insert(group.to_owned(), consumer);
+        }
+        self.groups
+            .get(group)
+            .and_then(|consumer| consumer.group_metadata())
+            .ok_or_else(|| self.error(&format!("no group metadata for `{group}`"), &"librdkafka returned none"))
+    }
+
+    fn error(&self, what: &str, err: &dyn std::fmt::Display) -> ConnectorError {
+        ConnectorError::Kafka {
+            brokers: self.brokers.clone(),
+            message: format!("transactional producer `{}`: {what}: {err}", self.transactional_id),
+        }
+    }
+
+    fn try_commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError> {
+        let started = std::time::Instant::now();
+        let mut by_group: std::collections::BTreeMap<&str, std::collections::BTreeMap<(&str, i32), i64>> =
+            std::collections::BTreeMap::new();
+        for checkpoint in offsets {
+            let group = by_group.entry(checkpoint.group.as_str()).or_default();
+            for (topic, partition, offset) in &checkpoint.offsets {
+                let next = group.entry((topic.as_str(), *partition)).or_insert(*offset);
+                *next = (*next).max(*offset);
+            }
+        }
+        for (group, positions) in &by_group {
+            let mut list = TopicPartitionList::new();
+            for ((topic, partition), offset) in positions {
+                list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                    .map_err(|err| self.error("invalid offset", &err))?;
+            }
+            let metadata = self.group_metadata(group)?;
+            self.producer
+                .send_offsets_to_transaction(&list, &metadata, TRANSACTION_TIMEOUT)
+                .map_err(|err| self.error(&format!("cannot add the offsets of group `{group}`"), &err))?;
+        }
+        self.producer.commit_transaction(TRANSACTION_TIMEOUT).map_err(|err| self.error("commit failed", &err))?;
+        if let Some(failure) = self.deliveries.take_failure() {
+            return Err(self.error("a message was not delivered", &failure));
+        }
+        for group in by_group.keys() {
+            self.metrics.observe_commit(group, started.elapsed());
+        }
+        self.deliveries.each_topic(|counters| {
+            counters.in_flight.set(0);
+        });
+        self.producer.begin_transaction().map_err(|err| self.error("cannot begin a transaction", &err))
+    }
+}
+
+impl Transaction for KafkaTransaction {
+    fn commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError> {
+        let result = self.try_commit(offsets);
+        if result.is_err() {
+            // Nothing of the open transaction becomes visible; the restarted pipeline
+            // rereads from the offsets of the last committed one.
+            let _ = self.producer.abort_transaction(TRANSACTION_TIMEOUT);
+        }
+        result
     }
 }
 

@@ -31,6 +31,18 @@ struct Partition {
     at_end: bool,
 }
 
+/// How a worker's consumer gets its partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// Joins the consumer group, which spreads the partitions over its members and moves
+    /// them when members come and go (at-least-once pipelines).
+    Group,
+    /// Takes every `peers`-th partition starting at `index` (over the topics' partitions in
+    /// order), without group membership, so partitions never move while records are in
+    /// flight (exactly-once pipelines, whose offsets are committed by the transaction).
+    Static { index: usize, peers: usize },
+}
+
 /// Partitions read to their end, shared by the workers of one process.
 pub type FinishedPartitions = Arc<std::sync::Mutex<std::collections::HashSet<(String, i32)>>>;
 
@@ -103,6 +115,7 @@ pub struct KafkaSource {
     idle_timeout: Duration,
     stop_at_end: bool,
     metrics: Arc<KafkaMetrics>,
+    group: String,
     /// Messages and bytes consumed, per topic.
     counters: HashMap<String, (Counter, Counter)>,
 }
@@ -120,6 +133,7 @@ impl KafkaSource {
     pub fn open(
         name: &str,
         config: &KafkaSourceConfig,
+        membership: Membership,
         finished: FinishedPartitions,
         metrics: Arc<KafkaMetrics>,
     ) -> Result<Self, ConnectorError> {
@@ -134,6 +148,7 @@ impl KafkaSource {
             .set("session.timeout.ms", "10000")
             .set("max.poll.interval.ms", "30000")
             .set("statistics.interval.ms", "1000")
+            .set("isolation.level", "read_committed")
             .set(
                 "auto.offset.reset",
                 match config.auto_offset_reset {
@@ -153,25 +168,46 @@ impl KafkaSource {
         let assigned_at = context.assigned_at.clone();
         let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(client.create_with_context(context).map_err(fail)?);
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        // Every partition of the topics, in a fixed order.
+        let mut all = Vec::new();
+        for topic in &topics {
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(fail)?;
+            let mut ids: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
+            ids.sort_unstable();
+            all.extend(ids.into_iter().map(|id| ((*topic).to_owned(), id)));
+        }
+        if all.is_empty() {
+            return Err(ConnectorError::Kafka {
+                brokers: config.brokers.clone(),
+                message: format!("topics {:?} have no partitions; do they exist?", config.topics),
+            });
+        }
+        let mine: Vec<(String, i32)> = match membership {
+            Membership::Group => all,
+            Membership::Static { index, peers } => {
+                all.into_iter().enumerate().filter(|(k, _)| k % peers.max(1) == index).map(|(_, p)| p).collect()
+            }
+        };
         let mut end_offsets = HashMap::new();
         if config.stop_at_end {
             // The end is where each partition ends now.
-            for topic in &topics {
-                let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(fail)?;
-                for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-                    let (_, high) =
-                        consumer.fetch_watermarks(topic, partition.id(), Duration::from_secs(30)).map_err(fail)?;
-                    end_offsets.insert(((*topic).to_owned(), partition.id()), high);
-                }
-            }
-            if end_offsets.is_empty() {
-                return Err(ConnectorError::Kafka {
-                    brokers: config.brokers.clone(),
-                    message: format!("topics {:?} have no partitions; do they exist?", config.topics),
-                });
+            for (topic, partition) in &mine {
+                let (_, high) = consumer.fetch_watermarks(topic, *partition, Duration::from_secs(30)).map_err(fail)?;
+                end_offsets.insert((topic.clone(), *partition), high);
             }
         }
-        consumer.subscribe(&topics).map_err(fail)?;
+        match membership {
+            Membership::Group => consumer.subscribe(&topics).map_err(fail)?,
+            Membership::Static { .. } => {
+                let mut list = TopicPartitionList::new();
+                for (topic, partition) in &mine {
+                    // The group's committed offset, else `auto_offset_reset`.
+                    list.add_partition_offset(topic, *partition, Offset::Stored).map_err(fail)?;
+                }
+                consumer.assign(&list).map_err(fail)?;
+                assigned.store(true, Ordering::Relaxed);
+            }
+        }
         let committer = Committer::start(name, &config.group, &config.brokers, consumer.clone(), metrics.clone())?;
         Ok(Self {
             name: name.to_owned(),
@@ -186,6 +222,7 @@ impl KafkaSource {
             idle_timeout: Duration::from_millis(config.idle_timeout.as_millis()),
             stop_at_end: config.stop_at_end,
             metrics,
+            group: config.group.clone(),
             counters: HashMap::new(),
         })
     }
@@ -331,7 +368,7 @@ impl Source for KafkaSource {
             .iter()
             .map(|((topic, partition), state)| (topic.clone(), *partition, state.next_offset))
             .collect();
-        (!offsets.is_empty()).then_some(Checkpoint { offsets })
+        (!offsets.is_empty()).then(|| Checkpoint { group: self.group.clone(), offsets })
     }
 
     fn commit(&mut self, checkpoint: &Checkpoint, wait: bool) -> Result<(), ConnectorError> {

@@ -215,6 +215,7 @@ impl Checker {
             });
         }
         let order = self.operator_order(&operators);
+        self.check_exactly_once(&sources, &typed_sources, &operators, &sinks, &typed_sinks);
 
         for component in sources.iter().chain(&operators) {
             if !consumed.contains(&component.name) && ports.contains_key(&component.name) {
@@ -550,6 +551,75 @@ impl Checker {
     }
 
     /// Reports a builder's parameter error at the field it names first (in backticks).
+    /// `exactly_once` on a Kafka sink puts the whole pipeline in transactions: every source
+    /// must be Kafka (its offsets are committed in the transaction), no operator may keep
+    /// state (it is not checkpointed, so a restart would rebuild it differently), and every
+    /// sink must write to Kafka on the same brokers through the one transactional producer.
+    fn check_exactly_once(
+        &mut self,
+        sources: &[Written<'_>],
+        typed_sources: &[Option<SourceSpec>],
+        operators: &[Written<'_>],
+        sinks: &[Written<'_>],
+        typed_sinks: &[Option<SinkSpec>],
+    ) {
+        let Some((asking, brokers)) = sinks.iter().zip(typed_sinks).find_map(|(written, typed)| match typed {
+            Some(SinkSpec { config: SinkConfig::Kafka(config), .. }) if config.exactly_once => {
+                Some((written, config.brokers.clone()))
+            }
+            _ => None,
+        }) else {
+            return;
+        };
+        let why = format!("sink `{}` sets `exactly_once`", asking.name);
+        for (written, typed) in sources.iter().zip(typed_sources) {
+            if let Some(source) = typed {
+                if !matches!(source.config, SourceConfig::Kafka(_)) {
+                    self.problem(
+                        &format!("sources.{}", written.name),
+                        written.name_mark,
+                        format!(
+                            "{why}, but source `{}` is a `{}` source: exactly-once delivery commits the consumed Kafka offsets inside the sinks' transaction, so every source must be Kafka",
+                            written.name,
+                            source.config.type_name()
+                        ),
+                    );
+                }
+            }
+        }
+        for written in operators {
+            self.problem(
+                &format!("operators.{}", written.name),
+                written.name_mark,
+                format!(
+                    "{why}, but operator `{}` ({}) keeps state that is not checkpointed: after a restart it would be rebuilt from the committed offsets and its outputs could differ\nhint: exactly-once covers Kafka-to-Kafka pipelines that carry records through; remove `exactly_once` for at-least-once",
+                    written.name, written.type_name
+                ),
+            );
+        }
+        for (written, typed) in sinks.iter().zip(typed_sinks) {
+            let Some(sink) = typed else { continue };
+            let problem = match (&sink.config, sink.config.kafka()) {
+                (SinkConfig::Kafka(config), _) if !config.exactly_once => {
+                    Some(format!("sink `{}` writes to Kafka without `exactly_once: true`; in an exactly-once pipeline every Kafka sink shares the transaction", written.name))
+                }
+                (_, Some(config)) if config.brokers != brokers => Some(format!(
+                    "sink `{}` writes to brokers `{}`, not `{brokers}`: one transaction cannot span two clusters",
+                    written.name, config.brokers
+                )),
+                (_, Some(_)) => None,
+                (config, None) => Some(format!(
+                    "sink `{}` is a `{}` sink, outside the Kafka transaction: it would see records of aborted transactions again after a restart\nhint: write it to a Kafka topic (a `kafka` sink, or `dead_letter` with `kafka:`)",
+                    written.name,
+                    config.type_name()
+                )),
+            };
+            if let Some(problem) = problem {
+                self.problem(&format!("sinks.{}", written.name), written.name_mark, format!("{why}, but {problem}"));
+            }
+        }
+    }
+
     fn parameter_problem(&mut self, path: &str, body: &Node, err: &dyn std::fmt::Display) {
         let message = err.to_string();
         let field = message.split('`').nth(1).unwrap_or_default().to_owned();

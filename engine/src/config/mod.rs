@@ -203,6 +203,16 @@ pub enum SinkConfig {
 }
 
 impl SinkConfig {
+    /// The Kafka producer settings of a sink that writes to Kafka (a `kafka` sink or a
+    /// `dead_letter` sink with `kafka`).
+    pub fn kafka(&self) -> Option<&KafkaSinkConfig> {
+        match self {
+            SinkConfig::Kafka(config) => Some(config),
+            SinkConfig::DeadLetter(config) => config.kafka.as_ref(),
+            SinkConfig::Stdout(_) | SinkConfig::File(_) => None,
+        }
+    }
+
     /// The type name used in YAML.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -243,6 +253,19 @@ pub struct SinkSpec {
     pub inputs: Vec<PortRef>,
     /// Its settings.
     pub config: SinkConfig,
+}
+
+impl Pipeline {
+    /// The transactional id when the pipeline runs exactly once (a Kafka sink asks for it;
+    /// validation has checked that the whole pipeline can), else `None`.
+    pub fn exactly_once(&self) -> Option<String> {
+        self.sinks.iter().find_map(|sink| match &sink.config {
+            SinkConfig::Kafka(config) if config.exactly_once => {
+                Some(config.transactional_id.clone().unwrap_or_else(|| format!("edgeflow-{}", self.name)))
+            }
+            _ => None,
+        })
+    }
 }
 
 /// A validated pipeline, ready to run.

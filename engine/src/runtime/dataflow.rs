@@ -13,7 +13,7 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, Probe};
 use timely::dataflow::{ProbeHandle, Scope, StreamVec};
 
-use super::sink::{sink_operator, SinkHandle};
+use super::sink::{sink_operator, Failure, SinkGroup, SinkItem};
 use crate::config::{OperatorConfig, Pipeline, PortRef};
 use crate::metrics::Metrics;
 
@@ -40,6 +40,22 @@ pub struct SourceInputs {
     pub heartbeats: InputSession<EventTime, Heartbeat, isize>,
     /// Dead letters, at the watermark when they were found.
     pub dead_letters: InputSession<EventTime, DeadLetter, isize>,
+    /// Source positions, at the time of the last record they cover; they travel to the
+    /// sinks' transaction in an exactly-once pipeline (and nowhere otherwise).
+    pub checkpoints: InputSession<EventTime, edgeflow_connectors::Checkpoint, isize>,
+}
+
+/// The sinks of a pipeline on this worker.
+pub struct Sinks {
+    /// Each sink's name and connector (connectors on worker 0 only), in pipeline order.
+    pub sinks: Vec<(String, Option<Box<dyn edgeflow_connectors::Sink>>)>,
+    /// The transaction of an exactly-once pipeline (worker 0 only).
+    pub transaction: Option<Box<dyn edgeflow_connectors::Transaction>>,
+    /// Whether the pipeline runs exactly once: then one sink operator writes all sinks
+    /// inside the transaction, with the sources' checkpoints.
+    pub exactly_once: bool,
+    /// Where a sink reports a failure.
+    pub failure: Failure,
 }
 
 /// Probes of a built dataflow.
@@ -58,15 +74,24 @@ pub struct Probes {
 pub fn build<'scope>(
     scope: Scope<'scope, EventTime>,
     pipeline: &Pipeline,
-    sinks: Vec<SinkHandle>,
+    sinks: Sinks,
     metrics: &Arc<Metrics>,
 ) -> (Vec<SourceInputs>, Probes) {
     let mut ports: BTreeMap<String, Port<'scope>> = BTreeMap::new();
     let mut inputs = Vec::new();
     let input_probe = ProbeHandle::new();
+    let mut checkpoint_streams = Vec::new();
     for source in &pipeline.sources {
         let mut heartbeats = InputSession::new();
         let mut dead_letters = InputSession::new();
+        let mut checkpoints = InputSession::new();
+        checkpoint_streams.push(
+            checkpoints
+                .to_collection(scope)
+                .inner
+                .probe_with(&input_probe)
+                .map(|(checkpoint, time, _)| (time, SinkItem::Offsets(checkpoint))),
+        );
         let collection = heartbeats.to_collection(scope);
         let collection =
             differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
@@ -74,7 +99,7 @@ pub fn build<'scope>(
         let letters =
             dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
         ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
-        inputs.push(SourceInputs { heartbeats, dead_letters });
+        inputs.push(SourceInputs { heartbeats, dead_letters, checkpoints });
     }
 
     for operator in &pipeline.operators {
@@ -108,8 +133,18 @@ pub fn build<'scope>(
 
     let probe = ProbeHandle::new();
     let processed = ProbeHandle::new();
+    let mut groups: Vec<(SinkGroup, Vec<StreamVec<'scope, EventTime, (EventTime, SinkItem)>>)> = Vec::new();
+    let Sinks { sinks, transaction, exactly_once, failure } = sinks;
+    if exactly_once {
+        groups.push((SinkGroup { sinks: Vec::new(), transaction, failure: failure.clone() }, checkpoint_streams));
+    }
     for (spec, handle) in pipeline.sinks.iter().zip(sinks) {
-        let mut lines = Vec::new();
+        if !exactly_once {
+            groups.push((SinkGroup { sinks: Vec::new(), transaction: None, failure: failure.clone() }, Vec::new()));
+        }
+        let Some((group, streams)) = groups.last_mut() else { continue };
+        let index = group.sinks.len();
+        group.sinks.push(handle);
         let references: Vec<PortRef> = if spec.inputs.is_empty() {
             // A dead_letter sink without inputs takes every source's dead letters.
             pipeline
@@ -122,11 +157,13 @@ pub fn build<'scope>(
         };
         for reference in references {
             if let Some(port) = ports.get(&reference.to_string()) {
-                lines.push(encode(port.clone()));
+                streams.push(encode(port.clone()).map(move |(key, line)| (key, SinkItem::Line(index, line))));
             }
         }
-        let merged = scope.concatenate(lines).probe_with(&processed);
-        sink_operator(merged, &spec.name, handle, metrics.clone()).probe_with(&probe);
+    }
+    for (group, streams) in groups {
+        let merged = scope.concatenate(streams).probe_with(&processed);
+        sink_operator(merged, group, metrics.clone()).probe_with(&probe);
     }
     (inputs, Probes { inputs: input_probe, sinks: probe, processed })
 }

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use edgeflow_connectors::dead_letter::DeadLetterSink;
+use edgeflow_connectors::dead_letter::{DeadLetterSink, DeadLetterSinkConfig};
 use edgeflow_connectors::file::{FileSink, FileSource};
 use edgeflow_connectors::generator::Generator;
-use edgeflow_connectors::kafka::{KafkaSink, KafkaSource};
+use edgeflow_connectors::kafka::{KafkaSink, KafkaSource, KafkaTransaction, Membership};
 use edgeflow_connectors::stdout::StdoutSink;
 use edgeflow_connectors::{wall_clock_ms, ConnectorError, Sink, Source, SourceItem, SourceStatus};
 use edgeflow_operators::{DeadLetter, EventTime};
@@ -28,7 +28,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::AtomicU64;
 
 use self::dataflow::SourceInputs;
-use self::sink::{Failure, SinkHandle};
+use self::sink::Failure;
 use crate::config::{LatePolicy, Pipeline, SinkConfig, SourceConfig};
 use crate::metrics::Metrics;
 use timely::dataflow::ProbeHandle;
@@ -131,18 +131,36 @@ fn open_source(
     peers: usize,
     shared: &Shared,
     metrics: &Metrics,
+    exactly_once: bool,
 ) -> Result<Box<dyn Source>, ConnectorError> {
     Ok(match config {
         SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
         SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
         SourceConfig::Kafka(config) => {
             let finished = shared.get(name).cloned().unwrap_or_default();
-            Box::new(KafkaSource::open(name, config, finished, metrics.kafka.clone())?)
+            let membership = if exactly_once { Membership::Static { index, peers } } else { Membership::Group };
+            Box::new(KafkaSource::open(name, config, membership, finished, metrics.kafka.clone())?)
         }
     })
 }
 
-fn open_sink(config: &SinkConfig, metrics: &Metrics) -> Result<Box<dyn Sink>, ConnectorError> {
+fn open_sink(
+    config: &SinkConfig,
+    metrics: &Metrics,
+    transaction: Option<&KafkaTransaction>,
+) -> Result<Box<dyn Sink>, ConnectorError> {
+    Ok(match (config, transaction) {
+        (SinkConfig::Kafka(config), Some(transaction)) => {
+            Box::new(KafkaSink::in_transaction(config, transaction, false))
+        }
+        (SinkConfig::DeadLetter(DeadLetterSinkConfig { kafka: Some(kafka), .. }), Some(transaction)) => {
+            Box::new(KafkaSink::in_transaction(kafka, transaction, true))
+        }
+        (config, _) => open_plain_sink(config, metrics)?,
+    })
+}
+
+fn open_plain_sink(config: &SinkConfig, metrics: &Metrics) -> Result<Box<dyn Sink>, ConnectorError> {
     Ok(match config {
         SinkConfig::Stdout(config) => Box::new(StdoutSink::new(config)),
         SinkConfig::File(config) => Box::new(FileSink::open(config)?),
@@ -154,6 +172,9 @@ fn open_sink(config: &SinkConfig, metrics: &Metrics) -> Result<Box<dyn Sink>, Co
 /// One source on one worker: its connector, inputs and watermark.
 struct SourceDriver {
     name: String,
+    /// Exactly-once pipeline: records enter at processing time (the wall clock, strictly
+    /// increasing per batch) and checkpoints go to the sinks' transaction.
+    exactly_once: bool,
     source: Option<Box<dyn Source>>,
     inputs: Option<SourceInputs>,
     max_out_of_orderness: u64,
@@ -186,6 +207,9 @@ impl SourceDriver {
             return Ok(SourceStatus::Exhausted);
         };
         let status = source.poll(&mut self.items, BATCH).with_context(|| format!("source `{}` failed", self.name))?;
+        if self.exactly_once {
+            return self.poll_processing_time(status, metrics);
+        }
         let mut records = 0u64;
         for item in self.items.drain(..) {
             records += 1;
@@ -255,14 +279,55 @@ impl SourceDriver {
         Ok(status)
     }
 
+    /// The exactly-once path of [`Self::poll`]: the batch enters at one processing time,
+    /// followed by the source's checkpoint at that time, and the inputs move past it, so a
+    /// time's checkpoint covers exactly the records at or before it. Lateness does not
+    /// apply; there are no windows or timers in an exactly-once pipeline.
+    fn poll_processing_time(&mut self, status: SourceStatus, metrics: &Metrics) -> anyhow::Result<SourceStatus> {
+        let (Some(source), Some(inputs)) = (self.source.as_mut(), self.inputs.as_mut()) else {
+            return Ok(SourceStatus::Exhausted);
+        };
+        let time = wall_clock_ms().max(self.watermark);
+        let records = self.items.len() as u64;
+        for item in self.items.drain(..) {
+            match item {
+                SourceItem::Record { heartbeat, .. } => inputs.heartbeats.update_at(heartbeat, time, 1),
+                SourceItem::Malformed { letter, .. } => {
+                    self.dead.inc();
+                    reason_counter(&mut self.malformed, metrics, &self.name, "malformed").inc();
+                    inputs.dead_letters.update_at(letter, time, 1);
+                }
+            }
+        }
+        let next = if records > 0 {
+            if let Some(checkpoint) = source.checkpoint() {
+                inputs.checkpoints.update_at(checkpoint, time, 1);
+            }
+            self.records.inc_by(records);
+            metrics.records_total.inc_by(records);
+            self.last_data = Instant::now();
+            self.max_time = time;
+            time + 1
+        } else {
+            time
+        };
+        self.advance(next);
+        if status == SourceStatus::Exhausted {
+            self.close();
+        }
+        Ok(status)
+    }
+
     fn advance(&mut self, target: EventTime) {
         if target > self.watermark {
             self.watermark = target;
             if let Some(inputs) = self.inputs.as_mut() {
                 inputs.heartbeats.advance_to(target);
                 inputs.dead_letters.advance_to(target);
+                inputs.checkpoints.advance_to(target);
                 inputs.heartbeats.flush();
                 inputs.dead_letters.flush();
+                inputs.checkpoints.flush();
             }
             self.watermark_gauge.set(target as f64 / 1000.0);
         }
@@ -296,6 +361,7 @@ impl SourceDriver {
         if let Some(inputs) = self.inputs.as_mut() {
             inputs.heartbeats.flush();
             inputs.dead_letters.flush();
+            inputs.checkpoints.flush();
         }
     }
 
@@ -315,26 +381,47 @@ fn run_worker(
     shared: &Shared,
 ) -> anyhow::Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
+    let transactional_id = pipeline.exactly_once();
+    // Exactly once: one transactional producer on worker 0, shared by every sink.
+    let transaction = match (&transactional_id, index) {
+        (Some(id), 0) => {
+            let config = pipeline.sinks.iter().find_map(|s| s.config.kafka()).ok_or_else(|| {
+                anyhow!("exactly_once needs a Kafka sink (the pipeline was validated; this is a bug)")
+            })?;
+            Some(KafkaTransaction::open(config, id, &metrics.kafka).context("cannot start the Kafka transaction")?)
+        }
+        _ => None,
+    };
     let mut handles = Vec::new();
     for spec in &pipeline.sinks {
         let sink = if index == 0 {
-            Some(open_sink(&spec.config, metrics).with_context(|| format!("cannot open sink `{}`", spec.name))?)
+            Some(
+                open_sink(&spec.config, metrics, transaction.as_ref())
+                    .with_context(|| format!("cannot open sink `{}`", spec.name))?,
+            )
         } else {
             None
         };
-        handles.push(SinkHandle { sink, failure: failure.clone() });
+        handles.push((spec.name.clone(), sink));
     }
+    let sinks = dataflow::Sinks {
+        sinks: handles,
+        transaction: transaction.map(|t| Box::new(t) as Box<dyn edgeflow_connectors::Transaction>),
+        exactly_once: transactional_id.is_some(),
+        failure: failure.clone(),
+    };
     let dataflow_index = worker.next_dataflow_index();
     let (inputs, probes) =
-        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, handles, metrics));
+        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, metrics));
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
-        let source = open_source(&spec.config, &spec.name, index, peers, shared, metrics)
+        let source = open_source(&spec.config, &spec.name, index, peers, shared, metrics, transactional_id.is_some())
             .with_context(|| format!("cannot open source `{}`", spec.name))?;
         let labels = vec![("source", spec.name.clone()), ("worker", index.to_string())];
         drivers.push(SourceDriver {
             name: spec.name.clone(),
+            exactly_once: transactional_id.is_some(),
             source: Some(source),
             inputs: Some(inputs),
             max_out_of_orderness: spec.config.max_out_of_orderness(),

@@ -1,4 +1,4 @@
-//! The sink operator: gathers a sink's records on worker 0, writes each event time's records
+//! The sink operator: gathers sinks' records on worker 0, writes each event time's records
 //! in sorted order once the time is final, and flushes at most every [`FLUSH_INTERVAL`].
 //! Sorting makes a sink's output identical on any number of workers and processes.
 //!
@@ -6,13 +6,19 @@
 //! (empty) output frontier, which the engine's sink probe watches, passes a time only once
 //! everything before it is flushed: durable in a file, acknowledged by Kafka. Source offsets
 //! are committed on that probe, which makes delivery at-least-once.
+//!
+//! In an exactly-once pipeline one operator writes all sinks into one [`Transaction`], and
+//! the sources' checkpoints travel through the dataflow to it as [`SinkItem::Offsets`] at the
+//! time of the last record they cover: a flush commits the transaction with the offsets of
+//! exactly the records written into it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgeflow_connectors::Sink;
+use edgeflow_connectors::{Checkpoint, Sink, Transaction};
 use edgeflow_operators::EventTime;
+use prometheus_client::metrics::counter::Counter;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::OutputBuilderSession;
@@ -27,89 +33,113 @@ pub type Failure = Arc<Mutex<Option<String>>>;
 /// How often a sink flushes while records keep arriving.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// The writer of one sink: present on worker 0 only.
-pub struct SinkHandle {
-    /// The connector; `None` on workers other than 0.
-    pub sink: Option<Box<dyn Sink>>,
+/// What reaches the sink operator.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum SinkItem {
+    /// An encoded record for the operator's sink number `.0`.
+    Line(usize, String),
+    /// A source's positions, covering every record up to its time (exactly-once only).
+    Offsets(Checkpoint),
+}
+
+/// The writers of one sink operator: present on worker 0 only.
+pub struct SinkGroup {
+    /// Each sink's name and connector (`None` on workers other than 0).
+    pub sinks: Vec<(String, Option<Box<dyn Sink>>)>,
+    /// The transaction the sinks write into (exactly-once pipelines, worker 0).
+    pub transaction: Option<Box<dyn Transaction>>,
     /// Where to report a write failure.
     pub failure: Failure,
 }
 
 /// Records of one time waiting for the frontier, with the capability to hold for them.
-type Bucket = (Capability<EventTime>, Vec<(EventTime, String)>);
+type Bucket = (Capability<EventTime>, Vec<(EventTime, SinkItem)>);
 
 type Empty<'a> = OutputBuilderSession<'a, EventTime, CapacityContainerBuilder<Vec<()>>>;
 
-/// Writes `(key, line)` records to `handle`; the returned stream carries no data and exists
-/// so that a probe can tell when the sink has flushed everything before a time.
+/// Writes `(key, item)` records to `group`; the returned stream carries no data and exists
+/// so that a probe can tell when the sinks have flushed everything before a time.
 pub fn sink_operator<'scope>(
-    lines: StreamVec<'scope, EventTime, (EventTime, String)>,
-    name: &str,
-    mut handle: SinkHandle,
+    items: StreamVec<'scope, EventTime, (EventTime, SinkItem)>,
+    mut group: SinkGroup,
     metrics: Arc<Metrics>,
 ) -> StreamVec<'scope, EventTime, ()> {
-    let written = metrics.sink_records.get_or_create(&vec![("sink", name.to_owned())]).clone();
-    let errors = metrics.sink_errors.get_or_create(&vec![("sink", name.to_owned())]).clone();
-    let sink_name = name.to_owned();
-    let scope = lines.scope();
-    lines.unary_frontier(Exchange::new(|_: &(EventTime, String)| 0), &format!("Sink({name})"), move |_cap, info| {
+    let names: Vec<String> = group.sinks.iter().map(|(name, _)| name.clone()).collect();
+    let counter = |family: &prometheus_client::metrics::family::Family<_, Counter>| -> Vec<Counter> {
+        names.iter().map(|name| family.get_or_create(&vec![("sink", name.clone())]).clone()).collect()
+    };
+    let written = counter(&metrics.sink_records);
+    let errors = counter(&metrics.sink_errors);
+    let label = names.join(",");
+    let scope = items.scope();
+    items.unary_frontier(Exchange::new(|_: &(EventTime, SinkItem)| 0), &format!("Sink({label})"), move |_cap, info| {
         let activator = scope.activator_for(info.address.clone());
         let mut pending: BTreeMap<EventTime, Bucket> = BTreeMap::new();
         // Held until the next flush: the earliest time written since the last one.
         let mut unflushed: Option<Capability<EventTime>> = None;
+        // Source positions covered by what was written since the last flush.
+        let mut offsets: Vec<Checkpoint> = Vec::new();
         let mut last_flush = Instant::now();
         let mut failed = false;
-        let fail = move |err: String, errors: &prometheus_client::metrics::counter::Counter, failure: &Failure| {
+        let fail = move |sink: &str, err: String, errors: &Counter, failure: &Failure| {
             errors.inc();
-            tracing::error!(sink = %sink_name, %err, "sink failed; stopping the pipeline");
+            tracing::error!(%sink, %err, "sink failed; stopping the pipeline");
             let mut failure = failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            failure.get_or_insert_with(|| format!("sink `{sink_name}`: {err}"));
+            failure.get_or_insert_with(|| format!("sink `{sink}`: {err}"));
         };
         move |(input, frontier), output: &mut Empty<'_>| {
             input.for_each(|cap, data| {
                 // A record is written once the frontier passes its key (its event time), or
                 // its message time if later; within a time, records are sorted.
                 let time = cap.least().copied().unwrap_or_default();
-                for (key, line) in data.drain(..) {
+                for (key, item) in data.drain(..) {
                     let at = key.max(time);
                     pending
                         .entry(at)
                         .or_insert_with(|| (cap.delayed(&at, output.output_index()), Vec::new()))
                         .1
-                        .push((key, line));
+                        .push((key, item));
                 }
             });
             while let Some(entry) = pending.first_entry() {
                 if frontier.less_equal(entry.key()) {
                     break;
                 }
-                let (cap, mut lines) = entry.remove();
+                let (cap, mut items) = entry.remove();
                 if unflushed.is_none() {
                     unflushed = Some(cap);
                 }
-                lines.sort();
-                let Some(sink) = handle.sink.as_mut() else { continue };
+                items.sort();
                 if failed {
                     continue;
                 }
-                for (_, line) in &lines {
+                for (_, item) in items {
+                    let (index, line) = match item {
+                        SinkItem::Line(index, line) => (index, line),
+                        SinkItem::Offsets(checkpoint) => {
+                            offsets.push(checkpoint);
+                            continue;
+                        }
+                    };
+                    let Some((name, Some(sink))) = group.sinks.get_mut(index) else { continue };
                     if let Err(err) = sink.write(line.as_bytes()) {
                         failed = true;
-                        fail(err.to_string(), &errors, &handle.failure);
+                        fail(name, err.to_string(), &errors[index], &group.failure);
                         break;
                     }
+                    written[index].inc();
                 }
-                written.inc_by(lines.len() as u64);
             }
             if unflushed.is_some() {
                 let due = last_flush.elapsed() >= FLUSH_INTERVAL || frontier.is_empty();
                 if due {
-                    if let (Some(sink), false) = (handle.sink.as_mut(), failed) {
-                        if let Err(err) = sink.flush() {
+                    if !failed {
+                        if let Err((index, err)) = flush(&mut group, &offsets) {
                             failed = true;
-                            fail(err.to_string(), &errors, &handle.failure);
+                            fail(&names[index], err, &errors[index], &group.failure);
                         }
                     }
+                    offsets.clear();
                     last_flush = Instant::now();
                     unflushed = None;
                 } else {
@@ -118,4 +148,18 @@ pub fn sink_operator<'scope>(
             }
         }
     })
+}
+
+/// Flushes every sink, then commits the transaction (if any) with `offsets`; on failure, the
+/// index of the sink to blame (the first, for the transaction) and the error.
+fn flush(group: &mut SinkGroup, offsets: &[Checkpoint]) -> Result<(), (usize, String)> {
+    for (index, (_, sink)) in group.sinks.iter_mut().enumerate() {
+        if let Some(sink) = sink {
+            sink.flush().map_err(|err| (index, err.to_string()))?;
+        }
+    }
+    if let Some(transaction) = group.transaction.as_mut() {
+        transaction.commit(offsets).map_err(|err| (0, err.to_string()))?;
+    }
+    Ok(())
 }
