@@ -609,7 +609,7 @@ impl Checker {
                 )),
                 (_, Some(_)) => None,
                 (config, None) => Some(format!(
-                    "sink `{}` is a `{}` sink, outside the Kafka transaction: it would see records of aborted transactions again after a restart\nhint: write it to a Kafka topic (a `kafka` sink, or `dead_letter` with `kafka:`)",
+                    "sink `{}` is a `{}` sink, outside the Kafka transaction: after a crash it would keep the records of the aborted transaction and write them again after the restart\nhint: write it to a Kafka topic (a `kafka` sink, or `dead_letter` with `kafka:`)",
                     written.name,
                     config.type_name()
                 )),
