@@ -552,6 +552,155 @@ fn kill_9_and_restart_exactly_once() {
     assert_eq!(broker.committed("copy-eos", "in", 4), total as i64 + 1);
 }
 
+/// Reads `topic` from the beginning until every index `0..total` has been seen (or the
+/// limit); returns how often each was seen.
+fn wait_for_all_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, limit: Duration) -> Vec<u32> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", format!("follow-{topic}"))
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+    }
+    reader.assign(&assignment).unwrap();
+    let mut counts = vec![0u32; total];
+    let mut seen = 0;
+    let start = Instant::now();
+    while seen < total && start.elapsed() < limit {
+        if let Some(Ok(message)) = reader.poll(Duration::from_millis(200)) {
+            let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            let count = &mut counts[value["net_rx_bytes"].as_u64().unwrap() as usize];
+            seen += usize::from(*count == 0);
+            *count += 1;
+        }
+    }
+    counts
+}
+
+/// Sum of the high watermarks of `topic` (approximate with Tansu, enough to see progress).
+fn written(broker: &Broker, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &broker.address).create().unwrap();
+    (0..partitions)
+        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(_, high)| high).unwrap_or(0))
+        .sum()
+}
+
+/// Starts `edgeflow run` on a pipeline, stderr to `log`.
+fn start_engine(pipeline: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+        .arg("run")
+        .arg(pipeline)
+        .args(["--no-metrics", "--workers", "2", "--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// A second engine process joins the consumer group part-way: the partitions rebalance over
+/// both, both write, and no record is lost.
+#[test]
+fn second_process_joins_and_partitions_rebalance() {
+    let broker = Broker::start();
+    broker.create_topic("in", 4);
+    broker.create_topic("out", 4);
+    let total = 400_000usize;
+    produce_numbered(&broker, "in", total);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = |name: &str| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "late_policy: update\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: shared\nsinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n  local:\n    type: file\n    input: in\n    path: {d}/{name}.jsonl\n",
+                b = broker.address,
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let mut first = Running(start_engine(&pipeline("first"), &dir.path().join("first.log")));
+    let start = Instant::now();
+    while written(&broker, "out", 4) < 40_000 {
+        assert!(start.elapsed() < Duration::from_secs(120), "the first process makes no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut second = Running(start_engine(&pipeline("second"), &dir.path().join("second.log")));
+    let counts = wait_for_all_numbered(&broker, "out", 4, total, Duration::from_secs(300));
+    for child in [&mut first, &mut second] {
+        let _ = Command::new("kill").args(["-s", "TERM", &child.0.id().to_string()]).status();
+        assert!(child.0.wait().unwrap().success(), "SIGTERM exits 0");
+    }
+    let missing = counts.iter().filter(|c| **c == 0).count();
+    let duplicated: u64 = counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let lines = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.jsonl"))).unwrap().lines().count();
+    let (by_first, by_second) = (lines("first"), lines("second"));
+    let first_log = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
+    eprintln!(
+        "rebalance: {missing} missing, {duplicated} duplicates of {total}; first wrote {by_first}, second {by_second}"
+    );
+    assert_eq!(missing, 0, "records lost in the rebalance");
+    assert!(first_log.contains("kafka partitions revoked"), "the first process gave partitions up");
+    assert!(by_second > 0 && by_first > 0, "both processes processed records: {by_first} and {by_second}");
+    assert!(by_first + by_second >= total, "every record went through one of them");
+    // At-least-once: only records read but not yet committed when partitions moved are
+    // read again, far fewer than the run.
+    assert!(duplicated < total as u64 / 4, "{duplicated} duplicates");
+}
+
+/// The broker stops answering for 30 s in the middle of a run (SIGSTOP, then SIGCONT): the
+/// pipeline waits, resumes, and loses nothing.
+#[test]
+fn broker_outage_of_30_seconds_loses_nothing() {
+    let broker = Broker::start();
+    broker.create_topic("in", 4);
+    broker.create_topic("out", 4);
+    let total = 300_000usize;
+    produce_numbered(&broker, "in", total);
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("copy.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "late_policy: update\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: outage\n    stop_at_end: true\nsinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n",
+            b = broker.address
+        ),
+    )
+    .unwrap();
+    let mut engine = Running(start_engine(&pipeline, &dir.path().join("engine.log")));
+    let start = Instant::now();
+    while written(&broker, "out", 4) < 30_000 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress before the outage");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = broker.child.id().to_string();
+    assert!(Command::new("kill").args(["-s", "STOP", &pid]).status().unwrap().success());
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(Command::new("kill").args(["-s", "CONT", &pid]).status().unwrap().success());
+    assert!(engine.0.try_wait().unwrap().is_none(), "the engine waited out the outage");
+    let status = engine.0.wait().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("engine.log")).unwrap();
+    assert!(status.success(), "the run ends normally after the outage:\n{log}");
+    let counts = count_numbered(&broker, "out", 4, total, false);
+    let missing = counts.iter().filter(|c| **c == 0).count();
+    let duplicated: u64 = counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum();
+    eprintln!("outage: {missing} missing, {duplicated} duplicates of {total}");
+    assert_eq!(missing, 0, "records lost across the outage");
+}
+
+/// Kills a child process on drop, so that a failing test leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn edge_to_cloud_pipeline_runs_against_a_broker() {
     let broker = Broker::start();

@@ -31,6 +31,17 @@ struct Partition {
     at_end: bool,
 }
 
+/// Where a partition stands for the source's event clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Read up to this event time.
+    At(EventTime),
+    /// Assigned, not read yet, and may have messages.
+    Unknown,
+    /// Idle, at its end, or empty: does not hold the clock back.
+    Idle,
+}
+
 /// How a worker's consumer gets its partitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {
@@ -53,12 +64,22 @@ pub type FinishedPartitions = Arc<std::sync::Mutex<std::collections::HashSet<(St
 struct SourceContext {
     assigned: Arc<AtomicBool>,
     assigned_at: Arc<std::sync::Mutex<Instant>>,
+    /// Bumped on every assignment or revocation.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Consumer lag per partition from the latest statistics (-1: unknown).
+    lags: Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>,
     metrics: Arc<KafkaMetrics>,
 }
 
 impl SourceContext {
     fn new(metrics: Arc<KafkaMetrics>) -> Self {
-        Self { assigned: Arc::default(), assigned_at: Arc::new(std::sync::Mutex::new(Instant::now())), metrics }
+        Self {
+            assigned: Arc::default(),
+            assigned_at: Arc::new(std::sync::Mutex::new(Instant::now())),
+            generation: Arc::default(),
+            lags: Arc::default(),
+            metrics,
+        }
     }
 }
 
@@ -72,9 +93,13 @@ impl ClientContext for SourceContext {
     }
 
     fn stats(&self, statistics: Statistics) {
+        let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
         for (topic, stats) in &statistics.topics {
             for (partition, stats) in &stats.partitions {
                 // -1: the internal unassigned partition; lag -1: not known (not fetching).
+                if *partition >= 0 {
+                    lags.insert((topic.clone(), *partition), stats.consumer_lag);
+                }
                 if *partition >= 0 && stats.consumer_lag >= 0 && stats.fetch_state == "active" {
                     let labels = vec![("topic", topic.clone()), ("partition", partition.to_string())];
                     self.metrics.consumer_lag.get_or_create(&labels).set(stats.consumer_lag);
@@ -91,9 +116,11 @@ impl ConsumerContext for SourceContext {
                 tracing::info!(partitions = partitions.count(), "kafka partitions assigned");
                 *self.assigned_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 self.assigned.store(true, Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
             Rebalance::Revoke(partitions) => {
-                tracing::info!(partitions = partitions.count(), "kafka partitions revoked")
+                tracing::info!(partitions = partitions.count(), "kafka partitions revoked");
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
             Rebalance::Error(err) => tracing::warn!(%err, "kafka rebalance failed"),
         }
@@ -108,6 +135,15 @@ pub struct KafkaSource {
     committer: Committer,
     assigned: Arc<AtomicBool>,
     assigned_at: Arc<std::sync::Mutex<Instant>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    lags: Arc<std::sync::Mutex<HashMap<(String, i32), i64>>>,
+    /// The assigned partitions, as of `seen_generation`.
+    assignment: Vec<(String, i32)>,
+    seen_generation: u64,
+    /// Partitions paused because they are ahead of the others in event time.
+    paused: std::collections::HashSet<(String, i32)>,
+    /// How far a partition may run ahead of the slowest one before it is paused.
+    max_skew: EventTime,
     /// With `stop_at_end`: each partition's end offset when the source opened.
     end_offsets: HashMap<(String, i32), i64>,
     finished: FinishedPartitions,
@@ -143,10 +179,11 @@ impl KafkaSource {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", if config.stop_at_end { "true" } else { "false" })
-            // Shorter than librdkafka's defaults so that group joins and rebalances settle in
-            // seconds; override through `options`.
+            // Shorter than librdkafka's default (45 s) so that a dead member's partitions move
+            // within seconds; override through `options`. `max.poll.interval.ms` keeps its
+            // default (5 min): a worker may wait that long for the others (flow control, an
+            // idle partition holding the watermark back) without leaving the group.
             .set("session.timeout.ms", "10000")
-            .set("max.poll.interval.ms", "30000")
             .set("statistics.interval.ms", "1000")
             .set("isolation.level", "read_committed")
             .set(
@@ -166,6 +203,8 @@ impl KafkaSource {
         let context = SourceContext::new(metrics.clone());
         let assigned = context.assigned.clone();
         let assigned_at = context.assigned_at.clone();
+        let generation = context.generation.clone();
+        let lags = context.lags.clone();
         let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(client.create_with_context(context).map_err(fail)?);
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         // Every partition of the topics, in a fixed order.
@@ -216,6 +255,12 @@ impl KafkaSource {
             committer,
             assigned,
             assigned_at,
+            generation,
+            lags,
+            assignment: Vec::new(),
+            seen_generation: u64::MAX,
+            paused: std::collections::HashSet::new(),
+            max_skew: config.max_out_of_orderness.as_millis().max(1000),
             end_offsets,
             finished,
             partitions: HashMap::new(),
@@ -227,26 +272,89 @@ impl KafkaSource {
         })
     }
 
+    /// Refreshes the cached assignment after a rebalance (pauses do not survive one).
+    fn refresh_assignment(&mut self) {
+        let generation = self.generation.load(Ordering::Relaxed);
+        if generation == self.seen_generation {
+            return;
+        }
+        self.seen_generation = generation;
+        self.paused.clear();
+        self.assignment = self
+            .consumer
+            .assignment()
+            .map(|list| list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect())
+            .unwrap_or_default();
+    }
+
+    /// Where an assigned partition stands for the event clock.
+    fn progress(&self, key: &(String, i32), since_assignment: Duration) -> Progress {
+        match self.partitions.get(key) {
+            Some(state) if state.at_end => Progress::Idle,
+            // A paused partition is quiet because it is ahead, not idle.
+            Some(state) if state.last_message.elapsed() >= self.idle_timeout && !self.paused.contains(key) => {
+                Progress::Idle
+            }
+            Some(Partition { max_time: Some(time), .. }) => Progress::At(*time),
+            _ if since_assignment >= self.idle_timeout => Progress::Idle,
+            // Not read yet: unknown, unless statistics say there is nothing to read.
+            _ => match self.lags.lock().ok().and_then(|lags| lags.get(key).copied()) {
+                Some(0) => Progress::Idle,
+                _ => Progress::Unknown,
+            },
+        }
+    }
+
     /// The source's event clock: the least, over assigned partitions that are neither idle
     /// nor finished, of the latest event time seen in the partition. A partition assigned but
     /// not read yet holds the clock back (0) until it has been idle for `idle_timeout`; when
     /// every partition is idle the clock follows the latest event time seen.
     fn clock(&self) -> EventTime {
-        let Ok(assignment) = self.consumer.assignment() else { return 0 };
         let since_assignment = self.assigned_at.lock().map(|at| at.elapsed()).unwrap_or_default();
         let mut least: Option<EventTime> = None;
-        for element in assignment.elements() {
-            match self.partitions.get(&(element.topic().to_owned(), element.partition())) {
-                Some(state) if state.at_end || state.last_message.elapsed() >= self.idle_timeout => {}
-                Some(state) => match state.max_time {
-                    Some(time) => least = Some(least.map_or(time, |l| l.min(time))),
-                    None => return 0,
-                },
-                None if since_assignment < self.idle_timeout => return 0,
-                None => {}
+        for key in &self.assignment {
+            match self.progress(key, since_assignment) {
+                Progress::At(time) => least = Some(least.map_or(time, |l| l.min(time))),
+                Progress::Unknown => return 0,
+                Progress::Idle => {}
             }
         }
         least.or_else(|| self.partitions.values().filter_map(|state| state.max_time).max()).unwrap_or(0)
+    }
+
+    /// Watermark alignment: pauses the partitions more than `max_skew` ahead (in event time)
+    /// of the slowest active one, or all read ones while some partition has not been read
+    /// yet, and resumes them when the others catch up. librdkafka hands out messages one
+    /// partition's fetch at a time; without this, one partition could run far ahead, its
+    /// records waiting in the dataflow for the watermark and its offsets uncommitted.
+    fn align(&mut self) {
+        let since_assignment = self.assigned_at.lock().map(|at| at.elapsed()).unwrap_or_default();
+        let progress: Vec<((String, i32), Progress)> =
+            self.assignment.iter().map(|key| (key.clone(), self.progress(key, since_assignment))).collect();
+        let unknown = progress.iter().any(|(_, p)| *p == Progress::Unknown);
+        let floor = progress.iter().filter_map(|(_, p)| if let Progress::At(t) = p { Some(*t) } else { None }).min();
+        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for (key, progress) in progress {
+            let ahead = match (progress, floor) {
+                (Progress::At(time), Some(floor)) => unknown || time > floor.saturating_add(self.max_skew),
+                _ => false,
+            };
+            if ahead && self.paused.insert(key.clone()) {
+                pause.add_partition(&key.0, key.1);
+            } else if !ahead && self.paused.remove(&key) {
+                resume.add_partition(&key.0, key.1);
+            }
+        }
+        if pause.count() > 0 {
+            if let Err(err) = self.consumer.pause(&pause) {
+                tracing::debug!(source = %self.name, %err, "cannot pause partitions ahead");
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(err) = self.consumer.resume(&resume) {
+                tracing::debug!(source = %self.name, %err, "cannot resume partitions");
+            }
+        }
     }
 
     /// With `stop_at_end`: every partition of the topics has been read to its end by some
@@ -295,6 +403,8 @@ impl KafkaSource {
 
 impl Source for KafkaSource {
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
+        self.refresh_assignment();
+        self.align();
         let mut produced = 0;
         while produced < max {
             let Some(result) = self.consumer.poll(Duration::ZERO) else {
@@ -400,7 +510,7 @@ struct Committer {
 struct CommitRequest {
     offsets: TopicPartitionList,
     /// Where to report the outcome, for a commit the caller waits for.
-    done: Option<std::sync::mpsc::Sender<Result<(), String>>>,
+    done: Option<std::sync::mpsc::Sender<Result<(), KafkaError>>>,
 }
 
 impl Committer {
@@ -428,6 +538,7 @@ impl Committer {
                     }
                     let started = Instant::now();
                     let result = consumer.commit(&request.offsets, CommitMode::Sync);
+                    tracing::debug!(%source, %group, offsets = ?request.offsets.elements().iter().map(|e| (e.partition(), e.offset().to_raw())).collect::<Vec<_>>(), ok = result.is_ok(), "offsets committed");
                     match &result {
                         Ok(()) => metrics.observe_commit(&group, started.elapsed()),
                         Err(err) => {
@@ -436,7 +547,7 @@ impl Committer {
                         }
                     }
                     for waiter in waiters {
-                        let _ = waiter.send(result.clone().map_err(|err| err.to_string()));
+                        let _ = waiter.send(result.clone());
                     }
                 }
             })
@@ -458,8 +569,24 @@ impl Committer {
         }
         match outcome.recv() {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) if lost_membership(&err) => {
+                // The group moved on (this member's session expired, say while the broker
+                // was unreachable): the partitions' new owners reread from the last committed
+                // offsets, which duplicates records but loses none.
+                tracing::warn!(brokers = %self.brokers, %err, "final offsets not committed: the group has rebalanced; the partitions' new owners reread them (at-least-once)");
+                Ok(())
+            }
             Ok(Err(err)) => Err(fail(format!("cannot commit offsets: {err}"))),
             Err(_) => Err(fail("the offset committer has stopped".into())),
         }
     }
+}
+
+/// A commit refused because this member no longer belongs to the group's generation.
+fn lost_membership(err: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        err.rdkafka_error_code(),
+        Some(Code::UnknownMemberId | Code::IllegalGeneration | Code::RebalanceInProgress | Code::FencedInstanceId)
+    )
 }
