@@ -280,11 +280,15 @@ impl KafkaSource {
         }
         self.seen_generation = generation;
         self.paused.clear();
-        self.assignment = self
-            .consumer
-            .assignment()
-            .map(|list| list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect())
-            .unwrap_or_default();
+        let list = self.consumer.assignment().unwrap_or_default();
+        // librdkafka may keep a partition paused across a revocation and reassignment:
+        // start every assigned partition unpaused, as `paused` now says.
+        if list.count() > 0 {
+            if let Err(err) = self.consumer.resume(&list) {
+                tracing::debug!(source = %self.name, %err, "cannot resume the assigned partitions");
+            }
+        }
+        self.assignment = list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
     }
 
     /// Where an assigned partition stands for the event clock.
