@@ -273,10 +273,22 @@ impl Sink for KafkaSink {
 
     fn flush(&mut self) -> Result<(), ConnectorError> {
         if !self.transactional {
-            self.producer.flush(Duration::from_secs(60)).map_err(|err| ConnectorError::Kafka {
-                brokers: self.brokers.clone(),
-                message: format!("messages to `{}` not delivered: {err}", self.topic),
-            })?;
+            // Wait for the acknowledgements (the producer's own thread serves them); rdkafka's
+            // `flush` would poll for events that thread already took, in 100 ms steps.
+            let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+            while self.producer.in_flight_count() > 0 {
+                if std::time::Instant::now() > deadline {
+                    return Err(ConnectorError::Kafka {
+                        brokers: self.brokers.clone(),
+                        message: format!(
+                            "{} messages to `{}` not acknowledged within {FLUSH_TIMEOUT:?}",
+                            self.producer.in_flight_count(),
+                            self.topic
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
             self.deliveries.each_topic(|counters| {
                 counters.in_flight.set(0);
             });
@@ -311,6 +323,9 @@ impl std::fmt::Debug for KafkaTransaction {
         f.debug_struct("KafkaTransaction").field("transactional_id", &self.transactional_id).finish_non_exhaustive()
     }
 }
+
+/// How long a flush waits for the brokers' acknowledgements before the pipeline fails.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long transaction calls may take before the pipeline fails.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);

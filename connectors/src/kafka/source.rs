@@ -5,8 +5,10 @@ use edgeflow_operators::{DeadLetter, EventTime, Heartbeat};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::message::Message;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
@@ -29,6 +31,14 @@ struct Partition {
     next_offset: i64,
     /// Read to its end (with `stop_at_end`).
     at_end: bool,
+    /// The broker reported end of partition and nothing has arrived since.
+    caught_up: bool,
+}
+
+impl Partition {
+    fn new(next_offset: i64, now: Instant) -> Self {
+        Self { max_time: None, last_message: now, next_offset, at_end: false, caught_up: false }
+    }
 }
 
 /// Where a partition stands for the source's event clock.
@@ -140,8 +150,9 @@ pub struct KafkaSource {
     /// The assigned partitions, as of `seen_generation`.
     assignment: Vec<(String, i32)>,
     seen_generation: u64,
-    /// Partitions paused because they are ahead of the others in event time.
-    paused: std::collections::HashSet<(String, i32)>,
+    /// Each assigned partition's own message queue, so that the source chooses which
+    /// partition to read next (watermark alignment) without pausing fetches.
+    queues: HashMap<(String, i32), PartitionQueue<SourceContext>>,
     /// How far a partition may run ahead of the slowest one before it is paused.
     max_skew: EventTime,
     /// With `stop_at_end`: each partition's end offset when the source opened.
@@ -178,7 +189,9 @@ impl KafkaSource {
             .set("group.id", &config.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", if config.stop_at_end { "true" } else { "false" })
+            // End of partition tells alignment that a partition is caught up, and
+            // `stop_at_end` that it is read.
+            .set("enable.partition.eof", "true")
             // Shorter than librdkafka's default (45 s) so that a dead member's partitions move
             // within seconds; override through `options`. `max.poll.interval.ms` keeps its
             // default (5 min): a worker may wait that long for the others (flow control, an
@@ -259,7 +272,7 @@ impl KafkaSource {
             lags,
             assignment: Vec::new(),
             seen_generation: u64::MAX,
-            paused: std::collections::HashSet::new(),
+            queues: HashMap::new(),
             max_skew: config.max_out_of_orderness.as_millis().max(1000),
             end_offsets,
             finished,
@@ -272,33 +285,29 @@ impl KafkaSource {
         })
     }
 
-    /// Refreshes the cached assignment after a rebalance (pauses do not survive one).
+    /// After a rebalance: caches the assignment and gives each assigned partition its own
+    /// queue. Messages fetched before the split still come through the consumer's queue.
     fn refresh_assignment(&mut self) {
         let generation = self.generation.load(Ordering::Relaxed);
         if generation == self.seen_generation {
             return;
         }
         self.seen_generation = generation;
-        self.paused.clear();
         let list = self.consumer.assignment().unwrap_or_default();
-        // librdkafka may keep a partition paused across a revocation and reassignment:
-        // start every assigned partition unpaused, as `paused` now says.
-        if list.count() > 0 {
-            if let Err(err) = self.consumer.resume(&list) {
-                tracing::debug!(source = %self.name, %err, "cannot resume the assigned partitions");
+        self.assignment = list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        self.queues.clear();
+        for (topic, partition) in &self.assignment {
+            if let Some(queue) = self.consumer.split_partition_queue(topic, *partition) {
+                self.queues.insert((topic.clone(), *partition), queue);
             }
         }
-        self.assignment = list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
     }
 
     /// Where an assigned partition stands for the event clock.
-    fn progress(&self, key: &(String, i32), since_assignment: Duration) -> Progress {
+    fn progress(&self, key: &(String, i32), now: Instant, since_assignment: Duration) -> Progress {
         match self.partitions.get(key) {
             Some(state) if state.at_end => Progress::Idle,
-            // A paused partition is quiet because it is ahead, not idle.
-            Some(state) if state.last_message.elapsed() >= self.idle_timeout && !self.paused.contains(key) => {
-                Progress::Idle
-            }
+            Some(state) if now.saturating_duration_since(state.last_message) >= self.idle_timeout => Progress::Idle,
             Some(Partition { max_time: Some(time), .. }) => Progress::At(*time),
             _ if since_assignment >= self.idle_timeout => Progress::Idle,
             // Not read yet: unknown, unless statistics say there is nothing to read.
@@ -313,11 +322,10 @@ impl KafkaSource {
     /// nor finished, of the latest event time seen in the partition. A partition assigned but
     /// not read yet holds the clock back (0) until it has been idle for `idle_timeout`; when
     /// every partition is idle the clock follows the latest event time seen.
-    fn clock(&self) -> EventTime {
-        let since_assignment = self.assigned_at.lock().map(|at| at.elapsed()).unwrap_or_default();
+    fn clock(&self, now: Instant, since_assignment: Duration) -> EventTime {
         let mut least: Option<EventTime> = None;
         for key in &self.assignment {
-            match self.progress(key, since_assignment) {
+            match self.progress(key, now, since_assignment) {
                 Progress::At(time) => least = Some(least.map_or(time, |l| l.min(time))),
                 Progress::Unknown => return 0,
                 Progress::Idle => {}
@@ -326,39 +334,89 @@ impl KafkaSource {
         least.or_else(|| self.partitions.values().filter_map(|state| state.max_time).max()).unwrap_or(0)
     }
 
-    /// Watermark alignment: pauses the partitions more than `max_skew` ahead (in event time)
-    /// of the slowest active one, or all read ones while some partition has not been read
-    /// yet, and resumes them when the others catch up. librdkafka hands out messages one
-    /// partition's fetch at a time; without this, one partition could run far ahead, its
-    /// records waiting in the dataflow for the watermark and its offsets uncommitted.
-    fn align(&mut self) {
-        let since_assignment = self.assigned_at.lock().map(|at| at.elapsed()).unwrap_or_default();
-        let progress: Vec<((String, i32), Progress)> =
-            self.assignment.iter().map(|key| (key.clone(), self.progress(key, since_assignment))).collect();
-        let unknown = progress.iter().any(|(_, p)| *p == Progress::Unknown);
-        let floor = progress.iter().filter_map(|(_, p)| if let Progress::At(t) = p { Some(*t) } else { None }).min();
-        let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
-        for (key, progress) in progress {
-            let ahead = match (progress, floor) {
-                (Progress::At(time), Some(floor)) => unknown || time > floor.saturating_add(self.max_skew),
-                _ => false,
-            };
-            if ahead && self.paused.insert(key.clone()) {
-                pause.add_partition(&key.0, key.1);
-            } else if !ahead && self.paused.remove(&key) {
-                resume.add_partition(&key.0, key.1);
+    /// Watermark alignment: the order in which to read the partitions' queues (slowest in
+    /// event time first) and the event time beyond which a partition is not read further
+    /// in this poll: `max_skew` past the slowest partition that is still receiving
+    /// (neither idle nor caught up). librdkafka fetches every partition at once and would
+    /// hand out one partition's fetch after another; without alignment one partition could
+    /// run far ahead, its records waiting in the dataflow for the watermark and its offsets
+    /// uncommitted.
+    fn read_order(&self, now: Instant, since_assignment: Duration) -> (Vec<(String, i32)>, EventTime) {
+        let mut floor: Option<EventTime> = None;
+        let mut order: Vec<(Option<EventTime>, (String, i32))> = Vec::with_capacity(self.assignment.len());
+        for key in &self.assignment {
+            let state = self.partitions.get(key);
+            let receiving = !state.is_some_and(|s| s.caught_up);
+            if let (Progress::At(time), true) = (self.progress(key, now, since_assignment), receiving) {
+                floor = Some(floor.map_or(time, |f| f.min(time)));
             }
+            order.push((state.and_then(|s| s.max_time), key.clone()));
         }
-        if pause.count() > 0 {
-            if let Err(err) = self.consumer.pause(&pause) {
-                tracing::debug!(source = %self.name, %err, "cannot pause partitions ahead");
+        order.sort();
+        let limit = floor.map_or(EventTime::MAX, |floor| floor.saturating_add(self.max_skew));
+        (order.into_iter().map(|(_, key)| key).collect(), limit)
+    }
+
+    /// Takes one polled result: a message becomes an item in `out` (true), end of
+    /// partition updates the partition's state (false).
+    fn take(
+        &mut self,
+        result: Result<BorrowedMessage<'_>, KafkaError>,
+        out: &mut Vec<SourceItem>,
+        now: Instant,
+        since_assignment: Duration,
+    ) -> Result<bool, KafkaError> {
+        let message = match result {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                self.end_of_partition(partition);
+                return Ok(false);
             }
-        }
-        if resume.count() > 0 {
-            if let Err(err) = self.consumer.resume(&resume) {
-                tracing::debug!(source = %self.name, %err, "cannot resume partitions");
+            Err(err) => return Err(err),
+        };
+        let payload = message.payload().unwrap_or_default();
+        let (messages, bytes) = match self.counters.get(message.topic()) {
+            Some(counters) => counters,
+            None => {
+                let labels = super::metrics::topic(message.topic());
+                let counters = (
+                    self.metrics.messages_in.get_or_create(&labels).clone(),
+                    self.metrics.bytes_in.get_or_create(&labels).clone(),
+                );
+                self.counters.entry(message.topic().to_owned()).or_insert(counters)
             }
+        };
+        messages.inc();
+        bytes.inc_by(payload.len() as u64);
+        let decoded = Heartbeat::from_json(payload);
+        let key = (message.topic().to_owned(), message.partition());
+        let state = self.partitions.entry(key).or_insert_with(|| Partition::new(0, now));
+        state.last_message = now;
+        state.next_offset = message.offset() + 1;
+        state.at_end = false;
+        state.caught_up = false;
+        match decoded {
+            Ok(heartbeat) => {
+                state.max_time = Some(state.max_time.map_or(heartbeat.timestamp, |t| t.max(heartbeat.timestamp)));
+                let clock = self.clock(now, since_assignment);
+                out.push(SourceItem::Record { heartbeat, clock });
+            }
+            Err(reason) => out.push(SourceItem::Malformed {
+                letter: DeadLetter {
+                    source: self.name.clone(),
+                    position: format!(
+                        "topic {} partition {} offset {}",
+                        message.topic(),
+                        message.partition(),
+                        message.offset()
+                    ),
+                    reason,
+                    payload: payload.to_vec(),
+                },
+                clock: None,
+            }),
         }
+        Ok(true)
     }
 
     /// With `stop_at_end`: every partition of the topics has been read to its end by some
@@ -393,14 +451,10 @@ impl KafkaSource {
                 Offset::Offset(position) => position,
                 _ => 0,
             };
-            let state = self.partitions.entry(key).or_insert_with(|| Partition {
-                max_time: None,
-                last_message: Instant::now(),
-                next_offset: position,
-                at_end: false,
-            });
+            let state = self.partitions.entry(key).or_insert_with(|| Partition::new(position, Instant::now()));
             state.next_offset = state.next_offset.max(position);
-            state.at_end = position >= end;
+            state.caught_up = true;
+            state.at_end = self.stop_at_end && position >= end;
         }
     }
 }
@@ -408,72 +462,52 @@ impl KafkaSource {
 impl Source for KafkaSource {
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
         self.refresh_assignment();
-        self.align();
-        let mut produced = 0;
-        while produced < max {
-            let Some(result) = self.consumer.poll(Duration::ZERO) else {
-                if self.stop_at_end && self.all_at_end() {
-                    return Ok(SourceStatus::Exhausted);
-                }
-                return Ok(if produced > 0 { SourceStatus::Ready } else { SourceStatus::Idle { retry_in_ms: 5 } });
-            };
-            let message = match result {
-                Ok(message) => message,
-                Err(KafkaError::PartitionEOF(partition)) => {
-                    self.end_of_partition(partition);
-                    continue;
-                }
-                Err(err) => {
-                    // librdkafka retries broker connections itself; report and go on.
-                    tracing::warn!(source = %self.name, brokers = %self.brokers, %err, "kafka consumer error");
-                    return Ok(SourceStatus::Idle { retry_in_ms: 100 });
-                }
-            };
-            produced += 1;
-            let key = (message.topic().to_owned(), message.partition());
-            let payload = message.payload().unwrap_or_default();
-            let (messages, bytes) = self.counters.entry(message.topic().to_owned()).or_insert_with(|| {
-                let labels = super::metrics::topic(message.topic());
-                (
-                    self.metrics.messages_in.get_or_create(&labels).clone(),
-                    self.metrics.bytes_in.get_or_create(&labels).clone(),
-                )
-            });
-            messages.inc();
-            bytes.inc_by(payload.len() as u64);
-            let decoded = Heartbeat::from_json(payload);
-            let state = self.partitions.entry(key).or_insert_with(|| Partition {
-                max_time: None,
-                last_message: Instant::now(),
-                next_offset: 0,
-                at_end: false,
-            });
-            state.last_message = Instant::now();
-            state.next_offset = message.offset() + 1;
-            state.at_end = false;
-            match decoded {
-                Ok(heartbeat) => {
-                    state.max_time = Some(state.max_time.map_or(heartbeat.timestamp, |t| t.max(heartbeat.timestamp)));
-                    let clock = self.clock();
-                    out.push(SourceItem::Record { heartbeat, clock });
-                }
-                Err(reason) => out.push(SourceItem::Malformed {
-                    letter: DeadLetter {
-                        source: self.name.clone(),
-                        position: format!(
-                            "topic {} partition {} offset {}",
-                            message.topic(),
-                            message.partition(),
-                            message.offset()
-                        ),
-                        reason,
-                        payload: payload.to_vec(),
-                    },
-                    clock: None,
-                }),
+        let now = Instant::now();
+        let since_assignment = self.assigned_at.lock().map(|at| now.saturating_duration_since(*at)).unwrap_or_default();
+        let start = out.len();
+        let report = |source: &Self, err: KafkaError| {
+            // librdkafka retries broker connections itself; report and go on.
+            tracing::warn!(source = %source.name, brokers = %source.brokers, %err, "kafka consumer error");
+            Ok(SourceStatus::Idle { retry_in_ms: 100 })
+        };
+        // Events (rebalances, errors, statistics) and messages fetched before their
+        // partition's queue was split.
+        let consumer = self.consumer.clone();
+        while out.len() - start < max {
+            let Some(result) = consumer.poll(Duration::ZERO) else { break };
+            if let Err(err) = self.take(result, out, now, since_assignment) {
+                return report(self, err);
             }
         }
-        Ok(SourceStatus::Ready)
+        // Then the partitions' queues, slowest partition first.
+        let (order, limit) = self.read_order(now, since_assignment);
+        let queues = std::mem::take(&mut self.queues);
+        let mut failure = None;
+        'partitions: for key in &order {
+            let Some(queue) = queues.get(key) else { continue };
+            while out.len() - start < max {
+                if self.partitions.get(key).and_then(|s| s.max_time).is_some_and(|time| time > limit) {
+                    continue 'partitions;
+                }
+                let Some(result) = queue.poll(Duration::ZERO) else { continue 'partitions };
+                if let Err(err) = self.take(result, out, now, since_assignment) {
+                    failure = Some(err);
+                    break 'partitions;
+                }
+            }
+            break;
+        }
+        self.queues = queues;
+        if let Some(err) = failure {
+            return report(self, err);
+        }
+        if out.len() > start {
+            return Ok(SourceStatus::Ready);
+        }
+        if self.stop_at_end && self.all_at_end() {
+            return Ok(SourceStatus::Exhausted);
+        }
+        Ok(SourceStatus::Idle { retry_in_ms: 1 })
     }
 
     fn checkpoint(&mut self) -> Option<Checkpoint> {

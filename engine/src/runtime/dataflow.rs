@@ -45,6 +45,9 @@ pub struct SourceInputs {
     pub checkpoints: InputSession<EventTime, edgeflow_connectors::Checkpoint, isize>,
 }
 
+/// Records on their way to a sink operator.
+type SinkStream<'scope> = StreamVec<'scope, EventTime, (EventTime, SinkItem)>;
+
 /// The sinks of a pipeline on this worker.
 pub struct Sinks {
     /// Each sink's name and connector (connectors on worker 0 only), in pipeline order.
@@ -133,7 +136,7 @@ pub fn build<'scope>(
 
     let probe = ProbeHandle::new();
     let processed = ProbeHandle::new();
-    let mut groups: Vec<(SinkGroup, Vec<StreamVec<'scope, EventTime, (EventTime, SinkItem)>>)> = Vec::new();
+    let mut groups: Vec<(SinkGroup, Vec<SinkStream<'scope>>)> = Vec::new();
     let Sinks { sinks, transaction, exactly_once, failure } = sinks;
     if exactly_once {
         groups.push((SinkGroup { sinks: Vec::new(), transaction, failure: failure.clone() }, checkpoint_streams));
