@@ -452,6 +452,27 @@ fn count_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, r
     counts
 }
 
+/// Records never seen, and extra copies of the others.
+fn tally(counts: &[u32]) -> (usize, u64) {
+    let missing = counts.iter().filter(|c| **c == 0).count();
+    (missing, counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum())
+}
+
+/// Writes a pipeline copying topic `in` to topic `out` (at-least-once, late records
+/// applied), reading in consumer group `group`; `source` adds source settings.
+fn copy_pipeline(dir: &Path, broker: &Broker, group: &str, source: &str) -> PathBuf {
+    let path = dir.join(format!("{group}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "late_policy: update\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: {group}\n{source}sinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n",
+            b = broker.address
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Starts `edgeflow run PIPELINE --workers 2`, waits until `out` holds more than `progress`
 /// messages, kills it with SIGKILL, then runs the pipeline again to its end.
 fn kill_9_part_way_and_restart(broker: &Broker, pipeline: &Path, progress: i64) {
@@ -493,19 +514,10 @@ fn kill_9_and_restart_loses_nothing() {
     let total = 1_000_000usize;
     produce_numbered(&broker, "in", total);
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = dir.path().join("copy.yaml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "late_policy: update\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: copy\n    stop_at_end: true\n    max_out_of_orderness: 5s\nsinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n",
-            b = broker.address
-        ),
-    )
-    .unwrap();
+    let pipeline = copy_pipeline(dir.path(), &broker, "copy", "    stop_at_end: true\n    max_out_of_orderness: 5s\n");
     kill_9_part_way_and_restart(&broker, &pipeline, 200_000);
     let counts = count_numbered(&broker, "out", 4, total, false);
-    let missing = counts.iter().filter(|c| **c == 0).count();
-    let duplicated: u64 = counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let (missing, duplicated) = tally(&counts);
     eprintln!("at-least-once after kill -9: {missing} missing, {duplicated} duplicates of {total}");
     assert_eq!(missing, 0, "records lost after kill -9 and restart");
 }
@@ -536,8 +548,7 @@ fn kill_9_and_restart_exactly_once() {
     .unwrap();
     kill_9_part_way_and_restart(&broker, &pipeline, 200_000);
     let counts = count_numbered(&broker, "out", 4, total, true);
-    let missing = counts.iter().filter(|c| **c == 0).count();
-    let duplicated: u64 = counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let (missing, duplicated) = tally(&counts);
     // What the killed run left in its aborted transaction, visible to read_uncommitted.
     let uncommitted: u64 =
         count_numbered(&broker, "out", 4, total, false).iter().map(|c| u64::from(c.saturating_sub(1))).sum();
@@ -634,8 +645,7 @@ fn second_process_joins_and_partitions_rebalance() {
         let _ = Command::new("kill").args(["-s", "TERM", &child.0.id().to_string()]).status();
         assert!(child.0.wait().unwrap().success(), "SIGTERM exits 0");
     }
-    let missing = counts.iter().filter(|c| **c == 0).count();
-    let duplicated: u64 = counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let (missing, duplicated) = tally(&counts);
     let lines = |name: &str| std::fs::read_to_string(dir.path().join(format!("{name}.jsonl"))).unwrap().lines().count();
     let (by_first, by_second) = (lines("first"), lines("second"));
     let first_log = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
@@ -661,15 +671,7 @@ fn broker_outage_of_30_seconds_loses_nothing() {
     let total = 300_000usize;
     produce_numbered(&broker, "in", total);
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = dir.path().join("copy.yaml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "late_policy: update\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: outage\n    stop_at_end: true\nsinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n",
-            b = broker.address
-        ),
-    )
-    .unwrap();
+    let pipeline = copy_pipeline(dir.path(), &broker, "outage", "    stop_at_end: true\n");
     let mut engine = Running(start_engine(&pipeline, &dir.path().join("engine.log")));
     let start = Instant::now();
     while written(&broker, "out", 4) < 30_000 {
@@ -685,8 +687,7 @@ fn broker_outage_of_30_seconds_loses_nothing() {
     let log = std::fs::read_to_string(dir.path().join("engine.log")).unwrap();
     assert!(status.success(), "the run ends normally after the outage:\n{log}");
     let counts = count_numbered(&broker, "out", 4, total, false);
-    let missing = counts.iter().filter(|c| **c == 0).count();
-    let duplicated: u64 = counts.iter().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let (missing, duplicated) = tally(&counts);
     eprintln!("outage: {missing} missing, {duplicated} duplicates of {total}");
     assert_eq!(missing, 0, "records lost across the outage");
 }
