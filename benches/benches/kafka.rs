@@ -9,6 +9,7 @@
 //! - `raw consumer`: one librdkafka `BaseConsumer` assigned every partition from the
 //!   beginning, polling until it has every message (no decoding): the rate the broker and
 //!   client deliver at;
+//! - `raw consumer + JSON decoding`: the same, decoding each heartbeat as the engine does;
 //! - `engine`: `edgeflow` reading the topic in a fresh consumer group (each worker a
 //!   member), JSON decoding, node_health, status changes and rollups produced back to Kafka
 //!   (idempotent producer, zstd), offsets committed after delivery; on 1 and 2 workers.
@@ -89,8 +90,9 @@ impl Drop for Broker {
     }
 }
 
-/// Seconds from the first message to the last for a bare consumer reading `total` messages.
-fn raw_consume(broker: &Broker, total: usize) -> f64 {
+/// Seconds from the first message to the last for a bare consumer reading `total` messages
+/// (and decoding each heartbeat with `decode`).
+fn raw_consume(broker: &Broker, total: usize, decode: bool) -> f64 {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker.address)
         .set("group.id", "raw-bench")
@@ -111,7 +113,12 @@ fn raw_consume(broker: &Broker, total: usize) -> f64 {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             first.get_or_insert_with(Instant::now);
             received += 1;
-            bytes += rdkafka::Message::payload(&message).map_or(0, <[u8]>::len);
+            let payload = rdkafka::Message::payload(&message).unwrap_or_default();
+            bytes += payload.len();
+            if decode {
+                let heartbeat = edgeflow_operators::Heartbeat::from_json(payload).expect("valid heartbeat");
+                bytes += heartbeat.node_id.len();
+            }
         }
     }
     std::hint::black_box(bytes);
@@ -177,9 +184,10 @@ fn main() {
     producer.flush(Duration::from_secs(300)).expect("input produced");
 
     // Rounds interleave the variants so that the broker's state is alike for each.
-    let (mut raw, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut decoded, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        raw.push(raw_consume(&broker, total));
+        raw.push(raw_consume(&broker, total, false));
+        decoded.push(raw_consume(&broker, total, true));
         one.push(engine(&broker, &format!("bench-1-{round}"), 1, total));
         two.push(engine(&broker, &format!("bench-2-{round}"), 2, total));
     }
@@ -191,6 +199,7 @@ fn main() {
     println!("| --- | ---: | ---: | ---: |");
     println!("| raw librdkafka consumer (no decoding) | {raw:.3} | {:.0} | 1.00 (baseline) |", total as f64 / raw);
     for (name, seconds) in [
+        ("raw librdkafka consumer + JSON decoding", median(decoded)),
         ("engine: Kafka -> node_health -> Kafka, 1 worker", median(one)),
         ("engine: Kafka -> node_health -> Kafka, 2 workers", median(two)),
     ] {
