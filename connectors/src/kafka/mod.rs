@@ -4,9 +4,15 @@
 //! topic's partitions over all workers of all processes. Its event clock is the least, over
 //! its assigned partitions that are not idle, of the latest event time seen in the partition
 //! (per-partition watermarks); offsets are committed only when the engine reports that every
-//! record up to them has been written by the sinks. The sink is an idempotent producer with
+//! record up to them has been written by the sinks. Each partition is read from its own queue,
+//! slowest partition first (watermark alignment). The sink is an idempotent producer with
 //! zstd compression by default; delivery failures are retried by librdkafka and then surface
 //! as a flush error, which stops the pipeline.
+//!
+//! Exactly once: a [`KafkaTransaction`] is one transactional producer shared by all sinks of
+//! a pipeline; the engine commits it with the sources' checkpoints (consumed offsets) at each
+//! sink flush, and the sources take their partitions by static assignment
+//! ([`Membership::Static`]) instead of joining the group.
 
 mod config;
 mod metrics;
