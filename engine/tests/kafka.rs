@@ -549,18 +549,67 @@ fn kill_9_and_restart_exactly_once() {
     kill_9_part_way_and_restart(&broker, &pipeline, 200_000);
     let counts = count_numbered(&broker, "out", 4, total, true);
     let (missing, duplicated) = tally(&counts);
-    // What the killed run left in its aborted transaction, visible to read_uncommitted.
-    let uncommitted: u64 =
-        count_numbered(&broker, "out", 4, total, false).iter().map(|c| u64::from(c.saturating_sub(1))).sum();
-    eprintln!(
-        "exactly-once after kill -9: {missing} missing, {duplicated} duplicates of {total} (read_uncommitted sees {uncommitted} duplicates from the aborted transaction)"
-    );
-    assert_eq!((missing, duplicated), (0, 0), "exactly once after kill -9 and restart");
+    eprintln!("exactly-once after kill -9: {missing} missing, {duplicated} duplicates of {total} (read_committed)");
+    assert_eq!(missing, 0, "records lost after kill -9 and restart");
+    if broker_hides_aborted_transactions(&broker) {
+        assert_eq!(duplicated, 0, "exactly once after kill -9 and restart");
+    } else {
+        // Tansu 0.6.0 returns the records of aborted transactions to read_committed
+        // consumers too, so the transaction the kill left open (at most what one sink flush
+        // interval carries) shows; Apache Kafka hides it, and the branch above applies.
+        eprintln!(
+            "this broker does not hide aborted transactions; {duplicated} records of the aborted one are visible"
+        );
+        assert!(duplicated <= 20_000, "more duplicates ({duplicated}) than one open transaction can hold");
+    }
     let letters = broker.read_all("rejected", 1, Duration::from_secs(30));
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].1, b"not a heartbeat");
     // The offsets committed in the transactions reach the end of the input.
     assert_eq!(broker.committed("copy-eos", "in", 4), total as i64 + 1);
+}
+
+/// Whether the broker hides the records of an aborted transaction from a `read_committed`
+/// consumer, as Kafka does (Tansu 0.6.0 does not).
+fn broker_hides_aborted_transactions(broker: &Broker) -> bool {
+    broker.create_topic("isolation-probe", 1);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("transactional.id", "isolation-probe")
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout).unwrap();
+    for (value, commit) in [("aborted", false), ("committed", true)] {
+        producer.begin_transaction().unwrap();
+        producer.send(BaseRecord::<(), str>::to("isolation-probe").payload(value)).unwrap();
+        producer.flush(timeout).unwrap();
+        if commit {
+            producer.commit_transaction(timeout).unwrap();
+        } else {
+            producer.abort_transaction(timeout).unwrap();
+        }
+    }
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", "isolation-probe")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset("isolation-probe", 0, Offset::Beginning).unwrap();
+    reader.assign(&assignment).unwrap();
+    let mut values = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => values.push(message.payload().unwrap_or_default().to_vec()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+            _ => {}
+        }
+    }
+    values == [b"committed".to_vec()]
 }
 
 /// Reads `topic` from the beginning until every index `0..total` has been seen (or the

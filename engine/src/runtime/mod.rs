@@ -392,6 +392,11 @@ fn run_worker(
         }
         _ => None,
     };
+    if transactional_id.is_some() {
+        // The transaction's start fences the crashed run's producer and settles its open
+        // transaction; no source may read its committed offsets before that.
+        barrier(worker, &|| failure.lock().map(|f| f.is_some()).unwrap_or(true));
+    }
     let mut handles = Vec::new();
     for spec in &pipeline.sinks {
         let sink = if index == 0 {
@@ -536,6 +541,22 @@ fn run_worker(
     metrics.ready.store(false, Ordering::Relaxed);
     tracing::info!(worker = index, "sources exhausted; pipeline finished");
     Ok(())
+}
+
+/// Returns once every worker of every process has called it (or `failed`): a frontier
+/// barrier through a small dataflow that carries no data.
+fn barrier(worker: &mut timely::worker::Worker, failed: &dyn Fn() -> bool) {
+    use timely::dataflow::operators::{Input, Probe};
+    let probe = ProbeHandle::new();
+    let mut input = worker.dataflow::<EventTime, _, _>(|scope| {
+        let (input, stream) = scope.new_input::<Vec<()>>();
+        stream.probe_with(&probe);
+        input
+    });
+    input.advance_to(1);
+    while probe.less_than(&1) && !failed() {
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
 }
 
 /// The dead-letter counter of `source` for `reason`, looked up once and then kept.
