@@ -8,30 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running edgeflow process that is killed if the test panics before it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl std::ops::Deref for Running {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
+mod common;
+use common::{promtool_accepts, Running};
 
 fn edgeflow() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
@@ -310,25 +288,7 @@ fn metrics_endpoints_and_graceful_sigint() {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap();
     assert!(healthy > 100, "most of the 200 nodes are healthy: {healthy}");
-    let promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|err| {
-            panic!(
-                "promtool is needed to validate /metrics ({err}); scripts/test.sh installs it (apt package prometheus)"
-            )
-        });
-    promtool.stdin.as_ref().unwrap().write_all(metrics.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    promtool_accepts(&metrics);
 
     signal(&child, "INT");
     let status = wait_exit(&mut child, Duration::from_secs(20));

@@ -16,6 +16,9 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+mod common;
+use common::{promtool_accepts, Running};
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -197,29 +200,27 @@ fn heartbeats_through_kafka_node_health_kafka() {
     std::fs::File::create(&file).unwrap().write_all((beats.join("\n") + "\n").as_bytes()).unwrap();
     let health = "operators:\n  health:\n    type: node_health\n    input: beats\n";
     // Reference: the same heartbeats from a file.
-    let reference = dir.path().join("reference.yaml");
-    std::fs::write(
-        &reference,
+    let reference = write_pipeline(
+        dir.path(),
+        "reference.yaml",
         format!(
             "sources:\n  beats:\n    type: file\n    path: {}\n    max_out_of_orderness: 10m\n{health}sinks:\n  out:\n    type: file\n    input: health.changes\n    path: {}/reference.jsonl\n",
-            file.display(),
-            dir.path().display()
+        file.display(),
+        dir.path().display()
         ),
-    )
-    .unwrap();
+    );
     run(&reference, 1);
     let expected = std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap();
 
-    let pipeline = dir.path().join("kafka.yaml");
-    std::fs::write(
-        &pipeline,
+    let pipeline = write_pipeline(
+        dir.path(),
+        "kafka.yaml",
         format!(
             "sources:\n  beats:\n    type: kafka\n    brokers: {b}\n    topics: [beats]\n    group: health\n    stop_at_end: true\n    max_out_of_orderness: 10m\n{health}sinks:\n  cloud:\n    type: kafka\n    brokers: {b}\n    topic: changes\n    input: health.changes\n  local:\n    type: file\n    input: health.changes\n    path: {d}/kafka.jsonl\n",
-            b = broker.address,
-            d = dir.path().display()
+        b = broker.address,
+        d = dir.path().display()
         ),
-    )
-    .unwrap();
+    );
     run(&pipeline, 2);
     let local = std::fs::read_to_string(dir.path().join("kafka.jsonl")).unwrap();
     assert_eq!(local.lines().count(), expected.lines().count(), "same number of status changes");
@@ -258,16 +259,15 @@ fn malformed_messages_reach_the_dead_letter_topic() {
     }
     producer.flush(Duration::from_secs(30)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = dir.path().join("dlq.yaml");
-    std::fs::write(
-        &pipeline,
+    let pipeline = write_pipeline(
+        dir.path(),
+        "dlq.yaml",
         format!(
             "sources:\n  raw:\n    type: kafka\n    brokers: {b}\n    topics: [raw]\n    group: dlq-test\n    stop_at_end: true\noperators:\n  health:\n    type: node_health\n    input: raw\nsinks:\n  out:\n    type: file\n    input: health.changes\n    path: {d}/changes.jsonl\n  rejected:\n    type: dead_letter\n    kafka:\n      brokers: {b}\n      topic: dlq\n",
-            b = broker.address,
-            d = dir.path().display()
+        b = broker.address,
+        d = dir.path().display()
         ),
-    )
-    .unwrap();
+    );
     run(&pipeline, 1);
     let letters = broker.read_all("dlq", 2, Duration::from_secs(30));
     assert_eq!(letters.len(), 2, "{letters:?}");
@@ -324,15 +324,14 @@ producer.flush(30)
     assert!(produced.status.success(), "{}", String::from_utf8_lossy(&produced.stderr));
 
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = dir.path().join("py.yaml");
-    std::fs::write(
-        &pipeline,
+    let pipeline = write_pipeline(
+        dir.path(),
+        "py.yaml",
         format!(
             "sources:\n  beats:\n    type: kafka\n    brokers: {b}\n    topics: [py-beats]\n    group: py\n    stop_at_end: true\noperators:\n  health:\n    type: node_health\n    input: beats\nsinks:\n  cloud:\n    type: kafka\n    brokers: {b}\n    topic: py-changes\n    input: health.changes\n",
-            b = broker.address
+        b = broker.address
         ),
-    )
-    .unwrap();
+    );
     run(&pipeline, 2);
 
     // ...and reads edgeflow's output back: every node healthy, then unhealthy and offline
@@ -452,6 +451,13 @@ fn count_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, r
     counts
 }
 
+/// Writes `yaml` as `dir/name`; returns its path.
+fn write_pipeline(dir: &Path, name: &str, yaml: String) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
 /// Records never seen, and extra copies of the others.
 fn tally(counts: &[u32]) -> (usize, u64) {
     let missing = counts.iter().filter(|c| **c == 0).count();
@@ -461,16 +467,14 @@ fn tally(counts: &[u32]) -> (usize, u64) {
 /// Writes a pipeline copying topic `in` to topic `out` (at-least-once, late records
 /// applied), reading in consumer group `group`; `source` adds source settings.
 fn copy_pipeline(dir: &Path, broker: &Broker, group: &str, source: &str) -> PathBuf {
-    let path = dir.join(format!("{group}.yaml"));
-    std::fs::write(
-        &path,
+    write_pipeline(
+        dir,
+        &format!("{group}.yaml"),
         format!(
             "late_policy: update\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: {group}\n{source}sinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n",
             b = broker.address
         ),
     )
-    .unwrap();
-    path
 }
 
 /// Starts `edgeflow run PIPELINE --workers 2`, waits until `out` holds more than `progress`
@@ -484,14 +488,9 @@ fn kill_9_part_way_and_restart(broker: &Broker, pipeline: &Path, progress: i64) 
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &broker.address).set("group.id", "progress").create().unwrap();
     let start = Instant::now();
     loop {
-        // Approximate (the broker's high watermark lags), which is all this needs.
-        let written: i64 = (0..4)
-            .map(|p| consumer.fetch_watermarks("out", p, Duration::from_secs(5)).map(|(_, high)| high).unwrap_or(0))
-            .sum();
+        let written = written(broker, "out", 4);
         if written > progress {
             break;
         }
@@ -537,15 +536,14 @@ fn kill_9_and_restart_exactly_once() {
     producer.send(BaseRecord::<(), str>::to("in").partition(0).payload("not a heartbeat")).unwrap();
     producer.flush(Duration::from_secs(30)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = dir.path().join("copy.yaml");
-    std::fs::write(
-        &pipeline,
+    let pipeline = write_pipeline(
+        dir.path(),
+        "copy.yaml",
         format!(
             "name: copy-eos\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: copy-eos\n    stop_at_end: true\nsinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n    exactly_once: true\n  rejected:\n    type: dead_letter\n    kafka:\n      brokers: {b}\n      topic: rejected\n",
-            b = broker.address
+        b = broker.address
         ),
-    )
-    .unwrap();
+    );
     kill_9_part_way_and_restart(&broker, &pipeline, 200_000);
     let counts = count_numbered(&broker, "out", 4, total, true);
     let (missing, duplicated) = tally(&counts);
@@ -741,16 +739,6 @@ fn broker_outage_of_30_seconds_loses_nothing() {
     assert_eq!(missing, 0, "records lost across the outage");
 }
 
-/// Kills a child process on drop, so that a failing test leaves nothing running.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn edge_to_cloud_pipeline_runs_against_a_broker() {
     let broker = Broker::start();
@@ -851,22 +839,4 @@ fn metrics_address(child: &mut Child) -> String {
     }
     std::thread::spawn(move || for _ in lines {});
     address.expect("the metrics address is logged")
-}
-
-fn promtool_accepts(metrics: &str) {
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (scripts/setup.sh test installs it)");
-    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
 }

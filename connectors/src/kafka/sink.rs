@@ -29,11 +29,9 @@ struct TopicCounters {
     in_flight: Gauge,
 }
 
-/// Counts one producer's deliveries (in the metrics too) and keeps the first failure.
+/// Counts one producer's deliveries in the metrics and keeps the first failure.
 #[derive(Debug)]
 struct Deliveries {
-    delivered: AtomicU64,
-    failed: AtomicU64,
     first_failure: Mutex<Option<String>>,
     /// Retries reported by the last statistics, to count the increase.
     retries_seen: AtomicU64,
@@ -45,14 +43,7 @@ struct Deliveries {
 
 impl Deliveries {
     fn new(metrics: Arc<KafkaMetrics>) -> Self {
-        Self {
-            delivered: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            first_failure: Mutex::new(None),
-            retries_seen: AtomicU64::new(0),
-            metrics,
-            topics: Mutex::default(),
-        }
+        Self { first_failure: Mutex::new(None), retries_seen: AtomicU64::new(0), metrics, topics: Mutex::default() }
     }
 
     fn topic(&self, topic: &str) -> Arc<TopicCounters> {
@@ -104,13 +95,11 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         match result {
             Ok(message) => {
-                self.0.delivered.fetch_add(1, Ordering::Relaxed);
                 let counters = self.0.topic(message.topic());
                 counters.messages_out.inc();
                 counters.bytes_out.inc_by(message.payload().map_or(0, <[u8]>::len) as u64);
             }
             Err((err, message)) => {
-                self.0.failed.fetch_add(1, Ordering::Relaxed);
                 self.0.topic(message.topic()).errors.inc();
                 let mut first = self.0.first_failure.lock().unwrap_or_else(|p| p.into_inner());
                 first.get_or_insert_with(|| err.to_string());
@@ -212,11 +201,6 @@ impl KafkaSink {
             dead_letters,
             transactional: false,
         })
-    }
-
-    /// Messages delivered and failed so far.
-    pub fn delivery_counts(&self) -> (u64, u64) {
-        (self.deliveries.delivered.load(Ordering::Relaxed), self.deliveries.failed.load(Ordering::Relaxed))
     }
 
     fn send(&self, key: Option<&str>, payload: &[u8], headers: Option<OwnedHeaders>) -> Result<(), ConnectorError> {

@@ -362,6 +362,7 @@ impl KafkaSource {
     fn take(
         &mut self,
         result: Result<BorrowedMessage<'_>, KafkaError>,
+        partition: Option<&(String, i32)>,
         out: &mut Vec<SourceItem>,
         now: Instant,
         since_assignment: Duration,
@@ -389,8 +390,21 @@ impl KafkaSource {
         messages.inc();
         bytes.inc_by(payload.len() as u64);
         let decoded = Heartbeat::from_json(payload);
-        let key = (message.topic().to_owned(), message.partition());
-        let state = self.partitions.entry(key).or_insert_with(|| Partition::new(0, now));
+        // From a partition's own queue the key is known; no allocation per message.
+        let owned;
+        let key = match partition {
+            Some(key) => key,
+            None => {
+                owned = (message.topic().to_owned(), message.partition());
+                &owned
+            }
+        };
+        let state = if self.partitions.contains_key(key) {
+            self.partitions.get_mut(key)
+        } else {
+            Some(self.partitions.entry(key.clone()).or_insert_with(|| Partition::new(0, now)))
+        };
+        let Some(state) = state else { return Ok(false) };
         state.last_message = now;
         state.next_offset = message.offset() + 1;
         state.at_end = false;
@@ -475,7 +489,7 @@ impl Source for KafkaSource {
         let consumer = self.consumer.clone();
         while out.len() - start < max {
             let Some(result) = consumer.poll(Duration::ZERO) else { break };
-            if let Err(err) = self.take(result, out, now, since_assignment) {
+            if let Err(err) = self.take(result, None, out, now, since_assignment) {
                 return report(self, err);
             }
         }
@@ -490,7 +504,7 @@ impl Source for KafkaSource {
                     continue 'partitions;
                 }
                 let Some(result) = queue.poll(Duration::ZERO) else { continue 'partitions };
-                if let Err(err) = self.take(result, out, now, since_assignment) {
+                if let Err(err) = self.take(result, None, out, now, since_assignment) {
                     failure = Some(err);
                     break 'partitions;
                 }
