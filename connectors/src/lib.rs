@@ -11,6 +11,8 @@ pub mod file;
 pub mod generator;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod stdout;
 
 use edgeflow_operators::{DeadLetter, EventTime, Heartbeat};

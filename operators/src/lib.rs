@@ -5,13 +5,17 @@
 //! collections; each validates its parameters in a `try_new` builder so a running operator
 //! never meets a bad one.
 
+pub mod batcher;
 pub mod duration;
 pub mod node_health;
 pub mod records;
 pub mod window_aggregate;
 
 pub use duration::DurationMs;
-pub use records::{DeadLetter, HealthStatus, Heartbeat, NodeState, RegionRollup, StatusChange, WindowResult};
+pub use records::{
+    DeadLetter, HealthStatus, Heartbeat, InferenceRequest, InferenceResult, Location, NodeState, Priority, Record,
+    RecordKind, RegionRollup, ResultStatus, StatusChange, Tensor, WindowResult,
+};
 
 /// Event time: milliseconds since the Unix epoch. This is the timely timestamp everywhere.
 pub type EventTime = u64;

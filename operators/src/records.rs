@@ -304,6 +304,315 @@ impl DeadLetter {
     }
 }
 
+/// A dense tensor of 32-bit floats in row-major order, as carried in inference requests and
+/// results. JSON: `{"shape":[1,4],"data":[0.1,0.2,0.3,0.4]}`; `data` holds the product of
+/// `shape` values. Model outputs of other numeric element types (int64 labels, float64) are
+/// converted to f32 in results.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tensor {
+    /// Dimensions; the first is the batch (rows) dimension for model inputs and outputs.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    /// Checks that `data` holds exactly the number of values `shape` calls for.
+    pub fn validate(&self, name: &str) -> Result<(), String> {
+        let expected: usize = self.shape.iter().product();
+        if expected != self.data.len() {
+            return Err(format!(
+                "tensor `{name}` has shape {:?} ({expected} values) but {} values",
+                self.shape,
+                self.data.len()
+            ));
+        }
+        if let Some(position) = self.data.iter().position(|value| !value.is_finite()) {
+            return Err(format!("tensor `{name}` has a non-finite value at index {position}"));
+        }
+        Ok(())
+    }
+
+    /// Rows: the first dimension (1 for a scalar).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+}
+
+/// Priority of an inference request: a full queue makes room for higher priorities, and a
+/// batch takes higher priorities first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Served first.
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// Served last; displaced first from a full queue.
+    Low,
+}
+
+impl Priority {
+    /// Every priority, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// Position in [`Priority::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The lowercase name used in JSON and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+/// A point on Earth, in degrees.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Location {
+    /// Latitude, `[-90, 90]`.
+    pub lat: f64,
+    /// Longitude, `[-180, 180]`.
+    pub lon: f64,
+}
+
+/// One inference request.
+///
+/// JSON encoding (one object per line):
+///
+/// ```json
+/// {"id":"req-17","model":"anomaly","version":null,"timestamp":1700000000000,
+///  "inputs":{"features":{"shape":[1,3],"data":[37.5,61.0,40.2]}},
+///  "deadline":1700000000250,"priority":"normal","location":{"lat":48.85,"lon":2.35},
+///  "region":"eu-west","key":null,"node":null}
+/// ```
+///
+/// `version` pins a model version (default: the latest loaded). `deadline` is the wall-clock
+/// time (ms since the epoch) after which the result is useless: a request still queued then
+/// gets an `expired` result. `location`, `region` and `key` guide `load_balance`, which sets
+/// `node`. Only `id`, `model`, `timestamp` and `inputs` are required.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceRequest {
+    /// Request id, echoed in the result.
+    pub id: String,
+    /// Model name in the registry.
+    pub model: String,
+    /// Pinned model version; `null` for the latest.
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// Event time of the request, ms since the epoch.
+    pub timestamp: EventTime,
+    /// Input tensors by model input name.
+    pub inputs: BTreeMap<String, Tensor>,
+    /// Wall-clock deadline, ms since the epoch.
+    #[serde(default)]
+    pub deadline: Option<EventTime>,
+    /// Priority (default `normal`).
+    #[serde(default)]
+    pub priority: Priority,
+    /// Where the request comes from, for `geo_nearest` balancing.
+    #[serde(default)]
+    pub location: Option<Location>,
+    /// Region of the request, the fallback of `geo_nearest`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Routing key for `consistent_hash` (default: the id).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The edge node chosen to serve it (set by `load_balance`).
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+impl InferenceRequest {
+    /// Decodes one JSON request and checks its tensors.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let request: InferenceRequest = serde_json::from_slice(bytes)
+            .map_err(|err| format!("invalid inference request JSON: {err}"))?;
+        request.validate()?;
+        Ok(request)
+    }
+
+    /// Checks the id, model and tensors; the error names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id.is_empty() {
+            return Err("invalid inference request: `id` is empty".into());
+        }
+        if self.model.is_empty() {
+            return Err(format!("invalid inference request `{}`: `model` is empty", self.id));
+        }
+        if self.inputs.is_empty() {
+            return Err(format!("invalid inference request `{}`: `inputs` is empty", self.id));
+        }
+        for (name, tensor) in &self.inputs {
+            tensor.validate(name).map_err(|reason| format!("invalid inference request `{}`: {reason}", self.id))?;
+        }
+        if let Some(location) = self.location {
+            if !(-90.0..=90.0).contains(&location.lat) || !(-180.0..=180.0).contains(&location.lon) {
+                return Err(format!(
+                    "invalid inference request `{}`: location ({}, {}) is not a latitude/longitude",
+                    self.id, location.lat, location.lon
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The key `consistent_hash` routes on: `key`, else the id.
+    pub fn routing_key(&self) -> &str {
+        self.key.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// How an inference request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultStatus {
+    /// Served: `outputs` holds the model's outputs.
+    Ok,
+    /// Its deadline passed before it was served.
+    Expired,
+    /// Not admitted: the queue was full, or a higher priority displaced it.
+    Rejected,
+    /// The request does not fit the model (missing input, wrong shape), the model or version
+    /// does not exist, or the run failed.
+    Failed,
+}
+
+impl ResultStatus {
+    /// Every status.
+    pub const ALL: [ResultStatus; 4] =
+        [ResultStatus::Ok, ResultStatus::Expired, ResultStatus::Rejected, ResultStatus::Failed];
+
+    /// The lowercase name used in JSON and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ResultStatus::Ok => "ok",
+            ResultStatus::Expired => "expired",
+            ResultStatus::Rejected => "rejected",
+            ResultStatus::Failed => "failed",
+        }
+    }
+}
+
+/// The result of one inference request: every request gets exactly one.
+///
+/// ```json
+/// {"id":"req-17","model":"anomaly","version":2,"status":"ok","error":null,
+///  "outputs":{"scores":{"shape":[1,1],"data":[0.12]}},"node":"edge-0007",
+///  "timestamp":1700000000000,"queue_ms":1.8,"compute_ms":0.4,"batch_size":12}
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceResult {
+    /// The request's id.
+    pub id: String,
+    /// The model asked for.
+    pub model: String,
+    /// The version that computed it (`null` when none ran).
+    pub version: Option<u64>,
+    /// How it ended.
+    pub status: ResultStatus,
+    /// Why, when it did not end `ok`.
+    pub error: Option<String>,
+    /// Output tensors by model output name (empty unless `ok`).
+    pub outputs: BTreeMap<String, Tensor>,
+    /// The edge node that served it (`load_balance`'s choice), if any.
+    pub node: Option<String>,
+    /// Event time of the request.
+    pub timestamp: EventTime,
+    /// Time from admission to the start of the model run, ms.
+    pub queue_ms: f64,
+    /// Time of the model run of its batch, ms.
+    pub compute_ms: f64,
+    /// Number of requests in its batch (0 when none ran).
+    pub batch_size: u32,
+}
+
+impl InferenceResult {
+    /// A result that ends `request` without a model run.
+    pub fn refused(request: &InferenceRequest, status: ResultStatus, reason: String, queue_ms: f64) -> Self {
+        InferenceResult {
+            id: request.id.clone(),
+            model: request.model.clone(),
+            version: None,
+            status,
+            error: Some(reason),
+            outputs: BTreeMap::new(),
+            node: request.node.clone(),
+            timestamp: request.timestamp,
+            queue_ms,
+            compute_ms: 0.0,
+            batch_size: 0,
+        }
+    }
+}
+
+/// The kinds of record a source can decode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    /// [`Heartbeat`] records (the default).
+    #[default]
+    Heartbeats,
+    /// [`InferenceRequest`] records.
+    InferenceRequests,
+}
+
+impl RecordKind {
+    /// Decodes one JSON record of this kind.
+    pub fn decode(self, bytes: &[u8]) -> Result<Record, String> {
+        match self {
+            RecordKind::Heartbeats => Heartbeat::from_json(bytes).map(Record::Heartbeat),
+            RecordKind::InferenceRequests => InferenceRequest::from_json(bytes).map(|r| Record::Request(Box::new(r))),
+        }
+    }
+}
+
+/// A record as a source yields it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    /// A heartbeat.
+    Heartbeat(Heartbeat),
+    /// An inference request (boxed: tensors make it large).
+    Request(Box<InferenceRequest>),
+}
+
+impl Record {
+    /// The record's event time.
+    pub fn event_time(&self) -> EventTime {
+        match self {
+            Record::Heartbeat(heartbeat) => heartbeat.timestamp,
+            Record::Request(request) => request.timestamp,
+        }
+    }
+
+    /// The record's JSON encoding (for dead letters of late records).
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            Record::Heartbeat(heartbeat) => serde_json::to_vec(heartbeat),
+            Record::Request(request) => serde_json::to_vec(request),
+        }
+        .unwrap_or_default()
+    }
+
+    /// Where the record is, in words, for dead letters.
+    pub fn position(&self) -> String {
+        match self {
+            Record::Heartbeat(heartbeat) => format!("node {} time {}", heartbeat.node_id, heartbeat.timestamp),
+            Record::Request(request) => format!("request {} time {}", request.id, request.timestamp),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

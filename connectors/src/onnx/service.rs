@@ -1,0 +1,158 @@
+//! A model's own thread: runs batches handed to it and watches the model directory for new
+//! versions, so that a dataflow worker never waits on ONNX Runtime.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use edgeflow_operators::Tensor;
+
+use super::{ModelInterface, OnnxModel};
+
+/// How the service runs.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceOptions {
+    /// How often the model directory is checked for new versions (`None`: never).
+    pub watch: Option<Duration>,
+}
+
+/// A batch to run.
+#[derive(Debug)]
+pub struct Job {
+    /// The caller's id for the batch.
+    pub id: u64,
+    /// The version to run; `None` for the latest at the time it runs.
+    pub version: Option<u64>,
+    /// Each request's input tensors, checked against the interface.
+    pub inputs: Vec<BTreeMap<String, Tensor>>,
+}
+
+/// What the service reports.
+#[derive(Debug)]
+pub enum JobOutcome {
+    /// A batch ran (or failed as a whole).
+    Done {
+        /// The job's id.
+        id: u64,
+        /// When its run started.
+        started: Instant,
+        /// How long the run took.
+        compute: Duration,
+        /// The version that ran and each request's outputs, or why the batch failed.
+        result: Result<(u64, Vec<BTreeMap<String, Tensor>>), String>,
+    },
+    /// A new version was loaded and is now the latest (unless a higher one exists).
+    Loaded {
+        /// The version.
+        version: u64,
+    },
+    /// A version in the directory could not be loaded; the ones loaded keep serving.
+    LoadFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The thread that owns one [`OnnxModel`].
+pub struct InferenceService {
+    name: String,
+    interface: ModelInterface,
+    jobs: Option<mpsc::Sender<Job>>,
+    outcomes: mpsc::Receiver<JobOutcome>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for InferenceService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InferenceService").field("name", &self.name).finish()
+    }
+}
+
+impl InferenceService {
+    /// Starts the model's thread; `notify` is called after each outcome is queued (to wake
+    /// the dataflow operator that reads them).
+    pub fn start(mut model: OnnxModel, options: ServiceOptions, notify: Box<dyn Fn() + Send>) -> Result<Self, String> {
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let (outcome_tx, outcomes) = mpsc::channel();
+        let name = model.name().to_owned();
+        let interface = model.interface().clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("onnx-{name}"))
+            .spawn(move || {
+                let send = |outcome: JobOutcome| {
+                    let sent = outcome_tx.send(outcome).is_ok();
+                    notify();
+                    sent
+                };
+                let mut last_watch = Instant::now();
+                loop {
+                    let job = match options.watch {
+                        Some(every) => match job_rx.recv_timeout(every.saturating_sub(last_watch.elapsed())) {
+                            Ok(job) => Some(job),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        },
+                        None => match job_rx.recv() {
+                            Ok(job) => Some(job),
+                            Err(_) => return,
+                        },
+                    };
+                    if options.watch.is_some_and(|every| last_watch.elapsed() >= every) {
+                        last_watch = Instant::now();
+                        let (loaded, errors) = model.refresh();
+                        for version in loaded {
+                            if !send(JobOutcome::Loaded { version }) {
+                                return;
+                            }
+                        }
+                        for reason in errors {
+                            if !send(JobOutcome::LoadFailed { reason }) {
+                                return;
+                            }
+                        }
+                    }
+                    let Some(job) = job else { continue };
+                    let started = Instant::now();
+                    let refs: Vec<&BTreeMap<String, Tensor>> = job.inputs.iter().collect();
+                    let result = model.run(job.version, &refs);
+                    let compute = started.elapsed();
+                    if !send(JobOutcome::Done { id: job.id, started, compute, result }) {
+                        return;
+                    }
+                }
+            })
+            .map_err(|err| format!("cannot start the thread of model `{name}`: {err}"))?;
+        Ok(Self { name, interface, jobs: Some(jobs), outcomes, thread: Some(thread) })
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model's interface (the same for every version).
+    pub fn interface(&self) -> &ModelInterface {
+        &self.interface
+    }
+
+    /// Queues a batch.
+    pub fn submit(&self, job: Job) -> Result<(), String> {
+        let jobs = self.jobs.as_ref().ok_or_else(|| format!("model `{}` is stopped", self.name))?;
+        jobs.send(job).map_err(|_| format!("the thread of model `{}` has stopped", self.name))
+    }
+
+    /// The next outcome, if one is ready.
+    pub fn try_next(&self) -> Option<JobOutcome> {
+        self.outcomes.try_recv().ok()
+    }
+}
+
+impl Drop for InferenceService {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
