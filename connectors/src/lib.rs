@@ -15,7 +15,7 @@ pub mod kafka;
 pub mod onnx;
 pub mod stdout;
 
-use edgeflow_operators::{DeadLetter, EventTime, Heartbeat};
+use edgeflow_operators::{DeadLetter, EventTime, Record};
 
 /// One item produced by a source.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,7 +23,7 @@ pub enum SourceItem {
     /// A decoded record. `clock` is the source's event clock at this record (for most
     /// sources the record's own event time; for the generator its emission time), from
     /// which the engine derives the watermark.
-    Record { heartbeat: Heartbeat, clock: EventTime },
+    Record { record: Record, clock: EventTime },
     /// Input that could not be decoded, with its position and the reason. `clock` is the
     /// source's event clock at this item when the source knows it (the generator does).
     Malformed { letter: DeadLetter, clock: Option<EventTime> },
@@ -68,7 +68,7 @@ pub struct Checkpoint {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
-/// A source of heartbeats, one instance per worker.
+/// A source of records (heartbeats or inference requests), one instance per worker.
 pub trait Source: Send {
     /// Appends at most `max` items to `out`.
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError>;

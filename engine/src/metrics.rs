@@ -9,10 +9,65 @@ use edgeflow_operators::HealthStatus;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Label set: a list of `(name, value)` pairs.
 pub type Labels = Vec<(&'static str, String)>;
+
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Metrics of the inference operators, labelled by operator and model.
+#[derive(Debug)]
+pub struct InferenceMetrics {
+    /// Requests ended, per status (`ok`, `expired`, `rejected`, `failed`).
+    pub requests: Family<Labels, Counter>,
+    /// Requests per model run.
+    pub batch_size: HistogramFamily,
+    /// Time from admission to the start of the run, seconds.
+    pub queue_seconds: HistogramFamily,
+    /// Model run time per batch, seconds.
+    pub compute_seconds: HistogramFamily,
+    /// Requests waiting, per operator, model and worker.
+    pub queue_depth: Family<Labels, Gauge>,
+    /// Latest loaded version per model and worker.
+    pub model_version: Family<Labels, Gauge>,
+    /// Versions found in the registry that failed to load, per model.
+    pub load_failures: Family<Labels, Counter>,
+}
+
+impl Default for InferenceMetrics {
+    fn default() -> Self {
+        fn batches() -> Histogram {
+            Histogram::new(exponential_buckets(1.0, 2.0, 11))
+        }
+        fn seconds() -> Histogram {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+        }
+        Self {
+            requests: Family::default(),
+            batch_size: Family::new_with_constructor(batches),
+            queue_seconds: Family::new_with_constructor(seconds),
+            compute_seconds: Family::new_with_constructor(seconds),
+            queue_depth: Family::default(),
+            model_version: Family::default(),
+            load_failures: Family::default(),
+        }
+    }
+}
+
+impl InferenceMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("inference");
+        registry.register("requests", "Inference requests ended, per status", self.requests.clone());
+        registry.register("batch_size", "Requests per model run", self.batch_size.clone());
+        registry.register("queue_seconds", "Time from admission to the model run", self.queue_seconds.clone());
+        registry.register("compute_seconds", "Model run time per batch", self.compute_seconds.clone());
+        registry.register("queue_depth", "Requests waiting for a batch", self.queue_depth.clone());
+        registry.register("model_version", "Latest loaded model version", self.model_version.clone());
+        registry.register("model_load_failures", "Model versions that failed to load", self.load_failures.clone());
+    }
+}
 
 /// Every metric edgeflow exports. Cheap to clone handles out of; shared by all workers.
 #[derive(Debug)]
@@ -44,6 +99,8 @@ pub struct Metrics {
     pub records_total: Counter,
     /// Kafka sources and sinks.
     pub kafka: Arc<edgeflow_connectors::kafka::KafkaMetrics>,
+    /// Inference operators.
+    pub inference: InferenceMetrics,
     node_counts: [AtomicI64; 4],
 }
 
@@ -71,6 +128,7 @@ impl Metrics {
             ready: AtomicBool::new(false),
             records_total: Counter::default(),
             kafka: Arc::default(),
+            inference: InferenceMetrics::default(),
             node_counts: Default::default(),
             registry: Registry::default(),
         };
@@ -110,6 +168,7 @@ impl Metrics {
         registry.register("sink_errors", "Sink write failures", metrics.sink_errors.clone());
         registry.register("records_read", "Records read by all sources", metrics.records_total.clone());
         metrics.kafka.register(&mut registry);
+        metrics.inference.register(&mut registry);
         for status in HealthStatus::ALL {
             metrics.nodes.get_or_create(&vec![("status", status.as_str().to_owned())]).set(0);
         }

@@ -7,6 +7,7 @@
 
 pub mod batcher;
 pub mod duration;
+pub mod inference;
 pub mod node_health;
 pub mod records;
 pub mod window_aggregate;

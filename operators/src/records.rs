@@ -308,7 +308,7 @@ impl DeadLetter {
 /// results. JSON: `{"shape":[1,4],"data":[0.1,0.2,0.3,0.4]}`; `data` holds the product of
 /// `shape` values. Model outputs of other numeric element types (int64 labels, float64) are
 /// converted to f32 in results.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Tensor {
     /// Dimensions; the first is the batch (rows) dimension for model inputs and outputs.
@@ -374,7 +374,7 @@ impl Priority {
 }
 
 /// A point on Earth, in degrees.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Location {
     /// Latitude, `[-90, 90]`.
@@ -398,7 +398,7 @@ pub struct Location {
 /// time (ms since the epoch) after which the result is useless: a request still queued then
 /// gets an `expired` result. `location`, `region` and `key` guide `load_balance`, which sets
 /// `node`. Only `id`, `model`, `timestamp` and `inputs` are required.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceRequest {
     /// Request id, echoed in the result.
@@ -471,6 +471,43 @@ impl InferenceRequest {
         self.key.as_deref().unwrap_or(&self.id)
     }
 }
+
+/// A total order on records with floats, so they can live in differential collections
+/// (which need `Ord`): floats compare with `total_cmp`.
+macro_rules! total_order {
+    ($type:ty, |$a:ident, $b:ident| $body:expr) => {
+        impl PartialEq for $type {
+            fn eq(&self, other: &Self) -> bool {
+                self.cmp(other) == Ordering::Equal
+            }
+        }
+        impl Eq for $type {}
+        impl PartialOrd for $type {
+            fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for $type {
+            fn cmp(&self, other: &Self) -> Ordering {
+                let ($a, $b) = (self, other);
+                $body
+            }
+        }
+    };
+}
+
+fn cmp_floats(a: &[f32], b: &[f32]) -> Ordering {
+    a.len().cmp(&b.len()).then_with(|| {
+        a.iter().zip(b).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(Ordering::Equal)
+    })
+}
+
+total_order!(Tensor, |a, b| a.shape.cmp(&b.shape).then_with(|| cmp_floats(&a.data, &b.data)));
+total_order!(Location, |a, b| a.lat.total_cmp(&b.lat).then_with(|| a.lon.total_cmp(&b.lon)));
+total_order!(InferenceRequest, |a, b| (a.timestamp, &a.id, &a.model, a.version, a.priority, a.deadline)
+    .cmp(&(b.timestamp, &b.id, &b.model, b.version, b.priority, b.deadline))
+    .then_with(|| (&a.node, &a.key, &a.region, a.location).cmp(&(&b.node, &b.key, &b.region, b.location)))
+    .then_with(|| a.inputs.cmp(&b.inputs)));
 
 /// How an inference request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]

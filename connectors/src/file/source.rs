@@ -2,7 +2,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 
-use edgeflow_operators::{DeadLetter, DurationMs, Heartbeat};
+use edgeflow_operators::{DeadLetter, DurationMs, RecordKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{ConnectorError, Source, SourceItem, SourceStatus};
@@ -11,9 +11,13 @@ use crate::{ConnectorError, Source, SourceItem, SourceStatus};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileSourceConfig {
-    /// File of JSON heartbeats, one per line (see the Heartbeat record). Blank lines are
-    /// skipped; any other line that does not decode goes to the dead-letter output.
+    /// File of JSON records, one per line (see the Heartbeat and InferenceRequest records).
+    /// Blank lines are skipped; any other line that does not decode goes to the dead-letter
+    /// output.
     pub path: PathBuf,
+    /// What the lines are: `heartbeats` (default) or `inference_requests`.
+    #[serde(default)]
+    pub records: RecordKind,
     /// Keep reading what is appended to the file instead of ending at its end (default false).
     #[serde(default)]
     pub follow: bool,
@@ -64,6 +68,7 @@ pub struct FileSource {
     peers: u64,
     follow: bool,
     poll_interval: u64,
+    records: RecordKind,
     buffer: Vec<u8>,
 }
 
@@ -83,6 +88,7 @@ impl FileSource {
             peers: peers.max(1) as u64,
             follow: config.follow,
             poll_interval: config.poll_interval.as_millis().max(1),
+            records: config.records,
             buffer: Vec::with_capacity(1024),
         };
         if config.follow {
@@ -134,10 +140,10 @@ impl Source for FileSource {
                 continue;
             }
             produced += 1;
-            match Heartbeat::from_json(text) {
-                Ok(heartbeat) => {
-                    let clock = heartbeat.timestamp;
-                    out.push(SourceItem::Record { heartbeat, clock });
+            match self.records.decode(text) {
+                Ok(record) => {
+                    let clock = record.event_time();
+                    out.push(SourceItem::Record { record, clock });
                 }
                 Err(reason) => out.push(SourceItem::Malformed {
                     letter: DeadLetter {
@@ -177,6 +183,7 @@ mod tests {
     fn config(path: &std::path::Path) -> FileSourceConfig {
         FileSourceConfig {
             path: path.to_owned(),
+            records: RecordKind::Heartbeats,
             follow: false,
             poll_interval: DurationMs(10),
             max_out_of_orderness: DurationMs(0),
@@ -206,7 +213,7 @@ mod tests {
                 let mut source = FileSource::open("f", &config(&path), index, peers).unwrap();
                 for item in drain(&mut source) {
                     match item {
-                        SourceItem::Record { heartbeat, .. } => times.push(heartbeat.timestamp),
+                        SourceItem::Record { record, .. } => times.push(record.event_time()),
                         SourceItem::Malformed { letter, .. } => bad.push(letter.position),
                     }
                 }

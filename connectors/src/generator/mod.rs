@@ -10,12 +10,15 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use edgeflow_operators::{DeadLetter, DurationMs, EventTime, Heartbeat};
+use edgeflow_operators::{DeadLetter, DurationMs, EventTime, Heartbeat, Record};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::{wall_clock_ms, ConnectorError, Source, SourceItem, SourceStatus};
+
+mod requests;
+pub use requests::{RequestGenerator, RequestGeneratorConfig};
 
 /// How fast the generator's event time runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -106,7 +109,7 @@ mod defaults {
     pub fn nodes() -> u32 {
         1000
     }
-    pub fn regions() -> Vec<RegionConfig> {
+    pub(super) fn regions() -> Vec<RegionConfig> {
         [
             ("eu-west", 48.86, 2.35),
             ("eu-central", 50.11, 8.68),
@@ -408,7 +411,9 @@ impl Source for Generator {
                     self.free.push(pending.slot);
                     produced += 1;
                     out.push(match payload {
-                        Payload::Beat(heartbeat) => SourceItem::Record { heartbeat, clock: pending.emit_at },
+                        Payload::Beat(heartbeat) => {
+                            SourceItem::Record { record: Record::Heartbeat(heartbeat), clock: pending.emit_at }
+                        }
                         Payload::Malformed(bytes) => SourceItem::Malformed {
                             letter: DeadLetter {
                                 source: self.name.clone(),
@@ -477,10 +482,10 @@ mod tests {
         let (mut late, mut malformed) = (0, 0);
         for item in &items {
             match item {
-                SourceItem::Record { heartbeat, clock: c } => {
+                SourceItem::Record { record, clock: c } => {
                     assert!(*c >= clock);
                     clock = *c;
-                    if heartbeat.timestamp + config.max_out_of_orderness.as_millis() < *c {
+                    if record.event_time() + config.max_out_of_orderness.as_millis() < *c {
                         late += 1;
                     }
                 }

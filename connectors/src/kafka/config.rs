@@ -19,7 +19,7 @@ pub enum AutoOffsetReset {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KafkaFormat {
-    /// One JSON heartbeat per message (default).
+    /// One JSON record per message (default).
     #[default]
     Json,
 }
@@ -84,6 +84,9 @@ pub struct KafkaSourceConfig {
     /// Value format (default `json`).
     #[serde(default)]
     pub format: KafkaFormat,
+    /// What the messages are: `heartbeats` (default) or `inference_requests`.
+    #[serde(default)]
+    pub records: edgeflow_operators::RecordKind,
     /// Start of a partition without a committed offset: `earliest` (default) or `latest`.
     /// Committed offsets always win.
     #[serde(default)]

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use edgeflow_operators::{DeadLetter, EventTime, Heartbeat};
+use edgeflow_operators::{DeadLetter, EventTime, RecordKind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -140,6 +140,7 @@ impl ConsumerContext for SourceContext {
 /// One worker's member of the consumer group.
 pub struct KafkaSource {
     name: String,
+    records: RecordKind,
     brokers: String,
     consumer: Arc<BaseConsumer<SourceContext>>,
     committer: Committer,
@@ -263,6 +264,7 @@ impl KafkaSource {
         let committer = Committer::start(name, &config.group, &config.brokers, consumer.clone(), metrics.clone())?;
         Ok(Self {
             name: name.to_owned(),
+            records: config.records,
             brokers: config.brokers.clone(),
             consumer,
             committer,
@@ -389,7 +391,7 @@ impl KafkaSource {
         };
         messages.inc();
         bytes.inc_by(payload.len() as u64);
-        let decoded = Heartbeat::from_json(payload);
+        let decoded = self.records.decode(payload);
         // From a partition's own queue the key is known; no allocation per message.
         let owned;
         let key = match partition {
@@ -410,10 +412,11 @@ impl KafkaSource {
         state.at_end = false;
         state.caught_up = false;
         match decoded {
-            Ok(heartbeat) => {
-                state.max_time = Some(state.max_time.map_or(heartbeat.timestamp, |t| t.max(heartbeat.timestamp)));
+            Ok(record) => {
+                let time = record.event_time();
+                state.max_time = Some(state.max_time.map_or(time, |t| t.max(time)));
                 let clock = self.clock(now, since_assignment);
-                out.push(SourceItem::Record { heartbeat, clock });
+                out.push(SourceItem::Record { record, clock });
             }
             Err(reason) => out.push(SourceItem::Malformed {
                 letter: DeadLetter {

@@ -14,8 +14,8 @@ use super::{
 };
 
 const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
-const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka"];
-const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate"];
+const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka", "requests"];
+const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate", "inference"];
 const SINK_TYPES: &[&str] = &["stdout", "file", "dead_letter", "kafka"];
 
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
@@ -181,8 +181,10 @@ impl Checker {
         // Output ports of every component whose type is known.
         let mut ports: BTreeMap<String, Vec<(&'static str, PortKind)>> = BTreeMap::new();
         for source in typed_sources.iter().flatten() {
-            ports
-                .insert(source.name.clone(), vec![("", PortKind::Heartbeats), ("dead_letters", PortKind::DeadLetters)]);
+            ports.insert(
+                source.name.clone(),
+                vec![("", source.config.port_kind()), ("dead_letters", PortKind::DeadLetters)],
+            );
         }
         for operator in typed_operators.iter().flatten() {
             let mut outputs = operator_outputs(&operator.config).to_vec();
@@ -194,11 +196,16 @@ impl Checker {
 
         for (written, typed) in operators.iter().zip(&typed_operators) {
             let Some(operator) = typed else { continue };
+            let accepts = operator.config.accepts();
             self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
-                (kind == PortKind::Heartbeats).then_some(()).ok_or_else(|| {
-                    format!("operator `{}` ({}) reads heartbeats", operator.name, operator.config.type_name())
+                accepts.contains(&kind).then_some(()).ok_or_else(|| {
+                    let kinds: Vec<String> = accepts.iter().map(ToString::to_string).collect();
+                    format!("operator `{}` ({}) reads {}", operator.name, operator.config.type_name(), kinds.join(" or "))
                 })
             });
+            if let OperatorConfig::Inference(config) = &operator.config {
+                self.check_inference_features(written, config, &ports);
+            }
         }
         for (written, typed) in sinks.iter().zip(&typed_sinks) {
             let Some(sink) = typed else { continue };
@@ -478,6 +485,14 @@ impl Checker {
                 }
                 SourceConfig::Kafka(config)
             }
+            "requests" => {
+                let config: edgeflow_connectors::generator::RequestGeneratorConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                for (field, message) in config.problems() {
+                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
+                }
+                SourceConfig::Requests(config)
+            }
             _ => return None,
         };
         Some(SourceSpec { name: written.name.clone(), config })
@@ -503,6 +518,15 @@ impl Checker {
                 }
                 OperatorConfig::WindowAggregate(config)
             }
+            "inference" => {
+                let config: edgeflow_operators::inference::InferenceConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                for (field, message) in config.problems() {
+                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
+                }
+                self.check_registry(&path, written.body, &config);
+                OperatorConfig::Inference(config)
+            }
             _ => return None,
         };
         Some(OperatorSpec {
@@ -510,6 +534,68 @@ impl Checker {
             inputs: written.inputs.iter().map(|i| i.0.clone()).collect(),
             config,
         })
+    }
+
+    /// The registry directory and each model's directory with at least one version must
+    /// exist (the models themselves load, and are checked, when the pipeline starts).
+    fn check_registry(&mut self, path: &str, body: &Node, config: &edgeflow_operators::inference::InferenceConfig) {
+        let registry = &config.registry;
+        if !registry.is_dir() {
+            self.problem(
+                &join(path, "registry"),
+                body.locate("registry").mark,
+                format!("model registry `{}` is not a directory", registry.display()),
+            );
+            return;
+        }
+        for (index, model) in config.models.iter().enumerate() {
+            let dir = registry.join(model);
+            let versions = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok())).count()
+                })
+                .unwrap_or(0);
+            if versions == 0 {
+                let mark = body.locate(&format!("models[{index}]")).mark;
+                let message = if dir.is_dir() {
+                    format!("model `{model}` has no versions: expected `{}/1/model.onnx`", dir.display())
+                } else {
+                    format!("model `{model}` is not in the registry: `{}` is not a directory", dir.display())
+                };
+                self.problem(&format!("{path}.models[{index}]"), mark, message);
+            }
+        }
+    }
+
+    /// `features` turn heartbeats into requests: needed with a heartbeat input, meaningless
+    /// without one.
+    fn check_inference_features(
+        &mut self,
+        written: &Written<'_>,
+        config: &edgeflow_operators::inference::InferenceConfig,
+        ports: &BTreeMap<String, Vec<(&'static str, PortKind)>>,
+    ) {
+        let reads_heartbeats = written.inputs.iter().any(|(reference, _, _)| {
+            ports.get(&reference.component).is_some_and(|outputs| {
+                let port = reference.port.as_deref().unwrap_or("");
+                outputs.iter().any(|(name, kind)| *name == port && *kind == PortKind::Heartbeats)
+            })
+        });
+        let path = format!("operators.{}", written.name);
+        if reads_heartbeats && config.features.is_empty() {
+            self.problem(
+                &join(&path, "features"),
+                written.name_mark,
+                "an inference operator that reads heartbeats needs `features`, the heartbeat fields fed to the model (e.g. [cpu, memory, disk])",
+            );
+        }
+        if !reads_heartbeats && !config.features.is_empty() {
+            self.problem(
+                &join(&path, "features"),
+                written.body.locate("features").mark,
+                "`features` apply to heartbeat inputs only; this operator reads inference requests",
+            );
+        }
     }
 
     /// Brokers must be `host:port` entries; topic names follow Kafka's rules.

@@ -12,10 +12,12 @@ use std::net::SocketAddr;
 
 use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
 use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
-use edgeflow_connectors::generator::GeneratorConfig;
+use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
 use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
+use edgeflow_operators::inference::InferenceConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
+use edgeflow_operators::RecordKind;
 use edgeflow_operators::window_aggregate::WindowAggregateConfig;
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +99,10 @@ pub enum PortKind {
     WindowResults,
     /// Dead letters.
     DeadLetters,
+    /// Inference requests.
+    InferenceRequests,
+    /// Inference results.
+    InferenceResults,
 }
 
 impl fmt::Display for PortKind {
@@ -108,6 +114,8 @@ impl fmt::Display for PortKind {
             PortKind::RegionRollups => "region rollups",
             PortKind::WindowResults => "window results",
             PortKind::DeadLetters => "dead letters",
+            PortKind::InferenceRequests => "inference requests",
+            PortKind::InferenceResults => "inference results",
         })
     }
 }
@@ -139,6 +147,8 @@ pub enum SourceConfig {
     File(FileSourceConfig),
     /// Kafka topics.
     Kafka(KafkaSourceConfig),
+    /// Open-loop inference requests.
+    Requests(RequestGeneratorConfig),
 }
 
 impl SourceConfig {
@@ -148,6 +158,25 @@ impl SourceConfig {
             SourceConfig::Generator(_) => "generator",
             SourceConfig::File(_) => "file",
             SourceConfig::Kafka(_) => "kafka",
+            SourceConfig::Requests(_) => "requests",
+        }
+    }
+
+    /// The kind of records the source yields.
+    pub fn records(&self) -> RecordKind {
+        match self {
+            SourceConfig::Generator(_) => RecordKind::Heartbeats,
+            SourceConfig::File(c) => c.records,
+            SourceConfig::Kafka(c) => c.records,
+            SourceConfig::Requests(_) => RecordKind::InferenceRequests,
+        }
+    }
+
+    /// The port kind of the source's main output.
+    pub fn port_kind(&self) -> PortKind {
+        match self.records() {
+            RecordKind::Heartbeats => PortKind::Heartbeats,
+            RecordKind::InferenceRequests => PortKind::InferenceRequests,
         }
     }
 
@@ -157,6 +186,7 @@ impl SourceConfig {
             SourceConfig::Generator(c) => c.max_out_of_orderness.as_millis(),
             SourceConfig::File(c) => c.max_out_of_orderness.as_millis(),
             SourceConfig::Kafka(c) => c.max_out_of_orderness.as_millis(),
+            SourceConfig::Requests(c) => c.max_out_of_orderness.as_millis(),
         }
     }
 
@@ -166,6 +196,8 @@ impl SourceConfig {
             SourceConfig::Generator(c) => c.idle_timeout.as_millis(),
             SourceConfig::File(c) => c.idle_timeout.as_millis(),
             SourceConfig::Kafka(c) => c.idle_timeout.as_millis(),
+            // Requests are due by the wall clock: the generator never idles behind it.
+            SourceConfig::Requests(c) => c.max_out_of_orderness.as_millis(),
         }
     }
 }
@@ -177,6 +209,8 @@ pub enum OperatorConfig {
     NodeHealth(NodeHealthConfig),
     /// Event-time windows.
     WindowAggregate(WindowAggregateConfig),
+    /// Batched ONNX inference.
+    Inference(InferenceConfig),
 }
 
 impl OperatorConfig {
@@ -185,6 +219,15 @@ impl OperatorConfig {
         match self {
             OperatorConfig::NodeHealth(_) => "node_health",
             OperatorConfig::WindowAggregate(_) => "window_aggregate",
+            OperatorConfig::Inference(_) => "inference",
+        }
+    }
+
+    /// The port kinds the operator reads.
+    pub fn accepts(&self) -> &'static [PortKind] {
+        match self {
+            OperatorConfig::NodeHealth(_) | OperatorConfig::WindowAggregate(_) => &[PortKind::Heartbeats],
+            OperatorConfig::Inference(_) => &[PortKind::InferenceRequests, PortKind::Heartbeats],
         }
     }
 }
@@ -294,6 +337,7 @@ pub fn operator_outputs(config: &OperatorConfig) -> &'static [(&'static str, Por
             ("rollups", PortKind::RegionRollups),
         ],
         OperatorConfig::WindowAggregate(_) => &[("results", PortKind::WindowResults)],
+        OperatorConfig::Inference(_) => &[("results", PortKind::InferenceResults)],
     }
 }
 

@@ -3,9 +3,10 @@
 
 use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
 use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
-use edgeflow_connectors::generator::GeneratorConfig;
+use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
 use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
+use edgeflow_operators::inference::InferenceConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
 use edgeflow_operators::window_aggregate::WindowAggregateConfig;
 use schemars::JsonSchema;
@@ -33,10 +34,13 @@ struct Inputs {
 enum Source {
     /// A synthetic edge fleet.
     Generator(GeneratorConfig),
-    /// Heartbeats from a JSON lines file.
+    /// Heartbeats or inference requests from a JSON lines file.
     File(FileSourceConfig),
-    /// Heartbeats from Kafka topics (consumer group; offsets committed after the sinks wrote).
+    /// Heartbeats or inference requests from Kafka topics (consumer group; offsets committed
+    /// after the sinks wrote).
     Kafka(KafkaSourceConfig),
+    /// An open-loop stream of inference requests at a target rate.
+    Requests(RequestGeneratorConfig),
 }
 
 /// An operator's settings.
@@ -48,6 +52,9 @@ enum OperatorKind {
     NodeHealth(NodeHealthConfig),
     /// Event-time windows over a key: output `results`.
     WindowAggregate(WindowAggregateConfig),
+    /// Batched ONNX inference of requests (or of heartbeats, with `features`): output
+    /// `results`, one per request.
+    Inference(InferenceConfig),
 }
 
 /// An operator.

@@ -7,7 +7,11 @@ use differential_dataflow::input::InputSession;
 use differential_dataflow::VecCollection;
 use edgeflow_operators::node_health::{NodeHealth, NodeHealthParams};
 use edgeflow_operators::window_aggregate::heartbeat_windows;
-use edgeflow_operators::{DeadLetter, EventTime, Heartbeat, NodeState, RegionRollup, StatusChange, WindowResult};
+use edgeflow_connectors::onnx::OnnxModel;
+use edgeflow_operators::{
+    DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RecordKind, RegionRollup, StatusChange,
+    WindowResult,
+};
 use timely::dataflow::operators::core::Inspect;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, Probe};
@@ -32,17 +36,33 @@ pub(crate) enum Port<'scope> {
     Windows(StreamVec<'scope, EventTime, WindowResult>),
     /// Dead letters.
     DeadLetters(StreamVec<'scope, EventTime, (DeadLetter, EventTime)>),
+    /// Inference requests.
+    Requests(StreamVec<'scope, EventTime, InferenceRequest>),
+    /// Inference results.
+    Results(StreamVec<'scope, EventTime, InferenceResult>),
 }
 
 /// The inputs of one source on this worker.
 pub struct SourceInputs {
     /// Heartbeats, at their event time.
     pub heartbeats: InputSession<EventTime, Heartbeat, isize>,
+    /// Inference requests, at their event time.
+    pub requests: InputSession<EventTime, InferenceRequest, isize>,
     /// Dead letters, at the watermark when they were found.
     pub dead_letters: InputSession<EventTime, DeadLetter, isize>,
     /// Source positions, at the time of the last record they cover; they travel to the
     /// sinks' transaction in an exactly-once pipeline (and nowhere otherwise).
     pub checkpoints: InputSession<EventTime, edgeflow_connectors::Checkpoint, isize>,
+}
+
+impl SourceInputs {
+    /// Feeds `record` into the input of its kind at `time`.
+    pub fn insert(&mut self, record: edgeflow_operators::Record, time: EventTime) {
+        match record {
+            edgeflow_operators::Record::Heartbeat(heartbeat) => self.heartbeats.update_at(heartbeat, time, 1),
+            edgeflow_operators::Record::Request(request) => self.requests.update_at(*request, time, 1),
+        }
+    }
 }
 
 /// Records on their way to a sink operator.
@@ -78,6 +98,7 @@ pub fn build<'scope>(
     scope: Scope<'scope, EventTime>,
     pipeline: &Pipeline,
     sinks: Sinks,
+    mut models: BTreeMap<String, Vec<OnnxModel>>,
     metrics: &Arc<Metrics>,
 ) -> (Vec<SourceInputs>, Probes) {
     let mut ports: BTreeMap<String, Port<'scope>> = BTreeMap::new();
@@ -86,6 +107,7 @@ pub fn build<'scope>(
     let mut checkpoint_streams = Vec::new();
     for source in &pipeline.sources {
         let mut heartbeats = InputSession::new();
+        let mut requests: InputSession<EventTime, InferenceRequest, isize> = InputSession::new();
         let mut dead_letters = InputSession::new();
         let mut checkpoints = InputSession::new();
         checkpoint_streams.push(
@@ -98,14 +120,47 @@ pub fn build<'scope>(
         let collection = heartbeats.to_collection(scope);
         let collection =
             differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
-        ports.insert(source.name.clone(), Port::Heartbeats(collection));
+        let request_stream = requests
+            .to_collection(scope)
+            .inner
+            .probe_with(&input_probe)
+            .flat_map(|(request, _, diff)| std::iter::repeat_n(request, diff.max(0) as usize));
+        let port = match source.config.records() {
+            RecordKind::Heartbeats => Port::Heartbeats(collection),
+            RecordKind::InferenceRequests => Port::Requests(request_stream),
+        };
+        ports.insert(source.name.clone(), port);
         let letters =
             dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
         ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
-        inputs.push(SourceInputs { heartbeats, dead_letters, checkpoints });
+        inputs.push(SourceInputs { heartbeats, requests, dead_letters, checkpoints });
     }
 
     for operator in &pipeline.operators {
+        if let OperatorConfig::Inference(config) = &operator.config {
+            let models = models.remove(&operator.name).unwrap_or_default();
+            // Heartbeats are scored with the first model, through its only input.
+            let input = models.first().and_then(|m| m.interface().inputs.first()).map(|s| s.name.clone());
+            let mut streams = Vec::new();
+            for reference in &operator.inputs {
+                match ports.get(&reference.to_string()) {
+                    Some(Port::Requests(stream)) => streams.push(stream.clone()),
+                    Some(Port::Heartbeats(collection)) => {
+                        let (config, input) = (config.clone(), input.clone().unwrap_or_default());
+                        streams.push(
+                            collection.inner.clone().map(move |(heartbeat, _, _)| config.heartbeat_request(&heartbeat, &input)),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            let requests = count_stream(scope.concatenate(streams), metrics, &operator.name, "input");
+            let results = super::inference::inference(requests, &operator.name, config, models, metrics);
+            let results = count_stream(results, metrics, &operator.name, "results");
+            ports.insert(operator.name.clone(), Port::Results(results.clone()));
+            ports.insert(format!("{}.results", operator.name), Port::Results(results));
+            continue;
+        }
         let heartbeats = heartbeat_inputs(scope, &ports, &operator.inputs);
         let counted = count(heartbeats, metrics, &operator.name, "input");
         match &operator.config {
@@ -131,6 +186,7 @@ pub fn build<'scope>(
                 ports.insert(operator.name.clone(), Port::Windows(results.clone()));
                 ports.insert(format!("{}.results", operator.name), Port::Windows(results));
             }
+            OperatorConfig::Inference(_) => {}
         }
     }
 
@@ -231,5 +287,7 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::Rollups(stream) => stream.map(|rollup| (rollup.window_end, json(&rollup))),
         Port::Windows(stream) => stream.map(|result| (result.window_end, json(&result))),
         Port::DeadLetters(stream) => stream.map(|(letter, time)| (time, letter.to_json().to_string())),
+        Port::Requests(stream) => stream.map(|request| (request.timestamp, json(&request))),
+        Port::Results(stream) => stream.map(|result| (result.timestamp, json(&result))),
     }
 }

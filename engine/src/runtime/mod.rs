@@ -8,6 +8,7 @@
 //! and the run ends.
 
 mod dataflow;
+mod inference;
 mod sink;
 
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use edgeflow_connectors::dead_letter::{DeadLetterSink, DeadLetterSinkConfig};
 use edgeflow_connectors::file::{FileSink, FileSource};
-use edgeflow_connectors::generator::Generator;
+use edgeflow_connectors::generator::{Generator, RequestGenerator};
 use edgeflow_connectors::kafka::{KafkaSink, KafkaSource, KafkaTransaction, Membership};
 use edgeflow_connectors::stdout::StdoutSink;
 use edgeflow_connectors::{wall_clock_ms, ConnectorError, Sink, Source, SourceItem, SourceStatus};
@@ -135,6 +136,7 @@ fn open_source(
 ) -> Result<Box<dyn Source>, ConnectorError> {
     Ok(match config {
         SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
+        SourceConfig::Requests(config) => Box::new(RequestGenerator::new(config, index, peers)?),
         SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
         SourceConfig::Kafka(config) => {
             let finished = shared.get(name).cloned().unwrap_or_default();
@@ -216,8 +218,8 @@ impl SourceDriver {
             // Each record's watermark is decided by the clock up to and including it, so
             // lateness, and the time at which rejected records enter the dataflow, do not
             // depend on how items were batched or spread over workers.
-            let (clock, heartbeat, letter) = match item {
-                SourceItem::Record { heartbeat, clock } => (Some(clock), Some(heartbeat), None),
+            let (clock, record, letter) = match item {
+                SourceItem::Record { record, clock } => (Some(clock), Some(record), None),
                 SourceItem::Malformed { letter, clock } => (clock, None, Some(letter)),
             };
             if let Some(clock) = clock {
@@ -230,28 +232,26 @@ impl SourceDriver {
                 inputs.dead_letters.update_at(letter, watermark, 1);
                 continue;
             }
-            let Some(heartbeat) = heartbeat else { continue };
+            let Some(record) = record else { continue };
             self.max_time = self.max_time.max(watermark);
-            if heartbeat.timestamp >= watermark {
-                let time = heartbeat.timestamp;
-                self.max_time = self.max_time.max(time);
-                inputs.heartbeats.update_at(heartbeat, time, 1);
+            let event_time = record.event_time();
+            if event_time >= watermark {
+                self.max_time = self.max_time.max(event_time);
+                inputs.insert(record, event_time);
                 continue;
             }
             self.late.inc();
             match policy {
                 LatePolicy::Drop => {}
-                LatePolicy::Update => inputs.heartbeats.update_at(heartbeat, watermark, 1),
+                LatePolicy::Update => inputs.insert(record, watermark),
                 LatePolicy::DeadLetter => {
                     self.dead.inc();
                     reason_counter(&mut self.late_dead, metrics, &self.name, "late").inc();
                     let reason = format!(
-                        "late record: event time {} is {} ms behind the watermark {watermark}",
-                        heartbeat.timestamp,
-                        watermark - heartbeat.timestamp
+                        "late record: event time {event_time} is {} ms behind the watermark {watermark}",
+                        watermark - event_time
                     );
-                    let payload = serde_json::to_vec(&heartbeat).unwrap_or_default();
-                    let position = format!("node {} time {}", heartbeat.node_id, heartbeat.timestamp);
+                    let (payload, position) = (record.to_json(), record.position());
                     let letter = DeadLetter { source: self.name.clone(), position, reason, payload };
                     inputs.dead_letters.update_at(letter, watermark, 1);
                 }
@@ -291,7 +291,7 @@ impl SourceDriver {
         let records = self.items.len() as u64;
         for item in self.items.drain(..) {
             match item {
-                SourceItem::Record { heartbeat, .. } => inputs.heartbeats.update_at(heartbeat, time, 1),
+                SourceItem::Record { record, .. } => inputs.insert(record, time),
                 SourceItem::Malformed { letter, .. } => {
                     self.dead.inc();
                     reason_counter(&mut self.malformed, metrics, &self.name, "malformed").inc();
@@ -323,9 +323,11 @@ impl SourceDriver {
             self.watermark = target;
             if let Some(inputs) = self.inputs.as_mut() {
                 inputs.heartbeats.advance_to(target);
+                inputs.requests.advance_to(target);
                 inputs.dead_letters.advance_to(target);
                 inputs.checkpoints.advance_to(target);
                 inputs.heartbeats.flush();
+                inputs.requests.flush();
                 inputs.dead_letters.flush();
                 inputs.checkpoints.flush();
             }
@@ -360,6 +362,7 @@ impl SourceDriver {
     fn flush(&mut self) {
         if let Some(inputs) = self.inputs.as_mut() {
             inputs.heartbeats.flush();
+            inputs.requests.flush();
             inputs.dead_letters.flush();
             inputs.checkpoints.flush();
         }
@@ -415,9 +418,10 @@ fn run_worker(
         exactly_once: transactional_id.is_some(),
         failure: failure.clone(),
     };
+    let models = load_models(pipeline)?;
     let dataflow_index = worker.next_dataflow_index();
     let (inputs, probes) =
-        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, metrics));
+        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, models, metrics));
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
@@ -541,6 +545,26 @@ fn run_worker(
     metrics.ready.store(false, Ordering::Relaxed);
     tracing::info!(worker = index, "sources exhausted; pipeline finished");
     Ok(())
+}
+
+/// Loads the models of every inference operator (each worker has its own sessions), with
+/// the operator's ONNX Runtime thread settings. Any model that does not load stops the run
+/// before it starts, with the reason.
+fn load_models(
+    pipeline: &Pipeline,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<edgeflow_connectors::onnx::OnnxModel>>> {
+    let mut models = std::collections::BTreeMap::new();
+    for operator in &pipeline.operators {
+        let crate::config::OperatorConfig::Inference(config) = &operator.config else { continue };
+        let options = edgeflow_connectors::onnx::SessionOptions {
+            intra_op_threads: config.intra_op_threads,
+            inter_op_threads: config.inter_op_threads,
+        };
+        let loaded = edgeflow_connectors::onnx::load_registry(&config.registry, &config.models, options)
+            .map_err(|err| anyhow!("operator `{}` cannot load its models: {err}", operator.name))?;
+        models.insert(operator.name.clone(), loaded);
+    }
+    Ok(models)
 }
 
 /// Returns once every worker of every process has called it (or `failed`): a frontier

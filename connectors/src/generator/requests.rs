@@ -1,0 +1,245 @@
+//! The `requests` source: an open-loop generator of inference requests at a target rate.
+//!
+//! Request `i` is due at `start + i / rate` by the wall clock, whatever the engine does:
+//! when the engine falls behind, requests pile up instead of arriving more slowly, so the
+//! latency measured from a request's `timestamp` (its due time) includes the time it waited
+//! to enter (no coordinated omission). Workers split the sequence (`i % peers == index`).
+
+use std::collections::BTreeMap;
+
+use edgeflow_operators::{DurationMs, EventTime, InferenceRequest, Location, Priority, Record, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::RegionConfig;
+use crate::{wall_clock_ms, ConnectorError, Source, SourceItem, SourceStatus};
+
+/// YAML configuration of the `requests` source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestGeneratorConfig {
+    /// Model the requests ask for.
+    pub model: String,
+    /// Pinned version (default: none, the latest).
+    #[serde(default)]
+    pub version: Option<u64>,
+    /// Requests per second over all workers.
+    pub rate: f64,
+    /// Total number of requests; without it (or `duration`) the source runs until stopped.
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Length of the stream; ends the source after this long.
+    #[serde(default)]
+    pub duration: Option<DurationMs>,
+    /// Name of the model input to fill (`input` names a component's inputs in pipelines).
+    pub input_name: String,
+    /// Shape of each request's tensor (first dimension: rows, usually 1).
+    pub shape: Vec<usize>,
+    /// Deadline budget: each request's deadline is its due time plus this (default none).
+    #[serde(default)]
+    pub deadline: Option<DurationMs>,
+    /// Fraction of requests with `high` priority (default 0).
+    #[serde(default)]
+    pub high_priority_fraction: f64,
+    /// Fraction of requests with `low` priority (default 0).
+    #[serde(default)]
+    pub low_priority_fraction: f64,
+    /// Regions the requests come from; each request gets a location near one of them
+    /// (default: the fleet generator's five regions).
+    #[serde(default = "super::defaults::regions")]
+    pub regions: Vec<RegionConfig>,
+    /// Number of distinct routing keys (`key-0` ...); default none: the id is the key.
+    #[serde(default)]
+    pub keys: Option<u64>,
+    /// Random seed: the same seed gives the same requests (default 42).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The watermark trails the latest due time by this (default 100ms).
+    #[serde(default = "default_out_of_orderness")]
+    pub max_out_of_orderness: DurationMs,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_out_of_orderness() -> DurationMs {
+    DurationMs(100)
+}
+
+impl RequestGeneratorConfig {
+    /// Parameters that cannot work, each with the field and the reason.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if !(self.rate.is_finite() && self.rate > 0.0) {
+            problems.push(("rate", format!("rate must be a positive number of requests per second, not {}", self.rate)));
+        }
+        if self.shape.is_empty() || self.shape.contains(&0) {
+            problems.push(("shape", format!("shape {:?} must have at least one dimension, none of them 0", self.shape)));
+        }
+        let (high, low) = (self.high_priority_fraction, self.low_priority_fraction);
+        if !(0.0..=1.0).contains(&high) || !(0.0..=1.0).contains(&low) || high + low > 1.0 {
+            problems.push((
+                "high_priority_fraction",
+                format!("priority fractions must be in [0, 1] and sum to at most 1 (high {high}, low {low})"),
+            ));
+        }
+        if self.regions.is_empty() {
+            problems.push(("regions", "at least one region is needed".into()));
+        }
+        if self.keys == Some(0) {
+            problems.push(("keys", "keys must be at least 1".into()));
+        }
+        problems
+    }
+}
+
+/// The running request generator of one worker.
+#[derive(Debug)]
+pub struct RequestGenerator {
+    config: RequestGeneratorConfig,
+    start: EventTime,
+    /// Next sequence number this worker emits.
+    next: u64,
+    step: u64,
+    end_count: u64,
+    end_time: EventTime,
+    values: usize,
+}
+
+impl RequestGenerator {
+    /// The generator for worker `index` of `peers`, starting now.
+    pub fn new(config: &RequestGeneratorConfig, index: usize, peers: usize) -> Result<Self, ConnectorError> {
+        if let Some((field, reason)) = config.problems().into_iter().next() {
+            return Err(ConnectorError::Config { connector: "requests", reason: format!("`{field}`: {reason}") });
+        }
+        let start = wall_clock_ms();
+        Ok(Self {
+            config: config.clone(),
+            start,
+            next: index as u64,
+            step: peers.max(1) as u64,
+            end_count: config.count.unwrap_or(u64::MAX),
+            end_time: config.duration.map_or(EventTime::MAX, |d| start.saturating_add(d.as_millis())),
+            values: config.shape.iter().product(),
+        })
+    }
+
+    /// Due time of request `seq`, ms since the epoch.
+    fn due(&self, seq: u64) -> EventTime {
+        self.start + (seq as f64 * 1000.0 / self.config.rate) as u64
+    }
+
+    fn request(&self, seq: u64, due: EventTime) -> InferenceRequest {
+        let config = &self.config;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (seq + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let data = (0..self.values).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let draw: f64 = rng.gen();
+        let priority = if draw < config.high_priority_fraction {
+            Priority::High
+        } else if draw < config.high_priority_fraction + config.low_priority_fraction {
+            Priority::Low
+        } else {
+            Priority::Normal
+        };
+        let region = &config.regions[(seq % config.regions.len() as u64) as usize];
+        let location = Location {
+            lat: (region.lat + rng.gen_range(-2.0..2.0)).clamp(-90.0, 90.0),
+            lon: (region.lon + rng.gen_range(-2.0..2.0)).clamp(-180.0, 180.0),
+        };
+        InferenceRequest {
+            id: format!("req-{seq}"),
+            model: config.model.clone(),
+            version: config.version,
+            timestamp: due,
+            inputs: BTreeMap::from([(config.input_name.clone(), Tensor { shape: config.shape.clone(), data })]),
+            deadline: config.deadline.map(|budget| due + budget.as_millis()),
+            priority,
+            location: Some(location),
+            region: Some(region.name.clone()),
+            key: config.keys.map(|keys| format!("key-{}", seq % keys)),
+            node: None,
+        }
+    }
+}
+
+impl Source for RequestGenerator {
+    fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
+        let now = wall_clock_ms();
+        let mut produced = 0;
+        while produced < max {
+            if self.next >= self.end_count {
+                return Ok(SourceStatus::Exhausted);
+            }
+            let due = self.due(self.next);
+            if due >= self.end_time {
+                return Ok(SourceStatus::Exhausted);
+            }
+            if due > now {
+                return Ok(if produced > 0 { SourceStatus::Ready } else { SourceStatus::Idle { retry_in_ms: (due - now).max(1) } });
+            }
+            let request = self.request(self.next, due);
+            out.push(SourceItem::Record { record: Record::Request(Box::new(request)), clock: due });
+            self.next += self.step;
+            produced += 1;
+        }
+        Ok(SourceStatus::Ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RequestGeneratorConfig {
+        serde_json::from_value(serde_json::json!({
+            "model": "linear", "rate": 1_000_000.0, "count": 1000, "input_name": "x", "shape": [1, 4],
+            "deadline": "50ms", "high_priority_fraction": 0.1, "low_priority_fraction": 0.2, "keys": 7
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn workers_split_the_sequence_and_requests_are_reproducible() {
+        let mut seen = Vec::new();
+        for index in 0..3 {
+            let mut generator = RequestGenerator::new(&config(), index, 3).unwrap();
+            let mut out = Vec::new();
+            while !matches!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Exhausted) {}
+            for item in out {
+                let SourceItem::Record { record: Record::Request(request), clock } = item else { panic!("{item:?}") };
+                assert_eq!(clock, request.timestamp);
+                assert_eq!(request.deadline, Some(request.timestamp + 50));
+                assert_eq!(request.inputs["x"].data.len(), 4);
+                request.validate().unwrap();
+                seen.push(*request);
+            }
+        }
+        seen.sort_by_key(|r| r.id[4..].parse::<u64>().unwrap());
+        assert_eq!(seen.len(), 1000);
+        assert_eq!(seen[999].id, "req-999");
+        assert_eq!(seen[8].key.as_deref(), Some("key-1"));
+        let high = seen.iter().filter(|r| r.priority == Priority::High).count();
+        assert!((50..150).contains(&high), "{high} high-priority requests of 1000");
+        let again = RequestGenerator::new(&config(), 0, 1).unwrap().request(8, seen[8].timestamp);
+        assert_eq!(again.inputs, seen[8].inputs);
+    }
+
+    #[test]
+    fn requests_are_due_at_the_rate_not_earlier() {
+        let slow = RequestGeneratorConfig { rate: 10.0, ..config() };
+        let mut generator = RequestGenerator::new(&slow, 0, 1).unwrap();
+        let mut out = Vec::new();
+        // Request 0 is due at once, request 1 only 100 ms later.
+        assert_eq!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Ready);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Idle { retry_in_ms } if retry_in_ms <= 100));
+    }
+
+    #[test]
+    fn bad_parameters_are_reported() {
+        let bad = RequestGeneratorConfig { rate: 0.0, shape: vec![1, 0], ..config() };
+        let fields: Vec<&str> = bad.problems().into_iter().map(|(field, _)| field).collect();
+        assert_eq!(fields, vec!["rate", "shape"]);
+    }
+}

@@ -1,0 +1,347 @@
+//! The `inference` operator: dynamic batching in the dataflow, model runs on each model's
+//! own thread.
+//!
+//! Requests go to the worker that owns their edge node (`node`, set by `load_balance`), or
+//! are spread by id. Each worker keeps a [`Batcher`] per model and pinned version; a due
+//! batch is handed to the model's [`InferenceService`] thread, and the operator returns at
+//! once, so other operators on the worker keep running while ONNX Runtime computes. The
+//! thread wakes the operator when a batch is done. Until then the operator holds a
+//! capability for each waiting request's time, so downstream frontiers (and sinks) wait
+//! for every result. Every request gets exactly one result: `ok`, `expired` (deadline
+//! passed while queued), `rejected` (queue full, with the reason) or `failed` (a request
+//! that does not fit the model, an unknown model or version, a failed run).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeflow_connectors::onnx::{InferenceService, Job, JobOutcome, OnnxModel, ServiceOptions};
+use edgeflow_connectors::wall_clock_ms;
+use edgeflow_operators::batcher::{Admission, Batcher, Queued};
+use edgeflow_operators::inference::InferenceConfig;
+use edgeflow_operators::{route_hash, EventTime, InferenceRequest, InferenceResult, ResultStatus};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::OutputBuilderSession;
+use timely::dataflow::operators::{Capability, InputCapability, Operator};
+use timely::dataflow::StreamVec;
+
+use crate::metrics::{InferenceMetrics, Metrics};
+
+type Output<'a> = OutputBuilderSession<'a, EventTime, CapacityContainerBuilder<Vec<InferenceResult>>>;
+
+/// A request waiting for, or in, a model run: the time its result goes out at.
+struct Waiting {
+    request: InferenceRequest,
+    time: EventTime,
+}
+
+/// One served model on one worker.
+struct Lane {
+    service: InferenceService,
+    /// A queue per pinned version (`None`: the latest).
+    queues: BTreeMap<Option<u64>, Batcher<Waiting>>,
+    counters: StatusCounters,
+    batch_size: prometheus_client::metrics::histogram::Histogram,
+    queue_seconds: prometheus_client::metrics::histogram::Histogram,
+    compute_seconds: prometheus_client::metrics::histogram::Histogram,
+    depth: Gauge,
+    version: Gauge,
+    load_failures: Counter,
+}
+
+/// Result counters per status, in [`ResultStatus::ALL`] order.
+struct StatusCounters([Counter; 4]);
+
+impl StatusCounters {
+    fn new(metrics: &InferenceMetrics, operator: &str, model: &str) -> Self {
+        Self(ResultStatus::ALL.map(|status| {
+            metrics
+                .requests
+                .get_or_create(&vec![
+                    ("operator", operator.to_owned()),
+                    ("model", model.to_owned()),
+                    ("status", status.as_str().to_owned()),
+                ])
+                .clone()
+        }))
+    }
+
+    fn count(&self, status: ResultStatus) {
+        self.0[ResultStatus::ALL.iter().position(|s| *s == status).unwrap_or(0)].inc();
+    }
+}
+
+/// Capabilities held for waiting requests, one per time, with how many wait at it.
+#[derive(Default)]
+struct Held(BTreeMap<EventTime, (Capability<EventTime>, usize)>);
+
+impl Held {
+    fn hold(&mut self, cap: &InputCapability<EventTime>, time: EventTime, port: usize) {
+        self.0.entry(time).or_insert_with(|| (cap.delayed(&time, port), 0)).1 += 1;
+    }
+
+    /// Emits `result` at `time` and releases one hold there.
+    fn emit(&mut self, output: &mut Output<'_>, time: EventTime, result: InferenceResult) {
+        let Some((cap, count)) = self.0.get_mut(&time) else { return };
+        output.session(&*cap).give(result);
+        *count -= 1;
+        if *count == 0 {
+            self.0.remove(&time);
+        }
+    }
+}
+
+/// Builds the operator on one worker; `models` are this worker's loaded models.
+pub(crate) fn inference<'scope>(
+    requests: StreamVec<'scope, EventTime, InferenceRequest>,
+    operator: &str,
+    config: &InferenceConfig,
+    models: Vec<OnnxModel>,
+    metrics: &Arc<Metrics>,
+) -> StreamVec<'scope, EventTime, InferenceResult> {
+    let scope = requests.scope();
+    let worker = scope.index();
+    let name = operator.to_owned();
+    let policy = config.policy();
+    let watch = (config.watch.as_millis() > 0).then(|| Duration::from_millis(config.watch.as_millis()));
+    let metrics = metrics.clone();
+    let pact = Exchange::new(|request: &InferenceRequest| route_hash(request.node.as_deref().unwrap_or(&request.id)));
+    requests.unary_frontier(pact, &format!("Inference({operator})"), move |_cap, info| {
+        let activator = scope.activator_for(info.address.clone());
+        let wake = scope.worker().sync_activator_for(info.address.to_vec());
+        let served: Vec<String> = models.iter().map(|m| m.name().to_owned()).collect();
+        let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
+        let mut start_error = None;
+        for model in models {
+            let model_name = model.name().to_owned();
+            let labels = |extra: Vec<(&'static str, String)>| {
+                let mut labels = vec![("operator", name.clone()), ("model", model_name.clone())];
+                labels.extend(extra);
+                labels
+            };
+            let m = &metrics.inference;
+            let version = m.model_version.get_or_create(&labels(vec![("worker", worker.to_string())])).clone();
+            version.set(model.latest().map_or(0, |v| v as i64));
+            let wake = wake.clone();
+            let notify = Box::new(move || {
+                let _ = wake.activate();
+            });
+            match InferenceService::start(model, ServiceOptions { watch }, notify) {
+                Ok(service) => {
+                    lanes.insert(
+                        model_name.clone(),
+                        Lane {
+                            service,
+                            queues: BTreeMap::new(),
+                            counters: StatusCounters::new(m, &name, &model_name),
+                            batch_size: m.batch_size.get_or_create(&labels(vec![])).clone(),
+                            queue_seconds: m.queue_seconds.get_or_create(&labels(vec![])).clone(),
+                            compute_seconds: m.compute_seconds.get_or_create(&labels(vec![])).clone(),
+                            depth: m.queue_depth.get_or_create(&labels(vec![("worker", worker.to_string())])).clone(),
+                            version,
+                            load_failures: m.load_failures.get_or_create(&labels(vec![])).clone(),
+                        },
+                    );
+                }
+                Err(err) => start_error = Some(err),
+            }
+        }
+        if let Some(err) = start_error {
+            tracing::error!(operator = %name, %err, "cannot start a model thread");
+        }
+        let mut held = Held::default();
+        // Batches in a model run: their requests and when each was admitted.
+        let mut running: HashMap<u64, Vec<(Waiting, Instant)>> = HashMap::new();
+        let mut next_job = 0u64;
+
+        move |(input, frontier), output: &mut Output<'_>| {
+            let now = Instant::now();
+            let now_ms = wall_clock_ms();
+            input.for_each(|cap, data| {
+                let time = cap.least().copied().unwrap_or_default();
+                let port = output.output_index();
+                for request in data.drain(..) {
+                    let Some(lane) = lanes.get_mut(&request.model) else {
+                        let reason = format!(
+                            "model `{}` is not served by operator `{name}` (it serves: {})",
+                            request.model,
+                            served.join(", ")
+                        );
+                        output.session(&cap).give(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0));
+                        continue;
+                    };
+                    if let Err(reason) = lane.service.interface().check(&request.model, &request.inputs) {
+                        lane.counters.count(ResultStatus::Failed);
+                        output.session(&cap).give(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0));
+                        continue;
+                    }
+                    if let Some(deadline) = request.deadline.filter(|d| *d <= now_ms) {
+                        lane.counters.count(ResultStatus::Expired);
+                        let reason = format!("deadline {deadline} passed {} ms before admission", now_ms - deadline);
+                        output.session(&cap).give(InferenceResult::refused(&request, ResultStatus::Expired, reason, 0.0));
+                        continue;
+                    }
+                    let queue = lane.queues.entry(request.version).or_insert_with(|| Batcher::new(policy));
+                    let (priority, deadline) = (request.priority, request.deadline);
+                    match queue.push(Waiting { request, time }, priority, deadline, now) {
+                        Admission::Admitted => held.hold(&cap, time, port),
+                        Admission::Displaced(victim, reason) => {
+                            held.hold(&cap, time, port);
+                            lane.counters.count(ResultStatus::Rejected);
+                            let waited = now.duration_since(victim.admitted).as_secs_f64() * 1000.0;
+                            let result = InferenceResult::refused(&victim.item.request, ResultStatus::Rejected, reason, waited);
+                            held.emit(output, victim.item.time, result);
+                        }
+                        Admission::Rejected(waiting, reason) => {
+                            lane.counters.count(ResultStatus::Rejected);
+                            let result = InferenceResult::refused(&waiting.request, ResultStatus::Rejected, reason, 0.0);
+                            output.session(&cap).give(result);
+                        }
+                    }
+                }
+            });
+
+            // Finished runs.
+            for lane in lanes.values_mut() {
+                while let Some(outcome) = lane.service.try_next() {
+                    match outcome {
+                        JobOutcome::Done { id, started, compute, result } => {
+                            let Some(batch) = running.remove(&id) else { continue };
+                            finish(lane, &mut held, output, batch, started, compute, result);
+                        }
+                        JobOutcome::Loaded { version } => {
+                            tracing::info!(operator = %name, model = lane.service.name(), version, worker, "model version loaded");
+                            if version as i64 > lane.version.get() {
+                                lane.version.set(version as i64);
+                            }
+                        }
+                        JobOutcome::LoadFailed { reason } => {
+                            lane.load_failures.inc();
+                            tracing::error!(operator = %name, model = lane.service.name(), %reason, "a model version failed to load; the loaded versions keep serving");
+                        }
+                    }
+                }
+            }
+
+            // Expired requests, then due batches.
+            let drain = frontier.is_empty();
+            let mut wake_in: Option<Duration> = None;
+            for lane in lanes.values_mut() {
+                let mut depth = 0;
+                for (version, queue) in lane.queues.iter_mut() {
+                    for expired in queue.expire(now_ms) {
+                        lane.counters.count(ResultStatus::Expired);
+                        let waited = now.duration_since(expired.admitted).as_secs_f64() * 1000.0;
+                        let deadline = expired.deadline.unwrap_or_default();
+                        let reason = format!("deadline {deadline} passed after {waited:.1} ms in the queue");
+                        let result = InferenceResult::refused(&expired.item.request, ResultStatus::Expired, reason, waited);
+                        held.emit(output, expired.item.time, result);
+                    }
+                    while let Some(batch) = queue.next_batch(now, drain) {
+                        let id = next_job;
+                        next_job += 1;
+                        submit(lane.service.name(), &lane.service, id, *version, batch, &mut running, &mut held, output, &lane.counters);
+                    }
+                    depth += queue.len();
+                    let due = queue.due_in(now);
+                    let deadline = queue
+                        .earliest_deadline()
+                        .map(|d| Duration::from_millis(d.saturating_sub(now_ms).max(1)));
+                    for candidate in [due, deadline].into_iter().flatten() {
+                        wake_in = Some(wake_in.map_or(candidate, |w| w.min(candidate)));
+                    }
+                }
+                lane.depth.set(depth as i64);
+            }
+            if let Some(delay) = wake_in {
+                activator.activate_after(delay);
+            }
+        }
+    })
+}
+
+/// Hands a batch to the model's thread; if the thread is gone, every request fails.
+#[allow(clippy::too_many_arguments)]
+fn submit(
+    model: &str,
+    service: &InferenceService,
+    id: u64,
+    version: Option<u64>,
+    batch: Vec<Queued<Waiting>>,
+    running: &mut HashMap<u64, Vec<(Waiting, Instant)>>,
+    held: &mut Held,
+    output: &mut Output<'_>,
+    counters: &StatusCounters,
+) {
+    let mut inputs = Vec::with_capacity(batch.len());
+    let mut waiting = Vec::with_capacity(batch.len());
+    for mut queued in batch {
+        inputs.push(std::mem::take(&mut queued.item.request.inputs));
+        waiting.push((queued.item, queued.admitted));
+    }
+    match service.submit(Job { id, version, inputs }) {
+        Ok(()) => {
+            running.insert(id, waiting);
+        }
+        Err(reason) => {
+            tracing::error!(model, %reason, "cannot run a batch");
+            for (item, _) in waiting {
+                counters.count(ResultStatus::Failed);
+                held.emit(output, item.time, InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0));
+            }
+        }
+    }
+}
+
+/// Turns a finished run into one result per request.
+fn finish(
+    lane: &Lane,
+    held: &mut Held,
+    output: &mut Output<'_>,
+    batch: Vec<(Waiting, Instant)>,
+    started: Instant,
+    compute: Duration,
+    result: Result<(u64, Vec<BTreeMap<String, edgeflow_operators::Tensor>>), String>,
+) {
+    let compute_ms = compute.as_secs_f64() * 1000.0;
+    lane.batch_size.observe(batch.len() as f64);
+    lane.compute_seconds.observe(compute.as_secs_f64());
+    let size = batch.len() as u32;
+    match result {
+        Ok((version, outputs)) => {
+            for ((waiting, admitted), outputs) in batch.into_iter().zip(outputs) {
+                let queue = started.saturating_duration_since(admitted);
+                lane.queue_seconds.observe(queue.as_secs_f64());
+                lane.counters.count(ResultStatus::Ok);
+                let request = waiting.request;
+                let result = InferenceResult {
+                    id: request.id,
+                    model: request.model,
+                    version: Some(version),
+                    status: ResultStatus::Ok,
+                    error: None,
+                    outputs,
+                    node: request.node,
+                    timestamp: request.timestamp,
+                    queue_ms: queue.as_secs_f64() * 1000.0,
+                    compute_ms,
+                    batch_size: size,
+                };
+                held.emit(output, waiting.time, result);
+            }
+        }
+        Err(reason) => {
+            for (waiting, admitted) in batch {
+                let queue_ms = started.saturating_duration_since(admitted).as_secs_f64() * 1000.0;
+                lane.counters.count(ResultStatus::Failed);
+                let mut result = InferenceResult::refused(&waiting.request, ResultStatus::Failed, reason.clone(), queue_ms);
+                result.compute_ms = compute_ms;
+                result.batch_size = size;
+                held.emit(output, waiting.time, result);
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Configuration of the `inference` operator, and how heartbeats become inference requests
+//! (telemetry scoring). The operator itself runs in the engine, which owns the model
+//! threads; the batching rules are in [`crate::batcher`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::batcher::BatchPolicy;
+use crate::records::{Heartbeat, InferenceRequest, Location, Priority, Tensor};
+use crate::DurationMs;
+
+/// A heartbeat field used as a model feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HeartbeatFeature {
+    /// CPU percent.
+    Cpu,
+    /// Memory percent.
+    Memory,
+    /// Disk percent.
+    Disk,
+    /// Bytes received since the previous heartbeat.
+    NetRxBytes,
+    /// Bytes sent since the previous heartbeat.
+    NetTxBytes,
+    /// Compute capacity in cores.
+    Capacity,
+}
+
+impl HeartbeatFeature {
+    /// The feature's value in `heartbeat`.
+    pub fn value(self, heartbeat: &Heartbeat) -> f32 {
+        (match self {
+            HeartbeatFeature::Cpu => heartbeat.cpu,
+            HeartbeatFeature::Memory => heartbeat.memory,
+            HeartbeatFeature::Disk => heartbeat.disk,
+            HeartbeatFeature::NetRxBytes => heartbeat.net_rx_bytes as f64,
+            HeartbeatFeature::NetTxBytes => heartbeat.net_tx_bytes as f64,
+            HeartbeatFeature::Capacity => heartbeat.capacity,
+        }) as f32
+    }
+}
+
+/// YAML configuration of the `inference` operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// The model registry: one directory per model, one numbered directory per version,
+    /// each with a `model.onnx`.
+    pub registry: PathBuf,
+    /// The models this operator serves (directories of the registry). A request for
+    /// another model gets a `failed` result.
+    pub models: Vec<String>,
+    /// With a heartbeat input: the heartbeat fields that make the `[1, k]` input tensor of
+    /// the first model (its only input). Each heartbeat becomes a request with the id
+    /// `NODE@TIMESTAMP`.
+    #[serde(default)]
+    pub features: Vec<HeartbeatFeature>,
+    /// Most requests in one model run (default 64).
+    #[serde(default = "defaults::max_batch_size")]
+    pub max_batch_size: usize,
+    /// Longest a request waits for its batch to fill (default 5ms).
+    #[serde(default = "defaults::max_queue_delay")]
+    pub max_queue_delay: DurationMs,
+    /// Most requests waiting per model and worker; beyond it requests are rejected with
+    /// the reason, or displace lower-priority ones (default 4096).
+    #[serde(default = "defaults::queue_capacity")]
+    pub queue_capacity: usize,
+    /// ONNX Runtime threads inside one operator per session (default 1; 0: one per core).
+    #[serde(default = "defaults::threads")]
+    pub intra_op_threads: usize,
+    /// ONNX Runtime threads running independent graph operators (default 1; 0: default).
+    #[serde(default = "defaults::threads")]
+    pub inter_op_threads: usize,
+    /// How often the registry is checked for new versions (default 1s; 0s: never).
+    #[serde(default = "defaults::watch")]
+    pub watch: DurationMs,
+}
+
+mod defaults {
+    use crate::DurationMs;
+    pub fn max_batch_size() -> usize {
+        64
+    }
+    pub fn max_queue_delay() -> DurationMs {
+        DurationMs(5)
+    }
+    pub fn queue_capacity() -> usize {
+        4096
+    }
+    pub fn threads() -> usize {
+        1
+    }
+    pub fn watch() -> DurationMs {
+        DurationMs::from_secs(1)
+    }
+}
+
+impl InferenceConfig {
+    /// Parameters that cannot work, each with the field and the reason (the registry's
+    /// contents are checked when the models load).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.models.is_empty() {
+            problems.push(("models", "name at least one model of the registry".to_owned()));
+        }
+        if self.max_batch_size == 0 {
+            problems.push(("max_batch_size", "max_batch_size must be at least 1".to_owned()));
+        }
+        if self.queue_capacity < self.max_batch_size {
+            problems.push((
+                "queue_capacity",
+                format!(
+                    "queue_capacity ({}) must be at least max_batch_size ({})",
+                    self.queue_capacity, self.max_batch_size
+                ),
+            ));
+        }
+        problems
+    }
+
+    /// The batching policy.
+    pub fn policy(&self) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_size: self.max_batch_size,
+            max_queue_delay: std::time::Duration::from_millis(self.max_queue_delay.as_millis()),
+            queue_capacity: self.queue_capacity,
+        }
+    }
+
+    /// The request that scores `heartbeat` with the first model, whose input is `input`.
+    pub fn heartbeat_request(&self, heartbeat: &Heartbeat, input: &str) -> InferenceRequest {
+        let data: Vec<f32> = self.features.iter().map(|f| f.value(heartbeat)).collect();
+        InferenceRequest {
+            id: format!("{}@{}", heartbeat.node_id, heartbeat.timestamp),
+            model: self.models.first().cloned().unwrap_or_default(),
+            version: None,
+            timestamp: heartbeat.timestamp,
+            inputs: BTreeMap::from([(input.to_owned(), Tensor { shape: vec![1, data.len()], data })]),
+            deadline: None,
+            priority: Priority::Normal,
+            location: Some(Location { lat: heartbeat.lat, lon: heartbeat.lon }),
+            region: Some(heartbeat.region.clone()),
+            key: Some(heartbeat.node_id.clone()),
+            node: None,
+        }
+    }
+}
