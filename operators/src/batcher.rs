@@ -84,7 +84,8 @@ impl<T> Batcher<T> {
         let mut displaced = None;
         if self.len >= self.policy.queue_capacity {
             // Make room by pushing out the newest request of the lowest priority below ours.
-            let victim = Priority::ALL.iter().rev().take_while(|p| **p > priority).find(|p| !self.queues[p.index()].is_empty());
+            let victim =
+                Priority::ALL.iter().rev().take_while(|p| **p > priority).find(|p| !self.queues[p.index()].is_empty());
             match victim.and_then(|p| self.queues[p.index()].pop_back()) {
                 Some(victim) => {
                     self.len -= 1;

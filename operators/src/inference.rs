@@ -48,7 +48,7 @@ impl HeartbeatFeature {
 #[serde(deny_unknown_fields)]
 pub struct InferenceConfig {
     /// The model registry: one directory per model, one numbered directory per version,
-    /// each with a `model.onnx`.
+    /// each with a `model.onnx`. A relative path is relative to the pipeline file.
     pub registry: PathBuf,
     /// The models this operator serves (directories of the registry). A request for
     /// another model gets a `failed` result.

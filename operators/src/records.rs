@@ -342,7 +342,9 @@ impl Tensor {
 
 /// Priority of an inference request: a full queue makes room for higher priorities, and a
 /// batch takes higher priorities first.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Served first.
@@ -435,8 +437,8 @@ pub struct InferenceRequest {
 impl InferenceRequest {
     /// Decodes one JSON request and checks its tensors.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let request: InferenceRequest = serde_json::from_slice(bytes)
-            .map_err(|err| format!("invalid inference request JSON: {err}"))?;
+        let request: InferenceRequest =
+            serde_json::from_slice(bytes).map_err(|err| format!("invalid inference request JSON: {err}"))?;
         request.validate()?;
         Ok(request)
     }
@@ -497,9 +499,9 @@ macro_rules! total_order {
 }
 
 fn cmp_floats(a: &[f32], b: &[f32]) -> Ordering {
-    a.len().cmp(&b.len()).then_with(|| {
-        a.iter().zip(b).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(Ordering::Equal)
-    })
+    a.len()
+        .cmp(&b.len())
+        .then_with(|| a.iter().zip(b).map(|(x, y)| x.total_cmp(y)).find(|o| o.is_ne()).unwrap_or(Ordering::Equal))
 }
 
 total_order!(Tensor, |a, b| a.shape.cmp(&b.shape).then_with(|| cmp_floats(&a.data, &b.data)));
@@ -594,7 +596,9 @@ impl InferenceResult {
 }
 
 /// The kinds of record a source can decode.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordKind {
     /// [`Heartbeat`] records (the default).

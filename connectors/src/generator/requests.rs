@@ -72,10 +72,12 @@ impl RequestGeneratorConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if !(self.rate.is_finite() && self.rate > 0.0) {
-            problems.push(("rate", format!("rate must be a positive number of requests per second, not {}", self.rate)));
+            problems
+                .push(("rate", format!("rate must be a positive number of requests per second, not {}", self.rate)));
         }
         if self.shape.is_empty() || self.shape.contains(&0) {
-            problems.push(("shape", format!("shape {:?} must have at least one dimension, none of them 0", self.shape)));
+            problems
+                .push(("shape", format!("shape {:?} must have at least one dimension, none of them 0", self.shape)));
         }
         let (high, low) = (self.high_priority_fraction, self.low_priority_fraction);
         if !(0.0..=1.0).contains(&high) || !(0.0..=1.0).contains(&low) || high + low > 1.0 {
@@ -176,7 +178,11 @@ impl Source for RequestGenerator {
                 return Ok(SourceStatus::Exhausted);
             }
             if due > now {
-                return Ok(if produced > 0 { SourceStatus::Ready } else { SourceStatus::Idle { retry_in_ms: (due - now).max(1) } });
+                return Ok(if produced > 0 {
+                    SourceStatus::Ready
+                } else {
+                    SourceStatus::Idle { retry_in_ms: (due - now).max(1) }
+                });
             }
             let request = self.request(self.next, due);
             out.push(SourceItem::Record { record: Record::Request(Box::new(request)), clock: due });
@@ -233,7 +239,9 @@ mod tests {
         // Request 0 is due at once, request 1 only 100 ms later.
         assert_eq!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Ready);
         assert_eq!(out.len(), 1);
-        assert!(matches!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Idle { retry_in_ms } if retry_in_ms <= 100));
+        assert!(
+            matches!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Idle { retry_in_ms } if retry_in_ms <= 100)
+        );
     }
 
     #[test]

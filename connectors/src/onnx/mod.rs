@@ -118,7 +118,10 @@ impl ModelInterface {
             }
             match rows {
                 Some(rows) if rows != tensor.rows() => {
-                    return Err(format!("inputs of model `{model}` have different row counts ({rows} and {})", tensor.rows()))
+                    return Err(format!(
+                        "inputs of model `{model}` have different row counts ({rows} and {})",
+                        tensor.rows()
+                    ))
                 }
                 _ => rows = Some(tensor.rows()),
             }
@@ -332,7 +335,12 @@ impl OnnxModel {
         };
         let expected = self.declared.as_ref().or_else(|| self.versions.is_empty().then_some(&interface));
         if let Some(expected) = expected {
-            compare(expected, &interface, path, if self.declared.is_some() { "model.json" } else { "the first version" })?;
+            compare(
+                expected,
+                &interface,
+                path,
+                if self.declared.is_some() { "model.json" } else { "the first version" },
+            )?;
         } else {
             compare(&self.interface, &interface, path, "the first version")?;
         }
@@ -388,7 +396,8 @@ impl OnnxModel {
         let mut results: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); batch.len()];
         for spec in &self.interface.outputs {
             let value = outputs.get(&spec.name).ok_or_else(|| format!("output `{}` missing", spec.name))?;
-            let (shape, data) = extract_f32(value, spec.element).map_err(|err| format!("output `{}`: {err}", spec.name))?;
+            let (shape, data) =
+                extract_f32(value, spec.element).map_err(|err| format!("output `{}`: {err}", spec.name))?;
             if shape.first().copied() != Some(total) {
                 return Err(format!("output `{}` has shape {shape:?}, not {total} rows", spec.name));
             }
@@ -424,7 +433,8 @@ fn extract_f32(value: &ort::value::DynValue, element: ElementType) -> Result<(Ve
 
 /// Numbered version directories of a model, ascending, with their `model.onnx` path.
 fn version_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|err| format!("cannot read model directory `{}`: {err}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|err| format!("cannot read model directory `{}`: {err}", dir.display()))?;
     let mut found: Vec<(u64, PathBuf)> = entries
         .flatten()
         .filter(|e| e.path().is_dir())
@@ -464,10 +474,18 @@ fn specs(outlets: &[(&str, &ValueType)], path: &Path, input: bool) -> Result<Vec
 }
 
 fn compare(expected: &ModelInterface, found: &ModelInterface, path: &Path, against: &str) -> Result<(), String> {
-    for (what, expected, found) in [("input", &expected.inputs, &found.inputs), ("output", &expected.outputs, &found.outputs)] {
+    for (what, expected, found) in
+        [("input", &expected.inputs, &found.inputs), ("output", &expected.outputs, &found.outputs)]
+    {
         for spec in expected {
             match found.iter().find(|f| f.name == spec.name) {
-                None => return Err(format!("`{}` has no {what} `{}` ({against} declares {spec})", path.display(), spec.name)),
+                None => {
+                    return Err(format!(
+                        "`{}` has no {what} `{}` ({against} declares {spec})",
+                        path.display(),
+                        spec.name
+                    ))
+                }
                 Some(f) if f != spec => {
                     return Err(format!(
                         "`{}`: {what} `{}` is {} {:?}, {against} declares {} {:?}",

@@ -40,7 +40,10 @@ fn loads_versions_and_interface() {
     assert_eq!(model.versions(), vec![1, 2]);
     assert_eq!(model.latest(), Some(2));
     let interface = model.interface();
-    assert_eq!(interface.inputs, vec![TensorSpec { name: "x".into(), element: ElementType::Float32, shape: vec![-1, 4] }]);
+    assert_eq!(
+        interface.inputs,
+        vec![TensorSpec { name: "x".into(), element: ElementType::Float32, shape: vec![-1, 4] }]
+    );
     assert_eq!(interface.outputs[0].shape, vec![-1, 3]);
     let info = model.version_info();
     assert_eq!(info[0].metadata.get("producer").map(String::as_str), Some("edgeflow-tests"));
@@ -87,7 +90,8 @@ fn a_corrupt_file_or_a_mismatch_is_a_clear_error() {
     assert!(err.contains("1/model.onnx"), "{err}");
 
     let (_dir, model) = linear_copy(&[1]);
-    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
     json["inputs"][0]["shape"] = serde_json::json!([-1, 5]);
     std::fs::write(model.join("model.json"), json.to_string()).unwrap();
     let err = OnnxModel::load(&model, SessionOptions::default()).unwrap_err();

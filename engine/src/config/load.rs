@@ -37,7 +37,8 @@ pub fn load_file(path: &Path) -> Result<Pipeline, Problems> {
 /// Loads and validates pipeline `text` (named `file` in messages), reading environment
 /// variables through `env_lookup`.
 pub fn load_str(text: &str, file: &str, env_lookup: &dyn Fn(&str) -> Option<String>) -> Result<Pipeline, Problems> {
-    let mut checker = Checker::default();
+    let base = Path::new(file).parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut checker = Checker { problems: Vec::new(), base };
     let pipeline = match yaml::parse(text) {
         Ok(mut root) => {
             substitute_env(&mut root, "", env_lookup, &mut checker);
@@ -105,6 +106,8 @@ struct Written<'a> {
 #[derive(Default)]
 struct Checker {
     problems: Vec<Problem>,
+    /// The pipeline file's directory: relative model registries are found from it.
+    base: std::path::PathBuf,
 }
 
 impl Checker {
@@ -200,7 +203,12 @@ impl Checker {
             self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
                 accepts.contains(&kind).then_some(()).ok_or_else(|| {
                     let kinds: Vec<String> = accepts.iter().map(ToString::to_string).collect();
-                    format!("operator `{}` ({}) reads {}", operator.name, operator.config.type_name(), kinds.join(" or "))
+                    format!(
+                        "operator `{}` ({}) reads {}",
+                        operator.name,
+                        operator.config.type_name(),
+                        kinds.join(" or ")
+                    )
                 })
             });
             if let OperatorConfig::Inference(config) = &operator.config {
@@ -519,8 +527,11 @@ impl Checker {
                 OperatorConfig::WindowAggregate(config)
             }
             "inference" => {
-                let config: edgeflow_operators::inference::InferenceConfig =
+                let mut config: edgeflow_operators::inference::InferenceConfig =
                     self.typed_without(written.body, &path, &skip)?;
+                if config.registry.is_relative() {
+                    config.registry = self.base.join(&config.registry);
+                }
                 for (field, message) in config.problems() {
                     self.problem(&join(&path, field), written.body.locate(field).mark, message);
                 }
@@ -552,7 +563,10 @@ impl Checker {
             let dir = registry.join(model);
             let versions = std::fs::read_dir(&dir)
                 .map(|entries| {
-                    entries.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok())).count()
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok()))
+                        .count()
                 })
                 .unwrap_or(0);
             if versions == 0 {

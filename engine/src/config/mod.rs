@@ -17,8 +17,8 @@ use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
 use edgeflow_operators::inference::InferenceConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
-use edgeflow_operators::RecordKind;
 use edgeflow_operators::window_aggregate::WindowAggregateConfig;
+use edgeflow_operators::RecordKind;
 use serde::{Deserialize, Serialize};
 
 pub use load::{load_file, load_str};

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use differential_dataflow::input::InputSession;
 use differential_dataflow::VecCollection;
+use edgeflow_connectors::onnx::OnnxModel;
 use edgeflow_operators::node_health::{NodeHealth, NodeHealthParams};
 use edgeflow_operators::window_aggregate::heartbeat_windows;
-use edgeflow_connectors::onnx::OnnxModel;
 use edgeflow_operators::{
-    DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RecordKind, RegionRollup, StatusChange,
-    WindowResult,
+    DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RecordKind, RegionRollup,
+    StatusChange, WindowResult,
 };
 use timely::dataflow::operators::core::Inspect;
 use timely::dataflow::operators::vec::Map;
@@ -148,7 +148,10 @@ pub fn build<'scope>(
                     Some(Port::Heartbeats(collection)) => {
                         let (config, input) = (config.clone(), input.clone().unwrap_or_default());
                         streams.push(
-                            collection.inner.clone().map(move |(heartbeat, _, _)| config.heartbeat_request(&heartbeat, &input)),
+                            collection
+                                .inner
+                                .clone()
+                                .map(move |(heartbeat, _, _)| config.heartbeat_request(&heartbeat, &input)),
                         );
                     }
                     _ => {}

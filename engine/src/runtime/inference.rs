@@ -290,7 +290,11 @@ fn submit(
             tracing::error!(model, %reason, "cannot run a batch");
             for (item, _) in waiting {
                 counters.count(ResultStatus::Failed);
-                held.emit(output, item.time, InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0));
+                held.emit(
+                    output,
+                    item.time,
+                    InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0),
+                );
             }
         }
     }
@@ -337,7 +341,8 @@ fn finish(
             for (waiting, admitted) in batch {
                 let queue_ms = started.saturating_duration_since(admitted).as_secs_f64() * 1000.0;
                 lane.counters.count(ResultStatus::Failed);
-                let mut result = InferenceResult::refused(&waiting.request, ResultStatus::Failed, reason.clone(), queue_ms);
+                let mut result =
+                    InferenceResult::refused(&waiting.request, ResultStatus::Failed, reason.clone(), queue_ms);
                 result.compute_ms = compute_ms;
                 result.batch_size = size;
                 held.emit(output, waiting.time, result);
