@@ -4,5 +4,6 @@
 pub mod config;
 pub mod graph;
 pub mod metrics;
+pub mod model_cli;
 pub mod runtime;
 pub mod status_line;

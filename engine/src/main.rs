@@ -69,12 +69,70 @@ enum Command {
         #[arg(long, value_enum, default_value = "mermaid")]
         format: Format,
     },
+    /// Inspect or benchmark an ONNX model (a registry entry such as
+    /// `pipelines/models/anomaly`, or a `.onnx` file).
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Print the JSON Schema of pipeline files (for editors), or the Markdown reference.
     Schema {
         /// `json` (JSON Schema) or `markdown` (the README's YAML reference).
         #[arg(long, default_value = "json")]
         format: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Print the model's versions, inputs, outputs and metadata.
+    Inspect {
+        /// Model directory or `.onnx` file.
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the latest version on random inputs and report rows/s and run latency.
+    Bench {
+        /// Model directory or `.onnx` file.
+        model: PathBuf,
+        /// Rows per run.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// How long to measure, seconds.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// ONNX Runtime intra-op threads (0: one per core).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn model_command(command: ModelCommand) -> Result<(), String> {
+    use edgeflow_connectors::onnx::SessionOptions;
+    use edgeflow_engine::model_cli;
+    match command {
+        ModelCommand::Inspect { model, json } => {
+            let model = model_cli::load(&model, SessionOptions::default())?;
+            println!("{}", model_cli::inspect(&model, json).trim_end());
+        }
+        ModelCommand::Bench { model, batch, seconds, threads, json } => {
+            let options = SessionOptions { intra_op_threads: threads, inter_op_threads: 1 };
+            let mut model = model_cli::load(&model, options)?;
+            let duration = std::time::Duration::from_secs_f64(seconds.max(0.0));
+            let report = model_cli::bench(&mut model, batch, duration)?;
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!("{report}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -100,6 +158,13 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(code) => code,
+        },
+        Command::Model { command } => match model_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
         },
         Command::Schema { format } => match format.as_str() {
             "json" => {

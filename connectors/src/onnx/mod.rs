@@ -187,6 +187,7 @@ impl fmt::Debug for OnnxModel {
 
 struct Version {
     session: Session,
+    path: PathBuf,
     metadata: BTreeMap<String, String>,
 }
 
@@ -248,6 +249,33 @@ impl OnnxModel {
         Ok(model)
     }
 
+    /// Loads one `.onnx` file as a model of one version (the number of its directory, else
+    /// 1), named after the file; its interface is the file's own.
+    pub fn from_file(path: &Path, options: SessionOptions) -> Result<Self, String> {
+        if !path.is_file() {
+            return Err(format!("`{}` is not a file", path.display()));
+        }
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let numbered: Option<u64> = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok());
+        let version_dir = numbered.is_some();
+        let version = numbered.unwrap_or(1);
+        // `registry/NAME/3/model.onnx` is version 3 of NAME; any other file is named after itself.
+        let registry_name = dir.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).filter(|_| version_dir);
+        let name = registry_name.or_else(|| path.file_stem().and_then(|n| n.to_str())).unwrap_or("model").to_owned();
+        let mut model = OnnxModel {
+            name,
+            dir,
+            options,
+            description: None,
+            declared: None,
+            interface: ModelInterface { inputs: Vec::new(), outputs: Vec::new() },
+            versions: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        };
+        model.load_version(version, path)?;
+        Ok(model)
+    }
+
     /// The model's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -277,11 +305,7 @@ impl OnnxModel {
     pub fn version_info(&self) -> Vec<VersionInfo> {
         self.versions
             .iter()
-            .map(|(version, v)| VersionInfo {
-                version: *version,
-                path: self.dir.join(version.to_string()).join("model.onnx"),
-                metadata: v.metadata.clone(),
-            })
+            .map(|(version, v)| VersionInfo { version: *version, path: v.path.clone(), metadata: v.metadata.clone() })
             .collect()
     }
 
@@ -348,7 +372,7 @@ impl OnnxModel {
             self.interface = interface;
         }
         let metadata = metadata(&session);
-        self.versions.insert(version, Version { session, metadata });
+        self.versions.insert(version, Version { session, path: path.to_path_buf(), metadata });
         Ok(())
     }
 
