@@ -1,0 +1,407 @@
+//! End-to-end tests of the `inference` operator on the real ONNX Runtime library, with the
+//! test models of `engine/tests/models` (rebuilt by `pipelines/models/make_test_models.py`)
+//! and reference outputs from ONNX Runtime's Python API (`onnx_reference.py`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+mod common;
+use common::Running;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn models() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models")
+}
+
+fn edgeflow() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+    command.env("EDGEFLOW_LOG", "info").env_remove("EDGEFLOW_WORKERS").env_remove("EDGEFLOW_METRICS_ADDR");
+    command
+}
+
+fn run(pipeline: &Path, workers: usize) -> Output {
+    let output = edgeflow()
+        .arg("run")
+        .arg(pipeline)
+        .args(["--no-metrics", "--workers", &workers.to_string()])
+        .output()
+        .expect("edgeflow runs");
+    assert!(output.status.success(), "edgeflow failed: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn python() -> PathBuf {
+    let python = root().join(".venv/bin/python");
+    assert!(python.exists(), "the test virtualenv is missing: run scripts/setup.sh test");
+    python
+}
+
+/// A request of the `linear` model (input `x`, 4 columns) with `rows` rows of values
+/// derived from `seq`, at event time 1700000000000 + `seq`.
+fn linear_request(seq: u64, rows: usize) -> Value {
+    linear_request_at(seq, rows, 1_700_000_000_000)
+}
+
+fn linear_request_at(seq: u64, rows: usize, base: u64) -> Value {
+    let data: Vec<f32> = (0..rows * 4).map(|k| (((seq * 7 + k as u64 * 13) % 41) as f32 - 20.0) / 8.0).collect();
+    serde_json::json!({
+        "id": format!("r{seq}"), "model": "linear", "timestamp": base + seq,
+        "inputs": {"x": {"shape": [rows, 4], "data": data}},
+    })
+}
+
+fn write_lines(path: &Path, lines: &[Value]) {
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn read_results(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("bad result line {line}: {err}")))
+        .collect()
+}
+
+/// Reference outputs by request id, from ONNX Runtime's Python API on `model`.
+fn reference(requests: &Path, model: &Path) -> HashMap<String, Value> {
+    let output = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_reference.py"))
+        .arg(requests)
+        .arg(model)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let value: Value = serde_json::from_str(line).unwrap();
+            (value["id"].as_str().unwrap().to_owned(), value["outputs"].clone())
+        })
+        .collect()
+}
+
+/// Asserts that two output maps hold the same shapes and values (to 1e-5).
+fn assert_outputs_equal(id: &str, got: &Value, want: &Value) {
+    let (got, want) = (got.as_object().unwrap(), want.as_object().unwrap());
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{id}: output names");
+    for (name, tensor) in want {
+        assert_eq!(got[name]["shape"], tensor["shape"], "{id}: shape of {name}");
+        let (a, b) = (got[name]["data"].as_array().unwrap(), tensor["data"].as_array().unwrap());
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{id}: {name} {x} != {y}");
+        }
+    }
+}
+
+/// A pipeline: `source` (YAML of one source named `input`) -> inference `infer` with
+/// `settings` -> file sink `results.jsonl` in `dir`.
+fn pipeline(dir: &Path, source: &str, registry: &Path, settings: &str) -> PathBuf {
+    let text = format!(
+        "name: inference-test\nmetrics:\n  enabled: false\nsources:\n  input:\n{source}\noperators:\n  infer:\n    type: inference\n    input: input\n    registry: {}\n    models: [linear]\n{settings}\nsinks:\n  results:\n    type: file\n    input: infer\n    path: {}\n",
+        registry.display(),
+        dir.join("results.jsonl").display()
+    );
+    let path = dir.join("pipeline.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn file_source(requests: &Path) -> String {
+    format!("    type: file\n    records: inference_requests\n    path: {}", requests.display())
+}
+
+/// A private registry with the `linear` model at the given versions.
+fn registry(dir: &Path, versions: &[u64]) -> PathBuf {
+    let registry = dir.join("models");
+    std::fs::create_dir_all(registry.join("linear")).unwrap();
+    std::fs::copy(models().join("linear/model.json"), registry.join("linear/model.json")).unwrap();
+    for version in versions {
+        add_version(&registry, *version);
+    }
+    registry
+}
+
+/// Adds `linear` version `version` the safe way: written beside, renamed into place.
+fn add_version(registry: &Path, version: u64) {
+    let staging = registry.join(format!("linear/.staging-{version}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::copy(models().join(format!("linear/{version}/model.onnx")), staging.join("model.onnx")).unwrap();
+    std::fs::rename(&staging, registry.join(format!("linear/{version}"))).unwrap();
+}
+
+fn by_status(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for result in results {
+        *counts.entry(result["status"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn outputs_equal_a_direct_onnx_runtime_run_and_bad_requests_get_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut requests: Vec<Value> = (0..3000).map(|seq| linear_request(seq, 1 + (seq % 3) as usize)).collect();
+    let mut wrong_shape = linear_request(90_001, 1);
+    wrong_shape["inputs"]["x"] = serde_json::json!({"shape": [1, 5], "data": [1, 2, 3, 4, 5]});
+    let mut unknown_model = linear_request(90_002, 1);
+    unknown_model["model"] = "resnet".into();
+    let mut wrong_input = linear_request(90_003, 1);
+    wrong_input["inputs"] = serde_json::json!({"z": {"shape": [1, 4], "data": [1, 2, 3, 4]}});
+    requests.extend([wrong_shape, unknown_model, wrong_input]);
+    let path = dir.path().join("requests.jsonl");
+    write_lines(&path, &requests);
+    std::fs::write(dir.path().join("requests.jsonl"), {
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"id\": \"broken\"\n");
+        text
+    })
+    .unwrap();
+
+    let settings = "    max_batch_size: 64\n    max_queue_delay: 20ms";
+    for workers in [1, 2] {
+        let pipeline = pipeline(dir.path(), &file_source(&path), &models(), settings);
+        run(&pipeline, workers);
+        let results = read_results(&dir.path().join("results.jsonl"));
+        assert_eq!(results.len(), 3003, "one result per request ({workers} workers)");
+        let mut expected = reference(&path, &models().join("linear/2/model.onnx"));
+        expected.remove("r90002"); // fits the tensors, but names another model
+        assert_eq!(expected.len(), 3000);
+        let mut batched = 0;
+        for result in &results {
+            let id = result["id"].as_str().unwrap();
+            match expected.get(id) {
+                Some(outputs) => {
+                    assert_eq!(result["status"], "ok", "{result}");
+                    assert_eq!(result["version"], 2, "unpinned requests get the latest version");
+                    assert_outputs_equal(id, &result["outputs"], outputs);
+                    if result["batch_size"].as_u64().unwrap() > 1 {
+                        batched += 1;
+                    }
+                }
+                None => {
+                    assert_eq!(result["status"], "failed", "{result}");
+                    let error = result["error"].as_str().unwrap();
+                    let want = match id {
+                        "r90001" => "input `x` has shape [1, 5]; model `linear` expects [-1, 4]",
+                        "r90002" => "model `resnet` is not served by operator `infer` (it serves: linear)",
+                        _ => "model `linear` needs input `x`",
+                    };
+                    assert!(error.starts_with(want), "{id}: {error}");
+                }
+            }
+        }
+        // Requests that arrive together share runs.
+        assert!(batched > 2900, "{batched} of 3000 requests ran in batches larger than 1 ({workers} workers)");
+        let largest = results.iter().filter_map(|r| r["batch_size"].as_u64()).max().unwrap();
+        assert_eq!(largest, 64, "max_batch_size caps a batch");
+    }
+}
+
+#[test]
+fn a_lone_request_waits_for_max_queue_delay_and_no_longer() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = "    type: requests\n    model: linear\n    rate: 10\n    count: 15\n    input_name: x\n    shape: [1, 4]";
+    let pipeline = pipeline(dir.path(), source, &models(), "    max_batch_size: 64\n    max_queue_delay: 40ms");
+    run(&pipeline, 1);
+    let results = read_results(&dir.path().join("results.jsonl"));
+    assert_eq!(results.len(), 15);
+    // The stream's end releases the last request at once; the others wait alone.
+    let mut waits: Vec<f64> = results
+        .iter()
+        .filter(|r| r["id"] != "req-14")
+        .map(|r| {
+            assert_eq!(r["status"], "ok", "{r}");
+            assert_eq!(r["batch_size"], 1, "requests 100 ms apart run alone: {r}");
+            r["queue_ms"].as_f64().unwrap()
+        })
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    // Each waited for its batch to fill until max_queue_delay, then ran; the timer that wakes
+    // the operator fires within a few ms.
+    assert!(waits[0] >= 39.0, "a lone request waits max_queue_delay for company: {waits:?}");
+    assert!(waits[7] <= 45.0, "median wait beyond max_queue_delay: {waits:?}");
+    assert!(waits[13] <= 60.0, "a wait far beyond max_queue_delay: {waits:?}");
+}
+
+#[test]
+fn deadlines_expire_with_an_error_result() {
+    let dir = tempfile::tempdir().unwrap();
+    // Requests with a 10 ms budget cannot wait for a 300 ms batch window.
+    let source =
+        "    type: requests\n    model: linear\n    rate: 100\n    count: 20\n    input_name: x\n    shape: [1, 4]\n    deadline: 10ms";
+    let window = pipeline(dir.path(), source, &models(), "    max_batch_size: 64\n    max_queue_delay: 300ms");
+    run(&window, 1);
+    let results = read_results(&dir.path().join("results.jsonl"));
+    // The stream's end releases the last request at once, before its deadline.
+    assert_eq!(by_status(&results), BTreeMap::from([("expired".to_owned(), 19), ("ok".to_owned(), 1)]));
+    for result in results.iter().filter(|r| r["id"] != "req-19") {
+        let error = result["error"].as_str().unwrap();
+        assert!(error.starts_with("deadline ") && error.contains("ms in the queue"), "{error}");
+        assert!(result["outputs"].as_object().unwrap().is_empty());
+    }
+
+    // A request already past its deadline when it arrives is not queued at all.
+    let path = dir.path().join("late.jsonl");
+    let mut late = linear_request(1, 1);
+    late["deadline"] = 1_000.into();
+    write_lines(&path, &[late, linear_request(2, 1)]);
+    let late_pipeline = pipeline(dir.path(), &file_source(&path), &models(), "    max_queue_delay: 1ms");
+    run(&late_pipeline, 1);
+    let results = read_results(&dir.path().join("results.jsonl"));
+    assert_eq!(by_status(&results), BTreeMap::from([("expired".to_owned(), 1), ("ok".to_owned(), 1)]));
+    let expired = results.iter().find(|r| r["status"] == "expired").unwrap();
+    assert!(expired["error"].as_str().unwrap().contains("before admission"), "{expired}");
+}
+
+#[test]
+fn a_full_queue_rejects_with_the_reason_and_makes_room_for_high_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let requests: Vec<Value> = (0..5000)
+        .map(|seq| {
+            let mut request = linear_request(seq, 1);
+            if seq % 100 == 0 {
+                request["priority"] = "high".into();
+            }
+            request
+        })
+        .collect();
+    let path = dir.path().join("requests.jsonl");
+    write_lines(&path, &requests);
+    let settings = "    max_batch_size: 8\n    queue_capacity: 32\n    max_queue_delay: 1ms";
+    let pipeline = pipeline(dir.path(), &file_source(&path), &models(), settings);
+    run(&pipeline, 1);
+    let results = read_results(&dir.path().join("results.jsonl"));
+    assert_eq!(results.len(), 5000, "every request gets a result, admitted or not");
+    let counts = by_status(&results);
+    assert!(counts.get("rejected").copied().unwrap_or(0) > 1000, "{counts:?}");
+    assert!(counts.get("ok").copied().unwrap_or(0) >= 32, "{counts:?}");
+    for result in &results {
+        let id: u64 = result["id"].as_str().unwrap()[1..].parse().unwrap();
+        if id % 100 == 0 {
+            assert_eq!(result["status"], "ok", "high priority is admitted ahead of normal: {result}");
+        }
+        if result["status"] == "rejected" {
+            let error = result["error"].as_str().unwrap();
+            assert!(
+                error.starts_with("queue full: 32 requests of priority normal or higher are waiting (queue_capacity 32)")
+                    || error.starts_with("displaced from a full queue (32 waiting) by a high priority request"),
+                "{error}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_model_is_refused_at_start_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path(), &[1]);
+    std::fs::write(registry.join("linear/1/model.onnx"), b"\x08\x07garbage").unwrap();
+    let path = dir.path().join("requests.jsonl");
+    write_lines(&path, &[linear_request(1, 1)]);
+    let pipeline = pipeline(dir.path(), &file_source(&path), &registry, "");
+    let output = edgeflow().arg("run").arg(&pipeline).arg("--no-metrics").output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("error: operator `infer` cannot load its models: cannot load model `linear` from `"), "{stderr}");
+    assert!(stderr.contains("linear/1/model.onnx"), "{stderr}");
+
+    // A model missing from the registry is a validation error, before anything starts.
+    std::fs::remove_dir_all(registry.join("linear")).unwrap();
+    let output = edgeflow().arg("validate").arg(&pipeline).output().unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("model `linear` is not in the registry"), "{stderr}");
+}
+
+/// Waits for `condition`, polling; panics with `what` after `limit`.
+fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_new_version_is_swapped_in_mid_stream_without_dropping_or_mixing() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path(), &[1]);
+    let path = dir.path().join("requests.jsonl");
+    // Event times near the wall clock: an idle followed file's watermark follows the clock.
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let base = now();
+    let first: Vec<Value> = (0..2000).map(|seq| linear_request_at(seq, 1 + (seq % 2) as usize, base)).collect();
+    write_lines(&path, &first);
+    let source = format!("{}\n    follow: true\n    poll_interval: 10ms\n    idle_timeout: 100ms", file_source(&path));
+    let pipeline = pipeline(dir.path(), &source, &registry, "    max_batch_size: 32\n    max_queue_delay: 5ms\n    watch: 50ms");
+    let results_path = dir.path().join("results.jsonl");
+    let mut child = Running(
+        edgeflow()
+            .arg("run")
+            .arg(&pipeline)
+            .args(["--no-metrics", "--workers", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let log_writer = log.clone();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            log_writer.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let count = |path: &Path| std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0);
+    wait_for("the first requests' results", Duration::from_secs(60), || count(&results_path) >= 2000);
+    add_version(&registry, 2);
+    // Both workers load the new version.
+    wait_for("version 2 to load", Duration::from_secs(30), || {
+        log.lock().unwrap().matches("model version loaded").count() >= 2
+    });
+    let base = now() - 2000;
+    let mut pinned = linear_request_at(5000, 1, base - 3000);
+    pinned["version"] = 1.into();
+    let second: Vec<Value> =
+        (2000..4000).map(|seq| linear_request_at(seq, 1 + (seq % 2) as usize, base)).chain([pinned]).collect();
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+    for request in &second {
+        std::io::Write::write_all(&mut file, format!("{request}\n").as_bytes()).unwrap();
+    }
+    drop(file);
+    wait_for("the second requests' results", Duration::from_secs(60), || count(&results_path) >= 4001);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap();
+
+    let results = read_results(&results_path);
+    assert_eq!(results.len(), 4001, "no request dropped or answered twice");
+    let v1 = reference(&path, &models().join("linear/1/model.onnx"));
+    let v2 = reference(&path, &models().join("linear/2/model.onnx"));
+    let mut versions = BTreeMap::new();
+    for result in &results {
+        assert_eq!(result["status"], "ok", "{result}");
+        let id = result["id"].as_str().unwrap();
+        let version = result["version"].as_u64().unwrap();
+        // Each result is entirely the version it names: no batch mixes versions.
+        let expected = if version == 1 { &v1 } else { &v2 };
+        assert_outputs_equal(id, &result["outputs"], &expected[id]);
+        let seq: u64 = id[1..].parse().unwrap();
+        *versions.entry((seq >= 2000 && seq != 5000, version)).or_insert(0) += 1;
+    }
+    assert_eq!(versions.get(&(false, 1)), Some(&2001), "before the swap, and the pinned one: {versions:?}");
+    assert_eq!(versions.get(&(true, 2)), Some(&2000), "after the swap every unpinned request ran version 2: {versions:?}");
+}
