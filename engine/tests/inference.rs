@@ -211,7 +211,8 @@ fn outputs_equal_a_direct_onnx_runtime_run_and_bad_requests_get_reasons() {
 #[test]
 fn a_lone_request_waits_for_max_queue_delay_and_no_longer() {
     let dir = tempfile::tempdir().unwrap();
-    let source = "    type: requests\n    model: linear\n    rate: 10\n    count: 15\n    input_name: x\n    shape: [1, 4]";
+    let source =
+        "    type: requests\n    model: linear\n    rate: 10\n    count: 15\n    input_name: x\n    shape: [1, 4]";
     let pipeline = pipeline(dir.path(), source, &models(), "    max_batch_size: 64\n    max_queue_delay: 40ms");
     run(&pipeline, 1);
     let results = read_results(&dir.path().join("results.jsonl"));
@@ -294,8 +295,9 @@ fn a_full_queue_rejects_with_the_reason_and_makes_room_for_high_priority() {
         if result["status"] == "rejected" {
             let error = result["error"].as_str().unwrap();
             assert!(
-                error.starts_with("queue full: 32 requests of priority normal or higher are waiting (queue_capacity 32)")
-                    || error.starts_with("displaced from a full queue (32 waiting) by a high priority request"),
+                error.starts_with(
+                    "queue full: 32 requests of priority normal or higher are waiting (queue_capacity 32)"
+                ) || error.starts_with("displaced from a full queue (32 waiting) by a high priority request"),
                 "{error}"
             );
         }
@@ -313,7 +315,10 @@ fn a_corrupt_model_is_refused_at_start_with_its_path() {
     let output = edgeflow().arg("run").arg(&pipeline).arg("--no-metrics").output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("error: operator `infer` cannot load its models: cannot load model `linear` from `"), "{stderr}");
+    assert!(
+        stderr.contains("error: operator `infer` cannot load its models: cannot load model `linear` from `"),
+        "{stderr}"
+    );
     assert!(stderr.contains("linear/1/model.onnx"), "{stderr}");
 
     // A model missing from the registry is a validation error, before anything starts.
@@ -344,7 +349,8 @@ fn a_new_version_is_swapped_in_mid_stream_without_dropping_or_mixing() {
     let first: Vec<Value> = (0..2000).map(|seq| linear_request_at(seq, 1 + (seq % 2) as usize, base)).collect();
     write_lines(&path, &first);
     let source = format!("{}\n    follow: true\n    poll_interval: 10ms\n    idle_timeout: 100ms", file_source(&path));
-    let pipeline = pipeline(dir.path(), &source, &registry, "    max_batch_size: 32\n    max_queue_delay: 5ms\n    watch: 50ms");
+    let pipeline =
+        pipeline(dir.path(), &source, &registry, "    max_batch_size: 32\n    max_queue_delay: 5ms\n    watch: 50ms");
     let results_path = dir.path().join("results.jsonl");
     let mut child = Running(
         edgeflow()
@@ -372,29 +378,46 @@ fn a_new_version_is_swapped_in_mid_stream_without_dropping_or_mixing() {
     wait_for("version 2 to load", Duration::from_secs(30), || {
         log.lock().unwrap().matches("model version loaded").count() >= 2
     });
+    // A broken version 3 is reported and skipped; version 2 keeps serving.
+    std::fs::create_dir_all(registry.join("linear/3")).unwrap();
+    std::fs::write(registry.join("linear/3/model.onnx"), b"truncated").unwrap();
+    wait_for("version 3 to fail", Duration::from_secs(30), || {
+        log.lock().unwrap().matches("a model version failed to load").count() >= 2
+    });
     let base = now() - 2000;
     let mut pinned = linear_request_at(5000, 1, base - 3000);
     pinned["version"] = 1.into();
+    let mut broken = linear_request_at(5001, 1, base - 3000);
+    broken["version"] = 3.into();
     let second: Vec<Value> =
-        (2000..4000).map(|seq| linear_request_at(seq, 1 + (seq % 2) as usize, base)).chain([pinned]).collect();
+        (2000..4000).map(|seq| linear_request_at(seq, 1 + (seq % 2) as usize, base)).chain([pinned, broken]).collect();
     let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
     for request in &second {
         std::io::Write::write_all(&mut file, format!("{request}\n").as_bytes()).unwrap();
     }
     drop(file);
-    wait_for("the second requests' results", Duration::from_secs(60), || count(&results_path) >= 4001);
+    wait_for("the second requests' results", Duration::from_secs(60), || count(&results_path) >= 4002);
     child.kill().unwrap();
     child.wait().unwrap();
     reader.join().unwrap();
 
     let results = read_results(&results_path);
-    assert_eq!(results.len(), 4001, "no request dropped or answered twice");
+    assert_eq!(results.len(), 4002, "no request dropped or answered twice");
     let v1 = reference(&path, &models().join("linear/1/model.onnx"));
     let v2 = reference(&path, &models().join("linear/2/model.onnx"));
     let mut versions = BTreeMap::new();
     for result in &results {
-        assert_eq!(result["status"], "ok", "{result}");
         let id = result["id"].as_str().unwrap();
+        if id == "r5001" {
+            assert_eq!(result["status"], "failed");
+            let error = result["error"].as_str().unwrap();
+            assert!(
+                error.starts_with("model `linear` has no version 3 (loaded: 1, 2); it failed to load: "),
+                "{error}"
+            );
+            continue;
+        }
+        assert_eq!(result["status"], "ok", "{result}");
         let version = result["version"].as_u64().unwrap();
         // Each result is entirely the version it names: no batch mixes versions.
         let expected = if version == 1 { &v1 } else { &v2 };
@@ -403,5 +426,9 @@ fn a_new_version_is_swapped_in_mid_stream_without_dropping_or_mixing() {
         *versions.entry((seq >= 2000 && seq != 5000, version)).or_insert(0) += 1;
     }
     assert_eq!(versions.get(&(false, 1)), Some(&2001), "before the swap, and the pinned one: {versions:?}");
-    assert_eq!(versions.get(&(true, 2)), Some(&2000), "after the swap every unpinned request ran version 2: {versions:?}");
+    assert_eq!(
+        versions.get(&(true, 2)),
+        Some(&2000),
+        "after the swap every unpinned request ran version 2: {versions:?}"
+    );
 }

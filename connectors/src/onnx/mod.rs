@@ -171,8 +171,8 @@ pub struct OnnxModel {
     interface: ModelInterface,
     versions: BTreeMap<u64, Version>,
     /// Version files that failed to load, with their modification time (retried once the
-    /// file changes).
-    failed: BTreeMap<u64, Option<SystemTime>>,
+    /// file changes) and the reason.
+    failed: BTreeMap<u64, (Option<SystemTime>, String)>,
 }
 
 impl fmt::Debug for OnnxModel {
@@ -322,7 +322,7 @@ impl OnnxModel {
                 continue;
             }
             let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-            if self.failed.get(&version).is_some_and(|seen| *seen == modified) {
+            if self.failed.get(&version).is_some_and(|(seen, _)| *seen == modified) {
                 continue;
             }
             match self.load_version(version, &path) {
@@ -331,7 +331,7 @@ impl OnnxModel {
                     loaded.push(version);
                 }
                 Err(err) => {
-                    self.failed.insert(version, modified);
+                    self.failed.insert(version, (modified, err.clone()));
                     errors.push(err);
                 }
             }
@@ -390,7 +390,11 @@ impl OnnxModel {
         };
         let Some(loaded) = self.versions.get_mut(&version) else {
             let have: Vec<String> = self.versions.keys().map(u64::to_string).collect();
-            return Err(format!("model `{}` has no version {version} (loaded: {})", self.name, have.join(", ")));
+            let why = match self.failed.get(&version) {
+                Some((_, reason)) => format!("; it failed to load: {reason}"),
+                None => String::new(),
+            };
+            return Err(format!("model `{}` has no version {version} (loaded: {}){why}", self.name, have.join(", ")));
         };
         let rows: Vec<usize> = batch.iter().map(|inputs| inputs.values().next().map_or(1, Tensor::rows)).collect();
         let total: usize = rows.iter().sum();
