@@ -34,6 +34,10 @@ pub struct InferenceMetrics {
     pub model_version: Family<Labels, Gauge>,
     /// Versions found in the registry that failed to load, per model.
     pub load_failures: Family<Labels, Counter>,
+    /// Waiting requests sent back to their load balancer because their node went Offline.
+    pub rerouted: Family<Labels, Counter>,
+    /// Requests placed by each load balancer, per node.
+    pub placed: Family<Labels, Counter>,
 }
 
 impl Default for InferenceMetrics {
@@ -52,6 +56,8 @@ impl Default for InferenceMetrics {
             queue_depth: Family::default(),
             model_version: Family::default(),
             load_failures: Family::default(),
+            rerouted: Family::default(),
+            placed: Family::default(),
         }
     }
 }
@@ -66,6 +72,8 @@ impl InferenceMetrics {
         registry.register("queue_depth", "Requests waiting for a batch", self.queue_depth.clone());
         registry.register("model_version", "Latest loaded model version", self.model_version.clone());
         registry.register("model_load_failures", "Model versions that failed to load", self.load_failures.clone());
+        registry.register("rerouted", "Waiting requests re-routed because their node went offline", self.rerouted.clone());
+        registry.register("placed", "Requests placed by load balancers, per status", self.placed.clone());
     }
 }
 

@@ -145,6 +145,19 @@ impl<T> Batcher<T> {
         expired
     }
 
+    /// Removes and returns every waiting request for which `leaves` holds (in priority,
+    /// then arrival order).
+    pub fn remove_where(&mut self, mut leaves: impl FnMut(&T) -> bool) -> Vec<Queued<T>> {
+        let mut removed = Vec::new();
+        for queue in &mut self.queues {
+            let (gone, kept): (VecDeque<_>, VecDeque<_>) = queue.drain(..).partition(|q| leaves(&q.item));
+            *queue = kept;
+            removed.extend(gone);
+        }
+        self.len -= removed.len();
+        removed
+    }
+
     /// The next batch, if one is due at `now`: when `max_batch_size` requests wait, when the
     /// oldest has waited `max_queue_delay`, or at once when `drain` is set (end of input).
     /// Higher priorities go first, then arrival order.
@@ -246,6 +259,18 @@ mod tests {
         }
         assert_eq!(batcher.len(), 2);
         assert_eq!(items(&batcher.next_batch(now, true).unwrap()), vec![4, 1]);
+    }
+
+    #[test]
+    fn requests_leave_by_predicate() {
+        let now = Instant::now();
+        let mut batcher = Batcher::new(policy(10, 10));
+        for i in 0..6 {
+            batcher.push(i, if i == 5 { Priority::High } else { Priority::Normal }, None, now);
+        }
+        assert_eq!(items(&batcher.remove_where(|i| i % 2 == 1)), vec![5, 1, 3]);
+        assert_eq!(batcher.len(), 3);
+        assert_eq!(items(&batcher.next_batch(now, true).unwrap()), vec![0, 2, 4]);
     }
 
     #[test]

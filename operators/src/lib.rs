@@ -8,6 +8,7 @@
 pub mod batcher;
 pub mod duration;
 pub mod inference;
+pub mod load_balance;
 pub mod node_health;
 pub mod records;
 pub mod window_aggregate;

@@ -15,7 +15,7 @@ use super::{
 
 const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
 const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka", "requests"];
-const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate", "inference"];
+const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate", "inference", "load_balance"];
 const SINK_TYPES: &[&str] = &["stdout", "file", "dead_letter", "kafka"];
 
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
@@ -213,6 +213,9 @@ impl Checker {
             });
             if let OperatorConfig::Inference(config) = &operator.config {
                 self.check_inference_features(written, config, &ports);
+            }
+            if let OperatorConfig::LoadBalance(config) = &operator.config {
+                self.check_load_balance(written, config, &ports, &operators, &typed_operators, &sinks);
             }
         }
         for (written, typed) in sinks.iter().zip(&typed_sinks) {
@@ -526,6 +529,14 @@ impl Checker {
                 }
                 OperatorConfig::WindowAggregate(config)
             }
+            "load_balance" => {
+                let config: edgeflow_operators::load_balance::LoadBalanceConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                for (field, message) in config.problems() {
+                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
+                }
+                OperatorConfig::LoadBalance(config)
+            }
             "inference" => {
                 let mut config: edgeflow_operators::inference::InferenceConfig =
                     self.typed_without(written.body, &path, &skip)?;
@@ -578,6 +589,82 @@ impl Checker {
                 };
                 self.problem(&format!("{path}.models[{index}]"), mark, message);
             }
+        }
+    }
+
+    /// A balancer reads requests, exactly one status-change stream and, for strategies that
+    /// need resources or locations, heartbeats; its unplaced requests must reach someone (an
+    /// inference operator reading it, or a reader of `NAME.unplaced`); and at most one
+    /// inference operator reads it (that operator sends re-routed requests back).
+    fn check_load_balance(
+        &mut self,
+        written: &Written<'_>,
+        config: &edgeflow_operators::load_balance::LoadBalanceConfig,
+        ports: &BTreeMap<String, Vec<(&'static str, PortKind)>>,
+        operators: &[Written<'_>],
+        typed_operators: &[Option<OperatorSpec>],
+        sinks: &[Written<'_>],
+    ) {
+        let kind_of = |reference: &PortRef| {
+            ports.get(&reference.component).and_then(|outputs| {
+                let port = reference.port.as_deref().unwrap_or("");
+                outputs.iter().find(|(name, _)| *name == port).map(|(_, kind)| *kind)
+            })
+        };
+        let count = |kind: PortKind| written.inputs.iter().filter(|(r, _, _)| kind_of(r) == Some(kind)).count();
+        let path = format!("operators.{}", written.name);
+        let mark = written.body.locate("input").mark.max(written.body.locate("inputs").mark);
+        if count(PortKind::InferenceRequests) == 0 {
+            self.problem(&path, mark, format!("load_balance `{}` needs inference requests among its inputs", written.name));
+        }
+        if count(PortKind::StatusChanges) != 1 {
+            self.problem(
+                &path,
+                mark,
+                format!(
+                    "load_balance `{}` needs exactly one status-change input (a node_health operator's `changes`), found {}",
+                    written.name,
+                    count(PortKind::StatusChanges)
+                ),
+            );
+        }
+        if config.strategy.needs_heartbeats() && count(PortKind::Heartbeats) == 0 {
+            self.problem(
+                &join(&path, "strategy"),
+                written.body.locate("strategy").mark,
+                format!(
+                    "strategy {:?} needs heartbeats (resources and locations) among the inputs",
+                    serde_json::to_value(config.strategy).unwrap_or_default()
+                ),
+            );
+        }
+        let reads = |inputs: &[(PortRef, Mark, String)], port: Option<&str>| {
+            inputs.iter().any(|(r, _, _)| {
+                r.component == written.name && (r.port.as_deref() == port || (port.is_none() && r.port.as_deref() == Some("requests")))
+            })
+        };
+        let inference_readers = operators
+            .iter()
+            .zip(typed_operators)
+            .filter(|(w, t)| matches!(t, Some(OperatorSpec { config: OperatorConfig::Inference(_), .. })) && reads(&w.inputs, None))
+            .count();
+        if inference_readers > 1 {
+            self.problem(
+                &path,
+                written.name_mark,
+                format!("load_balance `{}` feeds {inference_readers} inference operators; at most one may read a balancer (it returns re-routed requests)", written.name),
+            );
+        }
+        let unplaced_read = operators.iter().chain(sinks).any(|w| reads(&w.inputs, Some("unplaced")));
+        if inference_readers == 0 && !unplaced_read {
+            self.problem(
+                &path,
+                written.name_mark,
+                format!(
+                    "the unplaced requests of load_balance `{}` are not read, so they would be lost\nhint: read `{}.unplaced` in a sink, or feed the balancer to an inference operator",
+                    written.name, written.name
+                ),
+            );
         }
     }
 

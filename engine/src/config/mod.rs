@@ -16,6 +16,7 @@ use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
 use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
 use edgeflow_operators::inference::InferenceConfig;
+use edgeflow_operators::load_balance::LoadBalanceConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
 use edgeflow_operators::window_aggregate::WindowAggregateConfig;
 use edgeflow_operators::RecordKind;
@@ -211,6 +212,8 @@ pub enum OperatorConfig {
     WindowAggregate(WindowAggregateConfig),
     /// Batched ONNX inference.
     Inference(InferenceConfig),
+    /// Placement of inference requests on edge nodes.
+    LoadBalance(LoadBalanceConfig),
 }
 
 impl OperatorConfig {
@@ -220,6 +223,7 @@ impl OperatorConfig {
             OperatorConfig::NodeHealth(_) => "node_health",
             OperatorConfig::WindowAggregate(_) => "window_aggregate",
             OperatorConfig::Inference(_) => "inference",
+            OperatorConfig::LoadBalance(_) => "load_balance",
         }
     }
 
@@ -228,6 +232,9 @@ impl OperatorConfig {
         match self {
             OperatorConfig::NodeHealth(_) | OperatorConfig::WindowAggregate(_) => &[PortKind::Heartbeats],
             OperatorConfig::Inference(_) => &[PortKind::InferenceRequests, PortKind::Heartbeats],
+            OperatorConfig::LoadBalance(_) => {
+                &[PortKind::InferenceRequests, PortKind::StatusChanges, PortKind::Heartbeats]
+            }
         }
     }
 }
@@ -338,6 +345,9 @@ pub fn operator_outputs(config: &OperatorConfig) -> &'static [(&'static str, Por
         ],
         OperatorConfig::WindowAggregate(_) => &[("results", PortKind::WindowResults)],
         OperatorConfig::Inference(_) => &[("results", PortKind::InferenceResults)],
+        OperatorConfig::LoadBalance(_) => {
+            &[("requests", PortKind::InferenceRequests), ("unplaced", PortKind::InferenceResults)]
+        }
     }
 }
 

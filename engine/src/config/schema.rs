@@ -7,6 +7,7 @@ use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
 use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
 use edgeflow_operators::inference::InferenceConfig;
+use edgeflow_operators::load_balance::LoadBalanceConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
 use edgeflow_operators::window_aggregate::WindowAggregateConfig;
 use schemars::JsonSchema;
@@ -55,6 +56,12 @@ enum OperatorKind {
     /// Batched ONNX inference of requests (or of heartbeats, with `features`): output
     /// `results`, one per request.
     Inference(InferenceConfig),
+    /// Places inference requests on Healthy or Degraded edge nodes: inputs are requests,
+    /// `node_health`'s status changes (`HEALTH.changes`) and, for resource- and location-aware
+    /// strategies, heartbeats. Outputs `requests` (main, with `node` set) and `unplaced`
+    /// (results of requests no node could take; an inference operator reading the balancer
+    /// reports them among its results).
+    LoadBalance(LoadBalanceConfig),
 }
 
 /// An operator.

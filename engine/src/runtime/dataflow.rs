@@ -12,11 +12,15 @@ use edgeflow_operators::{
     DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RecordKind, RegionRollup,
     StatusChange, WindowResult,
 };
+use edgeflow_operators::load_balance::{load_balance, FleetUpdate, Incoming, LoadBalanceConfig, Placement};
 use timely::dataflow::operators::core::Inspect;
+use timely::dataflow::operators::feedback::Handle as FeedbackHandle;
+use timely::dataflow::operators::{ConnectLoop, Feedback};
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, Probe};
 use timely::dataflow::{ProbeHandle, Scope, StreamVec};
 
+use super::inference::InferenceOut;
 use super::sink::{sink_operator, Failure, SinkGroup, SinkItem};
 use crate::config::{OperatorConfig, Pipeline, PortRef};
 use crate::metrics::Metrics;
@@ -136,12 +140,31 @@ pub fn build<'scope>(
         inputs.push(SourceInputs { heartbeats, requests, dead_letters, checkpoints });
     }
 
+    // Load balancers by name: the status changes they place on, the feedback edge their
+    // re-routed requests come back on, and their unplaced requests.
+    let mut balancers: BTreeMap<String, Balanced<'scope>> = BTreeMap::new();
     for operator in &pipeline.operators {
+        if let OperatorConfig::LoadBalance(config) = &operator.config {
+            let balanced = build_balancer(scope, &ports, operator, config, metrics);
+            let placed = count_stream(balanced.placed.clone(), metrics, &operator.name, "requests");
+            let unplaced = count_stream(balanced.unplaced.clone(), metrics, &operator.name, "unplaced");
+            ports.insert(operator.name.clone(), Port::Requests(placed.clone()));
+            ports.insert(format!("{}.requests", operator.name), Port::Requests(placed));
+            ports.insert(format!("{}.unplaced", operator.name), Port::Results(unplaced));
+            balancers.insert(operator.name.clone(), balanced);
+            continue;
+        }
         if let OperatorConfig::Inference(config) = &operator.config {
             let models = models.remove(&operator.name).unwrap_or_default();
             // Heartbeats are scored with the first model, through its only input.
             let input = models.first().and_then(|m| m.interface().inputs.first()).map(|s| s.name.clone());
             let mut streams = Vec::new();
+            let balancer_name = operator
+                .inputs
+                .iter()
+                .find(|r| r.port.as_deref().is_none_or(|p| p == "requests") && balancers.contains_key(&r.component))
+                .map(|r| r.component.clone());
+            let balancer = balancer_name.and_then(|name| balancers.get_mut(&name));
             for reference in &operator.inputs {
                 match ports.get(&reference.to_string()) {
                     Some(Port::Requests(stream)) => streams.push(stream.clone()),
@@ -158,7 +181,21 @@ pub fn build<'scope>(
                 }
             }
             let requests = count_stream(scope.concatenate(streams), metrics, &operator.name, "input");
-            let results = super::inference::inference(requests, &operator.name, config, models, metrics);
+            let changes = balancer.as_ref().map_or_else(|| scope.concatenate(Vec::new()), |b| b.changes.clone());
+            let out = super::inference::inference(requests, changes, &operator.name, config, models, metrics);
+            let mut results = out.clone().flat_map(|out| match out {
+                InferenceOut::Result(result) => Some(result),
+                InferenceOut::Reroute(_) => None,
+            });
+            if let Some(balancer) = balancer {
+                // Requests no node could take are results of this operator too; requests
+                // whose node went Offline go back to the balancer.
+                results = scope.concatenate([results, balancer.unplaced.clone()]);
+                balancer.reroutes.push(out.flat_map(|out| match out {
+                    InferenceOut::Reroute(request) => Some(request),
+                    InferenceOut::Result(_) => None,
+                }));
+            }
             let results = count_stream(results, metrics, &operator.name, "results");
             ports.insert(operator.name.clone(), Port::Results(results.clone()));
             ports.insert(format!("{}.results", operator.name), Port::Results(results));
@@ -189,8 +226,12 @@ pub fn build<'scope>(
                 ports.insert(operator.name.clone(), Port::Windows(results.clone()));
                 ports.insert(format!("{}.results", operator.name), Port::Windows(results));
             }
-            OperatorConfig::Inference(_) => {}
+            OperatorConfig::Inference(_) | OperatorConfig::LoadBalance(_) => {}
         }
+    }
+
+    for (_, balanced) in balancers {
+        scope.concatenate(balanced.reroutes).connect_loop(balanced.feedback);
     }
 
     let probe = ProbeHandle::new();
@@ -228,6 +269,69 @@ pub fn build<'scope>(
         sink_operator(merged, group, metrics.clone()).probe_with(&probe);
     }
     (inputs, Probes { inputs: input_probe, sinks: probe, processed })
+}
+
+/// A load balancer in the dataflow.
+struct Balanced<'scope> {
+    /// Requests with their node.
+    placed: StreamVec<'scope, EventTime, InferenceRequest>,
+    /// Results of requests no node could take.
+    unplaced: StreamVec<'scope, EventTime, InferenceResult>,
+    /// The status changes it places on (an inference operator reading it re-routes on them).
+    changes: StreamVec<'scope, EventTime, StatusChange>,
+    /// Where re-routed requests re-enter it (one time unit later).
+    feedback: FeedbackHandle<'scope, EventTime, Vec<InferenceRequest>>,
+    /// The re-routed requests of the inference operator reading it.
+    reroutes: Vec<StreamVec<'scope, EventTime, InferenceRequest>>,
+}
+
+fn build_balancer<'scope>(
+    scope: Scope<'scope, EventTime>,
+    ports: &BTreeMap<String, Port<'scope>>,
+    operator: &crate::config::OperatorSpec,
+    config: &LoadBalanceConfig,
+    metrics: &Arc<Metrics>,
+) -> Balanced<'scope> {
+    let (feedback, rerouted) = scope.feedback::<Vec<InferenceRequest>>(1);
+    let mut requests = vec![rerouted.map(Incoming::Reroute)];
+    let mut updates = Vec::new();
+    let mut changes = Vec::new();
+    for reference in &operator.inputs {
+        match ports.get(&reference.to_string()) {
+            Some(Port::Requests(stream)) => requests.push(stream.clone().map(Incoming::New)),
+            Some(Port::Changes(stream)) => {
+                changes.push(stream.clone());
+                updates.push(stream.clone().map(FleetUpdate::Change));
+            }
+            Some(Port::Heartbeats(collection)) => {
+                updates.push(collection.inner.clone().map(|(heartbeat, _, _)| FleetUpdate::Beat(heartbeat)));
+            }
+            _ => {}
+        }
+    }
+    let placements = load_balance(scope.concatenate(requests), scope.concatenate(updates), config, &operator.name);
+    let family = metrics.inference.placed.clone();
+    let name = operator.name.clone();
+    let placements = placements.inspect(move |placement| {
+        let status = match placement {
+            Placement::Assigned(_) => "assigned",
+            Placement::Unplaced(_) => "unplaced",
+        };
+        family.get_or_create(&vec![("operator", name.clone()), ("status", status.to_owned())]).inc();
+    });
+    Balanced {
+        placed: placements.clone().flat_map(|p| match p {
+            Placement::Assigned(request) => Some(request),
+            Placement::Unplaced(_) => None,
+        }),
+        unplaced: placements.flat_map(|p| match p {
+            Placement::Unplaced(result) => Some(result),
+            Placement::Assigned(_) => None,
+        }),
+        changes: scope.concatenate(changes),
+        feedback,
+        reroutes: Vec::new(),
+    }
 }
 
 fn heartbeat_inputs<'scope>(

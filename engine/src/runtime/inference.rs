@@ -19,18 +19,31 @@ use edgeflow_connectors::onnx::{InferenceService, Job, JobOutcome, OnnxModel, Se
 use edgeflow_connectors::wall_clock_ms;
 use edgeflow_operators::batcher::{Admission, Batcher, Queued};
 use edgeflow_operators::inference::InferenceConfig;
-use edgeflow_operators::{route_hash, EventTime, InferenceRequest, InferenceResult, ResultStatus};
+use edgeflow_operators::{
+    route_hash, EventTime, HealthStatus, InferenceRequest, InferenceResult, ResultStatus, StatusChange,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::generic::OutputBuilderSession;
 use timely::dataflow::operators::{Capability, InputCapability, Operator};
 use timely::dataflow::StreamVec;
 
 use crate::metrics::{InferenceMetrics, Metrics};
 
-type Output<'a> = OutputBuilderSession<'a, EventTime, CapacityContainerBuilder<Vec<InferenceResult>>>;
+type Output<'a> = OutputBuilderSession<'a, EventTime, CapacityContainerBuilder<Vec<InferenceOut>>>;
+
+/// What the operator emits: results, and requests whose node went Offline while they
+/// waited (they go back to the load balancer that placed them).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) enum InferenceOut {
+    /// The one result of a request.
+    Result(InferenceResult),
+    /// A request to place again, with `node` still naming the lost node.
+    Reroute(InferenceRequest),
+}
 
 /// A request waiting for, or in, a model run: the time its result goes out at.
 struct Waiting {
@@ -83,10 +96,10 @@ impl Held {
         self.0.entry(time).or_insert_with(|| (cap.delayed(&time, port), 0)).1 += 1;
     }
 
-    /// Emits `result` at `time` and releases one hold there.
-    fn emit(&mut self, output: &mut Output<'_>, time: EventTime, result: InferenceResult) {
+    /// Emits `out` at `time` and releases one hold there.
+    fn emit(&mut self, output: &mut Output<'_>, time: EventTime, out: InferenceOut) {
         let Some((cap, count)) = self.0.get_mut(&time) else { return };
-        output.session(&*cap).give(result);
+        output.session(&*cap).give(out);
         *count -= 1;
         if *count == 0 {
             self.0.remove(&time);
@@ -94,14 +107,17 @@ impl Held {
     }
 }
 
-/// Builds the operator on one worker; `models` are this worker's loaded models.
+/// Builds the operator on one worker; `models` are this worker's loaded models. `changes`
+/// are the status changes of the fleet the requests were placed on (load-balanced
+/// requests): a request still waiting when its node goes Offline leaves as a re-route.
 pub(crate) fn inference<'scope>(
     requests: StreamVec<'scope, EventTime, InferenceRequest>,
+    changes: StreamVec<'scope, EventTime, StatusChange>,
     operator: &str,
     config: &InferenceConfig,
     models: Vec<OnnxModel>,
     metrics: &Arc<Metrics>,
-) -> StreamVec<'scope, EventTime, InferenceResult> {
+) -> StreamVec<'scope, EventTime, InferenceOut> {
     let scope = requests.scope();
     let worker = scope.index();
     let name = operator.to_owned();
@@ -109,7 +125,9 @@ pub(crate) fn inference<'scope>(
     let watch = (config.watch.as_millis() > 0).then(|| Duration::from_millis(config.watch.as_millis()));
     let metrics = metrics.clone();
     let pact = Exchange::new(|request: &InferenceRequest| route_hash(request.node.as_deref().unwrap_or(&request.id)));
-    requests.unary_frontier(pact, &format!("Inference({operator})"), move |_cap, info| {
+    let rerouted = metrics.inference.rerouted.get_or_create(&vec![("operator", operator.to_owned())]).clone();
+    let changes = changes.broadcast();
+    requests.binary_frontier(changes, pact, Pipeline, &format!("Inference({operator})"), move |_cap, info| {
         let activator = scope.activator_for(info.address.clone());
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
         let served: Vec<String> = models.iter().map(|m| m.name().to_owned()).collect();
@@ -157,7 +175,22 @@ pub(crate) fn inference<'scope>(
         let mut running: HashMap<u64, Vec<(Waiting, Instant)>> = HashMap::new();
         let mut next_job = 0u64;
 
-        move |(input, frontier), output: &mut Output<'_>| {
+        move |(input, frontier), (changes, _), output: &mut Output<'_>| {
+            // Waiting requests of nodes that went Offline go back to be placed again.
+            let mut lost = Vec::new();
+            changes.for_each(|_, data| {
+                lost.extend(data.drain(..).filter(|c| c.to == HealthStatus::Offline).map(|c| c.node_id));
+            });
+            for node in &lost {
+                for lane in lanes.values_mut() {
+                    for queue in lane.queues.values_mut() {
+                        for gone in queue.remove_where(|w| w.request.node.as_deref() == Some(node.as_str())) {
+                            rerouted.inc();
+                            held.emit(output, gone.item.time, InferenceOut::Reroute(gone.item.request));
+                        }
+                    }
+                }
+            }
             let now = Instant::now();
             let now_ms = wall_clock_ms();
             input.for_each(|cap, data| {
@@ -170,18 +203,18 @@ pub(crate) fn inference<'scope>(
                             request.model,
                             served.join(", ")
                         );
-                        output.session(&cap).give(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0));
+                        output.session(&cap).give(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
                     };
                     if let Err(reason) = lane.service.interface().check(&request.model, &request.inputs) {
                         lane.counters.count(ResultStatus::Failed);
-                        output.session(&cap).give(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0));
+                        output.session(&cap).give(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
                     }
                     if let Some(deadline) = request.deadline.filter(|d| *d <= now_ms) {
                         lane.counters.count(ResultStatus::Expired);
                         let reason = format!("deadline {deadline} passed {} ms before admission", now_ms - deadline);
-                        output.session(&cap).give(InferenceResult::refused(&request, ResultStatus::Expired, reason, 0.0));
+                        output.session(&cap).give(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Expired, reason, 0.0)));
                         continue;
                     }
                     let queue = lane.queues.entry(request.version).or_insert_with(|| Batcher::new(policy));
@@ -193,12 +226,12 @@ pub(crate) fn inference<'scope>(
                             lane.counters.count(ResultStatus::Rejected);
                             let waited = now.duration_since(victim.admitted).as_secs_f64() * 1000.0;
                             let result = InferenceResult::refused(&victim.item.request, ResultStatus::Rejected, reason, waited);
-                            held.emit(output, victim.item.time, result);
+                            held.emit(output, victim.item.time, InferenceOut::Result(result));
                         }
                         Admission::Rejected(waiting, reason) => {
                             lane.counters.count(ResultStatus::Rejected);
                             let result = InferenceResult::refused(&waiting.request, ResultStatus::Rejected, reason, 0.0);
-                            output.session(&cap).give(result);
+                            output.session(&cap).give(InferenceOut::Result(result));
                         }
                     }
                 }
@@ -238,7 +271,7 @@ pub(crate) fn inference<'scope>(
                         let deadline = expired.deadline.unwrap_or_default();
                         let reason = format!("deadline {deadline} passed after {waited:.1} ms in the queue");
                         let result = InferenceResult::refused(&expired.item.request, ResultStatus::Expired, reason, waited);
-                        held.emit(output, expired.item.time, result);
+                        held.emit(output, expired.item.time, InferenceOut::Result(result));
                     }
                     while let Some(batch) = queue.next_batch(now, drain) {
                         let id = next_job;
@@ -290,11 +323,8 @@ fn submit(
             tracing::error!(model, %reason, "cannot run a batch");
             for (item, _) in waiting {
                 counters.count(ResultStatus::Failed);
-                held.emit(
-                    output,
-                    item.time,
-                    InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0),
-                );
+                let result = InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0);
+                held.emit(output, item.time, InferenceOut::Result(result));
             }
         }
     }
@@ -334,7 +364,7 @@ fn finish(
                     compute_ms,
                     batch_size: size,
                 };
-                held.emit(output, waiting.time, result);
+                held.emit(output, waiting.time, InferenceOut::Result(result));
             }
         }
         Err(reason) => {
@@ -345,7 +375,7 @@ fn finish(
                     InferenceResult::refused(&waiting.request, ResultStatus::Failed, reason.clone(), queue_ms);
                 result.compute_ms = compute_ms;
                 result.batch_size = size;
-                held.emit(output, waiting.time, result);
+                held.emit(output, waiting.time, InferenceOut::Result(result));
             }
         }
     }
