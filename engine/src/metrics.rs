@@ -72,7 +72,11 @@ impl InferenceMetrics {
         registry.register("queue_depth", "Requests waiting for a batch", self.queue_depth.clone());
         registry.register("model_version", "Latest loaded model version", self.model_version.clone());
         registry.register("model_load_failures", "Model versions that failed to load", self.load_failures.clone());
-        registry.register("rerouted", "Waiting requests re-routed because their node went offline", self.rerouted.clone());
+        registry.register(
+            "rerouted",
+            "Waiting requests re-routed because their node went offline",
+            self.rerouted.clone(),
+        );
         registry.register("placed", "Requests placed by load balancers, per status", self.placed.clone());
     }
 }

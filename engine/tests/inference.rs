@@ -432,3 +432,97 @@ fn a_new_version_is_swapped_in_mid_stream_without_dropping_or_mixing() {
         "after the swap every unpinned request ran version 2: {versions:?}"
     );
 }
+
+/// Heartbeats of nodes `n0`..`n3` every second from two minutes ago to three minutes ahead
+/// (so the fleet outlives the test: a followed file, its watermark near the wall clock);
+/// `n2` stops after 20 s (Offline at 25 s with a 5 s timeout). Requests every 100 ms from
+/// 10 s to 50 s.
+fn fleet_and_requests(dir: &Path) -> (PathBuf, PathBuf) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let base = now - 120_000;
+    let mut beats = Vec::new();
+    for second in 0..300u64 {
+        for node in 0..4 {
+            if node == 2 && second > 20 {
+                continue;
+            }
+            beats.push(serde_json::json!({
+                "node_id": format!("n{node}"), "region": if node < 2 { "eu" } else { "us" },
+                "lat": 48.0 + node as f64, "lon": 2.0 + node as f64, "timestamp": base + second * 1000 + node,
+                "cpu": 10.0 + node as f64, "memory": 20.0, "disk": 30.0, "capacity": 4.0,
+            }));
+        }
+    }
+    let requests: Vec<Value> =
+        (0..400).map(|i| linear_request_at(i, 1, base + 10_000 + i * 100 - i)).collect::<Vec<_>>();
+    let (beats_path, requests_path) = (dir.join("beats.jsonl"), dir.join("requests.jsonl"));
+    write_lines(&beats_path, &beats);
+    write_lines(&requests_path, &requests);
+    (beats_path, requests_path)
+}
+
+#[test]
+fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rerouted() {
+    for (strategy, workers) in [("round_robin", 1), ("consistent_hash", 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (beats, requests) = fleet_and_requests(dir.path());
+        let results_path = dir.path().join("results.jsonl");
+        let text = format!(
+            "name: balance\nmetrics:\n  enabled: false\nsources:\n  fleet:\n    type: file\n    follow: true\n    path: {}\n  requests:\n    {}\n\
+             operators:\n  health:\n    type: node_health\n    input: fleet\n    heartbeat_timeout: 5s\n    unhealthy_after: 3s\n\
+             \x20 route:\n    type: load_balance\n    inputs: [requests, health.changes, fleet]\n    strategy: {strategy}\n\
+             \x20 infer:\n    type: inference\n    input: route\n    registry: {}\n    models: [linear]\n    max_batch_size: 1000\n    max_queue_delay: 2s\n\
+             sinks:\n  results:\n    type: file\n    input: infer\n    path: {}\n  changes:\n    type: file\n    input: health\n    path: {}\n",
+            beats.display(),
+            file_source(&requests).trim_start().replace('\n', "\n"),
+            models().display(),
+            results_path.display(),
+            dir.path().join("changes.jsonl").display(),
+        );
+        let pipeline = dir.path().join("pipeline.yaml");
+        std::fs::write(&pipeline, text).unwrap();
+        let mut child = Running(
+            edgeflow()
+                .arg("run")
+                .arg(&pipeline)
+                .args(["--no-metrics", "--workers", &workers.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let count = || std::fs::read_to_string(&results_path).map(|t| t.lines().count()).unwrap_or(0);
+        wait_for("400 results", Duration::from_secs(60), || count() >= 400);
+        let changes_path = dir.path().join("changes.jsonl");
+        wait_for("n2's loss in the status changes", Duration::from_secs(30), || {
+            std::fs::read_to_string(&changes_path).is_ok_and(|t| {
+                t.contains("\"node_id\":\"n2\",\"region\":\"us\",\"from\":\"unhealthy\",\"to\":\"offline\"")
+            })
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let results = read_results(&results_path);
+        assert_eq!(results.len(), 400, "{strategy}: one result per request");
+        let changes = std::fs::read_to_string(dir.path().join("changes.jsonl")).unwrap();
+        let offline: Value = changes
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|c| c["node_id"] == "n2" && c["to"] == "offline")
+            .expect("n2 goes offline");
+        let offline_at = offline["time"].as_u64().unwrap();
+        let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+        for result in &results {
+            assert_eq!(result["status"], "ok", "{strategy}: {result}");
+            let node = result["node"].as_str().expect("every result names its node").to_owned();
+            *per_node.entry(node).or_default() += 1;
+        }
+        // n2 was placed requests while it lived, but all of them still waited (2 s batch
+        // window) when it went Offline: re-routed, none served by it, none lost.
+        assert!(!per_node.contains_key("n2"), "{strategy}: {per_node:?} (n2 offline at {offline_at})");
+        assert_eq!(per_node.len(), 3, "{strategy}: {per_node:?}");
+        // While n2 lived (up to 23 s, then Unhealthy) the balancer placed some requests on it
+        // (round robin: every fourth; the hash ring: its keys); those are the re-routed ones.
+        let while_alive = results.iter().filter(|r| r["timestamp"].as_u64().unwrap() < offline_at - 2_000).count();
+        assert!(while_alive > 100, "{strategy}: {while_alive} requests while n2 was Healthy");
+    }
+}

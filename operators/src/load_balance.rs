@@ -32,7 +32,9 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::StreamVec;
 
-use crate::records::{HealthStatus, Heartbeat, InferenceRequest, InferenceResult, Location, ResultStatus, StatusChange};
+use crate::records::{
+    HealthStatus, Heartbeat, InferenceRequest, InferenceResult, Location, ResultStatus, StatusChange,
+};
 use crate::{route_hash, DurationMs, EventTime};
 
 /// How a node is chosen.
@@ -235,7 +237,11 @@ impl Balancer {
             Strategy::ConsistentHash => self.consistent_hash(fleet, request.routing_key()),
         };
         let node = chosen.ok_or_else(|| {
-            format!("no Healthy or Degraded node to serve request `{}` (fleet of {} nodes)", request.id, fleet.nodes.len())
+            format!(
+                "no Healthy or Degraded node to serve request `{}` (fleet of {} nodes)",
+                request.id,
+                fleet.nodes.len()
+            )
         })?;
         self.recent.push_back((time, node.clone()));
         *self.depth.entry(node.clone()).or_default() += 1;
@@ -328,7 +334,9 @@ impl Balancer {
         if self.ring.as_ref().is_none_or(|(generation, _)| *generation != fleet.generation) {
             let mut ring: Vec<(u64, String)> = fleet
                 .eligible()
-                .flat_map(|(id, _)| (0..self.config.virtual_nodes).map(move |i| (route_hash(&format!("{id}#{i}")), id.clone())))
+                .flat_map(|(id, _)| {
+                    (0..self.config.virtual_nodes).map(move |i| (route_hash(&format!("{id}#{i}")), id.clone()))
+                })
                 .collect();
             ring.sort();
             self.ring = Some((fleet.generation, ring));
@@ -405,7 +413,9 @@ pub fn load_balance<'scope>(
                             .or_insert_with(|| (cap.delayed(&time, output.output_index()), Vec::new()))
                             .1
                             .push(request),
-                        Incoming::Reroute(request) => reroutes.push((cap.delayed(&time, output.output_index()), request)),
+                        Incoming::Reroute(request) => {
+                            reroutes.push((cap.delayed(&time, output.output_index()), request))
+                        }
                     }
                 }
             });
@@ -600,7 +610,9 @@ mod tests {
         assert_eq!(pick(None, Some("us")), "virginia");
         assert_eq!(pick(None, Some("eu")), "frankfurt", "least loaded of the region");
         assert_eq!(pick(None, Some("mars")), "frankfurt", "no node in the region: least loaded overall");
-        assert!((haversine_km(Location { lat: 48.86, lon: 2.35 }, Location { lat: 50.11, lon: 8.68 }) - 479.0).abs() < 5.0);
+        assert!(
+            (haversine_km(Location { lat: 48.86, lon: 2.35 }, Location { lat: 50.11, lon: 8.68 }) - 479.0).abs() < 5.0
+        );
     }
 
     #[test]
@@ -623,7 +635,11 @@ mod tests {
         assert!(moved.iter().all(|&k| before[k] == "node-13"), "only the offline node's keys move");
         assert_eq!(moved.len(), before.iter().filter(|n| *n == "node-13").count(), "all of its keys move");
         let fraction = moved.len() as f64 / keys as f64;
-        assert!((0.5 / nodes as f64..2.0 / nodes as f64).contains(&fraction), "moved {fraction} of keys, 1/N is {}", 1.0 / nodes as f64);
+        assert!(
+            (0.5 / nodes as f64..2.0 / nodes as f64).contains(&fraction),
+            "moved {fraction} of keys, 1/N is {}",
+            1.0 / nodes as f64
+        );
     }
 
     #[test]
@@ -631,7 +647,13 @@ mod tests {
         let mut fleet = Fleet::default();
         fleet.apply_change(&change("a", "eu", HealthStatus::Unhealthy));
         fleet.apply_heartbeat(&beat("b", "eu", 0.0, 0.0, 1.0, 1.0, 1.0));
-        for strategy in [Strategy::RoundRobin, Strategy::LeastLoaded, Strategy::Weighted, Strategy::GeoNearest, Strategy::ConsistentHash] {
+        for strategy in [
+            Strategy::RoundRobin,
+            Strategy::LeastLoaded,
+            Strategy::Weighted,
+            Strategy::GeoNearest,
+            Strategy::ConsistentHash,
+        ] {
             let err = balancer(strategy).choose(&fleet, &request("r1", None, None), 0).unwrap_err();
             assert_eq!(err, "no Healthy or Degraded node to serve request `r1` (fleet of 2 nodes)");
         }

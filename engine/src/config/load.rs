@@ -615,7 +615,11 @@ impl Checker {
         let path = format!("operators.{}", written.name);
         let mark = written.body.locate("input").mark.max(written.body.locate("inputs").mark);
         if count(PortKind::InferenceRequests) == 0 {
-            self.problem(&path, mark, format!("load_balance `{}` needs inference requests among its inputs", written.name));
+            self.problem(
+                &path,
+                mark,
+                format!("load_balance `{}` needs inference requests among its inputs", written.name),
+            );
         }
         if count(PortKind::StatusChanges) != 1 {
             self.problem(
@@ -640,13 +644,16 @@ impl Checker {
         }
         let reads = |inputs: &[(PortRef, Mark, String)], port: Option<&str>| {
             inputs.iter().any(|(r, _, _)| {
-                r.component == written.name && (r.port.as_deref() == port || (port.is_none() && r.port.as_deref() == Some("requests")))
+                r.component == written.name
+                    && (r.port.as_deref() == port || (port.is_none() && r.port.as_deref() == Some("requests")))
             })
         };
         let inference_readers = operators
             .iter()
             .zip(typed_operators)
-            .filter(|(w, t)| matches!(t, Some(OperatorSpec { config: OperatorConfig::Inference(_), .. })) && reads(&w.inputs, None))
+            .filter(|(w, t)| {
+                matches!(t, Some(OperatorSpec { config: OperatorConfig::Inference(_), .. })) && reads(&w.inputs, None)
+            })
             .count();
         if inference_readers > 1 {
             self.problem(

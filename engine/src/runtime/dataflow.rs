@@ -6,18 +6,18 @@ use std::sync::Arc;
 use differential_dataflow::input::InputSession;
 use differential_dataflow::VecCollection;
 use edgeflow_connectors::onnx::OnnxModel;
+use edgeflow_operators::load_balance::{load_balance, FleetUpdate, Incoming, LoadBalanceConfig, Placement};
 use edgeflow_operators::node_health::{NodeHealth, NodeHealthParams};
 use edgeflow_operators::window_aggregate::heartbeat_windows;
 use edgeflow_operators::{
     DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RecordKind, RegionRollup,
     StatusChange, WindowResult,
 };
-use edgeflow_operators::load_balance::{load_balance, FleetUpdate, Incoming, LoadBalanceConfig, Placement};
 use timely::dataflow::operators::core::Inspect;
 use timely::dataflow::operators::feedback::Handle as FeedbackHandle;
-use timely::dataflow::operators::{ConnectLoop, Feedback};
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concatenate, Probe};
+use timely::dataflow::operators::{ConnectLoop, Feedback};
 use timely::dataflow::{ProbeHandle, Scope, StreamVec};
 
 use super::inference::InferenceOut;
@@ -124,11 +124,7 @@ pub fn build<'scope>(
         let collection = heartbeats.to_collection(scope);
         let collection =
             differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
-        let request_stream = requests
-            .to_collection(scope)
-            .inner
-            .probe_with(&input_probe)
-            .flat_map(|(request, _, diff)| std::iter::repeat_n(request, diff.max(0) as usize));
+        let request_stream = at_record_time(requests.to_collection(scope).inner.probe_with(&input_probe));
         let port = match source.config.records() {
             RecordKind::Heartbeats => Port::Heartbeats(collection),
             RecordKind::InferenceRequests => Port::Requests(request_stream),
@@ -269,6 +265,36 @@ pub fn build<'scope>(
         sink_operator(merged, group, metrics.clone()).probe_with(&probe);
     }
     (inputs, Probes { inputs: input_probe, sinks: probe, processed })
+}
+
+/// The requests of a source's collection as a stream whose message times are the records'
+/// times (a collection's message may be at an earlier time than its records), repeated by
+/// their multiplicity.
+fn at_record_time<'scope>(
+    updates: StreamVec<'scope, EventTime, (InferenceRequest, EventTime, isize)>,
+) -> StreamVec<'scope, EventTime, InferenceRequest> {
+    use timely::dataflow::channels::pact::Pipeline;
+    use timely::dataflow::operators::Operator;
+    updates.unary(Pipeline, "AtRecordTime", |_, _| {
+        move |input, output| {
+            input.for_each(|cap, data| {
+                data.sort_by_key(|(_, time, _)| *time);
+                let mut start = 0;
+                while start < data.len() {
+                    let time = data[start].1;
+                    let end = start + data[start..].iter().take_while(|(_, t, _)| *t == time).count();
+                    let cap = cap.delayed(&time, output.output_index());
+                    let mut session = output.session(&cap);
+                    for (request, _, diff) in data.drain(start..end) {
+                        for _ in 0..diff.max(0) {
+                            session.give(request.clone());
+                        }
+                    }
+                    // `drain` shifted the rest down to `start`.
+                }
+            });
+        }
+    })
 }
 
 /// A load balancer in the dataflow.

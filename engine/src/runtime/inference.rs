@@ -26,8 +26,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
-use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::generic::OutputBuilderSession;
+use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, InputCapability, Operator};
 use timely::dataflow::StreamVec;
 
@@ -171,15 +171,24 @@ pub(crate) fn inference<'scope>(
             tracing::error!(operator = %name, %err, "cannot start a model thread");
         }
         let mut held = Held::default();
+        let mut offline: std::collections::HashSet<String> = std::collections::HashSet::new();
         // Batches in a model run: their requests and when each was admitted.
         let mut running: HashMap<u64, Vec<(Waiting, Instant)>> = HashMap::new();
         let mut next_job = 0u64;
 
         move |(input, frontier), (changes, _), output: &mut Output<'_>| {
-            // Waiting requests of nodes that went Offline go back to be placed again.
+            // Waiting requests of nodes that went Offline go back to be placed again, and so do
+            // requests that arrive for a node already known to be Offline.
             let mut lost = Vec::new();
             changes.for_each(|_, data| {
-                lost.extend(data.drain(..).filter(|c| c.to == HealthStatus::Offline).map(|c| c.node_id));
+                for change in data.drain(..) {
+                    if change.to == HealthStatus::Offline {
+                        offline.insert(change.node_id.clone());
+                        lost.push(change.node_id);
+                    } else {
+                        offline.remove(&change.node_id);
+                    }
+                }
             });
             for node in &lost {
                 for lane in lanes.values_mut() {
@@ -197,6 +206,11 @@ pub(crate) fn inference<'scope>(
                 let time = cap.least().copied().unwrap_or_default();
                 let port = output.output_index();
                 for request in data.drain(..) {
+                    if request.node.as_ref().is_some_and(|node| offline.contains(node)) {
+                        rerouted.inc();
+                        output.session(&cap).give(InferenceOut::Reroute(request));
+                        continue;
+                    }
                     let Some(lane) = lanes.get_mut(&request.model) else {
                         let reason = format!(
                             "model `{}` is not served by operator `{name}` (it serves: {})",
