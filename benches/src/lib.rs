@@ -10,7 +10,7 @@ use std::collections::{BinaryHeap, HashMap};
 use edgeflow_connectors::generator::{Generator, GeneratorConfig, Speed};
 use edgeflow_connectors::{Source, SourceItem, SourceStatus};
 use edgeflow_operators::node_health::{NodeHealthConfig, NodeHealthParams};
-use edgeflow_operators::{DurationMs, EventTime, HealthStatus, Heartbeat};
+use edgeflow_operators::{DurationMs, EventTime, HealthStatus, Heartbeat, Record};
 
 /// The generator settings every benchmark uses for `nodes` nodes over `minutes`.
 pub fn fleet_config(nodes: u32, minutes: u64) -> GeneratorConfig {
@@ -32,7 +32,8 @@ pub fn fleet_heartbeats(config: &GeneratorConfig) -> Vec<Heartbeat> {
     items
         .into_iter()
         .filter_map(|item| match item {
-            SourceItem::Record { heartbeat, .. } => Some(heartbeat),
+            SourceItem::Record { record: Record::Heartbeat(heartbeat), .. } => Some(heartbeat),
+            SourceItem::Record { .. } => None,
             SourceItem::Malformed { .. } => None,
         })
         .collect()

@@ -289,7 +289,7 @@ fn a_full_queue_rejects_with_the_reason_and_makes_room_for_high_priority() {
     assert!(counts.get("ok").copied().unwrap_or(0) >= 32, "{counts:?}");
     for result in &results {
         let id: u64 = result["id"].as_str().unwrap()[1..].parse().unwrap();
-        if id % 100 == 0 {
+        if id.is_multiple_of(100) {
             assert_eq!(result["status"], "ok", "high priority is admitted ahead of normal: {result}");
         }
         if result["status"] == "rejected" {
@@ -474,7 +474,7 @@ fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rero
              \x20 infer:\n    type: inference\n    input: route\n    registry: {}\n    models: [linear]\n    max_batch_size: 1000\n    max_queue_delay: 2s\n\
              sinks:\n  results:\n    type: file\n    input: infer\n    path: {}\n  changes:\n    type: file\n    input: health\n    path: {}\n",
             beats.display(),
-            file_source(&requests).trim_start().replace('\n', "\n"),
+            file_source(&requests).trim_start(),
             models().display(),
             results_path.display(),
             dir.path().join("changes.jsonl").display(),

@@ -157,8 +157,8 @@ fn heartbeats(nodes: u32, minutes: u64) -> Vec<String> {
     items
         .into_iter()
         .filter_map(|item| match item {
-            edgeflow_connectors::SourceItem::Record { heartbeat, .. } => {
-                Some(serde_json::to_string(&heartbeat).unwrap())
+            edgeflow_connectors::SourceItem::Record { record, .. } => {
+                Some(String::from_utf8(record.to_json()).unwrap())
             }
             edgeflow_connectors::SourceItem::Malformed { .. } => None,
         })

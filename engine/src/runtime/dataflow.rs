@@ -279,18 +279,16 @@ fn at_record_time<'scope>(
         move |input, output| {
             input.for_each(|cap, data| {
                 data.sort_by_key(|(_, time, _)| *time);
-                let mut start = 0;
-                while start < data.len() {
-                    let time = data[start].1;
-                    let end = start + data[start..].iter().take_while(|(_, t, _)| *t == time).count();
+                let mut updates = std::mem::take(data).into_iter().peekable();
+                while let Some((request, time, diff)) = updates.next() {
                     let cap = cap.delayed(&time, output.output_index());
                     let mut session = output.session(&cap);
-                    for (request, _, diff) in data.drain(start..end) {
+                    let same_time = std::iter::from_fn(|| updates.next_if(|(_, t, _)| *t == time));
+                    for (request, _, diff) in std::iter::once((request, time, diff)).chain(same_time) {
                         for _ in 0..diff.max(0) {
                             session.give(request.clone());
                         }
                     }
-                    // `drain` shifted the rest down to `start`.
                 }
             });
         }

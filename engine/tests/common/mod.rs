@@ -1,4 +1,6 @@
 //! Helpers shared by the end-to-end test crates (each includes this module with `mod common;`).
+// Each test crate uses its own subset of these helpers.
+#![allow(dead_code)]
 
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
