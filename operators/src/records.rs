@@ -547,7 +547,8 @@ impl ResultStatus {
 /// ```json
 /// {"id":"req-17","model":"anomaly","version":2,"status":"ok","error":null,
 ///  "outputs":{"scores":{"shape":[1,1],"data":[0.12]}},"node":"edge-0007",
-///  "timestamp":1700000000000,"queue_ms":1.8,"compute_ms":0.4,"batch_size":12}
+///  "timestamp":1700000000000,"queue_ms":1.8,"compute_ms":0.4,"batch_size":12,
+///  "finished_at":1700000000002.6}
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -574,6 +575,14 @@ pub struct InferenceResult {
     pub compute_ms: f64,
     /// Number of requests in its batch (0 when none ran).
     pub batch_size: u32,
+    /// When the result was made, by the wall clock: ms since the epoch, with a fractional
+    /// part (for a generated request, `finished_at - timestamp` is its whole latency).
+    pub finished_at: f64,
+}
+
+/// The wall clock in ms since the epoch, with a fractional part.
+pub fn wall_clock_ms_f64() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 impl InferenceResult {
@@ -591,6 +600,7 @@ impl InferenceResult {
             queue_ms,
             compute_ms: 0.0,
             batch_size: 0,
+            finished_at: wall_clock_ms_f64(),
         }
     }
 }

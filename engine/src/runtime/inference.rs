@@ -377,6 +377,7 @@ fn finish(
                     queue_ms: queue.as_secs_f64() * 1000.0,
                     compute_ms,
                     batch_size: size,
+                    finished_at: edgeflow_operators::records::wall_clock_ms_f64(),
                 };
                 held.emit(output, waiting.time, InferenceOut::Result(result));
             }

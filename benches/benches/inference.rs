@@ -1,0 +1,247 @@
+//! Inference benchmarks, each side by side with its baseline in one run, on the 64 -> 256 ->
+//! 256 -> 16 MLP of `engine/tests/models/mlp` and one ONNX Runtime thread per session.
+//!
+//! Run: `cargo bench -p edgeflow-benches --bench inference` (full size, medians of 3).
+//! Under `cargo test` it runs once, small, as a smoke test.
+//!
+//! 1. **Batch 64, closed loop**: a bare `ort` `Session::run` loop on one pre-built batch of
+//!    64 rows, against the engine (`requests` source as fast as the dataflow admits requests
+//!    of one row each -> `inference` with `max_batch_size: 64` -> results to a file), and the
+//!    same batched loop through ONNX Runtime's Python API (PyPI `onnxruntime`). Rows/s; the
+//!    engine's overhead is 1 - engine/bare.
+//! 2. **Open loop**: single requests at a fixed rate (the `requests` source: due times do not
+//!    slow down when the engine does), latency = result time - due time, p50 and p99, with
+//!    dynamic batching (64, 2 ms) and with batch size 1, at half the engine's batch-64 rate
+//!    and at 90% of the batch-1 engine's maximum.
+//! 3. **No stall**: node_health on 1 worker alone, and on the same worker while the inference
+//!    operator keeps its model thread busy; heartbeats/s of each, and the model thread's busy
+//!    fraction. A model run inside the worker would take that fraction of the worker's time
+//!    away from node_health.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeflow_engine::config::load_str;
+use edgeflow_engine::metrics::Metrics;
+use edgeflow_engine::runtime::{run, RunOptions};
+use ort::session::Session;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn mlp() -> PathBuf {
+    root().join("engine/tests/models/mlp/1/model.onnx")
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Rows/s of a bare `ort` loop at `batch` for `seconds`.
+fn bare_ort(batch: usize, seconds: f64) -> f64 {
+    let environment = edgeflow_connectors::onnx::runtime::environment().expect("ONNX Runtime");
+    let mut session = Session::builder(environment)
+        .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+        .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+        .and_then(|mut b| b.commit_from_file(mlp()))
+        .expect("the mlp model loads");
+    let data: Vec<f32> = (0..batch * 64).map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0).collect();
+    let input = ort::value::Tensor::from_array((vec![batch, 64], data)).expect("tensor");
+    for _ in 0..3 {
+        session.run(ort::inputs!["x" => input.view()]).expect("run");
+    }
+    let start = Instant::now();
+    let mut runs = 0usize;
+    while start.elapsed().as_secs_f64() < seconds || runs < 10 {
+        let outputs = session.run(ort::inputs!["x" => input.view()]).expect("run");
+        std::hint::black_box(outputs["y"].try_extract_tensor::<f32>().expect("y").1[0]);
+        runs += 1;
+    }
+    (runs * batch) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Rows/s of the Python baseline.
+fn python_ort(batch: usize, seconds: f64) -> Option<f64> {
+    let python = root().join(".venv/bin/python");
+    let output = Command::new(python)
+        .arg(root().join("benches/onnx_python.py"))
+        .arg(mlp())
+        .arg(batch.to_string())
+        .arg(seconds.to_string())
+        .output()
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    value["rows_per_second"].as_f64()
+}
+
+/// Runs a pipeline to its end; returns the wall time and the metrics.
+fn run_pipeline(yaml: &str, workers: usize) -> (f64, Arc<Metrics>) {
+    let pipeline = load_str(yaml, "bench.yaml", &|_| None).unwrap_or_else(|problems| panic!("{problems}"));
+    let metrics = Arc::new(Metrics::new());
+    let options = RunOptions { workers, ..Default::default() };
+    let start = Instant::now();
+    run(&pipeline, &options, metrics.clone()).expect("the pipeline runs");
+    (start.elapsed().as_secs_f64(), metrics)
+}
+
+fn inference_pipeline(rate: f64, count: u64, batch: usize, delay_ms: u64, out: &Path) -> String {
+    format!(
+        "name: bench\nmetrics:\n  enabled: false\nsources:\n  load:\n    type: requests\n    model: mlp\n    rate: {rate}\n    count: {count}\n    input_name: x\n    shape: [1, 64]\n\
+         operators:\n  infer:\n    type: inference\n    input: load\n    registry: {}\n    models: [mlp]\n    max_batch_size: {batch}\n    max_queue_delay: {delay_ms}ms\n    queue_capacity: 1000000\n\
+         sinks:\n  out:\n    type: file\n    input: infer\n    path: {}\n",
+        root().join("engine/tests/models").display(),
+        out.display()
+    )
+}
+
+/// Result latencies (finished_at - timestamp, ms) and statuses of a results file.
+fn latencies(path: &Path) -> (Vec<f64>, BTreeMap<String, usize>) {
+    let mut latencies = Vec::new();
+    let mut statuses = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let result: serde_json::Value = serde_json::from_str(line).expect("a result");
+        *statuses.entry(result["status"].as_str().unwrap_or("?").to_owned()).or_insert(0) += 1;
+        let (finished, due) = (result["finished_at"].as_f64().unwrap_or(0.0), result["timestamp"].as_f64().unwrap_or(0.0));
+        latencies.push(finished - due);
+    }
+    latencies.sort_by(f64::total_cmp);
+    (latencies, statuses)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn closed_loop(batch: usize, rows: u64, out: &Path) -> f64 {
+    // A rate far above what one worker admits: the source runs as fast as flow control lets it.
+    let (seconds, _) = run_pipeline(&inference_pipeline(1e9, rows, batch, 50, out), 1);
+    rows as f64 / seconds
+}
+
+fn open_loop(rate: f64, seconds: f64, batch: usize, out: &Path) -> (f64, f64, f64, BTreeMap<String, usize>) {
+    let count = (rate * seconds) as u64;
+    let (wall, _) = run_pipeline(&inference_pipeline(rate, count, batch, 2, out), 1);
+    let (latencies, statuses) = latencies(out);
+    (count as f64 / wall, percentile(&latencies, 0.5), percentile(&latencies, 0.99), statuses)
+}
+
+/// Heartbeats/s of node_health on one worker, alone or beside a busy inference operator;
+/// with inference, also the model thread's busy fraction while the heartbeats ran.
+fn node_health_rate(heartbeats_minutes: u64, with_inference: bool, dir: &Path) -> (f64, Option<f64>) {
+    let nodes = 2000;
+    let total = u64::from(nodes) * heartbeats_minutes * 2;
+    let inference = if with_inference {
+        format!(
+            "  load:\n    type: requests\n    model: mlp\n    rate: 1000000000\n    input_name: x\n    shape: [1, 64]\n",
+        )
+    } else {
+        String::new()
+    };
+    let infer_op = if with_inference {
+        format!(
+            "  infer:\n    type: inference\n    input: load\n    registry: {}\n    models: [mlp]\n    max_batch_size: 4096\n    max_queue_delay: 1ms\n    queue_capacity: 8192\n",
+            root().join("engine/tests/models").display()
+        )
+    } else {
+        String::new()
+    };
+    let infer_sink = if with_inference {
+        format!("  scored:\n    type: file\n    input: infer\n    path: {}\n", dir.join("scored.jsonl").display())
+    } else {
+        String::new()
+    };
+    let yaml = format!(
+        "name: stall\nmetrics:\n  enabled: false\nsources:\n  fleet:\n    type: generator\n    nodes: {nodes}\n    speed: max\n    duration: {heartbeats_minutes}m\n    failure_rate: 0.01\n    seed: 3\n{inference}\
+         operators:\n  health:\n    type: node_health\n    input: fleet\n{infer_op}\
+         sinks:\n  changes:\n    type: file\n    input: health\n    path: {}\n{infer_sink}",
+        dir.join("changes.jsonl").display()
+    );
+    let pipeline = load_str(&yaml, "stall.yaml", &|_| None).unwrap_or_else(|problems| panic!("{problems}"));
+    let metrics = Arc::new(Metrics::new());
+    let options = RunOptions::default();
+    let stop = options.stop.clone();
+    let watched = metrics.clone();
+    // Watch the heartbeat count; once all are read and processed, stop the (endless) requests.
+    let watcher = std::thread::spawn(move || {
+        let start = Instant::now();
+        let read = watched.source_records.get_or_create(&vec![("source", "fleet".to_owned())]).clone();
+        let compute = || {
+            watched
+                .inference
+                .compute_seconds
+                .get_or_create(&vec![("operator", "infer".to_owned()), ("model", "mlp".to_owned())])
+                .get()
+                .0
+        };
+        let compute_at_start = compute();
+        loop {
+            if read.get() >= total || start.elapsed() > Duration::from_secs(300) {
+                let elapsed = start.elapsed().as_secs_f64();
+                let busy = (compute() - compute_at_start) / elapsed;
+                stop.store(true, Ordering::Relaxed);
+                return (elapsed, busy);
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    });
+    let runner = std::thread::spawn(move || run(&pipeline, &options, metrics));
+    let (elapsed, busy) = watcher.join().expect("watcher");
+    runner.join().expect("runner").expect("the pipeline runs");
+    (total as f64 / elapsed, with_inference.then_some(busy))
+}
+
+fn main() {
+    let full = std::env::args().any(|arg| arg == "--bench");
+    let (rows, seconds, rounds) = if full { (1_000_000u64, 3.0, 3) } else { (20_000, 0.2, 1) };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("results.jsonl");
+
+    println!("## Batch 64, closed loop ({rows} rows of 64 floats, MLP 64-256-256-16, 1 ORT thread)\n");
+    let bare = median((0..rounds).map(|_| bare_ort(64, seconds)).collect());
+    let engine = median((0..rounds).map(|_| closed_loop(64, rows, &out)).collect());
+    let python = python_ort(64, seconds);
+    println!("| variant | rows/s | vs bare ort |");
+    println!("| --- | ---: | ---: |");
+    println!("| bare `ort` Session::run loop, batch 64 | {bare:.0} | 1.00 |");
+    println!("| engine: requests -> inference (batch 64) -> file | {engine:.0} | {:.2} |", engine / bare);
+    match python {
+        Some(python) => println!("| Python onnxruntime InferenceSession.run, batch 64 | {python:.0} | {:.2} |", python / bare),
+        None => println!("| Python onnxruntime | (not run: .venv missing) | |"),
+    }
+    println!("\nengine overhead: {:.1}% (target: at most 15%)\n", (1.0 - engine / bare) * 100.0);
+
+    let batch_one = closed_loop(1, rows / 10, &out);
+    println!("## Open loop: single requests at a fixed rate, latency = result time - due time\n");
+    println!("engine maximum: {engine:.0} requests/s at batch 64, {batch_one:.0} at batch 1\n");
+    println!("| rate (req/s) | batching | achieved req/s | p50 ms | p99 ms | statuses |");
+    println!("| ---: | --- | ---: | ---: | ---: | --- |");
+    let window = if full { 5.0 } else { 0.5 };
+    for rate in [(engine / 2.0).round(), (batch_one * 0.9).round()] {
+        for (batch, label) in [(64, "dynamic (64, 2 ms)"), (1, "none (batch 1)")] {
+            let (achieved, p50, p99, statuses) = open_loop(rate, window, batch, &out);
+            println!("| {rate:.0} | {label} | {achieved:.0} | {p50:.2} | {p99:.2} | {statuses:?} |");
+        }
+    }
+
+    println!("\n## node_health beside busy inference on the same worker\n");
+    let minutes = if full { 60 } else { 5 };
+    let alone = median((0..rounds).map(|_| node_health_rate(minutes, false, dir.path()).0).collect());
+    let (beside, busy) = node_health_rate(minutes, true, dir.path());
+    println!("| variant | heartbeats/s | vs alone | model thread busy |");
+    println!("| --- | ---: | ---: | ---: |");
+    println!("| node_health alone (1 worker) | {alone:.0} | 1.00 | |");
+    println!(
+        "| node_health + inference on the same worker | {beside:.0} | {:.2} | {:.0}% |",
+        beside / alone,
+        busy.unwrap_or(0.0) * 100.0
+    );
+}
