@@ -27,6 +27,9 @@ use edgeflow_engine::runtime::{run, RunOptions};
 use edgeflow_operators::node_health::NodeHealthConfig;
 use edgeflow_operators::Heartbeat;
 
+/// The allocator of the `edgeflow` binary, so that the engine runs here as it does there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn median(runs: usize, mut work: impl FnMut()) -> f64 {
     let mut times: Vec<f64> = (0..runs)
         .map(|_| {

@@ -13,6 +13,11 @@ use edgeflow_engine::metrics::{self, Metrics};
 use edgeflow_engine::runtime::{self, RunOptions};
 use edgeflow_engine::status_line;
 
+/// mimalloc instead of the system allocator: records are allocated on worker threads and
+/// freed on others (sinks, model threads), where glibc's arenas contend.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status of an invalid pipeline, distinct from a runtime failure (1) and from a
 /// command-line usage error (2).
 const EXIT_INVALID: u8 = 3;

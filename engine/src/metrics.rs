@@ -28,6 +28,8 @@ pub struct InferenceMetrics {
     pub queue_seconds: HistogramFamily,
     /// Model run time per batch, seconds.
     pub compute_seconds: HistogramFamily,
+    /// Model run time, seconds in all: its rate is the model thread's busy fraction.
+    pub busy_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     /// Requests waiting, per operator, model and worker.
     pub queue_depth: Family<Labels, Gauge>,
     /// Latest loaded version per model and worker.
@@ -53,6 +55,7 @@ impl Default for InferenceMetrics {
             batch_size: Family::new_with_constructor(batches),
             queue_seconds: Family::new_with_constructor(seconds),
             compute_seconds: Family::new_with_constructor(seconds),
+            busy_seconds: Family::default(),
             queue_depth: Family::default(),
             model_version: Family::default(),
             load_failures: Family::default(),
@@ -69,6 +72,7 @@ impl InferenceMetrics {
         registry.register("batch_size", "Requests per model run", self.batch_size.clone());
         registry.register("queue_seconds", "Time from admission to the model run", self.queue_seconds.clone());
         registry.register("compute_seconds", "Model run time per batch", self.compute_seconds.clone());
+        registry.register("busy_seconds", "Model run time in all, per worker", self.busy_seconds.clone());
         registry.register("queue_depth", "Requests waiting for a batch", self.queue_depth.clone());
         registry.register("model_version", "Latest loaded model version", self.model_version.clone());
         registry.register("model_load_failures", "Model versions that failed to load", self.load_failures.clone());

@@ -384,6 +384,14 @@ impl OnnxModel {
         version: Option<u64>,
         batch: &[&BTreeMap<String, Tensor>],
     ) -> Result<(u64, Vec<BTreeMap<String, Tensor>>), String> {
+        let stacked = Batch::stack(&self.interface, batch)?;
+        let (version, outputs) = self.run_stacked(version, &stacked.inputs)?;
+        Ok((version, stacked.split(outputs)?))
+    }
+
+    /// Runs `version` (the latest if `None`) on stacked inputs (one tensor per model input,
+    /// in interface order); returns the version that ran and one stacked tensor per output.
+    pub fn run_stacked(&mut self, version: Option<u64>, inputs: &[Tensor]) -> Result<(u64, Vec<Tensor>), String> {
         let version = match version {
             Some(version) => version,
             None => self.latest().ok_or_else(|| format!("model `{}` has no loaded version", self.name))?,
@@ -396,50 +404,84 @@ impl OnnxModel {
             };
             return Err(format!("model `{}` has no version {version} (loaded: {}){why}", self.name, have.join(", ")));
         };
+        let mut values: Vec<(&str, ort::value::TensorRef<'_, f32>)> = Vec::with_capacity(inputs.len());
+        for (spec, tensor) in self.interface.inputs.iter().zip(inputs) {
+            let value = ort::value::TensorRef::from_array_view((tensor.shape.clone(), tensor.data.as_slice()))
+                .map_err(|err| format!("input `{}`: {err}", spec.name))?;
+            values.push((spec.name.as_str(), value));
+        }
+        let outputs = loaded
+            .session
+            .run(values)
+            .map_err(|err| format!("model `{}` version {version} failed: {err}", self.name))?;
+        let mut stacked = Vec::with_capacity(self.interface.outputs.len());
+        for spec in &self.interface.outputs {
+            let value = outputs.get(&spec.name).ok_or_else(|| format!("output `{}` missing", spec.name))?;
+            let (shape, data) =
+                extract_f32(value, spec.element).map_err(|err| format!("output `{}`: {err}", spec.name))?;
+            stacked.push(Tensor { shape, data });
+        }
+        Ok((version, stacked))
+    }
+}
+
+/// Requests' inputs stacked into one tensor per model input, and how to split the outputs
+/// back: made and split on the caller's thread, so that only whole batches cross to the
+/// model's thread.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// One tensor per model input, in interface order.
+    pub inputs: Vec<Tensor>,
+    /// Rows of each request.
+    pub rows: Vec<usize>,
+    output_names: Vec<String>,
+}
+
+impl Batch {
+    /// Stacks the inputs of `batch` (each checked with [`ModelInterface::check`]).
+    pub fn stack(interface: &ModelInterface, batch: &[&BTreeMap<String, Tensor>]) -> Result<Self, String> {
         let rows: Vec<usize> = batch.iter().map(|inputs| inputs.values().next().map_or(1, Tensor::rows)).collect();
         let total: usize = rows.iter().sum();
-        let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(self.interface.inputs.len());
-        for spec in &self.interface.inputs {
-            let mut data = Vec::new();
+        let mut stacked = Vec::with_capacity(interface.inputs.len());
+        for spec in &interface.inputs {
             let mut shape = Vec::new();
+            let mut data = Vec::new();
             for inputs in batch {
                 let tensor = inputs.get(&spec.name).ok_or_else(|| format!("input `{}` missing", spec.name))?;
                 if shape.is_empty() {
                     shape = tensor.shape.clone();
+                    data.reserve(total * tensor.data.len() / tensor.rows().max(1));
                 }
                 data.extend_from_slice(&tensor.data);
             }
             if let Some(first) = shape.first_mut() {
                 *first = total;
             }
-            let value = ort::value::Tensor::from_array((shape, data))
-                .map_err(|err| format!("input `{}`: {err}", spec.name))?
-                .into_dyn();
-            values.push((spec.name.clone(), value));
+            stacked.push(Tensor { shape, data });
         }
-        let outputs = loaded
-            .session
-            .run(values)
-            .map_err(|err| format!("model `{}` version {version} failed: {err}", self.name))?;
-        let mut results: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); batch.len()];
-        for spec in &self.interface.outputs {
-            let value = outputs.get(&spec.name).ok_or_else(|| format!("output `{}` missing", spec.name))?;
-            let (shape, data) =
-                extract_f32(value, spec.element).map_err(|err| format!("output `{}`: {err}", spec.name))?;
-            if shape.first().copied() != Some(total) {
-                return Err(format!("output `{}` has shape {shape:?}, not {total} rows", spec.name));
+        let output_names = interface.outputs.iter().map(|s| s.name.clone()).collect();
+        Ok(Self { inputs: stacked, rows, output_names })
+    }
+
+    /// Splits stacked outputs (one per model output, in interface order) per request.
+    pub fn split(&self, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+        let total: usize = self.rows.iter().sum();
+        let mut results: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); self.rows.len()];
+        for (name, output) in self.output_names.iter().zip(outputs) {
+            if output.shape.first().copied() != Some(total) {
+                return Err(format!("output `{name}` has shape {:?}, not {total} rows", output.shape));
             }
-            let per_row: usize = shape.iter().skip(1).product();
+            let per_row: usize = output.shape.iter().skip(1).product();
             let mut offset = 0;
-            for (result, rows) in results.iter_mut().zip(&rows) {
-                let mut out_shape = shape.clone();
-                out_shape[0] = *rows;
+            for (result, rows) in results.iter_mut().zip(&self.rows) {
+                let mut shape = output.shape.clone();
+                shape[0] = *rows;
                 let end = offset + rows * per_row;
-                result.insert(spec.name.clone(), Tensor { shape: out_shape, data: data[offset..end].to_vec() });
+                result.insert(name.clone(), Tensor { shape, data: output.data[offset..end].to_vec() });
                 offset = end;
             }
         }
-        Ok((version, results))
+        Ok(results)
     }
 }
 

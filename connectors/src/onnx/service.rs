@@ -1,7 +1,6 @@
 //! A model's own thread: runs batches handed to it and watches the model directory for new
 //! versions, so that a dataflow worker never waits on ONNX Runtime.
 
-use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,8 +23,9 @@ pub struct Job {
     pub id: u64,
     /// The version to run; `None` for the latest at the time it runs.
     pub version: Option<u64>,
-    /// Each request's input tensors, checked against the interface.
-    pub inputs: Vec<BTreeMap<String, Tensor>>,
+    /// The batch's inputs, stacked (one tensor per model input, in interface order; see
+    /// [`super::Batch`]).
+    pub inputs: Vec<Tensor>,
 }
 
 /// What the service reports.
@@ -39,8 +39,9 @@ pub enum JobOutcome {
         started: Instant,
         /// How long the run took.
         compute: Duration,
-        /// The version that ran and each request's outputs, or why the batch failed.
-        result: Result<(u64, Vec<BTreeMap<String, Tensor>>), String>,
+        /// The version that ran and the stacked outputs (one per model output), or why the
+        /// batch failed.
+        result: Result<(u64, Vec<Tensor>), String>,
     },
     /// A new version was loaded and is now the latest (unless a higher one exists).
     Loaded {
@@ -114,8 +115,7 @@ impl InferenceService {
                     }
                     let Some(job) = job else { continue };
                     let started = Instant::now();
-                    let refs: Vec<&BTreeMap<String, Tensor>> = job.inputs.iter().collect();
-                    let result = model.run(job.version, &refs);
+                    let result = model.run_stacked(job.version, &job.inputs);
                     let compute = started.elapsed();
                     if !send(JobOutcome::Done { id: job.id, started, compute, result }) {
                         return;

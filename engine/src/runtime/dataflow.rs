@@ -285,8 +285,11 @@ fn at_record_time<'scope>(
                     let mut session = output.session(&cap);
                     let same_time = std::iter::from_fn(|| updates.next_if(|(_, t, _)| *t == time));
                     for (request, _, diff) in std::iter::once((request, time, diff)).chain(same_time) {
-                        for _ in 0..diff.max(0) {
+                        for _ in 1..diff.max(0) {
                             session.give(request.clone());
+                        }
+                        if diff > 0 {
+                            session.give(request);
                         }
                     }
                 }

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgeflow_connectors::onnx::{InferenceService, Job, JobOutcome, OnnxModel, ServiceOptions};
+use edgeflow_connectors::onnx::{Batch, InferenceService, Job, JobOutcome, OnnxModel, ServiceOptions};
 use edgeflow_connectors::wall_clock_ms;
 use edgeflow_operators::batcher::{Admission, Batcher, Queued};
 use edgeflow_operators::inference::InferenceConfig;
@@ -60,6 +60,7 @@ struct Lane {
     batch_size: prometheus_client::metrics::histogram::Histogram,
     queue_seconds: prometheus_client::metrics::histogram::Histogram,
     compute_seconds: prometheus_client::metrics::histogram::Histogram,
+    busy_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     depth: Gauge,
     version: Gauge,
     load_failures: Counter,
@@ -158,6 +159,10 @@ pub(crate) fn inference<'scope>(
                             batch_size: m.batch_size.get_or_create(&labels(vec![])).clone(),
                             queue_seconds: m.queue_seconds.get_or_create(&labels(vec![])).clone(),
                             compute_seconds: m.compute_seconds.get_or_create(&labels(vec![])).clone(),
+                            busy_seconds: m
+                                .busy_seconds
+                                .get_or_create(&labels(vec![("worker", worker.to_string())]))
+                                .clone(),
                             depth: m.queue_depth.get_or_create(&labels(vec![("worker", worker.to_string())])).clone(),
                             version,
                             load_failures: m.load_failures.get_or_create(&labels(vec![])).clone(),
@@ -172,8 +177,9 @@ pub(crate) fn inference<'scope>(
         }
         let mut held = Held::default();
         let mut offline: std::collections::HashSet<String> = std::collections::HashSet::new();
-        // Batches in a model run: their requests and when each was admitted.
-        let mut running: HashMap<u64, Vec<(Waiting, Instant)>> = HashMap::new();
+        // Batches in a model run: their requests, when each was admitted, and how to split
+        // the outputs.
+        let mut running: HashMap<u64, Running> = HashMap::new();
         let mut next_job = 0u64;
 
         move |(input, frontier), (changes, _), output: &mut Output<'_>| {
@@ -257,7 +263,10 @@ pub(crate) fn inference<'scope>(
                     match outcome {
                         JobOutcome::Done { id, started, compute, result } => {
                             let Some(batch) = running.remove(&id) else { continue };
-                            finish(lane, &mut held, output, batch, started, compute, result);
+                            let result = result.and_then(|(version, outputs)| {
+                                batch.stacked.split(outputs).map(|outputs| (version, outputs))
+                            });
+                            finish(lane, &mut held, output, batch.waiting, started, compute, result);
                         }
                         JobOutcome::Loaded { version } => {
                             tracing::info!(operator = %name, model = lane.service.name(), version, worker, "model version loaded");
@@ -290,7 +299,8 @@ pub(crate) fn inference<'scope>(
                     while let Some(batch) = queue.next_batch(now, drain) {
                         let id = next_job;
                         next_job += 1;
-                        submit(lane.service.name(), &lane.service, id, *version, batch, &mut running, &mut held, output, &lane.counters);
+                        let submitted = Submit { service: &lane.service, counters: &lane.counters, id, version: *version };
+                        submitted.run(batch, &mut running, &mut held, output);
                     }
                     depth += queue.len();
                     let due = queue.due_in(now);
@@ -310,35 +320,48 @@ pub(crate) fn inference<'scope>(
     })
 }
 
-/// Hands a batch to the model's thread; if the thread is gone, every request fails.
-#[allow(clippy::too_many_arguments)]
-fn submit(
-    model: &str,
-    service: &InferenceService,
+/// A batch in a model run.
+struct Running {
+    waiting: Vec<(Waiting, Instant)>,
+    stacked: Batch,
+}
+
+/// A batch on its way to a model's thread.
+struct Submit<'a> {
+    service: &'a InferenceService,
+    counters: &'a StatusCounters,
     id: u64,
     version: Option<u64>,
-    batch: Vec<Queued<Waiting>>,
-    running: &mut HashMap<u64, Vec<(Waiting, Instant)>>,
-    held: &mut Held,
-    output: &mut Output<'_>,
-    counters: &StatusCounters,
-) {
-    let mut inputs = Vec::with_capacity(batch.len());
-    let mut waiting = Vec::with_capacity(batch.len());
-    for mut queued in batch {
-        inputs.push(std::mem::take(&mut queued.item.request.inputs));
-        waiting.push((queued.item, queued.admitted));
-    }
-    match service.submit(Job { id, version, inputs }) {
-        Ok(()) => {
-            running.insert(id, waiting);
-        }
-        Err(reason) => {
-            tracing::error!(model, %reason, "cannot run a batch");
-            for (item, _) in waiting {
-                counters.count(ResultStatus::Failed);
-                let result = InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0);
-                held.emit(output, item.time, InferenceOut::Result(result));
+}
+
+impl Submit<'_> {
+    /// Stacks the batch's inputs here, on the worker, and hands the batch to the model's
+    /// thread (so only whole batches cross threads); if that fails, every request fails.
+    fn run(
+        self,
+        batch: Vec<Queued<Waiting>>,
+        running: &mut HashMap<u64, Running>,
+        held: &mut Held,
+        output: &mut Output<'_>,
+    ) {
+        let waiting: Vec<(Waiting, Instant)> = batch.into_iter().map(|q| (q.item, q.admitted)).collect();
+        let inputs: Vec<&BTreeMap<String, edgeflow_operators::Tensor>> =
+            waiting.iter().map(|(w, _)| &w.request.inputs).collect();
+        let submitted = Batch::stack(self.service.interface(), &inputs).and_then(|mut stacked| {
+            let inputs = std::mem::take(&mut stacked.inputs);
+            self.service.submit(Job { id: self.id, version: self.version, inputs }).map(|()| stacked)
+        });
+        match submitted {
+            Ok(stacked) => {
+                running.insert(self.id, Running { waiting, stacked });
+            }
+            Err(reason) => {
+                tracing::error!(model = self.service.name(), %reason, "cannot run a batch");
+                for (item, _) in waiting {
+                    self.counters.count(ResultStatus::Failed);
+                    let result = InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0);
+                    held.emit(output, item.time, InferenceOut::Result(result));
+                }
             }
         }
     }
@@ -357,6 +380,7 @@ fn finish(
     let compute_ms = compute.as_secs_f64() * 1000.0;
     lane.batch_size.observe(batch.len() as f64);
     lane.compute_seconds.observe(compute.as_secs_f64());
+    lane.busy_seconds.inc_by(compute.as_secs_f64());
     let size = batch.len() as u32;
     match result {
         Ok((version, outputs)) => {
