@@ -840,3 +840,75 @@ fn metrics_address(child: &mut Child) -> String {
     std::thread::spawn(move || for _ in lines {});
     address.expect("the metrics address is logged")
 }
+
+#[test]
+fn inference_requests_from_kafka_and_results_back() {
+    let broker = Broker::start();
+    broker.create_topic("requests", 2);
+    broker.create_topic("results", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let total = 2000u64;
+    let requests: Vec<String> = (0..total)
+        .map(|seq| {
+            let data: Vec<f32> = (0..4).map(|k| ((seq * 7 + k * 13) % 41) as f32 / 8.0 - 2.5).collect();
+            serde_json::json!({
+                "id": format!("r{seq}"), "model": "linear", "timestamp": 1_700_000_000_000u64 + seq,
+                "inputs": {"x": {"shape": [1, 4], "data": data}},
+            })
+            .to_string()
+        })
+        .collect();
+    let file = dir.path().join("requests.jsonl");
+    std::fs::write(&file, requests.join("\n") + "\n").unwrap();
+    let producer = broker.producer();
+    for (seq, line) in requests.iter().enumerate() {
+        let key = format!("r{seq}");
+        while producer.send(BaseRecord::to("requests").key(&key).payload(line)).is_err() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/models");
+    let pipeline = write_pipeline(
+        dir.path(),
+        "inference.yaml",
+        format!(
+            "sources:\n  requests:\n    type: kafka\n    brokers: {b}\n    topics: [requests]\n    group: serving\n    records: inference_requests\n    stop_at_end: true\n    max_out_of_orderness: 10m\n\
+             operators:\n  infer:\n    type: inference\n    input: requests\n    registry: {m}\n    models: [linear]\n\
+             sinks:\n  results:\n    type: kafka\n    brokers: {b}\n    topic: results\n    key: id\n    input: infer\n",
+            b = broker.address,
+            m = models.display()
+        ),
+    );
+    run(&pipeline, 2);
+    let results = broker.read_all("results", total as usize, Duration::from_secs(60));
+    assert_eq!(results.len(), total as usize, "one result per request");
+    // Reference outputs from ONNX Runtime's Python API, request by request.
+    let reference = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_reference.py"))
+        .arg(&file)
+        .arg(models.join("linear/2/model.onnx"))
+        .output()
+        .unwrap();
+    assert!(reference.status.success());
+    let expected: std::collections::HashMap<String, serde_json::Value> = String::from_utf8_lossy(&reference.stdout)
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            (value["id"].as_str().unwrap().to_owned(), value["outputs"]["y"]["data"].clone())
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for (key, value, _) in &results {
+        let result: serde_json::Value = serde_json::from_slice(value).unwrap();
+        let id = result["id"].as_str().unwrap();
+        assert_eq!(key.as_deref(), Some(id.as_bytes()), "keyed by request id");
+        assert_eq!(result["status"], "ok", "{result}");
+        assert!(seen.insert(id.to_owned()), "{id} answered twice");
+        let (got, want) = (result["outputs"]["y"]["data"].as_array().unwrap(), expected[id].as_array().unwrap());
+        for (a, b) in got.iter().zip(want) {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-5, "{id}: {got:?} != {want:?}");
+        }
+    }
+    assert_eq!(broker.committed("serving", "requests", 2), total as i64);
+}

@@ -635,6 +635,11 @@ mod tests {
         assert!(moved.iter().all(|&k| before[k] == "node-13"), "only the offline node's keys move");
         assert_eq!(moved.len(), before.iter().filter(|n| *n == "node-13").count(), "all of its keys move");
         let fraction = moved.len() as f64 / keys as f64;
+        println!(
+            "consistent_hash: one of {nodes} nodes offline moved {} of {keys} keys ({fraction:.4}; 1/N = {:.4})",
+            moved.len(),
+            1.0 / nodes as f64
+        );
         assert!(
             (0.5 / nodes as f64..2.0 / nodes as f64).contains(&fraction),
             "moved {fraction} of keys, 1/N is {}",

@@ -123,6 +123,10 @@ pub enum SinkKey {
     Region,
     /// `key` (window results).
     Key,
+    /// `id` (inference requests and results): a request and its result share a partition.
+    Id,
+    /// `node` (placed inference requests and results): all of a node's go to one partition.
+    Node,
     /// No key: records spread over partitions.
     None,
 }

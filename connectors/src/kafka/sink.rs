@@ -250,6 +250,8 @@ impl Sink for KafkaSink {
             SinkKey::NodeId => keys.node_id,
             SinkKey::Region => keys.region,
             SinkKey::Key => keys.key,
+            SinkKey::Id => keys.id,
+            SinkKey::Node => keys.node,
             SinkKey::None => None,
         };
         self.send(key.as_deref(), record, None)
@@ -422,6 +424,10 @@ struct KeyFields<'a> {
     region: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
     key: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    node: Option<std::borrow::Cow<'a, str>>,
 }
 
 fn decode_hex(text: &str) -> Vec<u8> {
