@@ -80,11 +80,40 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// Differential-privacy planning.
+    Dp {
+        #[command(subcommand)]
+        command: DpCommand,
+    },
     /// Print the JSON Schema of pipeline files (for editors), or the Markdown reference.
     Schema {
         /// `json` (JSON Schema) or `markdown` (the README's YAML reference).
         #[arg(long, default_value = "json")]
         format: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DpCommand {
+    /// The epsilon a training plan spends: `steps` rounds of the Gaussian mechanism with
+    /// `noise-multiplier` on a Poisson sample of `sample-rate` of the clients (RDP accountant,
+    /// as Google's dp-accounting).
+    Epsilon {
+        /// Noise std over the clipping norm (sigma).
+        #[arg(long)]
+        noise_multiplier: f64,
+        /// Fraction of clients sampled per round (q).
+        #[arg(long)]
+        sample_rate: f64,
+        /// Rounds.
+        #[arg(long)]
+        steps: u64,
+        /// Target delta.
+        #[arg(long)]
+        delta: f64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -164,6 +193,23 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Dp { command: DpCommand::Epsilon { noise_multiplier, sample_rate, steps, delta, json } } => {
+            if !(noise_multiplier >= 0.0 && (0.0..=1.0).contains(&sample_rate) && delta > 0.0 && delta < 1.0) {
+                eprintln!("error: need --noise-multiplier >= 0, --sample-rate in [0, 1] and --delta in (0, 1)");
+                return ExitCode::from(2);
+            }
+            let (epsilon, order) =
+                edgeflow_operators::federated::privacy::epsilon_for(noise_multiplier, sample_rate, steps, delta);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"epsilon": epsilon, "order": order, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps, "delta": delta})
+                );
+            } else {
+                println!("epsilon {epsilon:.6} at delta {delta} (optimal RDP order {order}) after {steps} rounds, noise multiplier {noise_multiplier}, sample rate {sample_rate}");
+            }
+            ExitCode::SUCCESS
+        }
         Command::Model { command } => match model_command(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

@@ -7,6 +7,7 @@
 
 pub mod batcher;
 pub mod duration;
+pub mod federated;
 pub mod inference;
 pub mod load_balance;
 pub mod node_health;

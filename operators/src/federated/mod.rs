@@ -1,0 +1,6 @@
+//! Federated learning: aggregation strategies and server optimisers, and differential
+//! privacy (clipping, noise, adaptive clipping, the RDP accountant). The round coordinator,
+//! client simulation and secure aggregation build on these.
+
+pub mod aggregate;
+pub mod privacy;
