@@ -93,6 +93,11 @@ pub enum Strategy {
     },
 }
 
+/// Strictly positive (false for NaN).
+fn positive(value: f64) -> bool {
+    value > 0.0
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -132,18 +137,18 @@ impl Strategy {
             }
             Strategy::FedAvgM { server_lr, beta } => {
                 unit("beta", beta, &mut problems);
-                if !(server_lr > 0.0) {
+                if !positive(server_lr) {
                     problems.push(format!("`server_lr` is {server_lr}; it must be > 0"));
                 }
             }
             Strategy::FedAdam { server_lr, beta1, beta2, tau } | Strategy::FedYogi { server_lr, beta1, beta2, tau } => {
                 unit("beta1", beta1, &mut problems);
                 unit("beta2", beta2, &mut problems);
-                if !(server_lr > 0.0 && tau > 0.0) {
+                if !(positive(server_lr) && positive(tau)) {
                     problems.push(format!("`server_lr` ({server_lr}) and `tau` ({tau}) must be > 0"));
                 }
             }
-            Strategy::FedAdagrad { server_lr, tau } if !(server_lr > 0.0 && tau > 0.0) => {
+            Strategy::FedAdagrad { server_lr, tau } if !(positive(server_lr) && positive(tau)) => {
                 problems.push(format!("`server_lr` ({server_lr}) and `tau` ({tau}) must be > 0"))
             }
             Strategy::TrimmedMean { trim } if !(0.0..0.5).contains(&trim) => {
