@@ -4,3 +4,4 @@
 
 pub mod aggregate;
 pub mod privacy;
+pub mod update;

@@ -1,0 +1,255 @@
+//! Client updates: the record, its tensor payload encoding, and the checks that reject bad
+//! updates with a reason.
+//!
+//! JSON encoding (one object per line, on files and topics):
+//!
+//! ```json
+//! {"round":3,"client_id":"edge-0007","num_examples":120,"base_version":2,
+//!  "timestamp":1700000000000,
+//!  "payload":{"format":"f32le+zstd","parameters":650,"data":"KLUv/QBY..."},
+//!  "metrics":{"loss":0.41,"accuracy":0.88}}
+//! ```
+//!
+//! `payload.data` is the update (the client's trained weights minus the base model, flattened
+//! in the model's parameter order) as little-endian IEEE-754 f32 values, compressed with zstd
+//! and then base64-encoded (standard alphabet, with padding). `parameters` is the number of
+//! f32 values. `metrics` are optional.
+
+use std::collections::BTreeSet;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use super::privacy::l2_norm;
+use crate::EventTime;
+
+/// The payload format edgeflow reads and writes.
+pub const PAYLOAD_FORMAT: &str = "f32le+zstd";
+
+/// A compressed tensor payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// `f32le+zstd`.
+    pub format: String,
+    /// Number of f32 values.
+    pub parameters: u64,
+    /// base64 of the zstd-compressed little-endian f32 values.
+    pub data: String,
+}
+
+impl Payload {
+    /// Encodes `values` (zstd level 3).
+    pub fn encode(values: &[f32]) -> Self {
+        let mut raw = Vec::with_capacity(values.len() * 4);
+        for value in values {
+            raw.extend_from_slice(&value.to_le_bytes());
+        }
+        // Compressing an in-memory buffer cannot fail.
+        let compressed = zstd::bulk::compress(&raw, 3).unwrap_or_default();
+        Self {
+            format: PAYLOAD_FORMAT.to_owned(),
+            parameters: values.len() as u64,
+            data: base64::engine::general_purpose::STANDARD.encode(compressed),
+        }
+    }
+
+    /// Decodes the values, or says what is wrong with the payload.
+    pub fn decode(&self) -> Result<Vec<f32>, String> {
+        if self.format != PAYLOAD_FORMAT {
+            return Err(format!("payload format `{}` is not supported (expected `{PAYLOAD_FORMAT}`)", self.format));
+        }
+        let compressed = base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|err| format!("payload is not valid base64: {err}"))?;
+        let expected = usize::try_from(self.parameters).map_err(|_| "payload too large".to_owned())? * 4;
+        let raw = zstd::bulk::decompress(&compressed, expected + 1)
+            .map_err(|err| format!("payload is not valid zstd data: {err}"))?;
+        if raw.len() != expected {
+            return Err(format!(
+                "payload holds {} bytes, {} parameters need {expected}",
+                raw.len(),
+                self.parameters
+            ));
+        }
+        Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+}
+
+/// What a client reports of its local training.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientMetrics {
+    /// Training loss after local training.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Training accuracy after local training.
+    #[serde(default)]
+    pub accuracy: Option<f64>,
+}
+
+/// One client's update for one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelUpdate {
+    /// The round it belongs to.
+    pub round: u64,
+    /// The client (edge node) id.
+    pub client_id: String,
+    /// Local examples it trained on (the FedAvg weight).
+    pub num_examples: u64,
+    /// The global model version it started from.
+    pub base_version: u64,
+    /// When it was sent, ms since the epoch.
+    pub timestamp: EventTime,
+    /// The update tensor.
+    pub payload: Payload,
+    /// Local training metrics.
+    #[serde(default)]
+    pub metrics: ClientMetrics,
+}
+
+impl ModelUpdate {
+    /// Decodes one JSON update.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|err| format!("invalid model update JSON: {err}"))
+    }
+}
+
+/// What the round expects of its updates.
+#[derive(Clone, Debug)]
+pub struct RoundRules {
+    /// The round.
+    pub round: u64,
+    /// The global model version the round's clients start from.
+    pub base_version: u64,
+    /// Parameters of the model.
+    pub parameters: usize,
+    /// Clients selected for the round.
+    pub selected: BTreeSet<String>,
+    /// Largest L2 norm accepted (before any clipping), if bounded.
+    pub max_norm: Option<f64>,
+}
+
+/// Checks a round's updates one by one; remembers who already sent one.
+#[derive(Debug)]
+pub struct UpdateCheck {
+    rules: RoundRules,
+    seen: BTreeSet<String>,
+}
+
+impl UpdateCheck {
+    /// Checks for the round of `rules`.
+    pub fn new(rules: RoundRules) -> Self {
+        Self { rules, seen: BTreeSet::new() }
+    }
+
+    /// The decoded update if it is acceptable, else the reason it is rejected. An accepted
+    /// client cannot send a second update this round.
+    pub fn accept(&mut self, update: &ModelUpdate) -> Result<Vec<f32>, String> {
+        let rules = &self.rules;
+        let who = format!("update from `{}` for round {}", update.client_id, update.round);
+        if update.round != rules.round {
+            return Err(format!("{who}: the open round is {}", rules.round));
+        }
+        if !rules.selected.contains(&update.client_id) {
+            return Err(format!("{who}: the client was not selected for this round"));
+        }
+        if self.seen.contains(&update.client_id) {
+            return Err(format!("{who}: the client already sent an update this round"));
+        }
+        if update.base_version != rules.base_version {
+            return Err(format!(
+                "{who}: based on model version {}, the round trains version {}",
+                update.base_version, rules.base_version
+            ));
+        }
+        if update.payload.parameters != rules.parameters as u64 {
+            return Err(format!(
+                "{who}: has {} parameters, the model has {}",
+                update.payload.parameters, rules.parameters
+            ));
+        }
+        let values = update.payload.decode().map_err(|reason| format!("{who}: {reason}"))?;
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(format!("{who}: parameter {index} is {}", values[index]));
+        }
+        if let Some(bound) = rules.max_norm {
+            let norm = l2_norm(&values);
+            if norm > bound {
+                return Err(format!("{who}: L2 norm {norm:.4} exceeds the bound {bound}"));
+            }
+        }
+        self.seen.insert(update.client_id.clone());
+        Ok(values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(client: &str, round: u64, values: &[f32]) -> ModelUpdate {
+        ModelUpdate {
+            round,
+            client_id: client.into(),
+            num_examples: 10,
+            base_version: 4,
+            timestamp: 0,
+            payload: Payload::encode(values),
+            metrics: ClientMetrics::default(),
+        }
+    }
+
+    fn check() -> UpdateCheck {
+        UpdateCheck::new(RoundRules {
+            round: 5,
+            base_version: 4,
+            parameters: 3,
+            selected: ["a", "b", "c"].iter().map(|s| s.to_string()).collect(),
+            max_norm: Some(10.0),
+        })
+    }
+
+    #[test]
+    fn payload_round_trips_and_documents_its_bytes() {
+        let values = [1.5f32, -0.0, f32::MAX, 3.25];
+        let payload = Payload::encode(&values);
+        assert_eq!(payload.decode().unwrap(), values);
+        // The documented encoding, step by step.
+        let compressed = base64::engine::general_purpose::STANDARD.decode(&payload.data).unwrap();
+        let raw = zstd::bulk::decompress(&compressed, 16).unwrap();
+        assert_eq!(&raw[..4], &1.5f32.to_le_bytes());
+        let json = serde_json::to_string(&update("a", 5, &values)).unwrap();
+        assert_eq!(ModelUpdate::from_json(json.as_bytes()).unwrap(), update("a", 5, &values));
+    }
+
+    #[test]
+    fn bad_updates_are_rejected_with_their_reason() {
+        let mut check = check();
+        assert_eq!(check.accept(&update("a", 5, &[1.0, 2.0, 3.0])).unwrap(), vec![1.0, 2.0, 3.0]);
+        let reasons = [
+            (update("a", 5, &[1.0, 2.0, 3.0]), "update from `a` for round 5: the client already sent an update this round"),
+            (update("z", 5, &[1.0, 2.0, 3.0]), "update from `z` for round 5: the client was not selected for this round"),
+            (update("b", 4, &[1.0, 2.0, 3.0]), "update from `b` for round 4: the open round is 5"),
+            (update("b", 5, &[1.0, 2.0]), "update from `b` for round 5: has 2 parameters, the model has 3"),
+            (update("b", 5, &[1.0, f32::NAN, 3.0]), "update from `b` for round 5: parameter 1 is NaN"),
+            (update("b", 5, &[1.0, f32::INFINITY, 3.0]), "update from `b` for round 5: parameter 1 is inf"),
+            (update("b", 5, &[10.0, 2.0, 3.0]), "update from `b` for round 5: L2 norm 10.6301 exceeds the bound 10"),
+        ];
+        for (bad, reason) in reasons {
+            assert_eq!(check.accept(&bad).unwrap_err(), reason);
+        }
+        let mut stale = update("b", 5, &[1.0, 2.0, 3.0]);
+        stale.base_version = 3;
+        assert_eq!(
+            check.accept(&stale).unwrap_err(),
+            "update from `b` for round 5: based on model version 3, the round trains version 4"
+        );
+        let mut garbled = update("b", 5, &[1.0, 2.0, 3.0]);
+        garbled.payload.data = "not base64!".into();
+        assert!(check.accept(&garbled).unwrap_err().contains("payload is not valid base64"));
+        // After all the rejections, b may still send its one good update.
+        assert!(check.accept(&update("b", 5, &[0.0, 0.0, 1.0])).is_ok());
+    }
+}
