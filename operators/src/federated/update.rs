@@ -66,11 +66,7 @@ impl Payload {
         let raw = zstd::bulk::decompress(&compressed, expected + 1)
             .map_err(|err| format!("payload is not valid zstd data: {err}"))?;
         if raw.len() != expected {
-            return Err(format!(
-                "payload holds {} bytes, {} parameters need {expected}",
-                raw.len(),
-                self.parameters
-            ));
+            return Err(format!("payload holds {} bytes, {} parameters need {expected}", raw.len(), self.parameters));
         }
         Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
@@ -229,8 +225,14 @@ mod tests {
         let mut check = check();
         assert_eq!(check.accept(&update("a", 5, &[1.0, 2.0, 3.0])).unwrap(), vec![1.0, 2.0, 3.0]);
         let reasons = [
-            (update("a", 5, &[1.0, 2.0, 3.0]), "update from `a` for round 5: the client already sent an update this round"),
-            (update("z", 5, &[1.0, 2.0, 3.0]), "update from `z` for round 5: the client was not selected for this round"),
+            (
+                update("a", 5, &[1.0, 2.0, 3.0]),
+                "update from `a` for round 5: the client already sent an update this round",
+            ),
+            (
+                update("z", 5, &[1.0, 2.0, 3.0]),
+                "update from `z` for round 5: the client was not selected for this round",
+            ),
             (update("b", 4, &[1.0, 2.0, 3.0]), "update from `b` for round 4: the open round is 5"),
             (update("b", 5, &[1.0, 2.0]), "update from `b` for round 5: has 2 parameters, the model has 3"),
             (update("b", 5, &[1.0, f32::NAN, 3.0]), "update from `b` for round 5: parameter 1 is NaN"),
