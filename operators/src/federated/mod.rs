@@ -4,4 +4,5 @@
 
 pub mod aggregate;
 pub mod privacy;
+pub mod secure;
 pub mod update;
