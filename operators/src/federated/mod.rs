@@ -3,6 +3,9 @@
 //! client simulation and secure aggregation build on these.
 
 pub mod aggregate;
+pub mod coordinator;
+pub mod learn;
 pub mod privacy;
 pub mod secure;
+pub mod simulate;
 pub mod update;

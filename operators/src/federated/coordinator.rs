@@ -1,0 +1,416 @@
+//! The round coordinator: selects clients, publishes the round plan, checks and folds in
+//! updates, closes the round and moves the global model, with central or local differential
+//! privacy and a privacy budget.
+//!
+//! This is the round logic on its own (rounds in, plans and models out); the dataflow runs it
+//! with rounds as logical times. Stragglers: an update for a round that has closed is
+//! rejected with the reason `round R is closed` (counted as a dead letter), never folded into
+//! a later round, since it was trained from an older model.
+
+use std::collections::BTreeMap;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::{RoundAggregate, ServerOptimizer, Strategy};
+use super::learn::LocalTraining;
+use super::privacy::{add_gaussian, clip_l2, Accountant, AdaptiveClip};
+use super::update::{ModelUpdate, RoundRules, UpdateCheck};
+use crate::records::HealthStatus;
+
+/// How clients are picked for a round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "selection", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Selection {
+    /// Uniformly at random among the known clients, seeded per round.
+    Uniform {
+        /// Seed (default 0).
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Uniformly among Healthy clients with at least the given free CPU and memory (percent).
+    ResourceAware {
+        /// Free CPU needed, percent (default 20).
+        #[serde(default = "twenty")]
+        min_free_cpu: f64,
+        /// Free memory needed, percent (default 20).
+        #[serde(default = "twenty")]
+        min_free_memory: f64,
+        /// Seed (default 0).
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Those who took part least so far (ties in id order): every client in turn.
+    RoundRobin,
+    /// Exactly these clients.
+    List {
+        /// Client ids.
+        clients: Vec<String>,
+    },
+}
+
+fn twenty() -> f64 {
+    20.0
+}
+
+/// What the coordinator knows of a client when selecting.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientInfo {
+    /// Client (edge node) id.
+    pub id: String,
+    /// Its health.
+    pub status: HealthStatus,
+    /// CPU use, percent.
+    pub cpu: f64,
+    /// Memory use, percent.
+    pub memory: f64,
+}
+
+/// Differential privacy of the rounds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DpConfig {
+    /// `central` (noise on the aggregate, accounted) or `local` (noise added by each client).
+    pub mode: DpMode,
+    /// L2 clipping norm of each update.
+    pub clip_norm: f64,
+    /// Noise std over the clipping norm.
+    pub noise_multiplier: f64,
+    /// Total ε allowed (central mode): a round that would exceed it is refused.
+    #[serde(default = "default_budget")]
+    pub epsilon_budget: f64,
+    /// δ of the guarantee (default 1e-5).
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// Adaptive clipping toward this quantile of update norms (Andrew et al.), if set.
+    #[serde(default)]
+    pub adaptive_quantile: Option<f64>,
+}
+
+fn default_budget() -> f64 {
+    f64::INFINITY
+}
+fn default_delta() -> f64 {
+    1e-5
+}
+
+/// Where DP noise is added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DpMode {
+    /// On the aggregate, by the server.
+    Central,
+    /// On each update, by its client.
+    Local,
+}
+
+/// The coordinator's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Aggregation strategy.
+    pub strategy: Strategy,
+    /// Client selection.
+    pub selection: Selection,
+    /// Clients per round.
+    pub clients_per_round: usize,
+    /// Fraction of the selected clients whose updates close the round early.
+    pub quorum: f64,
+    /// Updates with a larger L2 norm are rejected (before clipping).
+    pub max_norm: Option<f64>,
+    /// Local training the clients are asked to do.
+    pub local: LocalTraining,
+    /// Differential privacy.
+    pub dp: Option<DpConfig>,
+}
+
+/// What the clients of a round are told.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundPlan {
+    /// Round number, from 1.
+    pub round: u64,
+    /// Selected client ids.
+    pub clients: Vec<String>,
+    /// The global model version to train from.
+    pub model_version: u64,
+    /// Local training settings (FedProx `mu` included).
+    pub local: LocalTraining,
+    /// Clip updates to this L2 norm (DP), if set.
+    pub clip_norm: Option<f64>,
+    /// Local DP: add Gaussian noise of this std to the clipped update, if set.
+    pub local_noise_std: Option<f64>,
+}
+
+/// What a closed round produced.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    /// The round.
+    pub round: u64,
+    /// The new global model version.
+    pub model_version: u64,
+    /// Updates folded in.
+    pub accepted: usize,
+    /// Clients selected.
+    pub selected: usize,
+    /// Mean client training loss reported.
+    pub client_loss: Option<f64>,
+    /// ε spent so far (central DP).
+    pub epsilon: Option<f64>,
+    /// Clip norm used (DP).
+    pub clip_norm: Option<f64>,
+}
+
+struct OpenRound {
+    plan: RoundPlan,
+    check: UpdateCheck,
+    aggregate: RoundAggregate,
+    /// Central DP: the sum of clipped updates.
+    dp_sum: Option<Vec<f64>>,
+    unclipped: usize,
+    losses: Vec<f64>,
+}
+
+/// The coordinator of one training run.
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    round: u64,
+    version: u64,
+    model: Vec<f32>,
+    server: ServerOptimizer,
+    accountant: Option<Accountant>,
+    adaptive: Option<AdaptiveClip>,
+    participation: BTreeMap<String, u64>,
+    open: Option<OpenRound>,
+    rng: ChaCha8Rng,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("round", &self.round)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// A coordinator starting from `model` (version 0).
+    pub fn new(config: CoordinatorConfig, model: Vec<f32>) -> Self {
+        let accountant = config
+            .dp
+            .as_ref()
+            .filter(|dp| dp.mode == DpMode::Central)
+            .map(|dp| Accountant::new(dp.epsilon_budget, dp.delta));
+        let adaptive = config.dp.as_ref().and_then(|dp| {
+            dp.adaptive_quantile.map(|quantile| AdaptiveClip {
+                clip: dp.clip_norm,
+                target_quantile: quantile,
+                learning_rate: 0.2,
+                count_noise: config.clients_per_round as f64 / 20.0,
+            })
+        });
+        let server = ServerOptimizer::new(config.strategy, model.len());
+        Self {
+            config,
+            round: 0,
+            version: 0,
+            model,
+            server,
+            accountant,
+            adaptive,
+            participation: BTreeMap::new(),
+            open: None,
+            rng: ChaCha8Rng::seed_from_u64(0x5eed),
+        }
+    }
+
+    /// The global model.
+    pub fn model(&self) -> &[f32] {
+        &self.model
+    }
+
+    /// Its version (the number of rounds closed).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// ε spent so far (central DP).
+    pub fn epsilon(&self) -> Option<f64> {
+        self.accountant.as_ref().map(Accountant::spent)
+    }
+
+    fn clip_norm(&self) -> Option<f64> {
+        self.adaptive.as_ref().map(|a| a.clip).or_else(|| self.config.dp.as_ref().map(|dp| dp.clip_norm))
+    }
+
+    /// Opens the next round over `fleet`: selects its clients and returns the plan, or says
+    /// why no round can start (no eligible client, or the privacy budget would be exceeded).
+    pub fn plan(&mut self, fleet: &[ClientInfo]) -> Result<RoundPlan, String> {
+        let round = self.round + 1;
+        let k = self.config.clients_per_round;
+        let mut chosen: Vec<String> = match &self.config.selection {
+            Selection::Uniform { seed } => {
+                let mut ids: Vec<String> = fleet.iter().map(|c| c.id.clone()).collect();
+                ids.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ round.wrapping_mul(0x9e37_79b9)));
+                ids.truncate(k);
+                ids
+            }
+            Selection::ResourceAware { min_free_cpu, min_free_memory, seed } => {
+                let mut ids: Vec<String> = fleet
+                    .iter()
+                    .filter(|c| {
+                        c.status == HealthStatus::Healthy
+                            && 100.0 - c.cpu >= *min_free_cpu
+                            && 100.0 - c.memory >= *min_free_memory
+                    })
+                    .map(|c| c.id.clone())
+                    .collect();
+                ids.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ round.wrapping_mul(0x9e37_79b9)));
+                ids.truncate(k);
+                ids
+            }
+            Selection::RoundRobin => {
+                let mut ids: Vec<(u64, String)> =
+                    fleet.iter().map(|c| (self.participation.get(&c.id).copied().unwrap_or(0), c.id.clone())).collect();
+                ids.sort();
+                ids.into_iter().take(k).map(|(_, id)| id).collect()
+            }
+            Selection::List { clients } => clients.clone(),
+        };
+        chosen.sort();
+        if chosen.is_empty() {
+            return Err(format!("round {round}: no client is eligible ({} known)", fleet.len()));
+        }
+        let mut epsilon = None;
+        if let (Some(accountant), Some(dp)) = (self.accountant.as_mut(), self.config.dp.as_ref()) {
+            let q = (chosen.len() as f64 / fleet.len().max(1) as f64).min(1.0);
+            epsilon =
+                Some(accountant.spend(q, dp.noise_multiplier).map_err(|reason| format!("privacy budget: {reason}"))?);
+        }
+        let _ = epsilon;
+        for id in &chosen {
+            *self.participation.entry(id.clone()).or_default() += 1;
+        }
+        let clip_norm = self.clip_norm();
+        let local_noise_std = self
+            .config
+            .dp
+            .as_ref()
+            .filter(|dp| dp.mode == DpMode::Local)
+            .and_then(|dp| clip_norm.map(|c| dp.noise_multiplier * c));
+        let plan = RoundPlan {
+            round,
+            clients: chosen.clone(),
+            model_version: self.version,
+            local: self.config.local,
+            clip_norm,
+            local_noise_std,
+        };
+        let rules = RoundRules {
+            round,
+            base_version: self.version,
+            parameters: self.model.len(),
+            selected: chosen.into_iter().collect(),
+            max_norm: self.config.max_norm,
+        };
+        let central = self.config.dp.as_ref().is_some_and(|dp| dp.mode == DpMode::Central);
+        self.open = Some(OpenRound {
+            plan: plan.clone(),
+            check: UpdateCheck::new(rules),
+            aggregate: RoundAggregate::new(self.config.strategy, self.model.len()),
+            dp_sum: central.then(|| vec![0.0; self.model.len()]),
+            unclipped: 0,
+            losses: Vec::new(),
+        });
+        self.round = round;
+        Ok(plan)
+    }
+
+    /// Offers an update to the open round: folded in, or rejected with the reason.
+    pub fn offer(&mut self, update: &ModelUpdate) -> Result<(), String> {
+        let Some(open) = self.open.as_mut() else {
+            return Err(format!(
+                "update from `{}` for round {}: round {} is closed",
+                update.client_id, update.round, update.round
+            ));
+        };
+        if update.round < open.plan.round {
+            return Err(format!(
+                "update from `{}` for round {}: round {} is closed",
+                update.client_id, update.round, update.round
+            ));
+        }
+        let mut values = open.check.accept(update)?;
+        if let Some(loss) = update.metrics.loss {
+            open.losses.push(loss);
+        }
+        if let Some(clip) = open.plan.clip_norm {
+            if clip_l2(&mut values, clip) <= clip {
+                open.unclipped += 1;
+            }
+        }
+        match open.dp_sum.as_mut() {
+            Some(sum) => {
+                for (s, v) in sum.iter_mut().zip(&values) {
+                    *s += f64::from(*v);
+                }
+                // Counted for quorum; DP rounds aggregate with equal weights.
+                open.aggregate.add(&values, 1).map_err(|err| err.to_string())?;
+            }
+            None => open.aggregate.add(&values, update.num_examples).map_err(|err| err.to_string())?,
+        }
+        Ok(())
+    }
+
+    /// Whether the open round has its quorum of updates.
+    pub fn quorum_reached(&self) -> bool {
+        self.open.as_ref().is_some_and(|open| {
+            open.aggregate.count() as f64 >= (self.config.quorum * open.plan.clients.len() as f64).ceil()
+        })
+    }
+
+    /// Closes the open round (on quorum or at its deadline) and moves the global model.
+    pub fn close(&mut self) -> Result<RoundSummary, String> {
+        let open = self.open.take().ok_or("no round is open")?;
+        let round = open.plan.round;
+        let accepted = open.aggregate.count();
+        if accepted == 0 {
+            return Err(format!(
+                "round {round} closed with no accepted update; the model stays at version {}",
+                self.version
+            ));
+        }
+        let delta = match (open.dp_sum, self.config.dp.as_ref()) {
+            (Some(sum), Some(dp)) => {
+                // Central DP: Gaussian noise of std sigma * C on the sum of clipped updates,
+                // divided by the number of clients asked (fixed, so one client changes the
+                // result by at most C / k).
+                let clip = open.plan.clip_norm.unwrap_or(dp.clip_norm);
+                let mut noisy: Vec<f32> = sum.iter().map(|s| *s as f32).collect();
+                add_gaussian(&mut noisy, dp.noise_multiplier * clip, &mut self.rng);
+                let k = open.plan.clients.len() as f32;
+                noisy.iter().map(|v| v / k).collect()
+            }
+            _ => open.aggregate.finish().map_err(|err| format!("round {round}: {err}"))?,
+        };
+        if let Some(adaptive) = self.adaptive.as_mut() {
+            adaptive.update(open.unclipped, accepted, &mut self.rng);
+        }
+        self.server.apply(&mut self.model, &delta);
+        self.version += 1;
+        let client_loss = (!open.losses.is_empty()).then(|| open.losses.iter().sum::<f64>() / open.losses.len() as f64);
+        Ok(RoundSummary {
+            round,
+            model_version: self.version,
+            accepted,
+            selected: open.plan.clients.len(),
+            client_loss,
+            epsilon: self.epsilon(),
+            clip_norm: open.plan.clip_norm,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
