@@ -85,6 +85,29 @@ impl InferenceMetrics {
     }
 }
 
+/// Metrics of federated training, per operator.
+#[derive(Debug, Default)]
+pub struct FederatedMetrics {
+    /// Last closed round.
+    pub round: Family<Labels, Gauge>,
+    /// Held-out accuracy of the global model after the last round.
+    pub test_accuracy: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Privacy spent so far (central DP).
+    pub epsilon: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// Client updates, per outcome (`accepted`, `rejected`).
+    pub updates: Family<Labels, Counter>,
+}
+
+impl FederatedMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("federated");
+        registry.register("round", "Last closed training round", self.round.clone());
+        registry.register("test_accuracy", "Held-out accuracy of the global model", self.test_accuracy.clone());
+        registry.register("epsilon", "Differential privacy spent so far", self.epsilon.clone());
+        registry.register("updates", "Client updates, per outcome", self.updates.clone());
+    }
+}
+
 /// Every metric edgeflow exports. Cheap to clone handles out of; shared by all workers.
 #[derive(Debug)]
 pub struct Metrics {
@@ -117,6 +140,8 @@ pub struct Metrics {
     pub kafka: Arc<edgeflow_connectors::kafka::KafkaMetrics>,
     /// Inference operators.
     pub inference: InferenceMetrics,
+    /// Federated training.
+    pub federated: FederatedMetrics,
     node_counts: [AtomicI64; 4],
 }
 
@@ -145,6 +170,7 @@ impl Metrics {
             records_total: Counter::default(),
             kafka: Arc::default(),
             inference: InferenceMetrics::default(),
+            federated: FederatedMetrics::default(),
             node_counts: Default::default(),
             registry: Registry::default(),
         };
@@ -185,6 +211,7 @@ impl Metrics {
         registry.register("records_read", "Records read by all sources", metrics.records_total.clone());
         metrics.kafka.register(&mut registry);
         metrics.inference.register(&mut registry);
+        metrics.federated.register(&mut registry);
         for status in HealthStatus::ALL {
             metrics.nodes.get_or_create(&vec![("status", status.as_str().to_owned())]).set(0);
         }

@@ -15,7 +15,7 @@ use super::{
 
 const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
 const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka", "requests"];
-const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate", "inference", "load_balance"];
+const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate", "inference", "load_balance", "federated"];
 const SINK_TYPES: &[&str] = &["stdout", "file", "dead_letter", "kafka"];
 
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
@@ -149,7 +149,9 @@ impl Checker {
                 "`sources` is empty; a pipeline needs at least one source",
             );
         }
-        if root.get("sources").is_none() {
+        // A federated operator makes its own data (simulated clients): no source needed.
+        let self_fed = operators.iter().any(|w| w.type_name == "federated");
+        if root.get("sources").is_none() && !self_fed {
             self.problem("", root.mark, "missing `sources`; a pipeline needs at least one source");
         }
         if root.get("sinks").is_none() {
@@ -203,12 +205,12 @@ impl Checker {
             self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
                 accepts.contains(&kind).then_some(()).ok_or_else(|| {
                     let kinds: Vec<String> = accepts.iter().map(ToString::to_string).collect();
-                    format!(
-                        "operator `{}` ({}) reads {}",
-                        operator.name,
-                        operator.config.type_name(),
-                        kinds.join(" or ")
-                    )
+                    let what = if kinds.is_empty() {
+                        "takes no input".to_owned()
+                    } else {
+                        format!("reads {}", kinds.join(" or "))
+                    };
+                    format!("operator `{}` ({}) {what}", operator.name, operator.config.type_name())
                 })
             });
             if let OperatorConfig::Inference(config) = &operator.config {
@@ -377,7 +379,7 @@ impl Checker {
             (Some(_), Some(node)) => {
                 self.problem(&join(path, "inputs"), node.mark, "both `input` and `inputs` are set; use one of them");
             }
-            (None, None) if type_name != "dead_letter" => {
+            (None, None) if type_name != "dead_letter" && type_name != "federated" => {
                 self.problem(
                     path,
                     name_mark,
@@ -536,6 +538,24 @@ impl Checker {
                     self.problem(&join(&path, field), written.body.locate(field).mark, message);
                 }
                 OperatorConfig::LoadBalance(config)
+            }
+            "federated" => {
+                let mut config: edgeflow_operators::federated::config::FederatedConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                for (field, message) in config.problems() {
+                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
+                }
+                if config.dataset.is_relative() {
+                    config.dataset = self.base.join(&config.dataset);
+                }
+                if !config.dataset.is_file() {
+                    self.problem(
+                        &join(&path, "dataset"),
+                        written.body.locate("dataset").mark,
+                        format!("dataset `{}` is not a file", config.dataset.display()),
+                    );
+                }
+                OperatorConfig::Federated(config)
             }
             "inference" => {
                 let mut config: edgeflow_operators::inference::InferenceConfig =

@@ -15,6 +15,7 @@ use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
 use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
 use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
+use edgeflow_operators::federated::config::FederatedConfig;
 use edgeflow_operators::inference::InferenceConfig;
 use edgeflow_operators::load_balance::LoadBalanceConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
@@ -104,6 +105,10 @@ pub enum PortKind {
     InferenceRequests,
     /// Inference results.
     InferenceResults,
+    /// Federated round reports.
+    FederatedRounds,
+    /// Global model versions.
+    GlobalModels,
 }
 
 impl fmt::Display for PortKind {
@@ -117,6 +122,8 @@ impl fmt::Display for PortKind {
             PortKind::DeadLetters => "dead letters",
             PortKind::InferenceRequests => "inference requests",
             PortKind::InferenceResults => "inference results",
+            PortKind::FederatedRounds => "federated round reports",
+            PortKind::GlobalModels => "global models",
         })
     }
 }
@@ -214,6 +221,8 @@ pub enum OperatorConfig {
     Inference(InferenceConfig),
     /// Placement of inference requests on edge nodes.
     LoadBalance(LoadBalanceConfig),
+    /// Federated training over simulated clients.
+    Federated(FederatedConfig),
 }
 
 impl OperatorConfig {
@@ -224,6 +233,7 @@ impl OperatorConfig {
             OperatorConfig::WindowAggregate(_) => "window_aggregate",
             OperatorConfig::Inference(_) => "inference",
             OperatorConfig::LoadBalance(_) => "load_balance",
+            OperatorConfig::Federated(_) => "federated",
         }
     }
 
@@ -235,6 +245,7 @@ impl OperatorConfig {
             OperatorConfig::LoadBalance(_) => {
                 &[PortKind::InferenceRequests, PortKind::StatusChanges, PortKind::Heartbeats]
             }
+            OperatorConfig::Federated(_) => &[],
         }
     }
 }
@@ -348,6 +359,11 @@ pub fn operator_outputs(config: &OperatorConfig) -> &'static [(&'static str, Por
         OperatorConfig::LoadBalance(_) => {
             &[("requests", PortKind::InferenceRequests), ("unplaced", PortKind::InferenceResults)]
         }
+        OperatorConfig::Federated(_) => &[
+            ("rounds", PortKind::FederatedRounds),
+            ("models", PortKind::GlobalModels),
+            ("rejected", PortKind::DeadLetters),
+        ],
     }
 }
 

@@ -6,6 +6,7 @@ use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
 use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
 use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
 use edgeflow_connectors::stdout::StdoutSinkConfig;
+use edgeflow_operators::federated::config::FederatedConfig;
 use edgeflow_operators::inference::InferenceConfig;
 use edgeflow_operators::load_balance::LoadBalanceConfig;
 use edgeflow_operators::node_health::NodeHealthConfig;
@@ -62,6 +63,10 @@ enum OperatorKind {
     /// (results of requests no node could take; an inference operator reading the balancer
     /// reports them among its results).
     LoadBalance(LoadBalanceConfig),
+    /// Federated training over a fleet of simulated clients, rounds as logical times; takes
+    /// no input. Outputs `rounds` (main: one report per round), `models` (each global model
+    /// version) and `rejected` (refused updates with their reason).
+    Federated(FederatedConfig),
 }
 
 /// An operator.

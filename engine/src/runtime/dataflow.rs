@@ -44,6 +44,19 @@ pub(crate) enum Port<'scope> {
     Requests(StreamVec<'scope, EventTime, InferenceRequest>),
     /// Inference results.
     Results(StreamVec<'scope, EventTime, InferenceResult>),
+    /// Federated round reports (time: the round).
+    Rounds(StreamVec<'scope, EventTime, super::federated::RoundReport>),
+    /// Global model versions (time: the round).
+    Models(StreamVec<'scope, EventTime, super::federated::GlobalModel>),
+}
+
+/// What a pipeline's operators loaded before the dataflow was built (per worker).
+#[derive(Default)]
+pub struct Resources {
+    /// Each inference operator's models.
+    pub models: BTreeMap<String, Vec<OnnxModel>>,
+    /// Each federated operator's data.
+    pub(crate) federated: BTreeMap<String, super::federated::FederatedData>,
 }
 
 /// The inputs of one source on this worker.
@@ -102,9 +115,10 @@ pub fn build<'scope>(
     scope: Scope<'scope, EventTime>,
     pipeline: &Pipeline,
     sinks: Sinks,
-    mut models: BTreeMap<String, Vec<OnnxModel>>,
+    resources: Resources,
     metrics: &Arc<Metrics>,
 ) -> (Vec<SourceInputs>, Probes) {
+    let Resources { mut models, mut federated } = resources;
     let mut ports: BTreeMap<String, Port<'scope>> = BTreeMap::new();
     let mut inputs = Vec::new();
     let input_probe = ProbeHandle::new();
@@ -140,6 +154,16 @@ pub fn build<'scope>(
     // re-routed requests come back on, and their unplaced requests.
     let mut balancers: BTreeMap<String, Balanced<'scope>> = BTreeMap::new();
     for operator in &pipeline.operators {
+        if let OperatorConfig::Federated(config) = &operator.config {
+            let Some(data) = federated.remove(&operator.name) else { continue };
+            let ports_of = super::federated::federated(scope, &operator.name, config, data, metrics);
+            let rounds = count_stream(ports_of.rounds, metrics, &operator.name, "rounds");
+            ports.insert(operator.name.clone(), Port::Rounds(rounds.clone()));
+            ports.insert(format!("{}.rounds", operator.name), Port::Rounds(rounds));
+            ports.insert(format!("{}.models", operator.name), Port::Models(ports_of.models));
+            ports.insert(format!("{}.rejected", operator.name), Port::DeadLetters(ports_of.rejected));
+            continue;
+        }
         if let OperatorConfig::LoadBalance(config) = &operator.config {
             let balanced = build_balancer(scope, &ports, operator, config, metrics);
             let placed = count_stream(balanced.placed.clone(), metrics, &operator.name, "requests");
@@ -222,7 +246,7 @@ pub fn build<'scope>(
                 ports.insert(operator.name.clone(), Port::Windows(results.clone()));
                 ports.insert(format!("{}.results", operator.name), Port::Windows(results));
             }
-            OperatorConfig::Inference(_) | OperatorConfig::LoadBalance(_) => {}
+            OperatorConfig::Inference(_) | OperatorConfig::LoadBalance(_) | OperatorConfig::Federated(_) => {}
         }
     }
 
@@ -423,5 +447,7 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::DeadLetters(stream) => stream.map(|(letter, time)| (time, letter.to_json().to_string())),
         Port::Requests(stream) => stream.map(|request| (request.timestamp, json(&request))),
         Port::Results(stream) => stream.map(|result| (result.timestamp, json(&result))),
+        Port::Rounds(stream) => stream.map(|report| (report.round(), json(&report))),
+        Port::Models(stream) => stream.map(|model| (model.round(), json(&model))),
     }
 }

@@ -8,6 +8,7 @@
 //! and the run ends.
 
 mod dataflow;
+mod federated;
 mod inference;
 mod sink;
 
@@ -418,10 +419,16 @@ fn run_worker(
         exactly_once: transactional_id.is_some(),
         failure: failure.clone(),
     };
-    let models = load_models(pipeline)?;
+    let mut resources = dataflow::Resources { models: load_models(pipeline)?, ..Default::default() };
+    for operator in &pipeline.operators {
+        if let crate::config::OperatorConfig::Federated(config) = &operator.config {
+            let data = federated::load(config).map_err(|err| anyhow!("operator `{}`: {err}", operator.name))?;
+            resources.federated.insert(operator.name.clone(), data);
+        }
+    }
     let dataflow_index = worker.next_dataflow_index();
     let (inputs, probes) =
-        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, models, metrics));
+        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, resources, metrics));
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {

@@ -159,6 +159,10 @@ pub struct RoundSummary {
     pub epsilon: Option<f64>,
     /// Clip norm used (DP).
     pub clip_norm: Option<f64>,
+    /// Updates rejected in the round (each with its reason elsewhere).
+    pub rejected: usize,
+    /// Whether the quorum was met; if not, the model did not move.
+    pub quorum_met: bool,
 }
 
 struct OpenRound {
@@ -169,6 +173,7 @@ struct OpenRound {
     dp_sum: Option<Vec<f64>>,
     unclipped: usize,
     losses: Vec<f64>,
+    rejected: usize,
 }
 
 /// The coordinator of one training run.
@@ -322,6 +327,7 @@ impl Coordinator {
             dp_sum: central.then(|| vec![0.0; self.model.len()]),
             unclipped: 0,
             losses: Vec::new(),
+            rejected: 0,
         });
         self.round = round;
         Ok(plan)
@@ -341,7 +347,13 @@ impl Coordinator {
                 update.client_id, update.round, update.round
             ));
         }
-        let mut values = open.check.accept(update)?;
+        let mut values = match open.check.accept(update) {
+            Ok(values) => values,
+            Err(reason) => {
+                open.rejected += 1;
+                return Err(reason);
+            }
+        };
         if let Some(loss) = update.metrics.loss {
             open.losses.push(loss);
         }
@@ -375,11 +387,21 @@ impl Coordinator {
         let open = self.open.take().ok_or("no round is open")?;
         let round = open.plan.round;
         let accepted = open.aggregate.count();
-        if accepted == 0 {
-            return Err(format!(
-                "round {round} closed with no accepted update; the model stays at version {}",
-                self.version
-            ));
+        let needed = (self.config.quorum * open.plan.clients.len() as f64).ceil() as usize;
+        let client_loss = (!open.losses.is_empty()).then(|| open.losses.iter().sum::<f64>() / open.losses.len() as f64);
+        if accepted == 0 || accepted < needed {
+            // Below quorum: the round counts as failed and the model stays.
+            return Ok(RoundSummary {
+                round,
+                model_version: self.version,
+                accepted,
+                selected: open.plan.clients.len(),
+                client_loss,
+                epsilon: self.epsilon(),
+                clip_norm: open.plan.clip_norm,
+                rejected: open.rejected,
+                quorum_met: false,
+            });
         }
         let delta = match (open.dp_sum, self.config.dp.as_ref()) {
             (Some(sum), Some(dp)) => {
@@ -399,7 +421,6 @@ impl Coordinator {
         }
         self.server.apply(&mut self.model, &delta);
         self.version += 1;
-        let client_loss = (!open.losses.is_empty()).then(|| open.losses.iter().sum::<f64>() / open.losses.len() as f64);
         Ok(RoundSummary {
             round,
             model_version: self.version,
@@ -408,6 +429,8 @@ impl Coordinator {
             client_loss,
             epsilon: self.epsilon(),
             clip_norm: open.plan.clip_norm,
+            rejected: open.rejected,
+            quorum_met: true,
         })
     }
 }

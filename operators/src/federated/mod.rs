@@ -3,6 +3,7 @@
 //! client simulation and secure aggregation build on these.
 
 pub mod aggregate;
+pub mod config;
 pub mod coordinator;
 pub mod learn;
 pub mod privacy;

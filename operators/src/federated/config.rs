@@ -1,0 +1,157 @@
+//! YAML configuration of the `federated` operator: a training run over a fleet of simulated
+//! clients, round after round.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::Strategy;
+use super::coordinator::{CoordinatorConfig, DpConfig, Selection};
+use super::learn::{LocalTraining, Partition};
+
+/// YAML configuration of the `federated` operator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedConfig {
+    /// Labelled examples, `label,feature,...` per line (`#` comments); a relative path is
+    /// relative to the pipeline file. The clients' data and the held-out test set.
+    pub dataset: PathBuf,
+    /// Features are divided by this (default 16, the digits' largest pixel value).
+    #[serde(default = "defaults::scale")]
+    pub feature_scale: f32,
+    /// Fraction of the dataset held out to measure the global model (default 0.2).
+    #[serde(default = "defaults::test_fraction")]
+    pub test_fraction: f64,
+    /// Simulated clients the training set is split over (default 20).
+    #[serde(default = "defaults::clients")]
+    pub clients: usize,
+    /// How examples are spread: `iid`, `shards`, or `{dirichlet: {alpha: A}}` (default
+    /// Dirichlet with alpha 0.5).
+    #[serde(default = "defaults::partition")]
+    pub partition: Partition,
+    /// Probability that a selected client does not answer a round (default 0).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Rounds to run (default 50).
+    #[serde(default = "defaults::rounds")]
+    pub rounds: u64,
+    /// Clients asked per round (default 10).
+    #[serde(default = "defaults::clients_per_round")]
+    pub clients_per_round: usize,
+    /// Client selection (default uniform, seed 0).
+    #[serde(default = "defaults::selection")]
+    pub selection: Selection,
+    /// Aggregation strategy (default FedAvg).
+    #[serde(default = "defaults::strategy")]
+    pub strategy: Strategy,
+    /// Fraction of the selected clients whose updates must arrive for the round to count
+    /// (default 0.5); a round below it keeps the model and is reported.
+    #[serde(default = "defaults::quorum")]
+    pub quorum: f64,
+    /// Updates with a larger L2 norm are rejected (default: no bound).
+    #[serde(default)]
+    pub max_norm: Option<f64>,
+    /// Local training of each client per round.
+    #[serde(default)]
+    pub local: LocalTraining,
+    /// Differential privacy (default none).
+    #[serde(default)]
+    pub dp: Option<DpConfig>,
+    /// A CSV file of per-round convergence (round, clients, updates, losses, held-out accuracy,
+    /// epsilon), written as rounds close; a relative path is relative to the working
+    /// directory.
+    #[serde(default)]
+    pub csv: Option<PathBuf>,
+    /// Seed of the split and of the clients' training (default 3).
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+}
+
+mod defaults {
+    use super::*;
+    pub fn scale() -> f32 {
+        16.0
+    }
+    pub fn test_fraction() -> f64 {
+        0.2
+    }
+    pub fn clients() -> usize {
+        20
+    }
+    pub fn partition() -> Partition {
+        Partition::Dirichlet { alpha: 0.5 }
+    }
+    pub fn rounds() -> u64 {
+        50
+    }
+    pub fn clients_per_round() -> usize {
+        10
+    }
+    pub fn selection() -> Selection {
+        Selection::Uniform { seed: 0 }
+    }
+    pub fn strategy() -> Strategy {
+        Strategy::FedAvg
+    }
+    pub fn quorum() -> f64 {
+        0.5
+    }
+    pub fn seed() -> u64 {
+        3
+    }
+}
+
+impl FederatedConfig {
+    /// Parameters that cannot work, each with the field and the reason.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.clients == 0 || self.clients_per_round == 0 || self.clients_per_round > self.clients {
+            problems.push((
+                "clients_per_round",
+                format!(
+                    "clients_per_round ({}) must be between 1 and clients ({})",
+                    self.clients_per_round, self.clients
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.test_fraction) {
+            problems.push(("test_fraction", format!("test_fraction {} must be in [0, 1)", self.test_fraction)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            problems.push(("dropout", format!("dropout {} must be in [0, 1)", self.dropout)));
+        }
+        if !(self.quorum > 0.0 && self.quorum <= 1.0) {
+            problems.push(("quorum", format!("quorum {} must be in (0, 1]", self.quorum)));
+        }
+        if self.rounds == 0 {
+            problems.push(("rounds", "rounds must be at least 1".to_owned()));
+        }
+        for problem in self.strategy.problems() {
+            problems.push(("strategy", problem));
+        }
+        if let Partition::Dirichlet { alpha } = self.partition {
+            if !(alpha > 0.0 && alpha.is_finite()) {
+                problems.push(("partition", format!("dirichlet alpha {alpha} must be > 0")));
+            }
+        }
+        if let Some(dp) = &self.dp {
+            if !(dp.clip_norm > 0.0 && dp.noise_multiplier >= 0.0 && dp.delta > 0.0 && dp.delta < 1.0) {
+                problems.push(("dp", "dp needs clip_norm > 0, noise_multiplier >= 0 and delta in (0, 1)".to_owned()));
+            }
+        }
+        problems
+    }
+
+    /// The coordinator's settings.
+    pub fn coordinator(&self) -> CoordinatorConfig {
+        CoordinatorConfig {
+            strategy: self.strategy,
+            selection: self.selection.clone(),
+            clients_per_round: self.clients_per_round,
+            quorum: self.quorum,
+            max_norm: self.max_norm,
+            local: self.local,
+            dp: self.dp.clone(),
+        }
+    }
+}
