@@ -11,37 +11,8 @@ use crate::batcher::BatchPolicy;
 use crate::records::{Heartbeat, InferenceRequest, Location, Priority, Tensor};
 use crate::DurationMs;
 
-/// A heartbeat field used as a model feature.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum HeartbeatFeature {
-    /// CPU percent.
-    Cpu,
-    /// Memory percent.
-    Memory,
-    /// Disk percent.
-    Disk,
-    /// Bytes received since the previous heartbeat.
-    NetRxBytes,
-    /// Bytes sent since the previous heartbeat.
-    NetTxBytes,
-    /// Compute capacity in cores.
-    Capacity,
-}
-
-impl HeartbeatFeature {
-    /// The feature's value in `heartbeat`.
-    pub fn value(self, heartbeat: &Heartbeat) -> f32 {
-        (match self {
-            HeartbeatFeature::Cpu => heartbeat.cpu,
-            HeartbeatFeature::Memory => heartbeat.memory,
-            HeartbeatFeature::Disk => heartbeat.disk,
-            HeartbeatFeature::NetRxBytes => heartbeat.net_rx_bytes as f64,
-            HeartbeatFeature::NetTxBytes => heartbeat.net_tx_bytes as f64,
-            HeartbeatFeature::Capacity => heartbeat.capacity,
-        }) as f32
-    }
-}
+/// A heartbeat field used as a model feature: the numeric fields `window_aggregate` reads.
+pub use crate::window_aggregate::WindowField as HeartbeatFeature;
 
 /// YAML configuration of the `inference` operator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -132,7 +103,7 @@ impl InferenceConfig {
 
     /// The request that scores `heartbeat` with the first model, whose input is `input`.
     pub fn heartbeat_request(&self, heartbeat: &Heartbeat, input: &str) -> InferenceRequest {
-        let data: Vec<f32> = self.features.iter().map(|f| f.value(heartbeat)).collect();
+        let data: Vec<f32> = self.features.iter().map(|f| f.read(heartbeat) as f32).collect();
         InferenceRequest {
             id: format!("{}@{}", heartbeat.node_id, heartbeat.timestamp),
             model: self.models.first().cloned().unwrap_or_default(),

@@ -389,19 +389,21 @@ impl Coordinator {
         let accepted = open.aggregate.count();
         let needed = (self.config.quorum * open.plan.clients.len() as f64).ceil() as usize;
         let client_loss = (!open.losses.is_empty()).then(|| open.losses.iter().sum::<f64>() / open.losses.len() as f64);
+        let (selected, clip_norm, rejected) = (open.plan.clients.len(), open.plan.clip_norm, open.rejected);
+        let summary = |coordinator: &Self, quorum_met| RoundSummary {
+            round,
+            model_version: coordinator.version,
+            accepted,
+            selected,
+            client_loss,
+            epsilon: coordinator.epsilon(),
+            clip_norm,
+            rejected,
+            quorum_met,
+        };
         if accepted == 0 || accepted < needed {
             // Below quorum: the round counts as failed and the model stays.
-            return Ok(RoundSummary {
-                round,
-                model_version: self.version,
-                accepted,
-                selected: open.plan.clients.len(),
-                client_loss,
-                epsilon: self.epsilon(),
-                clip_norm: open.plan.clip_norm,
-                rejected: open.rejected,
-                quorum_met: false,
-            });
+            return Ok(summary(self, false));
         }
         let delta = match (open.dp_sum, self.config.dp.as_ref()) {
             (Some(sum), Some(dp)) => {
@@ -421,17 +423,7 @@ impl Coordinator {
         }
         self.server.apply(&mut self.model, &delta);
         self.version += 1;
-        Ok(RoundSummary {
-            round,
-            model_version: self.version,
-            accepted,
-            selected: open.plan.clients.len(),
-            client_loss,
-            epsilon: self.epsilon(),
-            clip_norm: open.plan.clip_norm,
-            rejected: open.rejected,
-            quorum_met: true,
-        })
+        Ok(summary(self, true))
     }
 }
 
