@@ -21,6 +21,7 @@ fn run(dir: &Path, workers: usize, extra: &str) -> (String, String, String) {
         .env("FEDERATED_ROUNDS_PATH", out("rounds"))
         .env("FEDERATED_MODELS_PATH", out("models"))
         .env("FEDERATED_DEAD_LETTERS", out("dead"))
+        .env("FEDERATED_REGISTRY", dir.join("registry"))
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -74,4 +75,68 @@ fn dropouts_and_central_dp_are_reported_per_round() {
     let expected = edgeflow_operators::federated::privacy::epsilon_for(1.0, 0.5, 30, 1e-5).0;
     assert!((epsilons[29] - expected).abs() < 1e-9, "{} vs {expected}", epsilons[29]);
     assert!(csv.lines().nth(30).unwrap().ends_with(&format!("{:.6}", epsilons[29])));
+}
+
+#[test]
+fn the_trained_model_is_exported_to_onnx_and_served_by_inference() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry");
+    let (_, _, models) = run(dir.path(), 1, "");
+    let onnx = registry.join("digits/30/model.onnx");
+    assert!(onnx.is_file(), "{} written after the last round", onnx.display());
+
+    // The final global model, from the `models` output, computed in Rust.
+    let last: serde_json::Value = serde_json::from_str(models.lines().last().unwrap()).unwrap();
+    let payload: edgeflow_operators::federated::update::Payload =
+        serde_json::from_value(last["payload"].clone()).unwrap();
+    let weights = payload.decode().unwrap();
+    let digits =
+        edgeflow_operators::federated::learn::Dataset::parse_csv(&std::fs::read_to_string(data()).unwrap(), 16.0)
+            .unwrap();
+    let predict = |x: &[f32]| -> usize {
+        let logits: Vec<f32> =
+            (0..10).map(|c| weights[640 + c] + (0..64).map(|f| x[f] * weights[f * 10 + c]).sum::<f32>()).collect();
+        (0..10).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap()
+    };
+
+    // Serve it: 300 digits as inference requests through the inference operator.
+    let requests = dir.path().join("requests.jsonl");
+    let lines: Vec<String> = (0..300)
+        .map(|i| {
+            serde_json::json!({"id": format!("d{i}"), "model": "digits", "timestamp": 1_700_000_000_000u64 + i as u64,
+                "inputs": {"x": {"shape": [1, 64], "data": digits.features[i]}}})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&requests, lines.join("\n") + "\n").unwrap();
+    let served = dir.path().join("served.jsonl");
+    let pipeline = dir.path().join("serve.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: serve\nmetrics:\n  enabled: false\nsources:\n  digits:\n    type: file\n    records: inference_requests\n    path: {}\n\
+             operators:\n  infer:\n    type: inference\n    input: digits\n    registry: {}\n    models: [digits]\n\
+             sinks:\n  out:\n    type: file\n    input: infer\n    path: {}\n",
+            requests.display(),
+            registry.display(),
+            served.display()
+        ),
+    )
+    .unwrap();
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_edgeflow")).arg("run").arg(&pipeline).arg("--no-metrics").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let results: Vec<serde_json::Value> =
+        std::fs::read_to_string(&served).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(results.len(), 300);
+    let mut correct = 0;
+    for result in &results {
+        assert_eq!(result["status"], "ok", "{result}");
+        assert_eq!(result["version"], 30);
+        let i: usize = result["id"].as_str().unwrap()[1..].parse().unwrap();
+        let label = result["outputs"]["label"]["data"][0].as_f64().unwrap() as usize;
+        assert_eq!(label, predict(&digits.features[i]), "served as trained: {result}");
+        correct += usize::from(label == digits.labels[i]);
+    }
+    assert!(correct > 250, "{correct} of 300 digits right");
 }

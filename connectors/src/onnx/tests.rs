@@ -123,3 +123,37 @@ fn refresh_loads_a_new_version_and_skips_a_broken_one_until_it_changes() {
     assert_eq!(model.refresh(), (vec![3], vec![]));
     assert_eq!(model.latest(), Some(3));
 }
+
+#[test]
+fn a_federated_softmax_export_runs_in_onnx_runtime_as_in_rust() {
+    use edgeflow_operators::federated::learn::Softmax;
+    use edgeflow_operators::federated::onnx_export::softmax_onnx;
+    let model = Softmax { features: 4, classes: 3 };
+    let weights: Vec<f32> = (0..model.parameters()).map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("digits/1/model.onnx");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, softmax_onnx(&model, &weights, 1, "test")).unwrap();
+    let mut onnx = OnnxModel::load(&dir.path().join("digits"), SessionOptions::default()).unwrap();
+    assert_eq!(
+        onnx.interface().outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
+        ["probabilities", "label"]
+    );
+    let rows = [[0.5f32, 0.0, 1.0, 0.25], [1.0, 1.0, 0.0, 0.0]];
+    let (_, outputs) = onnx.run(None, &[&x(&rows)]).unwrap();
+    let probabilities = &outputs[0]["probabilities"];
+    assert_eq!(probabilities.shape, vec![2, 3]);
+    for (row, x) in rows.iter().enumerate() {
+        // The same computation in Rust.
+        let logits: Vec<f32> =
+            (0..3).map(|c| weights[12 + c] + (0..4).map(|f| x[f] * weights[f * 3 + c]).sum::<f32>()).collect();
+        let max = logits.iter().copied().fold(f32::MIN, f32::max);
+        let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+        for c in 0..3 {
+            let want = (logits[c] - max).exp() / total;
+            assert!((probabilities.data[row * 3 + c] - want).abs() < 1e-6);
+        }
+        let best = (0..3).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+        assert_eq!(outputs[0]["label"].data[row], best as f32);
+    }
+}

@@ -548,6 +548,9 @@ impl Checker {
                 if config.dataset.is_relative() {
                     config.dataset = self.base.join(&config.dataset);
                 }
+                if let Some(export) = config.export.as_mut().filter(|e| e.registry.is_relative()) {
+                    export.registry = self.base.join(&export.registry);
+                }
                 if !config.dataset.is_file() {
                     self.problem(
                         &join(&path, "dataset"),

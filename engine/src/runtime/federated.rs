@@ -168,6 +168,7 @@ pub(crate) fn federated<'scope>(
     let infos = fleet.infos();
     let operator = name.to_owned();
     let csv = config.csv.clone();
+    let export = config.export.clone();
     let gauges = FederatedGauges::new(metrics, name);
     let out = updates.unary_frontier(
         Exchange::new(|_: &ModelUpdate| 0),
@@ -269,6 +270,12 @@ pub(crate) fn federated<'scope>(
                 if round >= rounds {
                     drop(session);
                     held = None;
+                    if let Some(export) = &export {
+                        match write_onnx(export, &model_shape, &coordinator) {
+                            Ok(path) => tracing::info!(operator = %operator, path = %path.display(), "trained model exported to ONNX"),
+                            Err(err) => tracing::error!(operator = %operator, %err, "cannot export the trained model"),
+                        }
+                    }
                     return;
                 }
                 match coordinator.plan(&infos) {
@@ -311,6 +318,30 @@ pub(crate) fn federated<'scope>(
             _ => None,
         }),
     }
+}
+
+/// Writes the global model as `REGISTRY/MODEL/VERSION/model.onnx`, beside and then renamed
+/// into place, so a registry being watched never shows a half-written version.
+fn write_onnx(
+    export: &edgeflow_operators::federated::config::Export,
+    shape: &edgeflow_operators::federated::learn::Softmax,
+    coordinator: &Coordinator,
+) -> std::io::Result<std::path::PathBuf> {
+    let model_dir = export.registry.join(&export.model);
+    std::fs::create_dir_all(&model_dir)?;
+    let version = coordinator.version();
+    let staging = model_dir.join(format!(".staging-{version}"));
+    std::fs::create_dir_all(&staging)?;
+    let description = format!("softmax regression trained by federated rounds; global model version {version}");
+    let bytes =
+        edgeflow_operators::federated::onnx_export::softmax_onnx(shape, coordinator.model(), version, &description);
+    std::fs::write(staging.join("model.onnx"), bytes)?;
+    let target = model_dir.join(version.to_string());
+    if target.exists() {
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::rename(&staging, &target)?;
+    Ok(target.join("model.onnx"))
 }
 
 /// Prometheus view of the training.

@@ -62,9 +62,24 @@ pub struct FederatedConfig {
     /// directory.
     #[serde(default)]
     pub csv: Option<PathBuf>,
+    /// After the last round, write the global model as ONNX into this model registry (the
+    /// layout the `inference` operator serves: `REGISTRY/MODEL/VERSION/model.onnx`).
+    #[serde(default)]
+    pub export: Option<Export>,
     /// Seed of the split and of the clients' training (default 3).
     #[serde(default = "defaults::seed")]
     pub seed: u64,
+}
+
+/// Where the trained model goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    /// Registry directory (created if missing); a relative path is relative to the pipeline
+    /// file.
+    pub registry: PathBuf,
+    /// Model name in the registry.
+    pub model: String,
 }
 
 mod defaults {

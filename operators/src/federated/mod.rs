@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod config;
 pub mod coordinator;
 pub mod learn;
+pub mod onnx_export;
 pub mod privacy;
 pub mod secure;
 pub mod simulate;
