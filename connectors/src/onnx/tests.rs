@@ -149,8 +149,8 @@ fn a_federated_softmax_export_runs_in_onnx_runtime_as_in_rust() {
             (0..3).map(|c| weights[12 + c] + (0..4).map(|f| x[f] * weights[f * 3 + c]).sum::<f32>()).collect();
         let max = logits.iter().copied().fold(f32::MIN, f32::max);
         let total: f32 = logits.iter().map(|l| (l - max).exp()).sum();
-        for c in 0..3 {
-            let want = (logits[c] - max).exp() / total;
+        for (c, logit) in logits.iter().enumerate() {
+            let want = (logit - max).exp() / total;
             assert!((probabilities.data[row * 3 + c] - want).abs() < 1e-6);
         }
         let best = (0..3).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();

@@ -558,7 +558,7 @@ impl Checker {
                         format!("dataset `{}` is not a file", config.dataset.display()),
                     );
                 }
-                OperatorConfig::Federated(config)
+                OperatorConfig::Federated(Box::new(config))
             }
             "inference" => {
                 let mut config: edgeflow_operators::inference::InferenceConfig =

@@ -222,7 +222,7 @@ pub enum OperatorConfig {
     /// Placement of inference requests on edge nodes.
     LoadBalance(LoadBalanceConfig),
     /// Federated training over simulated clients.
-    Federated(FederatedConfig),
+    Federated(Box<FederatedConfig>),
 }
 
 impl OperatorConfig {

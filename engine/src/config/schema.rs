@@ -66,7 +66,7 @@ enum OperatorKind {
     /// Federated training over a fleet of simulated clients, rounds as logical times; takes
     /// no input. Outputs `rounds` (main: one report per round), `models` (each global model
     /// version) and `rejected` (refused updates with their reason).
-    Federated(FederatedConfig),
+    Federated(Box<FederatedConfig>),
 }
 
 /// An operator.
