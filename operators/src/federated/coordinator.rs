@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::{RoundAggregate, ServerOptimizer, Strategy};
 use super::learn::LocalTraining;
-use super::privacy::{add_gaussian, clip_l2, Accountant, AdaptiveClip};
+use super::privacy::{add_gaussian, add_laplace, clip_l2, Accountant, AdaptiveClip, Noise};
 use super::update::{ModelUpdate, RoundRules, UpdateCheck};
 use crate::records::HealthStatus;
 
@@ -87,6 +87,11 @@ pub struct DpConfig {
     /// Adaptive clipping toward this quantile of update norms (Andrew et al.), if set.
     #[serde(default)]
     pub adaptive_quantile: Option<f64>,
+    /// `gaussian` (default; std `noise_multiplier * C`, RDP-accounted) or `laplace` (scale
+    /// `noise_multiplier * C * sqrt(parameters)`, an L1 bound of a clipped update: each round
+    /// is pure (1 / noise_multiplier)-DP, rounds composed by adding, no credit for sampling).
+    #[serde(default)]
+    pub noise: Noise,
 }
 
 fn default_budget() -> f64 {
@@ -140,6 +145,8 @@ pub struct RoundPlan {
     pub clip_norm: Option<f64>,
     /// Local DP: add Gaussian noise of this std to the clipped update, if set.
     pub local_noise_std: Option<f64>,
+    /// Local DP with Laplace noise: add Laplace noise of this scale instead, if set.
+    pub local_laplace_scale: Option<f64>,
 }
 
 /// What a closed round produced.
@@ -287,23 +294,25 @@ impl Coordinator {
         if chosen.is_empty() {
             return Err(format!("round {round}: no client is eligible ({} known)", fleet.len()));
         }
-        let mut epsilon = None;
         if let (Some(accountant), Some(dp)) = (self.accountant.as_mut(), self.config.dp.as_ref()) {
             let q = (chosen.len() as f64 / fleet.len().max(1) as f64).min(1.0);
-            epsilon =
-                Some(accountant.spend(q, dp.noise_multiplier).map_err(|reason| format!("privacy budget: {reason}"))?);
+            let spent = match dp.noise {
+                Noise::Gaussian => accountant.spend(q, dp.noise_multiplier),
+                Noise::Laplace => accountant.spend_pure(1.0 / dp.noise_multiplier),
+            };
+            spent.map_err(|reason| format!("privacy budget: {reason}"))?;
         }
-        let _ = epsilon;
         for id in &chosen {
             *self.participation.entry(id.clone()).or_default() += 1;
         }
         let clip_norm = self.clip_norm();
-        let local_noise_std = self
-            .config
-            .dp
-            .as_ref()
-            .filter(|dp| dp.mode == DpMode::Local)
-            .and_then(|dp| clip_norm.map(|c| dp.noise_multiplier * c));
+        let local = self.config.dp.as_ref().filter(|dp| dp.mode == DpMode::Local);
+        let parameters = self.model.len() as f64;
+        let local_noise_std =
+            local.filter(|dp| dp.noise == Noise::Gaussian).and_then(|dp| clip_norm.map(|c| dp.noise_multiplier * c));
+        let local_laplace_scale = local
+            .filter(|dp| dp.noise == Noise::Laplace)
+            .and_then(|dp| clip_norm.map(|c| dp.noise_multiplier * c * parameters.sqrt()));
         let plan = RoundPlan {
             round,
             clients: chosen.clone(),
@@ -311,6 +320,7 @@ impl Coordinator {
             local: self.config.local,
             clip_norm,
             local_noise_std,
+            local_laplace_scale,
         };
         let rules = RoundRules {
             round,
@@ -412,7 +422,13 @@ impl Coordinator {
                 // result by at most C / k).
                 let clip = open.plan.clip_norm.unwrap_or(dp.clip_norm);
                 let mut noisy: Vec<f32> = sum.iter().map(|s| *s as f32).collect();
-                add_gaussian(&mut noisy, dp.noise_multiplier * clip, &mut self.rng);
+                match dp.noise {
+                    Noise::Gaussian => add_gaussian(&mut noisy, dp.noise_multiplier * clip, &mut self.rng),
+                    Noise::Laplace => {
+                        let scale = dp.noise_multiplier * clip * (noisy.len() as f64).sqrt();
+                        add_laplace(&mut noisy, scale, &mut self.rng);
+                    }
+                }
                 let k = open.plan.clients.len() as f32;
                 noisy.iter().map(|v| v / k).collect()
             }

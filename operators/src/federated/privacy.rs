@@ -148,6 +148,8 @@ pub struct Accountant {
     delta: f64,
     budget: f64,
     rounds: u64,
+    /// ε of pure-DP (Laplace) rounds, composed by adding.
+    pure: f64,
 }
 
 impl Accountant {
@@ -155,12 +157,30 @@ impl Accountant {
     pub fn new(budget: f64, delta: f64) -> Self {
         let orders = default_orders();
         let rdp = vec![0.0; orders.len()];
-        Self { orders, rdp, delta, budget, rounds: 0 }
+        Self { orders, rdp, delta, budget, rounds: 0, pure: 0.0 }
     }
 
-    /// ε spent so far.
+    /// ε spent so far (the RDP-accounted Gaussian rounds plus the pure-DP rounds: basic
+    /// composition of the two).
     pub fn spent(&self) -> f64 {
-        epsilon(&self.orders, &self.rdp, self.delta).0
+        epsilon(&self.orders, &self.rdp, self.delta).0 + self.pure
+    }
+
+    /// Accounts one pure ε-DP round (the Laplace mechanism, without credit for sampling) if
+    /// the total stays within the budget.
+    pub fn spend_pure(&mut self, round_epsilon: f64) -> Result<f64, String> {
+        let total = epsilon(&self.orders, &self.rdp, self.delta).0 + self.pure + round_epsilon;
+        if total > self.budget + 1e-12 {
+            return Err(format!(
+                "round {} would spend epsilon {total:.4} > budget {} (spent so far {:.4})",
+                self.rounds + 1,
+                self.budget,
+                self.spent()
+            ));
+        }
+        self.pure += round_epsilon;
+        self.rounds += 1;
+        Ok(total)
     }
 
     /// Rounds accounted.
@@ -173,7 +193,7 @@ impl Accountant {
     pub fn spend(&mut self, q: f64, sigma: f64) -> Result<f64, String> {
         let next: Vec<f64> =
             self.orders.iter().zip(&self.rdp).map(|(&a, &r)| r + rdp_subsampled_gaussian(q, sigma, a)).collect();
-        let (eps, _) = epsilon(&self.orders, &next, self.delta);
+        let eps = epsilon(&self.orders, &next, self.delta).0 + self.pure;
         if eps > self.budget {
             return Err(format!(
                 "round {} would spend epsilon {eps:.4} > budget {} at delta {} (spent so far {:.4})",
@@ -220,10 +240,11 @@ pub fn laplace(rng: &mut impl Rng, b: f64) -> f64 {
 }
 
 /// Which noise calibrates a release.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Noise {
     /// Gaussian with std `noise_multiplier * sensitivity` (L2 sensitivity; RDP-accounted).
+    #[default]
     Gaussian,
     /// Laplace with scale `sensitivity / epsilon_per_round` (pure ε-DP per round, for L1
     /// sensitivity).

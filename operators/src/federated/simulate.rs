@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::coordinator::{ClientInfo, RoundPlan};
 use super::learn::{partition, Dataset, Partition, Softmax};
-use super::privacy::{add_gaussian, clip_l2};
+use super::privacy::{add_gaussian, add_laplace, clip_l2};
 use super::update::{ClientMetrics, ModelUpdate, Payload};
 use crate::records::HealthStatus;
 
@@ -57,6 +57,9 @@ impl SimulatedFleet {
         }
         if let Some(std) = plan.local_noise_std {
             add_gaussian(&mut delta, std, &mut ChaCha8Rng::seed_from_u64(seed ^ 0x10ca1));
+        }
+        if let Some(scale) = plan.local_laplace_scale {
+            add_laplace(&mut delta, scale, &mut ChaCha8Rng::seed_from_u64(seed ^ 0x10ca1));
         }
         Some(ModelUpdate {
             round: plan.round,

@@ -81,6 +81,7 @@ fn central_dp_spends_the_budget_it_reports_and_stops_at_it() {
         epsilon_budget: 8.0,
         delta: 1e-5,
         adaptive_quantile: None,
+        noise: Noise::Gaussian,
     };
     // DP-FedAvg with server momentum (McMahan et al. 2018) and three local epochs.
     let mut dp_config = config(Strategy::FedAvgM { server_lr: 1.0, beta: 0.9 }, Some(dp));
@@ -174,4 +175,31 @@ fn late_and_bad_updates_are_rejected_and_the_round_goes_on() {
         coordinator.offer(&late).unwrap_err(),
         format!("update from `{}` for round 1: round 1 is closed", plan.clients[3])
     );
+}
+
+#[test]
+fn laplace_rounds_compose_as_pure_dp_and_stop_at_the_budget() {
+    let (train_set, test) = digits().split(0.2, 1);
+    let fleet = SimulatedFleet::new(&train_set, 20, Partition::Iid, 3);
+    for mode in [DpMode::Central, DpMode::Local] {
+        // Each round is (1 / 2)-DP; a budget of 3 allows 6 rounds (central mode accounts).
+        let dp = DpConfig {
+            mode,
+            clip_norm: 1.0,
+            noise_multiplier: 2.0,
+            epsilon_budget: 3.0,
+            delta: 1e-5,
+            adaptive_quantile: None,
+            noise: Noise::Laplace,
+        };
+        let (accuracy, coordinator) = train(config(Strategy::FedAvg, Some(dp)), &fleet, &test, 10);
+        match mode {
+            DpMode::Central => {
+                assert_eq!(coordinator.version(), 6);
+                assert!((coordinator.epsilon().unwrap() - 3.0).abs() < 1e-9);
+            }
+            DpMode::Local => assert_eq!(coordinator.version(), 10, "local noise is the clients' own"),
+        }
+        assert!(accuracy.iter().all(|a| a.is_finite()));
+    }
 }
