@@ -454,11 +454,18 @@ pub fn load_balance<'scope>(
                 for update in pending.values().flatten() {
                     latest.apply(update);
                 }
+                // The latest view without the lost node; re-routes come in runs of one node,
+                // so the view is made once per run.
+                let mut without: Option<(String, Fleet)> = None;
                 for (cap, mut request) in reroutes {
                     let lost = request.node.take().unwrap_or_default();
-                    let mut without = latest.clone();
-                    without.exclude(&lost);
-                    let placed = match balancer.choose(&without, &request, *cap.time()) {
+                    if without.as_ref().is_none_or(|(node, _)| *node != lost) {
+                        let mut view = latest.clone();
+                        view.exclude(&lost);
+                        without = Some((lost.clone(), view));
+                    }
+                    let Some((_, view)) = without.as_ref() else { continue };
+                    let placed = match balancer.choose(view, &request, *cap.time()) {
                         Ok(node) => {
                             request.node = Some(node);
                             Placement::Assigned(request)

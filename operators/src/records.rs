@@ -12,28 +12,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::EventTime;
 
+/// A total order on records with floats, so they can live in differential collections
+/// (which need `Ord`): floats compare with `total_cmp`.
+macro_rules! total_order {
+    ($type:ty, |$a:ident, $b:ident| $body:expr) => {
+        impl PartialEq for $type {
+            fn eq(&self, other: &Self) -> bool {
+                self.cmp(other) == Ordering::Equal
+            }
+        }
+        impl Eq for $type {}
+        impl PartialOrd for $type {
+            fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for $type {
+            fn cmp(&self, other: &Self) -> Ordering {
+                let ($a, $b) = (self, other);
+                $body
+            }
+        }
+    };
+}
+
 /// A floating-point measurement with a total order, so that it can live inside differential
 /// collections (which need `Ord`). Serialised as a plain JSON number.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct Gauge(pub f64);
 
-impl PartialEq for Gauge {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.total_cmp(&other.0) == Ordering::Equal
-    }
-}
-impl Eq for Gauge {}
-impl PartialOrd for Gauge {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Gauge {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0)
-    }
-}
+total_order!(Gauge, |a, b| a.0.total_cmp(&b.0));
 
 /// One heartbeat of an edge node: its identity, place, and resource use at `timestamp`.
 ///
@@ -121,32 +130,18 @@ impl Heartbeat {
     }
 }
 
-impl PartialEq for Heartbeat {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-impl Eq for Heartbeat {}
-impl PartialOrd for Heartbeat {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Heartbeat {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.order_key()
-            .cmp(&other.order_key())
-            .then_with(|| self.cpu.total_cmp(&other.cpu))
-            .then_with(|| self.memory.total_cmp(&other.memory))
-            .then_with(|| self.disk.total_cmp(&other.disk))
-            .then_with(|| self.lat.total_cmp(&other.lat))
-            .then_with(|| self.lon.total_cmp(&other.lon))
-            .then_with(|| self.net_rx_bytes.cmp(&other.net_rx_bytes))
-            .then_with(|| self.net_tx_bytes.cmp(&other.net_tx_bytes))
-            .then_with(|| self.capacity.total_cmp(&other.capacity))
-            .then_with(|| self.labels.cmp(&other.labels))
-    }
-}
+total_order!(Heartbeat, |a, b| a
+    .order_key()
+    .cmp(&b.order_key())
+    .then_with(|| a.cpu.total_cmp(&b.cpu))
+    .then_with(|| a.memory.total_cmp(&b.memory))
+    .then_with(|| a.disk.total_cmp(&b.disk))
+    .then_with(|| a.lat.total_cmp(&b.lat))
+    .then_with(|| a.lon.total_cmp(&b.lon))
+    .then_with(|| a.net_rx_bytes.cmp(&b.net_rx_bytes))
+    .then_with(|| a.net_tx_bytes.cmp(&b.net_tx_bytes))
+    .then_with(|| a.capacity.total_cmp(&b.capacity))
+    .then_with(|| a.labels.cmp(&b.labels)));
 
 /// Health of one edge node, from best to worst.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
@@ -472,30 +467,6 @@ impl InferenceRequest {
     pub fn routing_key(&self) -> &str {
         self.key.as_deref().unwrap_or(&self.id)
     }
-}
-
-/// A total order on records with floats, so they can live in differential collections
-/// (which need `Ord`): floats compare with `total_cmp`.
-macro_rules! total_order {
-    ($type:ty, |$a:ident, $b:ident| $body:expr) => {
-        impl PartialEq for $type {
-            fn eq(&self, other: &Self) -> bool {
-                self.cmp(other) == Ordering::Equal
-            }
-        }
-        impl Eq for $type {}
-        impl PartialOrd for $type {
-            fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-                Some(self.cmp(other))
-            }
-        }
-        impl Ord for $type {
-            fn cmp(&self, other: &Self) -> Ordering {
-                let ($a, $b) = (self, other);
-                $body
-            }
-        }
-    };
 }
 
 fn cmp_floats(a: &[f32], b: &[f32]) -> Ordering {

@@ -502,7 +502,7 @@ fn extract_f32(value: &ort::value::DynValue, element: ElementType) -> Result<(Ve
 }
 
 /// Numbered version directories of a model, ascending, with their `model.onnx` path.
-fn version_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, String> {
+pub fn version_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, String> {
     let entries =
         std::fs::read_dir(dir).map_err(|err| format!("cannot read model directory `{}`: {err}", dir.display()))?;
     let mut found: Vec<(u64, PathBuf)> = entries

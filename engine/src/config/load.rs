@@ -595,14 +595,7 @@ impl Checker {
         }
         for (index, model) in config.models.iter().enumerate() {
             let dir = registry.join(model);
-            let versions = std::fs::read_dir(&dir)
-                .map(|entries| {
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok()))
-                        .count()
-                })
-                .unwrap_or(0);
+            let versions = edgeflow_connectors::onnx::version_dirs(&dir).map_or(0, |found| found.len());
             if versions == 0 {
                 let mark = body.locate(&format!("models[{index}]")).mark;
                 let message = if dir.is_dir() {

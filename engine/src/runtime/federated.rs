@@ -95,7 +95,8 @@ enum CoordinatorOut {
     Plan(PlanMessage),
     Report(RoundReport),
     Model(GlobalModel),
-    Rejected(DeadLetter),
+    /// A refused update, at the round it was for.
+    Rejected(DeadLetter, u64),
 }
 
 /// The operator's outputs.
@@ -232,7 +233,7 @@ pub(crate) fn federated<'scope>(
                             reason,
                             payload: serde_json::to_vec(update).unwrap_or_default(),
                         };
-                        session.give(CoordinatorOut::Rejected(letter));
+                        session.give(CoordinatorOut::Rejected(letter, update.round));
                     } else {
                         gauges.accepted.inc();
                     }
@@ -310,11 +311,7 @@ pub(crate) fn federated<'scope>(
             _ => None,
         }),
         rejected: out.flat_map(|o| match o {
-            CoordinatorOut::Rejected(letter) => {
-                // At the round the update was for (parsed back from the position).
-                let round = letter.position.split(' ').nth(1).and_then(|r| r.parse().ok()).unwrap_or(0);
-                Some((letter, round))
-            }
+            CoordinatorOut::Rejected(letter, round) => Some((letter, round)),
             _ => None,
         }),
     }
