@@ -1,8 +1,15 @@
 //! The federated pipeline end to end: rounds as logical times of the dataflow, simulated
-//! clients on every worker, the same result on 1 and 2 workers.
+//! clients on every worker, the same result on 1 and 2 workers; external clients that read
+//! plans and send updates through files, with deadlines, stragglers and a failed quorum.
 
+mod common;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edgeflow_operators::federated::coordinator::PlanRecord;
 
 fn run(dir: &Path, workers: usize, extra: &str) -> (String, String, String) {
     let pipeline = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/federated.yaml"))
@@ -139,4 +146,81 @@ fn the_trained_model_is_exported_to_onnx_and_served_by_inference() {
         correct += usize::from(label == digits.labels[i]);
     }
     assert!(correct > 250, "{correct} of 300 digits right");
+}
+
+/// External clients over files: plans to a file they read, updates appended to a file the
+/// engine follows.
+struct FileTransport {
+    plans: PathBuf,
+    read: usize,
+    updates: std::fs::File,
+}
+
+impl common::external_clients::Transport for FileTransport {
+    fn plans(&mut self) -> Vec<PlanRecord> {
+        let text = std::fs::read_to_string(&self.plans).unwrap_or_default();
+        // Only whole lines: the sink may be half-way through one.
+        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+        let plans: Vec<PlanRecord> =
+            complete.lines().skip(self.read).map(|l| serde_json::from_str(l).unwrap()).collect();
+        self.read += plans.len();
+        plans
+    }
+
+    fn send(&mut self, lines: &[String]) {
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        self.updates.write_all(text.as_bytes()).unwrap();
+        self.updates.flush().unwrap();
+    }
+}
+
+/// The pipeline of a federated operator whose clients are outside, with `source` (indented
+/// YAML of the `updates` source) and `plans_sink` (of the `plans` sink).
+pub fn external_pipeline(dir: &Path, source: &str, plans_sink: &str) -> PathBuf {
+    let yaml = format!(
+        "name: federated-external\nsources:\n  updates:\n{source}\noperators:\n  train:\n    type: federated\n    input: updates\n    dataset: {}\n    clients: 20\n    rounds: 6\n    clients_per_round: 5\n    selection: {{selection: uniform, seed: 1}}\n    quorum: 0.6\n    round_timeout: 3s\n    local: {{epochs: 1, batch_size: 16, learning_rate: 0.1}}\nsinks:\n  plans:\n{plans_sink}\n  rounds:\n    type: file\n    input: train\n    path: {}\n  models:\n    type: file\n    input: train.models\n    path: {}\n  rejected:\n    type: dead_letter\n    input: train.rejected\n    path: {}\n",
+        data().display(),
+        dir.join("rounds.jsonl").display(),
+        dir.join("models.jsonl").display(),
+        dir.join("dead.jsonl").display(),
+    );
+    let path = dir.join("external.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[test]
+fn external_clients_over_files_with_deadlines_stragglers_and_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plans, updates) = (dir.path().join("plans.jsonl"), dir.path().join("updates.jsonl"));
+    let file = std::fs::File::create(&updates).unwrap();
+    let source = format!(
+        "    type: file\n    path: {}\n    records: model_updates\n    follow: true\n    poll_interval: 20ms\n    idle_timeout: 200ms",
+        updates.display()
+    );
+    let sink = format!("    type: file\n    input: train.plans\n    path: {}", plans.display());
+    let pipeline = external_pipeline(dir.path(), &source, &sink);
+    let mut engine = common::Running(
+        Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+            .arg("run")
+            .arg(&pipeline)
+            .args(["--no-metrics", "--workers", "2"])
+            .stderr(std::fs::File::create(dir.path().join("engine.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let fleet = common::external_clients::fleet(&data());
+    let mut transport = FileTransport { plans, read: 0, updates: file };
+    let script = common::external_clients::answer(&mut transport, &fleet, 6);
+    let rounds = dir.path().join("rounds.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&rounds).unwrap_or_default().lines().count() < 6 {
+        assert!(start.elapsed() < Duration::from_secs(60), "round 6 was not reported");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").args(["-s", "TERM", &engine.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    assert!(engine.0.wait().unwrap().success(), "SIGTERM exits 0: {}", read("engine.log"));
+    common::check_external_rounds(&script, &read("rounds.jsonl"), &read("models.jsonl"), &read("dead.jsonl"), 3000);
 }

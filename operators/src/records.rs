@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::federated::update::ModelUpdate;
 use crate::EventTime;
 
 /// A total order on records with floats, so they can live in differential collections
@@ -587,6 +588,8 @@ pub enum RecordKind {
     Heartbeats,
     /// [`InferenceRequest`] records.
     InferenceRequests,
+    /// Federated-learning client updates ([`ModelUpdate`]).
+    ModelUpdates,
 }
 
 impl RecordKind {
@@ -595,6 +598,7 @@ impl RecordKind {
         match self {
             RecordKind::Heartbeats => Heartbeat::from_json(bytes).map(Record::Heartbeat),
             RecordKind::InferenceRequests => InferenceRequest::from_json(bytes).map(|r| Record::Request(Box::new(r))),
+            RecordKind::ModelUpdates => ModelUpdate::from_json(bytes).map(|u| Record::Update(Box::new(u))),
         }
     }
 }
@@ -606,6 +610,8 @@ pub enum Record {
     Heartbeat(Heartbeat),
     /// An inference request (boxed: tensors make it large).
     Request(Box<InferenceRequest>),
+    /// A federated client's update (boxed: the payload makes it large).
+    Update(Box<ModelUpdate>),
 }
 
 impl Record {
@@ -614,6 +620,7 @@ impl Record {
         match self {
             Record::Heartbeat(heartbeat) => heartbeat.timestamp,
             Record::Request(request) => request.timestamp,
+            Record::Update(update) => update.timestamp,
         }
     }
 
@@ -622,6 +629,7 @@ impl Record {
         match self {
             Record::Heartbeat(heartbeat) => serde_json::to_vec(heartbeat),
             Record::Request(request) => serde_json::to_vec(request),
+            Record::Update(update) => serde_json::to_vec(update),
         }
         .unwrap_or_default()
     }
@@ -631,6 +639,7 @@ impl Record {
         match self {
             Record::Heartbeat(heartbeat) => format!("node {} time {}", heartbeat.node_id, heartbeat.timestamp),
             Record::Request(request) => format!("request {} time {}", request.id, request.timestamp),
+            Record::Update(update) => format!("round {} client {}", update.round, update.client_id),
         }
     }
 }

@@ -558,6 +558,19 @@ impl Checker {
                         format!("dataset `{}` is not a file", config.dataset.display()),
                     );
                 }
+                // With an input the clients are external: settings of simulated clients, and
+                // of external ones without it, would have no effect.
+                let external = !written.inputs.is_empty();
+                let misplaced: &[&str] =
+                    if external { &["dropout"] } else { &["client_ids", "round_timeout", "close_on_quorum"] };
+                for field in misplaced.iter().filter(|field| written.body.get(field).is_some()) {
+                    let why = if external {
+                        "applies to simulated clients only, and this operator reads external clients' updates from its input"
+                    } else {
+                        "applies to external clients only (an operator with an `input` of model updates)"
+                    };
+                    self.problem(&join(&path, field), written.body.locate(field).mark, format!("`{field}` {why}"));
+                }
                 OperatorConfig::Federated(Box::new(config))
             }
             "inference" => {

@@ -109,6 +109,10 @@ pub enum PortKind {
     FederatedRounds,
     /// Global model versions.
     GlobalModels,
+    /// Federated client updates.
+    ModelUpdates,
+    /// Federated round plans.
+    RoundPlans,
 }
 
 impl fmt::Display for PortKind {
@@ -124,6 +128,8 @@ impl fmt::Display for PortKind {
             PortKind::InferenceResults => "inference results",
             PortKind::FederatedRounds => "federated round reports",
             PortKind::GlobalModels => "global models",
+            PortKind::ModelUpdates => "model updates",
+            PortKind::RoundPlans => "round plans",
         })
     }
 }
@@ -185,6 +191,7 @@ impl SourceConfig {
         match self.records() {
             RecordKind::Heartbeats => PortKind::Heartbeats,
             RecordKind::InferenceRequests => PortKind::InferenceRequests,
+            RecordKind::ModelUpdates => PortKind::ModelUpdates,
         }
     }
 
@@ -245,7 +252,7 @@ impl OperatorConfig {
             OperatorConfig::LoadBalance(_) => {
                 &[PortKind::InferenceRequests, PortKind::StatusChanges, PortKind::Heartbeats]
             }
-            OperatorConfig::Federated(_) => &[],
+            OperatorConfig::Federated(_) => &[PortKind::ModelUpdates],
         }
     }
 }
@@ -362,6 +369,7 @@ pub fn operator_outputs(config: &OperatorConfig) -> &'static [(&'static str, Por
         OperatorConfig::Federated(_) => &[
             ("rounds", PortKind::FederatedRounds),
             ("models", PortKind::GlobalModels),
+            ("plans", PortKind::RoundPlans),
             ("rejected", PortKind::DeadLetters),
         ],
     }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use differential_dataflow::input::InputSession;
 use differential_dataflow::VecCollection;
 use edgeflow_connectors::onnx::OnnxModel;
+use edgeflow_operators::federated::coordinator::PlanRecord;
+use edgeflow_operators::federated::update::ModelUpdate;
 use edgeflow_operators::load_balance::{load_balance, FleetUpdate, Incoming, LoadBalanceConfig, Placement};
 use edgeflow_operators::node_health::{NodeHealth, NodeHealthParams};
 use edgeflow_operators::window_aggregate::heartbeat_windows;
@@ -48,6 +50,10 @@ pub(crate) enum Port<'scope> {
     Rounds(StreamVec<'scope, EventTime, super::federated::RoundReport>),
     /// Global model versions (time: the round).
     Models(StreamVec<'scope, EventTime, super::federated::GlobalModel>),
+    /// Federated client updates.
+    Updates(StreamVec<'scope, EventTime, ModelUpdate>),
+    /// Federated round plans (time: the round before).
+    Plans(StreamVec<'scope, EventTime, PlanRecord>),
 }
 
 /// What a pipeline's operators loaded before the dataflow was built (per worker).
@@ -65,6 +71,8 @@ pub struct SourceInputs {
     pub heartbeats: InputSession<EventTime, Heartbeat, isize>,
     /// Inference requests, at their event time.
     pub requests: InputSession<EventTime, InferenceRequest, isize>,
+    /// Federated client updates, at their event time.
+    pub updates: InputSession<EventTime, ModelUpdate, isize>,
     /// Dead letters, at the watermark when they were found.
     pub dead_letters: InputSession<EventTime, DeadLetter, isize>,
     /// Source positions, at the time of the last record they cover; they travel to the
@@ -78,6 +86,7 @@ impl SourceInputs {
         match record {
             edgeflow_operators::Record::Heartbeat(heartbeat) => self.heartbeats.update_at(heartbeat, time, 1),
             edgeflow_operators::Record::Request(request) => self.requests.update_at(*request, time, 1),
+            edgeflow_operators::Record::Update(update) => self.updates.update_at(*update, time, 1),
         }
     }
 }
@@ -126,6 +135,7 @@ pub fn build<'scope>(
     for source in &pipeline.sources {
         let mut heartbeats = InputSession::new();
         let mut requests: InputSession<EventTime, InferenceRequest, isize> = InputSession::new();
+        let mut updates: InputSession<EventTime, ModelUpdate, isize> = InputSession::new();
         let mut dead_letters = InputSession::new();
         let mut checkpoints = InputSession::new();
         checkpoint_streams.push(
@@ -139,15 +149,17 @@ pub fn build<'scope>(
         let collection =
             differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
         let request_stream = at_record_time(requests.to_collection(scope).inner.probe_with(&input_probe));
+        let update_stream = at_record_time(updates.to_collection(scope).inner.probe_with(&input_probe));
         let port = match source.config.records() {
             RecordKind::Heartbeats => Port::Heartbeats(collection),
             RecordKind::InferenceRequests => Port::Requests(request_stream),
+            RecordKind::ModelUpdates => Port::Updates(update_stream),
         };
         ports.insert(source.name.clone(), port);
         let letters =
             dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
         ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
-        inputs.push(SourceInputs { heartbeats, requests, dead_letters, checkpoints });
+        inputs.push(SourceInputs { heartbeats, requests, updates, dead_letters, checkpoints });
     }
 
     // Load balancers by name: the status changes they place on, the feedback edge their
@@ -156,11 +168,22 @@ pub fn build<'scope>(
     for operator in &pipeline.operators {
         if let OperatorConfig::Federated(config) = &operator.config {
             let Some(data) = federated.remove(&operator.name) else { continue };
-            let ports_of = super::federated::federated(scope, &operator.name, config, data, metrics);
+            // External clients: their updates come from the operator's inputs.
+            let external: Vec<_> = operator
+                .inputs
+                .iter()
+                .filter_map(|reference| match ports.get(&reference.to_string()) {
+                    Some(Port::Updates(stream)) => Some(stream.clone()),
+                    _ => None,
+                })
+                .collect();
+            let external = (!operator.inputs.is_empty()).then(|| scope.concatenate(external));
+            let ports_of = super::federated::federated(scope, &operator.name, config, data, external, metrics);
             let rounds = count_stream(ports_of.rounds, metrics, &operator.name, "rounds");
             ports.insert(operator.name.clone(), Port::Rounds(rounds.clone()));
             ports.insert(format!("{}.rounds", operator.name), Port::Rounds(rounds));
             ports.insert(format!("{}.models", operator.name), Port::Models(ports_of.models));
+            ports.insert(format!("{}.plans", operator.name), Port::Plans(ports_of.plans));
             ports.insert(format!("{}.rejected", operator.name), Port::DeadLetters(ports_of.rejected));
             continue;
         }
@@ -291,12 +314,12 @@ pub fn build<'scope>(
     (inputs, Probes { inputs: input_probe, sinks: probe, processed })
 }
 
-/// The requests of a source's collection as a stream whose message times are the records'
+/// The records of a source's collection as a stream whose message times are the records'
 /// times (a collection's message may be at an earlier time than its records), repeated by
 /// their multiplicity.
-fn at_record_time<'scope>(
-    updates: StreamVec<'scope, EventTime, (InferenceRequest, EventTime, isize)>,
-) -> StreamVec<'scope, EventTime, InferenceRequest> {
+fn at_record_time<'scope, D: Clone + 'static>(
+    updates: StreamVec<'scope, EventTime, (D, EventTime, isize)>,
+) -> StreamVec<'scope, EventTime, D> {
     use timely::dataflow::channels::pact::Pipeline;
     use timely::dataflow::operators::Operator;
     updates.unary(Pipeline, "AtRecordTime", |_, _| {
@@ -449,5 +472,8 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::Results(stream) => stream.map(|result| (result.timestamp, json(&result))),
         Port::Rounds(stream) => stream.map(|report| (report.round(), json(&report))),
         Port::Models(stream) => stream.map(|model| (model.round(), json(&model))),
+        Port::Updates(stream) => stream.map(|update| (update.timestamp, json(&update))),
+        // A plan is published at the time of the round before it (the round it follows).
+        Port::Plans(stream) => stream.map(|plan| (plan.round.saturating_sub(1), json(&plan))),
     }
 }

@@ -9,15 +9,18 @@
 //! the held-out data, and publishes round `r + 1` at time `r`. The loop ends after `rounds`
 //! rounds, or when the privacy budget refuses the next one.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use edgeflow_operators::federated::config::FederatedConfig;
-use edgeflow_operators::federated::coordinator::{Coordinator, RoundPlan, RoundSummary};
-use edgeflow_operators::federated::learn::Dataset;
+use edgeflow_connectors::wall_clock_ms;
+use edgeflow_operators::federated::config::{Export, FederatedConfig};
+use edgeflow_operators::federated::coordinator::{ClientInfo, Coordinator, PlanRecord, RoundPlan, RoundSummary};
+use edgeflow_operators::federated::learn::{Dataset, Softmax};
 use edgeflow_operators::federated::simulate::SimulatedFleet;
 use edgeflow_operators::federated::update::{ModelUpdate, Payload};
-use edgeflow_operators::{route_hash, DeadLetter, EventTime};
+use edgeflow_operators::{route_hash, DeadLetter, EventTime, HealthStatus};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -88,6 +91,8 @@ impl GlobalModel {
 struct PlanMessage {
     plan: RoundPlan,
     model: Vec<f32>,
+    /// Wall-clock deadline, ms since the epoch (external clients).
+    deadline: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -103,6 +108,7 @@ enum CoordinatorOut {
 pub(crate) struct FederatedPorts<'scope> {
     pub rounds: StreamVec<'scope, EventTime, RoundReport>,
     pub models: StreamVec<'scope, EventTime, GlobalModel>,
+    pub plans: StreamVec<'scope, EventTime, PlanRecord>,
     pub rejected: StreamVec<'scope, EventTime, (DeadLetter, EventTime)>,
 }
 
@@ -123,21 +129,187 @@ pub(crate) fn load(config: &FederatedConfig) -> Result<FederatedData, String> {
     Ok(FederatedData { fleet, test })
 }
 
-/// Builds the training loop in `scope`.
+/// Builds the training loop in `scope`. With `external` updates (a source of
+/// `model_updates`), the clients are outside: they read the `plans` output and a round closes
+/// when every selected client has answered, on quorum if asked, or at its wall-clock deadline.
+/// Without, the simulated fleet answers each plan within the round's logical time.
 pub(crate) fn federated<'scope>(
     scope: Scope<'scope, EventTime>,
     name: &str,
     config: &FederatedConfig,
     data: FederatedData,
+    external: Option<StreamVec<'scope, EventTime, ModelUpdate>>,
     metrics: &Arc<Metrics>,
 ) -> FederatedPorts<'scope> {
-    let (handle, plans) = scope.feedback::<Vec<PlanMessage>>(1);
-    let (index, peers) = (scope.index(), scope.peers());
-    let fleet = Arc::new(data.fleet);
-    let dropout = config.dropout;
-    let seed = config.seed;
-    let clients = fleet.clone();
-    let updates = plans.broadcast().unary(Pipeline, &format!("FederatedClients({name})"), move |_, _| {
+    let index = scope.index();
+    let model_shape = data.fleet.model;
+    let infos = match (&external, &config.client_ids) {
+        (None, _) => data.fleet.infos(),
+        (Some(_), ids) => {
+            let ids = ids.clone().unwrap_or_else(|| SimulatedFleet::ids(config.clients));
+            // Nothing is known of external clients' load: they count as Healthy and idle.
+            ids.into_iter().map(|id| ClientInfo { id, status: HealthStatus::Healthy, cpu: 0.0, memory: 0.0 }).collect()
+        }
+    };
+    let is_external = external.is_some();
+    let (updates, feedback) = match external {
+        Some(stream) => (stream, None),
+        None => {
+            let (handle, plans) = scope.feedback::<Vec<PlanMessage>>(1);
+            (simulated_clients(plans, name, config, data.fleet), Some(handle))
+        }
+    };
+
+    let mut driver = Driver {
+        coordinator: Coordinator::new(config.coordinator(), vec![0.0; model_shape.parameters()]),
+        csv: config.csv.as_deref().and_then(create_csv),
+        gauges: FederatedGauges::new(metrics, name),
+        test: data.test,
+        model_shape,
+        infos,
+        operator: name.to_owned(),
+        export: config.export.clone(),
+        rounds: config.rounds,
+        timeout: is_external.then(|| Duration::from_millis(config.round_timeout.as_millis())),
+        close_on_quorum: config.close_on_quorum,
+        deadline: None,
+        closed: 0,
+    };
+    let out = updates.unary_frontier(
+        Exchange::new(|_: &ModelUpdate| 0),
+        &format!("FederatedCoordinator({name})"),
+        move |cap, info| {
+            let activator = scope.activator_for(info.address.clone());
+            // Worker 0 coordinates; the others only run clients.
+            let mut held = (index == 0).then_some(cap);
+            let mut pending: BTreeMap<EventTime, Vec<ModelUpdate>> = BTreeMap::new();
+            let mut started = false;
+            move |(input, frontier), output| {
+                let Some(cap) = held.as_mut() else {
+                    // Training is over: whatever still arrives is a straggler.
+                    input.for_each(|cap, data| {
+                        let mut session = output.session(&cap);
+                        for update in data.drain(..) {
+                            session.give(driver.offer(&update).unwrap_or_else(|| driver.closed(&update)));
+                        }
+                    });
+                    return;
+                };
+                if is_external {
+                    // External rounds are driven by the wall clock: the outputs go at the
+                    // updates' input frontier, so the operator never holds the dataflow (its
+                    // sinks, the sources' flow control) behind its input.
+                    if let Some(low) = frontier.frontier().first() {
+                        if cap.time() < low {
+                            cap.downgrade(low);
+                        }
+                    }
+                }
+                if !started {
+                    started = true;
+                    let Some(plan) = driver.open() else {
+                        held = None;
+                        return;
+                    };
+                    output.session(&*cap).give(plan);
+                    if !is_external {
+                        cap.downgrade(&1);
+                    }
+                }
+                let round = driver.coordinator.open_round().unwrap_or(*cap.time());
+                let mut out = Vec::new();
+                let close = if is_external {
+                    // Updates count in the order they arrive.
+                    input.for_each(|_, data| out.extend(data.drain(..).filter_map(|u| driver.offer(&u))));
+                    let ended = frontier.is_empty();
+                    if ended || driver.due() {
+                        Some(!ended)
+                    } else {
+                        if let Some(deadline) = driver.deadline {
+                            activator.activate_after(deadline.saturating_duration_since(Instant::now()));
+                        }
+                        None
+                    }
+                } else {
+                    input.for_each(|cap, data| {
+                        let time = cap.least().copied().unwrap_or_default();
+                        pending.entry(time).or_default().append(data);
+                    });
+                    if frontier.less_equal(&round) {
+                        None
+                    } else {
+                        // Every answer of `round` is in: sorted by client, so the result does
+                        // not depend on the number of workers.
+                        let mut answers = pending.remove(&round).unwrap_or_default();
+                        answers.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+                        out.extend(answers.iter().filter_map(|u| driver.offer(u)));
+                        Some(true)
+                    }
+                };
+                let next = close.and_then(|go_on| {
+                    out.extend(driver.close(round));
+                    if go_on {
+                        driver.open()
+                    } else {
+                        tracing::warn!(operator = %driver.operator, round, "the updates' input ended: federated training stops");
+                        driver.finish();
+                        None
+                    }
+                });
+                output.session(&*cap).give_iterator(out.into_iter());
+                match (close, next) {
+                    (None, _) => {}
+                    (Some(_), Some(plan)) => {
+                        output.session(&*cap).give(plan);
+                        if !is_external {
+                            // Round `round + 1` is the next logical time.
+                            cap.downgrade(&(round + 1));
+                        }
+                    }
+                    (Some(_), None) => held = None,
+                }
+            }
+        },
+    );
+    if let Some(handle) = feedback {
+        out.clone()
+            .flat_map(|o| match o {
+                CoordinatorOut::Plan(plan) => Some(plan),
+                _ => None,
+            })
+            .connect_loop(handle);
+    }
+    FederatedPorts {
+        rounds: out.clone().flat_map(|o| match o {
+            CoordinatorOut::Report(report) => Some(report),
+            _ => None,
+        }),
+        models: out.clone().flat_map(|o| match o {
+            CoordinatorOut::Model(model) => Some(model),
+            _ => None,
+        }),
+        plans: out.clone().flat_map(|o| match o {
+            CoordinatorOut::Plan(message) => Some(PlanRecord::new(&message.plan, message.deadline, &message.model)),
+            _ => None,
+        }),
+        rejected: out.flat_map(|o| match o {
+            CoordinatorOut::Rejected(letter, round) => Some((letter, round)),
+            _ => None,
+        }),
+    }
+}
+
+/// The simulated fleet: each worker trains the selected clients it owns (by a hash of their
+/// id) when a plan reaches it, and sends their updates at the plan's time.
+fn simulated_clients<'scope>(
+    plans: StreamVec<'scope, EventTime, PlanMessage>,
+    name: &str,
+    config: &FederatedConfig,
+    fleet: SimulatedFleet,
+) -> StreamVec<'scope, EventTime, ModelUpdate> {
+    let (index, peers) = (plans.scope().index(), plans.scope().peers());
+    let (dropout, seed) = (config.dropout, config.seed);
+    plans.broadcast().unary(Pipeline, &format!("FederatedClients({name})"), move |_, _| {
         move |input, output| {
             input.for_each(|cap, data| {
                 let mut session = output.session(&cap);
@@ -153,177 +325,174 @@ pub(crate) fn federated<'scope>(
                         if draw < dropout {
                             continue;
                         }
-                        if let Some(update) = clients.train(&message.plan, &message.model, client) {
+                        if let Some(update) = fleet.train(&message.plan, &message.model, client) {
                             session.give(update);
                         }
                     }
                 }
             });
         }
-    });
+    })
+}
 
-    let coordinator_config = config.coordinator();
-    let rounds = config.rounds;
-    let test = data.test;
-    let model_shape = fleet.model;
-    let infos = fleet.infos();
-    let operator = name.to_owned();
-    let csv = config.csv.clone();
-    let export = config.export.clone();
-    let gauges = FederatedGauges::new(metrics, name);
-    let out = updates.unary_frontier(
-        Exchange::new(|_: &ModelUpdate| 0),
-        &format!("FederatedCoordinator({name})"),
-        move |cap, _info| {
-            let mut coordinator = Coordinator::new(coordinator_config, vec![0.0; model_shape.parameters()]);
-            let mut csv = csv.and_then(|path| match std::fs::File::create(&path) {
-                Ok(mut file) => {
-                    let _ = writeln!(
-                        file,
-                        "round,model_version,selected,accepted,rejected,quorum_met,client_loss,test_loss,test_accuracy,epsilon"
-                    );
-                    Some(file)
-                }
-                Err(err) => {
-                    tracing::error!(path = %path.display(), %err, "cannot create the federated CSV");
-                    None
-                }
-            });
-            // Worker 0 coordinates; the others only run clients.
-            let mut held = (index == 0).then_some(cap);
-            let mut pending: std::collections::BTreeMap<EventTime, Vec<ModelUpdate>> = Default::default();
-            let mut started = false;
-            move |(input, frontier), output| {
-                if !started {
-                    started = true;
-                    if let Some(cap) = held.as_mut() {
-                        match coordinator.plan(&infos) {
-                            Ok(plan) => {
-                                let model = coordinator.model().to_vec();
-                                output.session(&*cap).give(CoordinatorOut::Plan(PlanMessage { plan, model }));
-                                cap.downgrade(&1);
-                            }
-                            Err(reason) => {
-                                tracing::error!(operator = %operator, %reason, "no federated round can start");
-                                held = None;
-                            }
-                        }
-                    }
-                }
-                input.for_each(|cap, data| {
-                    let time = cap.least().copied().unwrap_or_default();
-                    pending.entry(time).or_default().append(data);
+/// The CSV of per-round convergence, with its header; a file that cannot be created is
+/// logged and skipped.
+fn create_csv(path: &std::path::Path) -> Option<std::fs::File> {
+    match std::fs::File::create(path) {
+        Ok(mut file) => {
+            let _ = writeln!(
+                file,
+                "round,model_version,selected,accepted,rejected,quorum_met,client_loss,test_loss,test_accuracy,epsilon"
+            );
+            Some(file)
+        }
+        Err(err) => {
+            tracing::error!(path = %path.display(), %err, "cannot create the federated CSV");
+            None
+        }
+    }
+}
+
+/// The coordinator's side of the operator (worker 0): rounds opened, updates offered,
+/// rounds closed, reported and exported.
+struct Driver {
+    coordinator: Coordinator,
+    csv: Option<std::fs::File>,
+    gauges: FederatedGauges,
+    test: Dataset,
+    model_shape: Softmax,
+    infos: Vec<ClientInfo>,
+    operator: String,
+    export: Option<Export>,
+    rounds: u64,
+    /// External clients: how long a round waits.
+    timeout: Option<Duration>,
+    close_on_quorum: bool,
+    /// External clients: when the open round closes.
+    deadline: Option<Instant>,
+    /// Rounds closed so far (the last one's number).
+    closed: u64,
+}
+
+impl Driver {
+    /// Opens the next round and returns its plan, or `None` when training is over (the last
+    /// round closed, or no round can start); then the model is exported.
+    fn open(&mut self) -> Option<CoordinatorOut> {
+        if self.closed >= self.rounds {
+            self.finish();
+            return None;
+        }
+        match self.coordinator.plan(&self.infos) {
+            Ok(plan) => {
+                let deadline = self.timeout.map(|timeout| {
+                    self.deadline = Some(Instant::now() + timeout);
+                    wall_clock_ms() + timeout.as_millis() as u64
                 });
-                let Some(cap) = held.as_mut() else { return };
-                let round = *cap.time();
-                if frontier.less_equal(&round) {
-                    return;
-                }
-                // Every answer of `round` is in: sorted by client, so the result does not
-                // depend on the number of workers.
-                let mut answers = pending.remove(&round).unwrap_or_default();
-                answers.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-                let mut session = output.session(&*cap);
-                for update in &answers {
-                    if let Err(reason) = coordinator.offer(update) {
-                        gauges.rejected.inc();
-                        let letter = DeadLetter {
-                            source: operator.clone(),
-                            position: format!("round {} client {}", update.round, update.client_id),
-                            reason,
-                            payload: serde_json::to_vec(update).unwrap_or_default(),
-                        };
-                        session.give(CoordinatorOut::Rejected(letter, update.round));
-                    } else {
-                        gauges.accepted.inc();
-                    }
-                }
-                match coordinator.close() {
-                    Ok(summary) => {
-                        let (test_loss, test_accuracy) = model_shape.evaluate(coordinator.model(), &test);
-                        gauges.observe(&summary, test_accuracy);
-                        tracing::info!(operator = %operator, round, accuracy = test_accuracy, accepted = summary.accepted, "federated round closed");
-                        if let Some(file) = csv.as_mut() {
-                            let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-                            let _ = writeln!(
-                                file,
-                                "{},{},{},{},{},{},{},{test_loss:.6},{test_accuracy:.6},{}",
-                                summary.round,
-                                summary.model_version,
-                                summary.selected,
-                                summary.accepted,
-                                summary.rejected,
-                                summary.quorum_met,
-                                opt(summary.client_loss),
-                                opt(summary.epsilon)
-                            );
-                            let _ = file.flush();
-                        }
-                        session.give(CoordinatorOut::Model(GlobalModel {
-                            round,
-                            version: summary.model_version,
-                            payload: Payload::encode(coordinator.model()),
-                        }));
-                        session.give(CoordinatorOut::Report(RoundReport::new(summary, test_loss, test_accuracy)));
-                    }
-                    Err(reason) => tracing::error!(operator = %operator, round, %reason, "federated round failed"),
-                }
-                if round >= rounds {
-                    drop(session);
-                    held = None;
-                    if let Some(export) = &export {
-                        match write_onnx(export, &model_shape, &coordinator) {
-                            Ok(path) => tracing::info!(operator = %operator, path = %path.display(), "trained model exported to ONNX"),
-                            Err(err) => tracing::error!(operator = %operator, %err, "cannot export the trained model"),
-                        }
-                    }
-                    return;
-                }
-                match coordinator.plan(&infos) {
-                    Ok(plan) => {
-                        let model = coordinator.model().to_vec();
-                        session.give(CoordinatorOut::Plan(PlanMessage { plan, model }));
-                        drop(session);
-                        cap.downgrade(&(round + 1));
-                    }
-                    Err(reason) => {
-                        tracing::warn!(operator = %operator, round = round + 1, %reason, "federated training stops");
-                        drop(session);
-                        held = None;
-                    }
-                }
+                let model = self.coordinator.model().to_vec();
+                Some(CoordinatorOut::Plan(PlanMessage { plan, model, deadline }))
             }
-        },
-    );
-    out.clone()
-        .flat_map(|o| match o {
-            CoordinatorOut::Plan(plan) => Some(plan),
-            _ => None,
-        })
-        .connect_loop(handle);
-    FederatedPorts {
-        rounds: out.clone().flat_map(|o| match o {
-            CoordinatorOut::Report(report) => Some(report),
-            _ => None,
-        }),
-        models: out.clone().flat_map(|o| match o {
-            CoordinatorOut::Model(model) => Some(model),
-            _ => None,
-        }),
-        rejected: out.flat_map(|o| match o {
-            CoordinatorOut::Rejected(letter, round) => Some((letter, round)),
-            _ => None,
-        }),
+            Err(reason) => {
+                tracing::warn!(operator = %self.operator, round = self.closed + 1, %reason, "federated training stops");
+                self.finish();
+                None
+            }
+        }
+    }
+
+    /// Offers `update` to the open round; a refused one comes back as a dead letter.
+    fn offer(&mut self, update: &ModelUpdate) -> Option<CoordinatorOut> {
+        match self.coordinator.offer(update) {
+            Ok(()) => {
+                self.gauges.accepted.inc();
+                None
+            }
+            Err(reason) => Some(self.reject(update, reason)),
+        }
+    }
+
+    /// The dead letter of an update that arrived after training ended.
+    fn closed(&mut self, update: &ModelUpdate) -> CoordinatorOut {
+        let reason = format!(
+            "update from `{}` for round {}: training is over (last round {})",
+            update.client_id, update.round, self.closed
+        );
+        self.reject(update, reason)
+    }
+
+    fn reject(&mut self, update: &ModelUpdate, reason: String) -> CoordinatorOut {
+        self.gauges.rejected.inc();
+        let letter = DeadLetter {
+            source: self.operator.clone(),
+            position: format!("round {} client {}", update.round, update.client_id),
+            reason,
+            payload: serde_json::to_vec(update).unwrap_or_default(),
+        };
+        CoordinatorOut::Rejected(letter, update.round)
+    }
+
+    /// External clients: whether the open round should close now.
+    fn due(&self) -> bool {
+        self.coordinator.all_answered()
+            || (self.close_on_quorum && self.coordinator.quorum_reached())
+            || self.deadline.is_some_and(|deadline| Instant::now() >= deadline)
+    }
+
+    /// Closes round `round`: measures the new model, writes the CSV line, and returns the
+    /// model and the report.
+    fn close(&mut self, round: u64) -> Vec<CoordinatorOut> {
+        self.deadline = None;
+        self.closed = round;
+        let summary = match self.coordinator.close() {
+            Ok(summary) => summary,
+            Err(reason) => {
+                tracing::error!(operator = %self.operator, round, %reason, "federated round failed");
+                return Vec::new();
+            }
+        };
+        let (test_loss, test_accuracy) = self.model_shape.evaluate(self.coordinator.model(), &self.test);
+        self.gauges.observe(&summary, test_accuracy);
+        tracing::info!(operator = %self.operator, round, accuracy = test_accuracy, accepted = summary.accepted, "federated round closed");
+        if let Some(file) = self.csv.as_mut() {
+            let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+            let _ = writeln!(
+                file,
+                "{},{},{},{},{},{},{},{test_loss:.6},{test_accuracy:.6},{}",
+                summary.round,
+                summary.model_version,
+                summary.selected,
+                summary.accepted,
+                summary.rejected,
+                summary.quorum_met,
+                opt(summary.client_loss),
+                opt(summary.epsilon)
+            );
+            let _ = file.flush();
+        }
+        vec![
+            CoordinatorOut::Model(GlobalModel {
+                round,
+                version: summary.model_version,
+                payload: Payload::encode(self.coordinator.model()),
+            }),
+            CoordinatorOut::Report(RoundReport::new(summary, test_loss, test_accuracy)),
+        ]
+    }
+
+    /// Training is over: exports the model if asked.
+    fn finish(&mut self) {
+        let Some(export) = self.export.take() else { return };
+        match write_onnx(&export, &self.model_shape, &self.coordinator) {
+            Ok(path) => {
+                tracing::info!(operator = %self.operator, path = %path.display(), "trained model exported to ONNX")
+            }
+            Err(err) => tracing::error!(operator = %self.operator, %err, "cannot export the trained model"),
+        }
     }
 }
 
 /// Writes the global model as `REGISTRY/MODEL/VERSION/model.onnx`, beside and then renamed
 /// into place, so a registry being watched never shows a half-written version.
-fn write_onnx(
-    export: &edgeflow_operators::federated::config::Export,
-    shape: &edgeflow_operators::federated::learn::Softmax,
-    coordinator: &Coordinator,
-) -> std::io::Result<std::path::PathBuf> {
+fn write_onnx(export: &Export, shape: &Softmax, coordinator: &Coordinator) -> std::io::Result<std::path::PathBuf> {
     let model_dir = export.registry.join(&export.model);
     std::fs::create_dir_all(&model_dir)?;
     let version = coordinator.version();

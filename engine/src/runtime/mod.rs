@@ -325,10 +325,12 @@ impl SourceDriver {
             if let Some(inputs) = self.inputs.as_mut() {
                 inputs.heartbeats.advance_to(target);
                 inputs.requests.advance_to(target);
+                inputs.updates.advance_to(target);
                 inputs.dead_letters.advance_to(target);
                 inputs.checkpoints.advance_to(target);
                 inputs.heartbeats.flush();
                 inputs.requests.flush();
+                inputs.updates.flush();
                 inputs.dead_letters.flush();
                 inputs.checkpoints.flush();
             }
@@ -364,6 +366,7 @@ impl SourceDriver {
         if let Some(inputs) = self.inputs.as_mut() {
             inputs.heartbeats.flush();
             inputs.requests.flush();
+            inputs.updates.flush();
             inputs.dead_letters.flush();
             inputs.checkpoints.flush();
         }
@@ -374,6 +377,21 @@ impl SourceDriver {
     fn close(&mut self) {
         self.inputs = None;
     }
+}
+
+/// Steps the dataflow until the sinks have passed the inputs' frontier over all workers (at
+/// most 30 s); returns that frontier.
+fn drain(
+    worker: &mut timely::worker::Worker,
+    probes: &dataflow::Probes,
+    failed: &dyn Fn() -> bool,
+) -> Option<EventTime> {
+    let low = frontier_of(&probes.inputs);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while low.is_some_and(|low| probes.sinks.less_than(&low)) && Instant::now() < deadline && !failed() {
+        worker.step_or_park(Some(Duration::from_millis(10)));
+    }
+    low
 }
 
 fn run_worker(
@@ -518,11 +536,7 @@ fn run_worker(
             driver.flush();
         }
         worker.step();
-        let low = frontier_of(&probes.inputs);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while low.is_some_and(|low| probes.sinks.less_than(&low)) && Instant::now() < deadline && !failed() {
-            worker.step_or_park(Some(Duration::from_millis(10)));
-        }
+        let low = drain(worker, &probes, &failed);
         for driver in &mut drivers {
             driver.commit_written(&probes.sinks, true)?;
         }
@@ -538,9 +552,16 @@ fn run_worker(
     for driver in &mut drivers {
         driver.close();
     }
-    // Sources exhausted: run the dataflow to completion.
+    // Sources exhausted: run the dataflow to completion, unless a stop is requested while
+    // other workers' sources still run: then drain with them, as they do.
     while !probes.sinks.done() {
         if failed() {
+            worker.drop_dataflow(dataflow_index);
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            let low = drain(worker, &probes, &failed);
+            tracing::info!(worker = index, frontier = ?low, "stopped; in-flight records drained");
             worker.drop_dataflow(dataflow_index);
             break;
         }
@@ -550,7 +571,9 @@ fn run_worker(
         driver.commit_written(&probes.sinks, true)?;
     }
     metrics.ready.store(false, Ordering::Relaxed);
-    tracing::info!(worker = index, "sources exhausted; pipeline finished");
+    if !stop.load(Ordering::Relaxed) {
+        tracing::info!(worker = index, "sources exhausted; pipeline finished");
+    }
     Ok(())
 }
 

@@ -29,9 +29,23 @@ pub struct FederatedConfig {
     /// Dirichlet with alpha 0.5).
     #[serde(default = "defaults::partition")]
     pub partition: Partition,
-    /// Probability that a selected client does not answer a round (default 0).
+    /// Ids of the clients when they are external (the operator reads their updates from an
+    /// `input`); default `client-00`, `client-01`, ... up to `clients`, the ids a simulated
+    /// fleet of the same size uses.
+    #[serde(default)]
+    pub client_ids: Option<Vec<String>>,
+    /// Probability that a selected simulated client does not answer a round (default 0).
     #[serde(default)]
     pub dropout: f64,
+    /// External clients: the wall-clock time a round waits for its updates after its plan is
+    /// published (default 60s). At the deadline the round closes with what arrived (below
+    /// the quorum it fails and the model stays); later updates are stragglers, rejected.
+    #[serde(default = "defaults::round_timeout")]
+    pub round_timeout: crate::DurationMs,
+    /// External clients: close a round as soon as the quorum of updates has arrived rather
+    /// than waiting for every selected client until the deadline (default false).
+    #[serde(default)]
+    pub close_on_quorum: bool,
     /// Rounds to run (default 50).
     #[serde(default = "defaults::rounds")]
     pub rounds: u64,
@@ -114,6 +128,9 @@ mod defaults {
     pub fn seed() -> u64 {
         3
     }
+    pub fn round_timeout() -> crate::DurationMs {
+        crate::DurationMs(60_000)
+    }
 }
 
 impl FederatedConfig {
@@ -137,6 +154,23 @@ impl FederatedConfig {
         }
         if !(self.quorum > 0.0 && self.quorum <= 1.0) {
             problems.push(("quorum", format!("quorum {} must be in (0, 1]", self.quorum)));
+        }
+        if let Some(ids) = &self.client_ids {
+            let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+            if ids.len() != self.clients || unique.len() != ids.len() {
+                problems.push((
+                    "client_ids",
+                    format!(
+                        "client_ids must name `clients` ({}) distinct clients; it has {} ids, {} distinct",
+                        self.clients,
+                        ids.len(),
+                        unique.len()
+                    ),
+                ));
+            }
+        }
+        if self.round_timeout.as_millis() == 0 {
+            problems.push(("round_timeout", "round_timeout must be longer than 0ms".to_owned()));
         }
         if self.rounds == 0 {
             problems.push(("rounds", "rounds must be at least 1".to_owned()));

@@ -149,6 +149,74 @@ pub struct RoundPlan {
     pub local_laplace_scale: Option<f64>,
 }
 
+/// A round plan as its clients receive it (the `plans` output of the `federated` operator),
+/// one JSON object per line:
+///
+/// ```json
+/// {"round":4,"clients":["client-03","client-11"],"model_version":3,
+///  "local":{"epochs":1,"batch_size":16,"learning_rate":0.1,"mu":0.0},
+///  "clip_norm":null,"local_noise_std":null,"local_laplace_scale":null,
+///  "deadline":1700000060000,
+///  "model":{"format":"f32le+zstd","parameters":650,"data":"KLUv/QBY..."}}
+/// ```
+///
+/// A selected client trains from `model` (the global model of version `model_version`, in
+/// the update payload format) and sends a [`ModelUpdate`](super::update::ModelUpdate) for
+/// `round` with `base_version` = `model_version` before `deadline` (ms since the epoch; null
+/// for simulated clients, which answer within the round's logical time).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRecord {
+    /// Round number, from 1.
+    pub round: u64,
+    /// Selected client ids.
+    pub clients: Vec<String>,
+    /// The global model version to train from.
+    pub model_version: u64,
+    /// Local training settings.
+    pub local: LocalTraining,
+    /// Clip updates to this L2 norm, if set.
+    pub clip_norm: Option<f64>,
+    /// Local DP: Gaussian noise std to add to the clipped update, if set.
+    pub local_noise_std: Option<f64>,
+    /// Local DP: Laplace noise scale to add instead, if set.
+    pub local_laplace_scale: Option<f64>,
+    /// When the round closes, ms since the epoch (external clients).
+    pub deadline: Option<u64>,
+    /// The global model.
+    pub model: super::update::Payload,
+}
+
+impl PlanRecord {
+    /// The record of `plan`, training from `model`.
+    pub fn new(plan: &RoundPlan, deadline: Option<u64>, model: &[f32]) -> Self {
+        Self {
+            round: plan.round,
+            clients: plan.clients.clone(),
+            model_version: plan.model_version,
+            local: plan.local,
+            clip_norm: plan.clip_norm,
+            local_noise_std: plan.local_noise_std,
+            local_laplace_scale: plan.local_laplace_scale,
+            deadline,
+            model: super::update::Payload::encode(model),
+        }
+    }
+
+    /// The plan it carries.
+    pub fn plan(&self) -> RoundPlan {
+        RoundPlan {
+            round: self.round,
+            clients: self.clients.clone(),
+            model_version: self.model_version,
+            local: self.local,
+            clip_norm: self.clip_norm,
+            local_noise_std: self.local_noise_std,
+            local_laplace_scale: self.local_laplace_scale,
+        }
+    }
+}
+
 /// What a closed round produced.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundSummary {
@@ -181,6 +249,8 @@ struct OpenRound {
     unclipped: usize,
     losses: Vec<f64>,
     rejected: usize,
+    /// Selected clients that sent an update for the round, accepted or not.
+    answered: std::collections::BTreeSet<String>,
 }
 
 /// The coordinator of one training run.
@@ -338,6 +408,7 @@ impl Coordinator {
             unclipped: 0,
             losses: Vec::new(),
             rejected: 0,
+            answered: Default::default(),
         });
         self.round = round;
         Ok(plan)
@@ -356,6 +427,9 @@ impl Coordinator {
                 "update from `{}` for round {}: round {} is closed",
                 update.client_id, update.round, update.round
             ));
+        }
+        if update.round == open.plan.round && open.plan.clients.contains(&update.client_id) {
+            open.answered.insert(update.client_id.clone());
         }
         let mut values = match open.check.accept(update) {
             Ok(values) => values,
@@ -390,6 +464,17 @@ impl Coordinator {
         self.open.as_ref().is_some_and(|open| {
             open.aggregate.count() as f64 >= (self.config.quorum * open.plan.clients.len() as f64).ceil()
         })
+    }
+
+    /// Whether every client selected for the open round has sent an update (accepted or
+    /// rejected): nothing more is to be waited for.
+    pub fn all_answered(&self) -> bool {
+        self.open.as_ref().is_some_and(|open| open.answered.len() == open.plan.clients.len())
+    }
+
+    /// The open round, if any.
+    pub fn open_round(&self) -> Option<u64> {
+        self.open.as_ref().map(|open| open.plan.round)
     }
 
     /// Closes the open round (on quorum or at its deadline) and moves the global model.

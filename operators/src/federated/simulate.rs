@@ -26,8 +26,13 @@ impl SimulatedFleet {
         let parts = partition(data, clients, how, seed);
         let model = Softmax { features: data.dimension(), classes: data.classes };
         let clients =
-            parts.iter().enumerate().map(|(i, indices)| (format!("client-{i:02}"), data.subset(indices))).collect();
+            Self::ids(clients).into_iter().zip(&parts).map(|(id, indices)| (id, data.subset(indices))).collect();
         Self { model, clients, seed }
+    }
+
+    /// The ids of `clients` clients: `client-00`, `client-01`, ...
+    pub fn ids(clients: usize) -> Vec<String> {
+        (0..clients).map(|i| format!("client-{i:02}")).collect()
     }
 
     /// What the coordinator sees of the clients (all Healthy, moderately loaded).

@@ -27,7 +27,7 @@ use crate::EventTime;
 pub const PAYLOAD_FORMAT: &str = "f32le+zstd";
 
 /// A compressed tensor payload.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Payload {
     /// `f32le+zstd`.
@@ -85,7 +85,7 @@ pub struct ClientMetrics {
 }
 
 /// One client's update for one round.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelUpdate {
     /// The round it belongs to.
@@ -103,6 +103,30 @@ pub struct ModelUpdate {
     /// Local training metrics.
     #[serde(default)]
     pub metrics: ClientMetrics,
+}
+
+// A total order, so updates can live in differential collections like every source record.
+impl PartialEq for ModelUpdate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for ModelUpdate {}
+impl PartialOrd for ModelUpdate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ModelUpdate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let (a, b) = (self, other);
+        let metric = |m: Option<f64>| m.unwrap_or(f64::NAN);
+        (a.timestamp, a.round, &a.client_id, a.base_version, a.num_examples)
+            .cmp(&(b.timestamp, b.round, &b.client_id, b.base_version, b.num_examples))
+            .then_with(|| self.payload.cmp(&other.payload))
+            .then_with(|| metric(self.metrics.loss).total_cmp(&metric(other.metrics.loss)))
+            .then_with(|| metric(self.metrics.accuracy).total_cmp(&metric(other.metrics.accuracy)))
+    }
 }
 
 impl ModelUpdate {
