@@ -7,7 +7,6 @@ mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use edgeflow_operators::federated::coordinator::PlanRecord;
 
@@ -174,21 +173,6 @@ impl common::external_clients::Transport for FileTransport {
     }
 }
 
-/// The pipeline of a federated operator whose clients are outside, with `source` (indented
-/// YAML of the `updates` source) and `plans_sink` (of the `plans` sink).
-pub fn external_pipeline(dir: &Path, source: &str, plans_sink: &str) -> PathBuf {
-    let yaml = format!(
-        "name: federated-external\nsources:\n  updates:\n{source}\noperators:\n  train:\n    type: federated\n    input: updates\n    dataset: {}\n    clients: 20\n    rounds: 6\n    clients_per_round: 5\n    selection: {{selection: uniform, seed: 1}}\n    quorum: 0.6\n    round_timeout: 3s\n    local: {{epochs: 1, batch_size: 16, learning_rate: 0.1}}\nsinks:\n  plans:\n{plans_sink}\n  rounds:\n    type: file\n    input: train\n    path: {}\n  models:\n    type: file\n    input: train.models\n    path: {}\n  rejected:\n    type: dead_letter\n    input: train.rejected\n    path: {}\n",
-        data().display(),
-        dir.join("rounds.jsonl").display(),
-        dir.join("models.jsonl").display(),
-        dir.join("dead.jsonl").display(),
-    );
-    let path = dir.join("external.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
 #[test]
 fn external_clients_over_files_with_deadlines_stragglers_and_quorum() {
     let dir = tempfile::tempdir().unwrap();
@@ -199,28 +183,10 @@ fn external_clients_over_files_with_deadlines_stragglers_and_quorum() {
         updates.display()
     );
     let sink = format!("    type: file\n    input: train.plans\n    path: {}", plans.display());
-    let pipeline = external_pipeline(dir.path(), &source, &sink);
-    let mut engine = common::Running(
-        Command::new(env!("CARGO_BIN_EXE_edgeflow"))
-            .arg("run")
-            .arg(&pipeline)
-            .args(["--no-metrics", "--workers", "2"])
-            .stderr(std::fs::File::create(dir.path().join("engine.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let fleet = common::external_clients::fleet(&data());
+    let pipeline = common::external_clients::pipeline(dir.path(), &data(), &source, &sink, 3000);
     let mut transport = FileTransport { plans, read: 0, updates: file };
-    let script = common::external_clients::answer(&mut transport, &fleet, 6);
-    let rounds = dir.path().join("rounds.jsonl");
-    let start = Instant::now();
-    while std::fs::read_to_string(&rounds).unwrap_or_default().lines().count() < 6 {
-        assert!(start.elapsed() < Duration::from_secs(60), "round 6 was not reported");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = Command::new("kill").args(["-s", "TERM", &engine.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    let script = common::external_clients::run(dir.path(), &pipeline, &data(), &mut transport);
     let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
-    assert!(engine.0.wait().unwrap().success(), "SIGTERM exits 0: {}", read("engine.log"));
     common::check_external_rounds(&script, &read("rounds.jsonl"), &read("models.jsonl"), &read("dead.jsonl"), 3000);
+    assert_eq!(read("source-dead.jsonl"), "", "no update is malformed or late");
 }

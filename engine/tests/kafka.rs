@@ -912,3 +912,56 @@ fn inference_requests_from_kafka_and_results_back() {
     }
     assert_eq!(broker.committed("serving", "requests", 2), total as i64);
 }
+
+/// Federated clients over Kafka: plans read from a topic, updates produced to another.
+struct KafkaClients {
+    plans: BaseConsumer,
+    updates: ThreadedProducer<DefaultProducerContext>,
+}
+
+impl common::external_clients::Transport for KafkaClients {
+    fn plans(&mut self) -> Vec<edgeflow_operators::federated::coordinator::PlanRecord> {
+        let mut plans = Vec::new();
+        while let Some(message) = self.plans.poll(Duration::from_millis(50)) {
+            let message = message.unwrap();
+            plans.push(serde_json::from_slice(message.payload().unwrap()).unwrap());
+        }
+        plans
+    }
+
+    fn send(&mut self, lines: &[String]) {
+        for line in lines {
+            // One partition keeps them in the order sent.
+            self.updates.send(BaseRecord::<(), String>::to("updates").payload(line)).unwrap();
+        }
+        self.updates.flush(Duration::from_secs(10)).unwrap();
+    }
+}
+
+#[test]
+fn federated_clients_over_kafka_plans_and_updates_topics() {
+    let broker = Broker::start();
+    broker.create_topic("plans", 1);
+    broker.create_topic("updates", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!(
+        "    type: kafka\n    brokers: {}\n    topics: [updates]\n    group: federated\n    records: model_updates\n    auto_offset_reset: earliest\n    idle_timeout: 200ms",
+        broker.address
+    );
+    let sink = format!("    type: kafka\n    input: train.plans\n    brokers: {}\n    topic: plans", broker.address);
+    let dataset = root().join("pipelines/data/digits.csv");
+    // The first round's deadline covers the engine's join of its consumer group (about 5 s
+    // with Tansu).
+    let pipeline = common::external_clients::pipeline(dir.path(), &dataset, &source, &sink, 12_000);
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &broker.address).set("group.id", "edge-clients").create().unwrap();
+    // Assigned, not subscribed: no group join to wait for.
+    let mut partition = TopicPartitionList::new();
+    partition.add_partition_offset("plans", 0, Offset::Beginning).unwrap();
+    consumer.assign(&partition).unwrap();
+    let mut clients = KafkaClients { plans: consumer, updates: broker.producer() };
+    let script = common::external_clients::run(dir.path(), &pipeline, &dataset, &mut clients);
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    assert_eq!(read("source-dead.jsonl"), "", "no update is malformed or late");
+    common::check_external_rounds(&script, &read("rounds.jsonl"), &read("models.jsonl"), &read("dead.jsonl"), 12_000);
+}

@@ -82,6 +82,50 @@ pub mod external_clients {
         SimulatedFleet::new(&train, 20, Partition::Dirichlet { alpha: 0.5 }, 3)
     }
 
+    /// The pipeline of a federated operator whose clients are outside, with `source` (indented
+    /// YAML of the `updates` source), `plans_sink` (of the `plans` sink) and a round timeout.
+    pub fn pipeline(dir: &Path, dataset: &Path, source: &str, plans_sink: &str, timeout_ms: u64) -> std::path::PathBuf {
+        let yaml = format!(
+            "name: federated-external\nsources:\n  updates:\n{source}\noperators:\n  train:\n    type: federated\n    input: updates\n    dataset: {}\n    clients: 20\n    rounds: 6\n    clients_per_round: 5\n    selection: {{selection: uniform, seed: 1}}\n    quorum: 0.6\n    round_timeout: {timeout_ms}ms\n    local: {{epochs: 1, batch_size: 16, learning_rate: 0.1}}\nsinks:\n  plans:\n{plans_sink}\n  rounds:\n    type: file\n    input: train\n    path: {}\n  models:\n    type: file\n    input: train.models\n    path: {}\n  rejected:\n    type: dead_letter\n    input: train.rejected\n    path: {}\n  malformed:\n    type: dead_letter\n    path: {}\n",
+            dataset.display(),
+            dir.join("rounds.jsonl").display(),
+            dir.join("models.jsonl").display(),
+            dir.join("dead.jsonl").display(),
+            dir.join("source-dead.jsonl").display(),
+        );
+        let path = dir.join("external.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    /// Runs `pipeline` (from [`pipeline`], logging to `DIR/engine.log`) on 2 workers, answers
+    /// its 6 rounds through `transport`, waits for the 6th report and stops the engine with
+    /// SIGTERM (it must exit 0).
+    pub fn run(dir: &Path, pipeline: &Path, dataset: &Path, transport: &mut dyn Transport) -> Script {
+        let log = dir.join("engine.log");
+        let mut engine = super::Running(
+            std::process::Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+                .arg("run")
+                .arg(pipeline)
+                .args(["--no-metrics", "--workers", "2"])
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let script = answer(transport, &fleet(dataset), 6);
+        let rounds = dir.join("rounds.jsonl");
+        let start = Instant::now();
+        while std::fs::read_to_string(&rounds).unwrap_or_default().lines().count() < 6 {
+            assert!(start.elapsed() < Duration::from_secs(60), "round 6 was not reported");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let id = engine.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-s", "TERM", &id]).status().unwrap().success());
+        let status = engine.0.wait().unwrap();
+        assert!(status.success(), "SIGTERM exits 0: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        script
+    }
+
     /// What the clients did, for the assertions.
     #[derive(Debug, Default)]
     pub struct Script {
@@ -97,7 +141,7 @@ pub mod external_clients {
     /// quorum of 5); the others in full.
     pub fn answer(transport: &mut dyn Transport, fleet: &SimulatedFleet, rounds: u64) -> Script {
         let mut script = Script::default();
-        let mut late: Option<String> = None;
+        let mut late: Option<ModelUpdate> = None;
         let start = Instant::now();
         while (script.plans.len() as u64) < rounds {
             assert!(start.elapsed() < Duration::from_secs(120), "only {} plans arrived", script.plans.len());
@@ -116,8 +160,10 @@ pub mod external_clients {
                 };
                 let json = |update: &ModelUpdate| serde_json::to_string(update).unwrap();
                 let mut lines = Vec::new();
-                if let Some(late) = late.take() {
-                    lines.push(late);
+                if let Some(mut late) = late.take() {
+                    // Stamped when sent, as every update.
+                    late.timestamp = edgeflow_connectors::wall_clock_ms();
+                    lines.push(json(&late));
                 }
                 let clients = match plan.round {
                     2 => &plan.clients[..plan.clients.len() - 1],
@@ -135,7 +181,7 @@ pub mod external_clients {
                     }
                 }
                 if plan.round == 2 {
-                    late = Some(json(&train(plan.clients.last().unwrap())));
+                    late = Some(train(plan.clients.last().unwrap()));
                 }
                 if plan.round == 3 {
                     let outsider =
