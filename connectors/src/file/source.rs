@@ -15,7 +15,7 @@ pub struct FileSourceConfig {
     /// Blank lines are skipped; any other line that does not decode goes to the dead-letter
     /// output.
     pub path: PathBuf,
-    /// What the lines are: `heartbeats` (default) or `inference_requests`.
+    /// What the lines are: `heartbeats` (default), `inference_requests` or `model_updates`.
     #[serde(default)]
     pub records: RecordKind,
     /// Keep reading what is appended to the file instead of ending at its end (default false).

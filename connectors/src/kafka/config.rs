@@ -84,7 +84,7 @@ pub struct KafkaSourceConfig {
     /// Value format (default `json`).
     #[serde(default)]
     pub format: KafkaFormat,
-    /// What the messages are: `heartbeats` (default) or `inference_requests`.
+    /// What the messages are: `heartbeats` (default), `inference_requests` or `model_updates`.
     #[serde(default)]
     pub records: edgeflow_operators::RecordKind,
     /// Start of a partition without a committed offset: `earliest` (default) or `latest`.

@@ -228,7 +228,7 @@ pub enum OperatorConfig {
     Inference(InferenceConfig),
     /// Placement of inference requests on edge nodes.
     LoadBalance(LoadBalanceConfig),
-    /// Federated training over simulated clients.
+    /// Federated training over simulated or external clients.
     Federated(Box<FederatedConfig>),
 }
 

@@ -63,9 +63,13 @@ enum OperatorKind {
     /// (results of requests no node could take; an inference operator reading the balancer
     /// reports them among its results).
     LoadBalance(LoadBalanceConfig),
-    /// Federated training over a fleet of simulated clients, rounds as logical times; takes
-    /// no input. Outputs `rounds` (main: one report per round), `models` (each global model
-    /// version) and `rejected` (refused updates with their reason).
+    /// Federated training, round after round. Without an input its clients are a simulated
+    /// fleet and rounds are logical times; with an `input` of model updates (a `file` or
+    /// `kafka` source with `records: model_updates`) its clients are outside, read the `plans`
+    /// output and a round closes when all answered, on quorum (`close_on_quorum`) or at its
+    /// wall-clock `round_timeout`. Outputs `rounds` (main: one report per round), `models`
+    /// (each global model version), `plans` (each round's plan with the model to train from)
+    /// and `rejected` (refused updates with their reason).
     Federated(Box<FederatedConfig>),
 }
 

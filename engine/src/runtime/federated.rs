@@ -8,6 +8,14 @@
 //! to the `rejected` output with their reason), closes the round, measures the new model on
 //! the held-out data, and publishes round `r + 1` at time `r`. The loop ends after `rounds`
 //! rounds, or when the privacy budget refuses the next one.
+//!
+//! With an input of model updates the clients are outside the engine: they read the plans
+//! (the `plans` output, e.g. to a Kafka topic) and send updates through a source. Those
+//! rounds run on the wall clock: an update counts when it arrives, and a round closes when
+//! every selected client has answered, on quorum if `close_on_quorum`, at its deadline
+//! (`round_timeout` after its plan), or when the input ends. The operator then holds no
+//! capability ahead of its input, so its outputs go out at the updates' input frontier and
+//! never hold back the sinks or the sources' flow control.
 
 use std::collections::BTreeMap;
 use std::io::Write;
