@@ -190,3 +190,71 @@ fn external_clients_over_files_with_deadlines_stragglers_and_quorum() {
     common::check_external_rounds(&script, &read("rounds.jsonl"), &read("models.jsonl"), &read("dead.jsonl"), 3000);
     assert_eq!(read("source-dead.jsonl"), "", "no update is malformed or late");
 }
+
+/// The global models of a run's `models` output.
+fn models_of(models: &str) -> Vec<Vec<f32>> {
+    models
+        .lines()
+        .map(|line| {
+            let model: serde_json::Value = serde_json::from_str(line).unwrap();
+            let payload: edgeflow_operators::federated::update::Payload =
+                serde_json::from_value(model["payload"].clone()).unwrap();
+            payload.decode().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn secure_aggregation_gives_the_plain_result_with_and_without_dropouts() {
+    let dir = tempfile::tempdir().unwrap();
+    for dropout in ["", "    dropout: 0.3\n"] {
+        let (_, plain_rounds, plain_models) = run(dir.path(), 2, dropout);
+        let secure = format!("{dropout}    secure_aggregation: {{threshold: 0.6}}\n");
+        let (_, secure_rounds, secure_models) = run(dir.path(), 2, &secure);
+        let reports =
+            |text: &str| -> Vec<serde_json::Value> { text.lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
+        let (plain, masked) = (reports(&plain_rounds), reports(&secure_rounds));
+        assert_eq!(plain.len(), 30);
+        for (p, s) in plain.iter().zip(&masked) {
+            if s["failure"].is_null() {
+                assert_eq!((&p["accepted"], &p["quorum_met"]), (&s["accepted"], &s["quorum_met"]), "{p} vs {s}");
+            } else {
+                // Fewer than the threshold (6 of 10) survived: below the quorum (8) as well.
+                assert!(p["accepted"].as_u64().unwrap() < 6 && p["quorum_met"] == false, "{p} vs {s}");
+                assert_eq!(s["quorum_met"], false);
+            }
+        }
+        if !dropout.is_empty() {
+            assert!(masked.iter().any(|r| r["accepted"].as_u64().unwrap() < 10), "some clients drop after masking");
+        }
+        // The unmasked sums equal the plain ones up to the fixed-point encoding (2^-24).
+        let (plain, masked) = (models_of(&plain_models), models_of(&secure_models));
+        for (round, (p, s)) in plain.iter().zip(&masked).enumerate() {
+            let worst = p.iter().zip(s).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "round {}: models differ by {worst} ({dropout:?})", round + 1);
+        }
+    }
+}
+
+#[test]
+fn secure_aggregation_fails_a_round_with_too_many_dropouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "    dropout: 0.3\n    secure_aggregation: {threshold: 0.9}\n";
+    let (_, rounds, models) = run(dir.path(), 1, extra);
+    let reports: Vec<serde_json::Value> = rounds.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let failed: Vec<&serde_json::Value> = reports.iter().filter(|r| !r["failure"].is_null()).collect();
+    assert!(!failed.is_empty(), "with 30% dropouts some round keeps fewer than 9 of 10 clients");
+    let models = models_of(&models);
+    for report in &failed {
+        let reason = report["failure"].as_str().unwrap();
+        assert!(reason.starts_with("secure aggregation failed:") && reason.contains("9 are needed"), "{reason}");
+        assert_eq!(report["quorum_met"], false);
+        assert_eq!(report["accepted"], 0, "nothing of a failed round is folded in");
+        let round = report["round"].as_u64().unwrap() as usize;
+        if round > 1 {
+            assert_eq!(models[round - 1], models[round - 2], "round {round} keeps the model");
+        }
+    }
+    // Rounds where 9 or 10 survived are aggregated.
+    assert!(reports.iter().any(|r| r["accepted"].as_u64().unwrap() >= 9));
+}

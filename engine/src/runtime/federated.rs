@@ -23,9 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeflow_connectors::wall_clock_ms;
-use edgeflow_operators::federated::config::{Export, FederatedConfig};
+use edgeflow_operators::federated::config::{Export, FederatedConfig, SecureAggregation};
+use edgeflow_operators::federated::coordinator::DpMode;
 use edgeflow_operators::federated::coordinator::{ClientInfo, Coordinator, PlanRecord, RoundPlan, RoundSummary};
 use edgeflow_operators::federated::learn::{Dataset, Softmax};
+use edgeflow_operators::federated::secure::{unmask, Announcement, Reveal, SecureClient};
 use edgeflow_operators::federated::simulate::SimulatedFleet;
 use edgeflow_operators::federated::update::{ModelUpdate, Payload};
 use edgeflow_operators::{route_hash, DeadLetter, EventTime, HealthStatus};
@@ -54,10 +56,13 @@ pub(crate) struct RoundReport {
     test_accuracy: f64,
     epsilon: Option<f64>,
     clip_norm: Option<f64>,
+    /// Why the round failed, when it failed for another reason than its quorum (secure
+    /// aggregation could not unmask the sum).
+    failure: Option<String>,
 }
 
 impl RoundReport {
-    fn new(summary: RoundSummary, test_loss: f64, test_accuracy: f64) -> Self {
+    fn new(summary: RoundSummary, test_loss: f64, test_accuracy: f64, failure: Option<String>) -> Self {
         Self {
             round: summary.round,
             model_version: summary.model_version,
@@ -70,6 +75,7 @@ impl RoundReport {
             test_accuracy,
             epsilon: summary.epsilon,
             clip_norm: summary.clip_norm,
+            failure,
         }
     }
 
@@ -101,6 +107,19 @@ struct PlanMessage {
     model: Vec<f32>,
     /// Wall-clock deadline, ms since the epoch (external clients).
     deadline: Option<u64>,
+}
+
+/// What clients send the coordinator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum ClientMessage {
+    /// A plain update.
+    Update(ModelUpdate),
+    /// Secure aggregation, step 1: a selected client's public key (index in the round).
+    Announce { index: u8, public: [u8; 32] },
+    /// Step 3: a surviving client's masked, weighted update (`[w·delta.., w, loss]`).
+    Masked { index: u8, client: String, masked: Vec<u64> },
+    /// Step 4: a surviving client's shares for unmasking.
+    Reveal(Reveal),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -161,7 +180,7 @@ pub(crate) fn federated<'scope>(
     };
     let is_external = external.is_some();
     let (updates, feedback) = match external {
-        Some(stream) => (stream, None),
+        Some(stream) => (stream.map(ClientMessage::Update), None),
         None => {
             let (handle, plans) = scope.feedback::<Vec<PlanMessage>>(1);
             (simulated_clients(plans, name, config, data.fleet), Some(handle))
@@ -182,23 +201,27 @@ pub(crate) fn federated<'scope>(
         close_on_quorum: config.close_on_quorum,
         deadline: None,
         closed: 0,
+        failure: None,
     };
+    let secure = config.secure_aggregation.clone();
     let out = updates.unary_frontier(
-        Exchange::new(|_: &ModelUpdate| 0),
+        Exchange::new(|_: &ClientMessage| 0),
         &format!("FederatedCoordinator({name})"),
         move |cap, info| {
             let activator = scope.activator_for(info.address.clone());
             // Worker 0 coordinates; the others only run clients.
             let mut held = (index == 0).then_some(cap);
-            let mut pending: BTreeMap<EventTime, Vec<ModelUpdate>> = BTreeMap::new();
+            let mut pending: BTreeMap<EventTime, Vec<ClientMessage>> = BTreeMap::new();
             let mut started = false;
             move |(input, frontier), output| {
                 let Some(cap) = held.as_mut() else {
                     // Training is over: whatever still arrives is a straggler.
                     input.for_each(|cap, data| {
                         let mut session = output.session(&cap);
-                        for update in data.drain(..) {
-                            session.give(driver.offer(&update).unwrap_or_else(|| driver.closed(&update)));
+                        for message in data.drain(..) {
+                            if let ClientMessage::Update(update) = message {
+                                session.give(driver.offer(&update).unwrap_or_else(|| driver.closed(&update)));
+                            }
                         }
                     });
                     return;
@@ -228,7 +251,13 @@ pub(crate) fn federated<'scope>(
                 let mut out = Vec::new();
                 let close = if is_external {
                     // Updates count in the order they arrive.
-                    input.for_each(|_, data| out.extend(data.drain(..).filter_map(|u| driver.offer(&u))));
+                    input.for_each(|_, data| {
+                        for message in data.drain(..) {
+                            if let ClientMessage::Update(update) = message {
+                                out.extend(driver.offer(&update));
+                            }
+                        }
+                    });
                     let ended = frontier.is_empty();
                     if ended || driver.due() {
                         Some(!ended)
@@ -248,9 +277,21 @@ pub(crate) fn federated<'scope>(
                     } else {
                         // Every answer of `round` is in: sorted by client, so the result does
                         // not depend on the number of workers.
-                        let mut answers = pending.remove(&round).unwrap_or_default();
-                        answers.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-                        out.extend(answers.iter().filter_map(|u| driver.offer(u)));
+                        let answers = pending.remove(&round).unwrap_or_default();
+                        match &secure {
+                            Some(secure) => driver.offer_secure(answers, secure),
+                            None => {
+                                let mut updates: Vec<ModelUpdate> = answers
+                                    .into_iter()
+                                    .filter_map(|m| match m {
+                                        ClientMessage::Update(update) => Some(update),
+                                        _ => None,
+                                    })
+                                    .collect();
+                                updates.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+                                out.extend(updates.iter().filter_map(|u| driver.offer(u)));
+                            }
+                        }
                         Some(true)
                     }
                 };
@@ -308,39 +349,105 @@ pub(crate) fn federated<'scope>(
 }
 
 /// The simulated fleet: each worker trains the selected clients it owns (by a hash of their
-/// id) when a plan reaches it, and sends their updates at the plan's time.
+/// id) when a plan reaches it, and sends their updates at the plan's time. With secure
+/// aggregation they send masked updates instead (see [`secure_round`]).
 fn simulated_clients<'scope>(
     plans: StreamVec<'scope, EventTime, PlanMessage>,
     name: &str,
     config: &FederatedConfig,
     fleet: SimulatedFleet,
-) -> StreamVec<'scope, EventTime, ModelUpdate> {
+) -> StreamVec<'scope, EventTime, ClientMessage> {
     let (index, peers) = (plans.scope().index(), plans.scope().peers());
     let (dropout, seed) = (config.dropout, config.seed);
+    let secure = config.secure_aggregation.clone();
+    // Under central DP every client weighs the same (the noise is calibrated to one client).
+    let equal_weights = config.dp.as_ref().is_some_and(|dp| dp.mode == DpMode::Central);
     plans.broadcast().unary(Pipeline, &format!("FederatedClients({name})"), move |_, _| {
         move |input, output| {
             input.for_each(|cap, data| {
                 let mut session = output.session(&cap);
                 for message in data.drain(..) {
-                    for client in &message.plan.clients {
-                        if route_hash(client) as usize % peers != index {
-                            continue;
-                        }
+                    let plan = &message.plan;
+                    let owned = |client: &String| route_hash(client) as usize % peers == index;
+                    let drops = |client: &String| {
                         let draw: f64 = rand_chacha::ChaCha8Rng::seed_from_u64(
-                            seed ^ route_hash(client) ^ message.plan.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                            seed ^ route_hash(client) ^ plan.round.wrapping_mul(0x9e37_79b9_7f4a_7c15),
                         )
                         .gen();
-                        if draw < dropout {
-                            continue;
-                        }
-                        if let Some(update) = fleet.train(&message.plan, &message.model, client) {
-                            session.give(update);
+                        draw < dropout
+                    };
+                    if let Some(secure) = &secure {
+                        let round = SecureRound { plan, model: &message.model, secure, seed, equal_weights };
+                        session.give_iterator(round.messages(&fleet, &owned, &drops).into_iter());
+                        continue;
+                    }
+                    for client in plan.clients.iter().filter(|c| owned(c) && !drops(c)) {
+                        if let Some(update) = fleet.train(plan, &message.model, client) {
+                            session.give(ClientMessage::Update(update));
                         }
                     }
                 }
             });
         }
     })
+}
+
+/// One round of secure aggregation among simulated clients (Bonawitz et al.; see
+/// `edgeflow_operators::federated::secure`). Every selected client announces its key and
+/// shares its secrets; those that drop out (`dropout`) do so after sharing, so their masks
+/// must be recovered. The key agreement and the sealed shares, which the server only relays,
+/// are computed where the clients run (each worker derives the round's clients from the
+/// seed); the coordinator receives only announcements, masked updates and the survivors'
+/// reveals, never a client's update in the clear.
+struct SecureRound<'a> {
+    plan: &'a RoundPlan,
+    model: &'a [f32],
+    secure: &'a SecureAggregation,
+    seed: u64,
+    equal_weights: bool,
+}
+
+impl SecureRound<'_> {
+    /// The messages of the clients `owned` by this worker.
+    fn messages(
+        &self,
+        fleet: &SimulatedFleet,
+        owned: &dyn Fn(&String) -> bool,
+        drops: &dyn Fn(&String) -> bool,
+    ) -> Vec<ClientMessage> {
+        let plan = self.plan;
+        let threshold = self.secure.shares_needed(plan.clients.len());
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(self.seed ^ plan.round.wrapping_mul(0x5ec0_a99e));
+        let mut parties: Vec<SecureClient> =
+            (1..=plan.clients.len()).map(|i| SecureClient::new(i as u8, &mut rng)).collect();
+        let announced: Vec<Announcement> = parties.iter().map(SecureClient::announce).collect();
+        let shares: Vec<_> = parties.iter().flat_map(|p| p.share(&announced, threshold, &mut rng)).collect();
+        for party in &mut parties {
+            party.receive(&announced, &shares);
+        }
+        let (mut survivors, mut dropped) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
+        for (i, client) in plan.clients.iter().enumerate() {
+            if drops(client) { &mut dropped } else { &mut survivors }.insert(i as u8 + 1);
+        }
+        let mut out = Vec::new();
+        for (i, client) in plan.clients.iter().enumerate().filter(|(_, c)| owned(c)) {
+            let index = i as u8 + 1;
+            out.push(ClientMessage::Announce { index, public: announced[i].public_bytes() });
+            if dropped.contains(&index) {
+                continue;
+            }
+            let Some(update) = fleet.train(plan, self.model, client) else { continue };
+            let Ok(delta) = update.payload.decode() else { continue };
+            let weight = if self.equal_weights { 1.0 } else { update.num_examples.max(1) as f32 };
+            let mut vector: Vec<f32> = delta.iter().map(|d| d * weight).collect();
+            vector.push(weight);
+            vector.push(update.metrics.loss.unwrap_or(0.0) as f32);
+            let masked = parties[i].mask(&vector, &announced);
+            out.push(ClientMessage::Masked { index, client: client.clone(), masked });
+            out.push(ClientMessage::Reveal(parties[i].reveal(&survivors, &dropped)));
+        }
+        out
+    }
 }
 
 /// The CSV of per-round convergence, with its header; a file that cannot be created is
@@ -380,6 +487,8 @@ struct Driver {
     deadline: Option<Instant>,
     /// Rounds closed so far (the last one's number).
     closed: u64,
+    /// Why the open round failed, if it did (secure aggregation).
+    failure: Option<String>,
 }
 
 impl Driver {
@@ -415,6 +524,49 @@ impl Driver {
                 None
             }
             Err(reason) => Some(self.reject(update, reason)),
+        }
+    }
+
+    /// Secure aggregation: unmasks the sum of the round's masked updates and folds it in. Too
+    /// few survivors fail the round (it keeps the model), with the reason in its report.
+    fn offer_secure(&mut self, answers: Vec<ClientMessage>, secure: &SecureAggregation) {
+        let mut announced = Vec::new();
+        let mut masked = BTreeMap::new();
+        let mut clients = Vec::new();
+        let mut reveals = Vec::new();
+        for message in answers {
+            match message {
+                ClientMessage::Announce { index, public } => {
+                    announced.push(Announcement::from_bytes(index, public));
+                }
+                ClientMessage::Masked { index, client, masked: values } => {
+                    masked.insert(index, values);
+                    clients.push(client);
+                }
+                ClientMessage::Reveal(reveal) => reveals.push(reveal),
+                ClientMessage::Update(_) => {}
+            }
+        }
+        if masked.is_empty() {
+            return;
+        }
+        announced.sort_by_key(|a| a.client);
+        reveals.sort_by_key(|r| r.from);
+        clients.sort();
+        let threshold = secure.shares_needed(announced.len());
+        let result = unmask(&announced, &masked, &reveals, threshold).and_then(|mut sum| {
+            let loss = sum.pop().map(|total| f64::from(total) / clients.len() as f64);
+            let weight = sum.pop().map_or(0.0, f64::from);
+            self.coordinator.offer_secure_sum(&sum, weight, &clients, loss)
+        });
+        match result {
+            Ok(()) => {
+                self.gauges.accepted.inc_by(clients.len() as u64);
+            }
+            Err(reason) => {
+                tracing::warn!(operator = %self.operator, %reason, "secure aggregation failed; the round keeps the model");
+                self.failure = Some(reason);
+            }
         }
     }
 
@@ -482,7 +634,7 @@ impl Driver {
                 version: summary.model_version,
                 payload: Payload::encode(self.coordinator.model()),
             }),
-            CoordinatorOut::Report(RoundReport::new(summary, test_loss, test_accuracy)),
+            CoordinatorOut::Report(RoundReport::new(summary, test_loss, test_accuracy, self.failure.take())),
         ]
     }
 

@@ -167,6 +167,9 @@ pub enum AggregateError {
     /// No update arrived.
     #[error("no updates to aggregate")]
     Empty,
+    /// A sum of updates offered to a strategy that needs each update.
+    #[error("median, trimmed mean and krum need each update; a secure-aggregation sum cannot be used")]
+    NotLinear,
     /// An update of another length than the model.
     #[error("update has {got} parameters, the model has {expected}")]
     Length {
@@ -229,6 +232,23 @@ impl RoundAggregate {
             self.kept.push(delta.to_vec());
         }
         self.count += 1;
+        Ok(())
+    }
+
+    /// Folds in the sum of `clients` clients' weighted deltas at once, `weight` their total
+    /// weight: what secure aggregation reveals (linear strategies only).
+    pub fn add_sum(&mut self, sum: &[f32], weight: f64, clients: usize) -> Result<(), AggregateError> {
+        if sum.len() != self.len {
+            return Err(AggregateError::Length { got: sum.len(), expected: self.len });
+        }
+        if !self.strategy.is_linear() {
+            return Err(AggregateError::NotLinear);
+        }
+        for (total, value) in self.sum.iter_mut().zip(sum) {
+            *total += f64::from(*value);
+        }
+        self.total_weight += weight;
+        self.count += clients;
         Ok(())
     }
 

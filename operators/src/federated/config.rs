@@ -71,6 +71,10 @@ pub struct FederatedConfig {
     /// Differential privacy (default none).
     #[serde(default)]
     pub dp: Option<DpConfig>,
+    /// Secure aggregation of the simulated clients' updates (default off): the coordinator
+    /// receives only masked updates and unmasks their sum.
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureAggregation>,
     /// A CSV file of per-round convergence (round, clients, updates, losses, held-out accuracy,
     /// epsilon), written as rounds close; a relative path is relative to the working
     /// directory.
@@ -83,6 +87,24 @@ pub struct FederatedConfig {
     /// Seed of the split and of the clients' training (default 3).
     #[serde(default = "defaults::seed")]
     pub seed: u64,
+}
+
+/// Secure aggregation settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregation {
+    /// Fraction of a round's selected clients that must survive to unmask the sum (the
+    /// Shamir threshold `t = ceil(threshold * k)`, default 0.6, above one half); a round with
+    /// fewer fails with the reason.
+    #[serde(default = "defaults::threshold")]
+    pub threshold: f64,
+}
+
+impl SecureAggregation {
+    /// The Shamir threshold for `selected` clients.
+    pub fn shares_needed(&self, selected: usize) -> usize {
+        ((self.threshold * selected as f64).ceil() as usize).clamp(1, selected.max(1))
+    }
 }
 
 /// Where the trained model goes.
@@ -128,6 +150,9 @@ mod defaults {
     pub fn seed() -> u64 {
         3
     }
+    pub fn threshold() -> f64 {
+        0.6
+    }
     pub fn round_timeout() -> crate::DurationMs {
         crate::DurationMs(60_000)
     }
@@ -166,6 +191,39 @@ impl FederatedConfig {
                         ids.len(),
                         unique.len()
                     ),
+                ));
+            }
+        }
+        if let Some(secure) = &self.secure_aggregation {
+            if !(secure.threshold > 0.5 && secure.threshold <= 1.0) {
+                problems.push((
+                    "secure_aggregation",
+                    format!("threshold {} must be in (0.5, 1]: fewer could unmask a client's update", secure.threshold),
+                ));
+            }
+            if !self.strategy.is_linear() {
+                problems.push((
+                    "secure_aggregation",
+                    "median, trimmed_mean and krum need each update; secure aggregation reveals only their sum"
+                        .to_owned(),
+                ));
+            }
+            if self.max_norm.is_some() {
+                problems.push((
+                    "secure_aggregation",
+                    "max_norm checks each update, which secure aggregation hides; bound updates with dp.clip_norm (clients clip before masking)".to_owned(),
+                ));
+            }
+            if self.dp.as_ref().is_some_and(|dp| dp.adaptive_quantile.is_some()) {
+                problems.push((
+                    "secure_aggregation",
+                    "adaptive clipping needs each update's norm, which secure aggregation hides".to_owned(),
+                ));
+            }
+            if self.clients_per_round > 255 {
+                problems.push((
+                    "secure_aggregation",
+                    "at most 255 clients per round take part in secure aggregation".to_owned(),
                 ));
             }
         }

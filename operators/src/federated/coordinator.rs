@@ -459,6 +459,36 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Folds in the unmasked sum of a secure-aggregation round: `sum` is the sum over
+    /// `clients` (those whose masked updates were summed) of each one's clipped delta times
+    /// its weight, `weight` the total weight (examples, or 1 per client under central DP),
+    /// `loss` their mean training loss. The server never sees a single update, so the
+    /// per-update checks cannot run: clients clip before masking.
+    pub fn offer_secure_sum(
+        &mut self,
+        sum: &[f32],
+        weight: f64,
+        clients: &[String],
+        loss: Option<f64>,
+    ) -> Result<(), String> {
+        let open = self.open.as_mut().ok_or("no round is open")?;
+        for client in clients {
+            if !open.plan.clients.contains(client) {
+                return Err(format!("secure sum includes `{client}`, who was not selected"));
+            }
+            open.answered.insert(client.clone());
+        }
+        if let Some(loss) = loss {
+            open.losses.push(loss);
+        }
+        if let Some(dp_sum) = open.dp_sum.as_mut() {
+            for (s, v) in dp_sum.iter_mut().zip(sum) {
+                *s += f64::from(*v);
+            }
+        }
+        open.aggregate.add_sum(sum, weight, clients.len()).map_err(|err| err.to_string())
+    }
+
     /// Whether the open round has its quorum of updates.
     pub fn quorum_reached(&self) -> bool {
         self.open.as_ref().is_some_and(|open| {

@@ -40,6 +40,18 @@ pub struct Announcement {
     pub public: PublicKey,
 }
 
+impl Announcement {
+    /// The announcement of client `client` whose public key is `public` (as sent).
+    pub fn from_bytes(client: u8, public: [u8; 32]) -> Self {
+        Self { client, public: PublicKey::from(public) }
+    }
+
+    /// The public key's bytes, to send.
+    pub fn public_bytes(&self) -> [u8; 32] {
+        self.public.to_bytes()
+    }
+}
+
 /// A Shamir share of a client's secrets, encrypted for its recipient.
 #[derive(Clone, Debug)]
 pub struct SealedShare {
@@ -234,7 +246,7 @@ impl SecureClient {
 }
 
 /// A surviving client's unmasking message.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reveal {
     /// The revealing client.
     pub from: u8,
