@@ -258,3 +258,71 @@ fn secure_aggregation_fails_a_round_with_too_many_dropouts() {
     // Rounds where 9 or 10 survived are aggregated.
     assert!(reports.iter().any(|r| r["accepted"].as_u64().unwrap() >= 9));
 }
+
+#[test]
+fn resource_aware_selection_follows_live_node_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("updates.jsonl"), "").unwrap();
+    let mut beats = std::fs::File::create(path("beats.jsonl")).unwrap();
+    let follow = "follow: true, poll_interval: 20ms, idle_timeout: 200ms, max_out_of_orderness: 0ms";
+    let yaml = format!(
+        "name: federated-health\nsources:\n  updates: {{type: file, path: {}, records: model_updates, {follow}}}\n  beats: {{type: file, path: {}, {follow}}}\noperators:\n  health: {{type: node_health, input: beats}}\n  train:\n    type: federated\n    inputs: [updates, health.changes, beats]\n    dataset: {}\n    clients: 4\n    rounds: 2\n    clients_per_round: 2\n    selection: {{selection: resource_aware, min_free_cpu: 20, min_free_memory: 20, seed: 1}}\n    round_timeout: 3s\nsinks:\n  plans: {{type: file, input: train.plans, path: {}}}\n  rounds: {{type: file, input: train, path: {}}}\n",
+        path("updates.jsonl").display(),
+        path("beats.jsonl").display(),
+        data().display(),
+        path("plans.jsonl").display(),
+        path("rounds.jsonl").display(),
+    );
+    std::fs::write(path("pipeline.yaml"), yaml).unwrap();
+    let log = std::fs::File::create(path("engine.log")).unwrap();
+    let mut engine = common::Running(
+        Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+            .arg("run")
+            .arg(path("pipeline.yaml"))
+            .args(["--no-metrics", "--workers", "2"])
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let lines = |name: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(path(name)).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+        complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let wait_for = |name: &str, count: usize| {
+        let start = std::time::Instant::now();
+        while lines(name).len() < count {
+            assert!(start.elapsed() < std::time::Duration::from_secs(60), "{count} lines of {name}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // Before any node reports, no client is known to be Healthy: no round starts.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(lines("plans.jsonl").is_empty(), "a round started before any health report");
+    let mut beat = |node: &str, cpu: f64, memory: f64| {
+        let now = edgeflow_connectors::wall_clock_ms();
+        writeln!(
+            beats,
+            r#"{{"node_id":"{node}","region":"eu","lat":1,"lon":1,"timestamp":{now},"cpu":{cpu},"memory":{memory},"disk":10}}"#
+        )
+        .unwrap();
+        beats.flush().unwrap();
+    };
+    // client-00 is Healthy but has 15% CPU free; client-01 is Degraded (memory 95%).
+    beat("client-00", 85.0, 30.0);
+    beat("client-01", 10.0, 95.0);
+    beat("client-02", 10.0, 30.0);
+    beat("client-03", 15.0, 40.0);
+    wait_for("plans.jsonl", 1);
+    assert_eq!(lines("plans.jsonl")[0]["clients"], serde_json::json!(["client-02", "client-03"]));
+    // client-03 becomes Degraded before the round closes at its deadline.
+    beat("client-03", 95.0, 40.0);
+    wait_for("plans.jsonl", 2);
+    assert_eq!(lines("plans.jsonl")[1]["clients"], serde_json::json!(["client-02"]));
+    wait_for("rounds.jsonl", 2);
+    let reports = lines("rounds.jsonl");
+    assert!(reports.iter().all(|r| r["accepted"] == 0 && r["quorum_met"] == false), "{reports:?}");
+    assert!(Command::new("kill").args(["-s", "TERM", &engine.id().to_string()]).status().unwrap().success());
+    assert!(engine.0.wait().unwrap().success(), "{}", std::fs::read_to_string(path("engine.log")).unwrap());
+}

@@ -252,7 +252,7 @@ impl OperatorConfig {
             OperatorConfig::LoadBalance(_) => {
                 &[PortKind::InferenceRequests, PortKind::StatusChanges, PortKind::Heartbeats]
             }
-            OperatorConfig::Federated(_) => &[PortKind::ModelUpdates],
+            OperatorConfig::Federated(_) => &[PortKind::ModelUpdates, PortKind::StatusChanges, PortKind::Heartbeats],
         }
     }
 }

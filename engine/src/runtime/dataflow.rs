@@ -22,6 +22,7 @@ use timely::dataflow::operators::{Concatenate, Probe};
 use timely::dataflow::operators::{ConnectLoop, Feedback};
 use timely::dataflow::{ProbeHandle, Scope, StreamVec};
 
+use super::federated::ClientHealth;
 use super::inference::InferenceOut;
 use super::sink::{sink_operator, Failure, SinkGroup, SinkItem};
 use crate::config::{OperatorConfig, Pipeline, PortRef};
@@ -178,7 +179,26 @@ pub fn build<'scope>(
                 })
                 .collect();
             let external = (!operator.inputs.is_empty()).then(|| scope.concatenate(external));
-            let ports_of = super::federated::federated(scope, &operator.name, config, data, external, metrics);
+            // Live health of the clients (edge nodes of the same ids): status changes and
+            // heartbeats among the inputs.
+            let health = operator
+                .inputs
+                .iter()
+                .filter_map(|reference| match ports.get(&reference.to_string()) {
+                    Some(Port::Changes(stream)) => Some(
+                        stream.clone().map(|change| ClientHealth::Status { node: change.node_id, status: change.to }),
+                    ),
+                    Some(Port::Heartbeats(collection)) => Some(collection.inner.clone().flat_map(|(beat, _, diff)| {
+                        (diff > 0).then_some(ClientHealth::Load {
+                            node: beat.node_id,
+                            cpu: beat.cpu,
+                            memory: beat.memory,
+                        })
+                    })),
+                    _ => None,
+                })
+                .collect();
+            let ports_of = super::federated::federated(scope, &operator.name, config, data, external, health, metrics);
             let rounds = count_stream(ports_of.rounds, metrics, &operator.name, "rounds");
             ports.insert(operator.name.clone(), Port::Rounds(rounds.clone()));
             ports.insert(format!("{}.rounds", operator.name), Port::Rounds(rounds));

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use edgeflow_connectors::wall_clock_ms;
 use edgeflow_operators::federated::config::{Export, FederatedConfig, SecureAggregation};
 use edgeflow_operators::federated::coordinator::DpMode;
-use edgeflow_operators::federated::coordinator::{ClientInfo, Coordinator, PlanRecord, RoundPlan, RoundSummary};
+use edgeflow_operators::federated::coordinator::{
+    ClientInfo, Coordinator, PlanError, PlanRecord, RoundPlan, RoundSummary,
+};
 use edgeflow_operators::federated::learn::{Dataset, Softmax};
 use edgeflow_operators::federated::secure::{unmask, Announcement, Reveal, SecureClient};
 use edgeflow_operators::federated::simulate::SimulatedFleet;
@@ -35,7 +37,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::vec::{Broadcast, Map};
-use timely::dataflow::operators::{ConnectLoop, Feedback, Operator};
+use timely::dataflow::operators::{Concatenate, ConnectLoop, Feedback, Operator};
 use timely::dataflow::{Scope, StreamVec};
 
 use crate::metrics::Metrics;
@@ -109,11 +111,22 @@ struct PlanMessage {
     deadline: Option<u64>,
 }
 
+/// What the live node health says of a client (an edge node of the same id).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum ClientHealth {
+    /// Its status changed (from `node_health`'s changes).
+    Status { node: String, status: HealthStatus },
+    /// Its latest resource use, percent (from its heartbeats).
+    Load { node: String, cpu: f64, memory: f64 },
+}
+
 /// What clients send the coordinator.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum ClientMessage {
     /// A plain update.
     Update(ModelUpdate),
+    /// Live health of a client (external clients).
+    Health(ClientHealth),
     /// Secure aggregation, step 1: a selected client's public key (index in the round).
     Announce { index: u8, public: [u8; 32] },
     /// Step 3: a surviving client's masked, weighted update (`[w·delta.., w, loss]`).
@@ -166,21 +179,28 @@ pub(crate) fn federated<'scope>(
     config: &FederatedConfig,
     data: FederatedData,
     external: Option<StreamVec<'scope, EventTime, ModelUpdate>>,
+    health: Vec<StreamVec<'scope, EventTime, ClientHealth>>,
     metrics: &Arc<Metrics>,
 ) -> FederatedPorts<'scope> {
+    let live_health = external.is_some() && !health.is_empty();
     let index = scope.index();
     let model_shape = data.fleet.model;
     let infos = match (&external, &config.client_ids) {
         (None, _) => data.fleet.infos(),
         (Some(_), ids) => {
             let ids = ids.clone().unwrap_or_else(|| SimulatedFleet::ids(config.clients));
-            // Nothing is known of external clients' load: they count as Healthy and idle.
-            ids.into_iter().map(|id| ClientInfo { id, status: HealthStatus::Healthy, cpu: 0.0, memory: 0.0 }).collect()
+            // Without live health nothing is known of external clients: they count as Healthy
+            // and idle. With it, a client counts once its node reports.
+            let status = if live_health { HealthStatus::Offline } else { HealthStatus::Healthy };
+            ids.into_iter().map(|id| ClientInfo { id, status, cpu: 0.0, memory: 0.0 }).collect()
         }
     };
     let is_external = external.is_some();
     let (updates, feedback) = match external {
-        Some(stream) => (stream.map(ClientMessage::Update), None),
+        Some(stream) => {
+            let health = scope.concatenate(health).map(ClientMessage::Health);
+            (scope.concatenate([stream.map(ClientMessage::Update), health]), None)
+        }
         None => {
             let (handle, plans) = scope.feedback::<Vec<PlanMessage>>(1);
             (simulated_clients(plans, name, config, data.fleet), Some(handle))
@@ -202,6 +222,8 @@ pub(crate) fn federated<'scope>(
         deadline: None,
         closed: 0,
         failure: None,
+        live_health,
+        retry_at: None,
     };
     let secure = config.secure_aggregation.clone();
     let out = updates.unary_frontier(
@@ -238,84 +260,100 @@ pub(crate) fn federated<'scope>(
                 }
                 if !started {
                     started = true;
-                    let Some(plan) = driver.open() else {
-                        held = None;
-                        return;
-                    };
-                    output.session(&*cap).give(plan);
+                    match driver.open() {
+                        Opened::Plan(plan) => output.session(&*cap).give(plan),
+                        Opened::Wait => activator.activate_after(RETRY_SELECTION),
+                        Opened::Over => {
+                            held = None;
+                            return;
+                        }
+                    }
                     if !is_external {
                         cap.downgrade(&1);
                     }
                 }
-                let round = driver.coordinator.open_round().unwrap_or(*cap.time());
                 let mut out = Vec::new();
-                let close = if is_external {
-                    // Updates count in the order they arrive.
+                if is_external {
+                    // Updates count in the order they arrive; health reports update the fleet.
                     input.for_each(|_, data| {
                         for message in data.drain(..) {
-                            if let ClientMessage::Update(update) = message {
-                                out.extend(driver.offer(&update));
+                            match message {
+                                ClientMessage::Update(update) => out.extend(driver.offer(&update)),
+                                ClientMessage::Health(report) => driver.observe(report),
+                                _ => {}
                             }
                         }
                     });
                     let ended = frontier.is_empty();
-                    if ended || driver.due() {
-                        Some(!ended)
-                    } else {
-                        if let Some(deadline) = driver.deadline {
-                            activator.activate_after(deadline.saturating_duration_since(Instant::now()));
-                        }
-                        None
-                    }
-                } else {
-                    input.for_each(|cap, data| {
-                        let time = cap.least().copied().unwrap_or_default();
-                        pending.entry(time).or_default().append(data);
-                    });
-                    if frontier.less_equal(&round) {
-                        None
-                    } else {
-                        // Every answer of `round` is in: sorted by client, so the result does
-                        // not depend on the number of workers.
-                        let answers = pending.remove(&round).unwrap_or_default();
-                        match &secure {
-                            Some(secure) => driver.offer_secure(answers, secure),
-                            None => {
-                                let mut updates: Vec<ModelUpdate> = answers
-                                    .into_iter()
-                                    .filter_map(|m| match m {
-                                        ClientMessage::Update(update) => Some(update),
-                                        _ => None,
-                                    })
-                                    .collect();
-                                updates.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-                                out.extend(updates.iter().filter_map(|u| driver.offer(u)));
+                    let next = match driver.coordinator.open_round() {
+                        Some(round) if ended || driver.due() => {
+                            out.extend(driver.close(round));
+                            if ended {
+                                tracing::warn!(operator = %driver.operator, round, "the updates' input ended: federated training stops");
+                                driver.finish();
+                                Some(Opened::Over)
+                            } else {
+                                Some(driver.open())
                             }
                         }
-                        Some(true)
-                    }
-                };
-                let next = close.and_then(|go_on| {
-                    out.extend(driver.close(round));
-                    if go_on {
-                        driver.open()
-                    } else {
-                        tracing::warn!(operator = %driver.operator, round, "the updates' input ended: federated training stops");
-                        driver.finish();
-                        None
-                    }
-                });
-                output.session(&*cap).give_iterator(out.into_iter());
-                match (close, next) {
-                    (None, _) => {}
-                    (Some(_), Some(plan)) => {
-                        output.session(&*cap).give(plan);
-                        if !is_external {
-                            // Round `round + 1` is the next logical time.
-                            cap.downgrade(&(round + 1));
+                        Some(_) => None,
+                        // No client was eligible: try again.
+                        None if ended => {
+                            driver.finish();
+                            Some(Opened::Over)
                         }
+                        // Health reports arrive over a moment: retry on a timer, not at the
+                        // first report, so the round sees them together.
+                        None if driver.retry_at.is_some_and(|at| Instant::now() < at) => None,
+                        None => Some(driver.open()),
+                    };
+                    output.session(&*cap).give_iterator(out.into_iter());
+                    match next {
+                        Some(Opened::Plan(plan)) => output.session(&*cap).give(plan),
+                        Some(Opened::Wait) => {}
+                        Some(Opened::Over) => held = None,
+                        None => {}
                     }
-                    (Some(_), None) => held = None,
+                    if let Some(at) = driver.deadline.or(driver.retry_at) {
+                        activator.activate_after(at.saturating_duration_since(Instant::now()));
+                    }
+                    return;
+                }
+                input.for_each(|cap, data| {
+                    let time = cap.least().copied().unwrap_or_default();
+                    pending.entry(time).or_default().append(data);
+                });
+                let round = *cap.time();
+                if frontier.less_equal(&round) {
+                    return;
+                }
+                // Every answer of `round` is in: sorted by client, so the result does not
+                // depend on the number of workers.
+                let answers = pending.remove(&round).unwrap_or_default();
+                match &secure {
+                    Some(secure) => driver.offer_secure(answers, secure),
+                    None => {
+                        let mut updates: Vec<ModelUpdate> = answers
+                            .into_iter()
+                            .filter_map(|m| match m {
+                                ClientMessage::Update(update) => Some(update),
+                                _ => None,
+                            })
+                            .collect();
+                        updates.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+                        out.extend(updates.iter().filter_map(|u| driver.offer(u)));
+                    }
+                }
+                out.extend(driver.close(round));
+                let next = driver.open();
+                output.session(&*cap).give_iterator(out.into_iter());
+                match next {
+                    Opened::Plan(plan) => {
+                        output.session(&*cap).give(plan);
+                        // Round `round + 1` is the next logical time.
+                        cap.downgrade(&(round + 1));
+                    }
+                    Opened::Wait | Opened::Over => held = None,
                 }
             }
         },
@@ -489,30 +527,70 @@ struct Driver {
     closed: u64,
     /// Why the open round failed, if it did (secure aggregation).
     failure: Option<String>,
+    /// Whether client health comes from node health (then no eligible client means wait).
+    live_health: bool,
+    /// When a round waiting for an eligible client tries again.
+    retry_at: Option<Instant>,
 }
 
+/// What opening a round gave.
+enum Opened {
+    /// The plan of the new round.
+    Plan(CoordinatorOut),
+    /// No client is eligible yet.
+    Wait,
+    /// Training is over.
+    Over,
+}
+
+/// How often a round waiting for an eligible client tries again.
+const RETRY_SELECTION: Duration = Duration::from_secs(1);
+
 impl Driver {
-    /// Opens the next round and returns its plan, or `None` when training is over (the last
-    /// round closed, or no round can start); then the model is exported.
-    fn open(&mut self) -> Option<CoordinatorOut> {
+    /// Opens the next round and returns its plan; or says to wait (no client is eligible now,
+    /// and live health may change that); or says training is over (the last round closed,
+    /// or no round can start), and then exports the model.
+    fn open(&mut self) -> Opened {
         if self.closed >= self.rounds {
             self.finish();
-            return None;
+            return Opened::Over;
         }
         match self.coordinator.plan(&self.infos) {
             Ok(plan) => {
+                self.retry_at = None;
                 let deadline = self.timeout.map(|timeout| {
                     self.deadline = Some(Instant::now() + timeout);
                     wall_clock_ms() + timeout.as_millis() as u64
                 });
                 let model = self.coordinator.model().to_vec();
-                Some(CoordinatorOut::Plan(PlanMessage { plan, model, deadline }))
+                Opened::Plan(CoordinatorOut::Plan(PlanMessage { plan, model, deadline }))
+            }
+            Err(PlanError::NoneEligible(reason)) if self.live_health => {
+                if self.retry_at.is_none() {
+                    tracing::info!(operator = %self.operator, round = self.closed + 1, %reason, "waiting for eligible clients");
+                }
+                self.retry_at = Some(Instant::now() + RETRY_SELECTION);
+                Opened::Wait
             }
             Err(reason) => {
                 tracing::warn!(operator = %self.operator, round = self.closed + 1, %reason, "federated training stops");
                 self.finish();
-                None
+                Opened::Over
             }
+        }
+    }
+
+    /// Takes in a health report of a client (an edge node of the same id).
+    fn observe(&mut self, report: ClientHealth) {
+        let (id, update): (&str, &dyn Fn(&mut ClientInfo)) = match &report {
+            ClientHealth::Status { node, status } => (node, &|info| info.status = *status),
+            ClientHealth::Load { node, cpu, memory } => (node, &|info| {
+                info.cpu = *cpu;
+                info.memory = *memory;
+            }),
+        };
+        if let Some(info) = self.infos.iter_mut().find(|info| info.id == id) {
+            update(info);
         }
     }
 
@@ -544,7 +622,7 @@ impl Driver {
                     clients.push(client);
                 }
                 ClientMessage::Reveal(reveal) => reveals.push(reveal),
-                ClientMessage::Update(_) => {}
+                ClientMessage::Update(_) | ClientMessage::Health(_) => {}
             }
         }
         if masked.is_empty() {

@@ -253,6 +253,17 @@ struct OpenRound {
     answered: std::collections::BTreeSet<String>,
 }
 
+/// Why no round could start.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    /// No known client meets the selection (for now: live health may change that).
+    #[error("{0}")]
+    NoneEligible(String),
+    /// The next round would exceed the privacy budget.
+    #[error("{0}")]
+    Budget(String),
+}
+
 /// The coordinator of one training run.
 pub struct Coordinator {
     config: CoordinatorConfig,
@@ -328,7 +339,7 @@ impl Coordinator {
 
     /// Opens the next round over `fleet`: selects its clients and returns the plan, or says
     /// why no round can start (no eligible client, or the privacy budget would be exceeded).
-    pub fn plan(&mut self, fleet: &[ClientInfo]) -> Result<RoundPlan, String> {
+    pub fn plan(&mut self, fleet: &[ClientInfo]) -> Result<RoundPlan, PlanError> {
         let round = self.round + 1;
         let k = self.config.clients_per_round;
         let mut chosen: Vec<String> = match &self.config.selection {
@@ -362,7 +373,10 @@ impl Coordinator {
         };
         chosen.sort();
         if chosen.is_empty() {
-            return Err(format!("round {round}: no client is eligible ({} known)", fleet.len()));
+            return Err(PlanError::NoneEligible(format!(
+                "round {round}: no client is eligible ({} known)",
+                fleet.len()
+            )));
         }
         if let (Some(accountant), Some(dp)) = (self.accountant.as_mut(), self.config.dp.as_ref()) {
             let q = (chosen.len() as f64 / fleet.len().max(1) as f64).min(1.0);
@@ -370,7 +384,7 @@ impl Coordinator {
                 Noise::Gaussian => accountant.spend(q, dp.noise_multiplier),
                 Noise::Laplace => accountant.spend_pure(1.0 / dp.noise_multiplier),
             };
-            spent.map_err(|reason| format!("privacy budget: {reason}"))?;
+            spent.map_err(|reason| PlanError::Budget(format!("privacy budget: {reason}")))?;
         }
         for id in &chosen {
             *self.participation.entry(id.clone()).or_default() += 1;
