@@ -207,24 +207,7 @@ pub(crate) fn federated<'scope>(
         }
     };
 
-    let mut driver = Driver {
-        coordinator: Coordinator::new(config.coordinator(), vec![0.0; model_shape.parameters()]),
-        csv: config.csv.as_deref().and_then(create_csv),
-        gauges: FederatedGauges::new(metrics, name),
-        test: data.test,
-        model_shape,
-        infos,
-        operator: name.to_owned(),
-        export: config.export.clone(),
-        rounds: config.rounds,
-        timeout: is_external.then(|| Duration::from_millis(config.round_timeout.as_millis())),
-        close_on_quorum: config.close_on_quorum,
-        deadline: None,
-        closed: 0,
-        failure: None,
-        live_health,
-        retry_at: None,
-    };
+    let mut driver = Driver::new(config, data.test, model_shape, infos, name, metrics, is_external, live_health);
     let secure = config.secure_aggregation.clone();
     let out = updates.unary_frontier(
         Exchange::new(|_: &ClientMessage| 0),
@@ -547,6 +530,39 @@ enum Opened {
 const RETRY_SELECTION: Duration = Duration::from_secs(1);
 
 impl Driver {
+    /// The coordinator's side of operator `name`, training `model_shape` over the clients
+    /// `infos`, measured on `test`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        config: &FederatedConfig,
+        test: Dataset,
+        model_shape: Softmax,
+        infos: Vec<ClientInfo>,
+        name: &str,
+        metrics: &Metrics,
+        external: bool,
+        live_health: bool,
+    ) -> Self {
+        Self {
+            coordinator: Coordinator::new(config.coordinator(), vec![0.0; model_shape.parameters()]),
+            csv: config.csv.as_deref().and_then(create_csv),
+            gauges: FederatedGauges::new(metrics, name),
+            test,
+            model_shape,
+            infos,
+            operator: name.to_owned(),
+            export: config.export.clone(),
+            rounds: config.rounds,
+            timeout: external.then(|| Duration::from_millis(config.round_timeout.as_millis())),
+            close_on_quorum: config.close_on_quorum,
+            deadline: None,
+            closed: 0,
+            failure: None,
+            live_health,
+            retry_at: None,
+        }
+    }
+
     /// Opens the next round and returns its plan; or says to wait (no client is eligible now,
     /// and live health may change that); or says training is over (the last round closed,
     /// or no round can start), and then exports the model.
@@ -783,6 +799,38 @@ impl FederatedGauges {
         self.accuracy.set(accuracy);
         if let Some(epsilon) = summary.epsilon {
             self.epsilon.set(epsilon);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_external_round_closes_on_quorum_only_when_asked() {
+        let dataset = concat!(env!("CARGO_MANIFEST_DIR"), "/../pipelines/data/digits.csv");
+        for close_on_quorum in [false, true] {
+            let config: FederatedConfig = serde_json::from_value(serde_json::json!({
+                "dataset": dataset, "clients_per_round": 5, "quorum": 0.6,
+                "close_on_quorum": close_on_quorum, "round_timeout": "1h",
+            }))
+            .unwrap();
+            let data = load(&config).unwrap();
+            let infos = data.fleet.infos();
+            let metrics = Metrics::new();
+            let shape = data.fleet.model;
+            let mut driver = Driver::new(&config, data.test, shape, infos, "train", &metrics, true, false);
+            let Opened::Plan(CoordinatorOut::Plan(message)) = driver.open() else { panic!("no plan") };
+            let mut send = |client: &String| {
+                let update = data.fleet.train(&message.plan, &message.model, client).unwrap();
+                assert!(driver.offer(&update).is_none(), "accepted");
+                driver.due()
+            };
+            let due: Vec<bool> = message.plan.clients.iter().map(&mut send).collect();
+            // 3 of 5 is the quorum (0.6); all 5 close the round either way; the deadline is
+            // an hour away.
+            assert_eq!(due, vec![false, false, close_on_quorum, close_on_quorum, true]);
         }
     }
 }
