@@ -91,6 +91,13 @@ pub trait Sink: Send {
     fn write(&mut self, record: &[u8]) -> Result<(), ConnectorError>;
     /// Makes everything written so far durable or visible.
     fn flush(&mut self) -> Result<(), ConnectorError>;
+
+    /// Writes one raw message (`format: raw`): its `key` and `value` as they were where the
+    /// sink can carry bytes (Kafka), else `json`, its JSON line.
+    fn write_raw(&mut self, key: Option<&[u8]>, value: &[u8], json: &[u8]) -> Result<(), ConnectorError> {
+        let _ = (key, value);
+        self.write(json)
+    }
 }
 
 /// The transaction that the sinks of an exactly-once pipeline write into.

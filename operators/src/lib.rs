@@ -16,8 +16,8 @@ pub mod window_aggregate;
 
 pub use duration::DurationMs;
 pub use records::{
-    DeadLetter, HealthStatus, Heartbeat, InferenceRequest, InferenceResult, Location, NodeState, Priority, Record,
-    RecordKind, RegionRollup, ResultStatus, StatusChange, Tensor, WindowResult,
+    DeadLetter, HealthStatus, Heartbeat, InferenceRequest, InferenceResult, Location, NodeState, Priority, RawMessage,
+    Record, RecordKind, RegionRollup, ResultStatus, StatusChange, Tensor, WindowResult,
 };
 
 /// Event time: milliseconds since the Unix epoch. This is the timely timestamp everywhere.

@@ -603,6 +603,49 @@ impl RecordKind {
     }
 }
 
+/// A message of a `kafka` source read with `format: raw`: its bytes as they were, with where
+/// it came from. Only sinks take it: a `kafka` sink writes the value with the original key; a
+/// file or stdout sink writes a JSON line:
+///
+/// ```json
+/// {"topic":"edge-logs","partition":0,"offset":42,"timestamp":1700000000000,
+///  "key":"bm9kZS0x","value":"AAEC/w=="}
+/// ```
+///
+/// `key` (null when the message has none) and `value` in base64 (standard alphabet, padded);
+/// `timestamp` is the message's Kafka timestamp, its event time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RawMessage {
+    /// Its topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its Kafka timestamp, ms since the epoch (the event time).
+    pub timestamp: EventTime,
+    /// Its key, if any.
+    pub key: Option<Vec<u8>>,
+    /// Its value.
+    pub value: Vec<u8>,
+}
+
+impl RawMessage {
+    /// The JSON line written by file and stdout sinks.
+    pub fn to_json(&self) -> serde_json::Value {
+        use base64::Engine;
+        let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        serde_json::json!({
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp": self.timestamp,
+            "key": self.key.as_deref().map(base64),
+            "value": base64(&self.value),
+        })
+    }
+}
+
 /// A record as a source yields it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Record {
@@ -612,6 +655,8 @@ pub enum Record {
     Request(Box<InferenceRequest>),
     /// A federated client's update (boxed: the payload makes it large).
     Update(Box<ModelUpdate>),
+    /// A message's bytes as they were (`format: raw`).
+    Raw(Box<RawMessage>),
 }
 
 impl Record {
@@ -621,6 +666,7 @@ impl Record {
             Record::Heartbeat(heartbeat) => heartbeat.timestamp,
             Record::Request(request) => request.timestamp,
             Record::Update(update) => update.timestamp,
+            Record::Raw(message) => message.timestamp,
         }
     }
 
@@ -630,6 +676,7 @@ impl Record {
             Record::Heartbeat(heartbeat) => serde_json::to_vec(heartbeat),
             Record::Request(request) => serde_json::to_vec(request),
             Record::Update(update) => serde_json::to_vec(update),
+            Record::Raw(message) => Ok(message.value.clone()),
         }
         .unwrap_or_default()
     }
@@ -640,6 +687,9 @@ impl Record {
             Record::Heartbeat(heartbeat) => format!("node {} time {}", heartbeat.node_id, heartbeat.timestamp),
             Record::Request(request) => format!("request {} time {}", request.id, request.timestamp),
             Record::Update(update) => format!("round {} client {}", update.round, update.client_id),
+            Record::Raw(message) => {
+                format!("topic {} partition {} offset {}", message.topic, message.partition, message.offset)
+            }
         }
     }
 }

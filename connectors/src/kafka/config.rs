@@ -19,9 +19,12 @@ pub enum AutoOffsetReset {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KafkaFormat {
-    /// One JSON record per message (default).
+    /// One JSON record per message (default), of the kind `records` names.
     #[default]
     Json,
+    /// The message's bytes as they are, with its key, topic, partition, offset and timestamp
+    /// (a `RawMessage`): for sinks only, e.g. mirroring a topic between clusters.
+    Raw,
 }
 
 /// TLS and SASL settings, mapped to librdkafka's `security.protocol`, `ssl.*` and `sasl.*`.

@@ -203,9 +203,9 @@ impl KafkaSink {
         })
     }
 
-    fn send(&self, key: Option<&str>, payload: &[u8], headers: Option<OwnedHeaders>) -> Result<(), ConnectorError> {
+    fn send(&self, key: Option<&[u8]>, payload: &[u8], headers: Option<OwnedHeaders>) -> Result<(), ConnectorError> {
         loop {
-            let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(&self.topic).payload(payload);
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic).payload(payload);
             if let Some(key) = key {
                 record = record.key(key);
             }
@@ -254,7 +254,12 @@ impl Sink for KafkaSink {
             SinkKey::Node => keys.node,
             SinkKey::None => None,
         };
-        self.send(key.as_deref(), record, None)
+        self.send(key.as_deref().map(str::as_bytes), record, None)
+    }
+
+    fn write_raw(&mut self, key: Option<&[u8]>, value: &[u8], _json: &[u8]) -> Result<(), ConnectorError> {
+        // The message as it was: its own key, its own bytes.
+        self.send(key, value, None)
     }
 
     fn flush(&mut self) -> Result<(), ConnectorError> {

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use edgeflow_operators::{DeadLetter, EventTime, RecordKind};
+use edgeflow_operators::{DeadLetter, EventTime, RawMessage, Record, RecordKind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use prometheus_client::metrics::counter::Counter;
 use rdkafka::statistics::Statistics;
 
-use super::config::{AutoOffsetReset, KafkaSourceConfig};
+use super::config::{AutoOffsetReset, KafkaFormat, KafkaSourceConfig};
 use super::metrics::KafkaMetrics;
 use crate::{Checkpoint, ConnectorError, Source, SourceItem, SourceStatus};
 
@@ -141,6 +141,7 @@ impl ConsumerContext for SourceContext {
 pub struct KafkaSource {
     name: String,
     records: RecordKind,
+    format: KafkaFormat,
     brokers: String,
     consumer: Arc<BaseConsumer<SourceContext>>,
     committer: Committer,
@@ -265,6 +266,7 @@ impl KafkaSource {
         Ok(Self {
             name: name.to_owned(),
             records: config.records,
+            format: config.format,
             brokers: config.brokers.clone(),
             consumer,
             committer,
@@ -391,7 +393,21 @@ impl KafkaSource {
         };
         messages.inc();
         bytes.inc_by(payload.len() as u64);
-        let decoded = self.records.decode(payload);
+        let decoded = match self.format {
+            KafkaFormat::Json => self.records.decode(payload),
+            KafkaFormat::Raw => Ok(Record::Raw(Box::new(RawMessage {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                timestamp: message
+                    .timestamp()
+                    .to_millis()
+                    .and_then(|ms| u64::try_from(ms).ok())
+                    .unwrap_or_else(crate::wall_clock_ms),
+                key: message.key().map(<[u8]>::to_vec),
+                value: payload.to_vec(),
+            }))),
+        };
         // From a partition's own queue the key is known; no allocation per message.
         let owned;
         let key = match partition {

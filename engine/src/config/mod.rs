@@ -113,6 +113,8 @@ pub enum PortKind {
     ModelUpdates,
     /// Federated round plans.
     RoundPlans,
+    /// Messages as raw bytes (`format: raw`).
+    RawMessages,
 }
 
 impl fmt::Display for PortKind {
@@ -130,6 +132,7 @@ impl fmt::Display for PortKind {
             PortKind::GlobalModels => "global models",
             PortKind::ModelUpdates => "model updates",
             PortKind::RoundPlans => "round plans",
+            PortKind::RawMessages => "raw messages",
         })
     }
 }
@@ -186,8 +189,16 @@ impl SourceConfig {
         }
     }
 
+    /// Whether the source passes messages through as raw bytes (`format: raw`).
+    pub fn is_raw(&self) -> bool {
+        matches!(self, SourceConfig::Kafka(c) if c.format == edgeflow_connectors::kafka::KafkaFormat::Raw)
+    }
+
     /// The port kind of the source's main output.
     pub fn port_kind(&self) -> PortKind {
+        if self.is_raw() {
+            return PortKind::RawMessages;
+        }
         match self.records() {
             RecordKind::Heartbeats => PortKind::Heartbeats,
             RecordKind::InferenceRequests => PortKind::InferenceRequests,

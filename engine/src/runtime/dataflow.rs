@@ -12,8 +12,8 @@ use edgeflow_operators::load_balance::{load_balance, FleetUpdate, Incoming, Load
 use edgeflow_operators::node_health::{NodeHealth, NodeHealthParams};
 use edgeflow_operators::window_aggregate::heartbeat_windows;
 use edgeflow_operators::{
-    DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RecordKind, RegionRollup,
-    StatusChange, WindowResult,
+    DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RawMessage, RecordKind,
+    RegionRollup, StatusChange, WindowResult,
 };
 use timely::dataflow::operators::core::Inspect;
 use timely::dataflow::operators::feedback::Handle as FeedbackHandle;
@@ -55,6 +55,8 @@ pub(crate) enum Port<'scope> {
     Updates(StreamVec<'scope, EventTime, ModelUpdate>),
     /// Federated round plans (time: the round before).
     Plans(StreamVec<'scope, EventTime, PlanRecord>),
+    /// Messages as raw bytes.
+    Raw(StreamVec<'scope, EventTime, RawMessage>),
 }
 
 /// What a pipeline's operators loaded before the dataflow was built (per worker).
@@ -74,6 +76,8 @@ pub struct SourceInputs {
     pub requests: InputSession<EventTime, InferenceRequest, isize>,
     /// Federated client updates, at their event time.
     pub updates: InputSession<EventTime, ModelUpdate, isize>,
+    /// Raw messages, at their event time.
+    pub raw: InputSession<EventTime, RawMessage, isize>,
     /// Dead letters, at the watermark when they were found.
     pub dead_letters: InputSession<EventTime, DeadLetter, isize>,
     /// Source positions, at the time of the last record they cover; they travel to the
@@ -88,6 +92,7 @@ impl SourceInputs {
             edgeflow_operators::Record::Heartbeat(heartbeat) => self.heartbeats.update_at(heartbeat, time, 1),
             edgeflow_operators::Record::Request(request) => self.requests.update_at(*request, time, 1),
             edgeflow_operators::Record::Update(update) => self.updates.update_at(*update, time, 1),
+            edgeflow_operators::Record::Raw(message) => self.raw.update_at(*message, time, 1),
         }
     }
 }
@@ -137,6 +142,7 @@ pub fn build<'scope>(
         let mut heartbeats = InputSession::new();
         let mut requests: InputSession<EventTime, InferenceRequest, isize> = InputSession::new();
         let mut updates: InputSession<EventTime, ModelUpdate, isize> = InputSession::new();
+        let mut raw: InputSession<EventTime, RawMessage, isize> = InputSession::new();
         let mut dead_letters = InputSession::new();
         let mut checkpoints = InputSession::new();
         checkpoint_streams.push(
@@ -151,7 +157,9 @@ pub fn build<'scope>(
             differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
         let request_stream = at_record_time(requests.to_collection(scope).inner.probe_with(&input_probe));
         let update_stream = at_record_time(updates.to_collection(scope).inner.probe_with(&input_probe));
+        let raw_stream = at_record_time(raw.to_collection(scope).inner.probe_with(&input_probe));
         let port = match source.config.records() {
+            _ if source.config.is_raw() => Port::Raw(raw_stream),
             RecordKind::Heartbeats => Port::Heartbeats(collection),
             RecordKind::InferenceRequests => Port::Requests(request_stream),
             RecordKind::ModelUpdates => Port::Updates(update_stream),
@@ -160,7 +168,7 @@ pub fn build<'scope>(
         let letters =
             dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
         ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
-        inputs.push(SourceInputs { heartbeats, requests, updates, dead_letters, checkpoints });
+        inputs.push(SourceInputs { heartbeats, requests, updates, raw, dead_letters, checkpoints });
     }
 
     // Load balancers by name: the status changes they place on, the feedback edge their
@@ -322,8 +330,15 @@ pub fn build<'scope>(
             spec.inputs.clone()
         };
         for reference in references {
-            if let Some(port) = ports.get(&reference.to_string()) {
-                streams.push(encode(port.clone()).map(move |(key, line)| (key, SinkItem::Line(index, line))));
+            match ports.get(&reference.to_string()) {
+                // Raw messages keep their bytes up to the sink.
+                Some(Port::Raw(stream)) => {
+                    streams.push(stream.clone().map(move |message| (message.timestamp, SinkItem::Raw(index, message))));
+                }
+                Some(port) => {
+                    streams.push(encode(port.clone()).map(move |(key, line)| (key, SinkItem::Line(index, line))));
+                }
+                None => {}
             }
         }
     }
@@ -495,5 +510,6 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::Updates(stream) => stream.map(|update| (update.timestamp, json(&update))),
         // A plan is published at the time of the round before it (the round it follows).
         Port::Plans(stream) => stream.map(|plan| (plan.round.saturating_sub(1), json(&plan))),
+        Port::Raw(stream) => stream.map(|message| (message.timestamp, message.to_json().to_string())),
     }
 }

@@ -326,11 +326,13 @@ impl SourceDriver {
                 inputs.heartbeats.advance_to(target);
                 inputs.requests.advance_to(target);
                 inputs.updates.advance_to(target);
+                inputs.raw.advance_to(target);
                 inputs.dead_letters.advance_to(target);
                 inputs.checkpoints.advance_to(target);
                 inputs.heartbeats.flush();
                 inputs.requests.flush();
                 inputs.updates.flush();
+                inputs.raw.flush();
                 inputs.dead_letters.flush();
                 inputs.checkpoints.flush();
             }
@@ -367,6 +369,7 @@ impl SourceDriver {
             inputs.heartbeats.flush();
             inputs.requests.flush();
             inputs.updates.flush();
+            inputs.raw.flush();
             inputs.dead_letters.flush();
             inputs.checkpoints.flush();
         }

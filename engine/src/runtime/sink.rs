@@ -40,6 +40,8 @@ pub enum SinkItem {
     Line(usize, String),
     /// A source's positions, covering every record up to its time (exactly-once only).
     Offsets(Checkpoint),
+    /// A raw message for the operator's sink number `.0`.
+    Raw(usize, edgeflow_operators::RawMessage),
 }
 
 /// The writers of one sink operator: present on worker 0 only.
@@ -114,17 +116,24 @@ pub fn sink_operator<'scope>(
                     continue;
                 }
                 for (_, item) in items {
-                    let (index, line) = match item {
-                        SinkItem::Line(index, line) => (index, line),
+                    let (index, result) = match item {
                         SinkItem::Offsets(checkpoint) => {
                             offsets.push(checkpoint);
                             continue;
                         }
+                        SinkItem::Line(index, line) => {
+                            let Some((_, Some(sink))) = group.sinks.get_mut(index) else { continue };
+                            (index, sink.write(line.as_bytes()))
+                        }
+                        SinkItem::Raw(index, message) => {
+                            let Some((_, Some(sink))) = group.sinks.get_mut(index) else { continue };
+                            let json = message.to_json().to_string();
+                            (index, sink.write_raw(message.key.as_deref(), &message.value, json.as_bytes()))
+                        }
                     };
-                    let Some((name, Some(sink))) = group.sinks.get_mut(index) else { continue };
-                    if let Err(err) = sink.write(line.as_bytes()) {
+                    if let Err(err) = result {
                         failed = true;
-                        fail(name, err.to_string(), &errors[index], &group.failure);
+                        fail(&names[index], err.to_string(), &errors[index], &group.failure);
                         break;
                     }
                     written[index].inc();
