@@ -84,7 +84,8 @@ pub struct KafkaSourceConfig {
     /// Consumer group; all workers of all processes join it, so the group spreads the
     /// partitions over them.
     pub group: String,
-    /// Value format (default `json`).
+    /// Value format: `json` (default, records of the kind `records` names) or `raw` (each
+    /// message's bytes, key and position as they are, for sinks only).
     #[serde(default)]
     pub format: KafkaFormat,
     /// What the messages are: `heartbeats` (default), `inference_requests` or `model_updates`.
