@@ -463,7 +463,10 @@ fn fleet_and_requests(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rerouted() {
-    for (strategy, workers) in [("round_robin", 1), ("consistent_hash", 2)] {
+    // The last run is a cluster of 2 processes of 1 worker: requests cross processes to the
+    // worker that owns their node.
+    for (strategy, workers, processes) in [("round_robin", 1, 1), ("consistent_hash", 2, 1), ("consistent_hash", 1, 2)]
+    {
         let dir = tempfile::tempdir().unwrap();
         let (beats, requests) = fleet_and_requests(dir.path());
         let results_path = dir.path().join("results.jsonl");
@@ -481,16 +484,19 @@ fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rero
         );
         let pipeline = dir.path().join("pipeline.yaml");
         std::fs::write(&pipeline, text).unwrap();
-        let mut child = Running(
-            edgeflow()
-                .arg("run")
-                .arg(&pipeline)
-                .args(["--no-metrics", "--workers", &workers.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let hostfile = dir.path().join("hosts");
+        let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", port(), port())).unwrap();
+        let mut children: Vec<Running> = (0..processes)
+            .map(|process| {
+                let mut command = edgeflow();
+                command.arg("run").arg(&pipeline).args(["--no-metrics", "--workers", &workers.to_string()]);
+                if processes > 1 {
+                    command.args(["--processes", "2", "--process", &process.to_string(), "--hostfile"]).arg(&hostfile);
+                }
+                Running(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+            })
+            .collect();
         let count = || std::fs::read_to_string(&results_path).map(|t| t.lines().count()).unwrap_or(0);
         wait_for("400 results", Duration::from_secs(60), || count() >= 400);
         let changes_path = dir.path().join("changes.jsonl");
@@ -499,10 +505,12 @@ fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rero
                 t.contains("\"node_id\":\"n2\",\"region\":\"us\",\"from\":\"unhealthy\",\"to\":\"offline\"")
             })
         });
-        child.kill().unwrap();
-        child.wait().unwrap();
+        for child in &mut children {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
         let results = read_results(&results_path);
-        assert_eq!(results.len(), 400, "{strategy}: one result per request");
+        assert_eq!(results.len(), 400, "{strategy} on {processes} process(es): one result per request");
         let changes = std::fs::read_to_string(dir.path().join("changes.jsonl")).unwrap();
         let offline: Value = changes
             .lines()
