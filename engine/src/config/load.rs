@@ -219,6 +219,9 @@ impl Checker {
             if let OperatorConfig::LoadBalance(config) = &operator.config {
                 self.check_load_balance(written, config, &ports, &operators, &typed_operators, &sinks);
             }
+            if matches!(operator.config, OperatorConfig::Federated(_)) && !written.inputs.is_empty() {
+                self.check_federated_inputs(written, &ports);
+            }
         }
         for (written, typed) in sinks.iter().zip(&typed_sinks) {
             let Some(sink) = typed else { continue };
@@ -625,6 +628,32 @@ impl Checker {
     /// need resources or locations, heartbeats; its unplaced requests must reach someone (an
     /// inference operator reading it, or a reader of `NAME.unplaced`); and at most one
     /// inference operator reads it (that operator sends re-routed requests back).
+    /// A federated operator with inputs has external clients: their updates must be among
+    /// the inputs (health inputs alone would leave every round waiting for nothing).
+    fn check_federated_inputs(
+        &mut self,
+        written: &Written<'_>,
+        ports: &BTreeMap<String, Vec<(&'static str, PortKind)>>,
+    ) {
+        let updates = written.inputs.iter().any(|(reference, _, _)| {
+            ports.get(&reference.component).is_some_and(|outputs| {
+                let port = reference.port.as_deref().unwrap_or("");
+                outputs.iter().any(|(name, kind)| *name == port && *kind == PortKind::ModelUpdates)
+            })
+        });
+        if !updates {
+            let mark = written.body.locate("input").mark.max(written.body.locate("inputs").mark);
+            self.problem(
+                &format!("operators.{}", written.name),
+                mark,
+                format!(
+                    "federated `{}` has inputs but no model updates among them: name the source of its clients' updates (a `file` or `kafka` source with `records: model_updates`)",
+                    written.name
+                ),
+            );
+        }
+    }
+
     fn check_load_balance(
         &mut self,
         written: &Written<'_>,
