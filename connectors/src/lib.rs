@@ -92,11 +92,10 @@ pub trait Sink: Send {
     /// Makes everything written so far durable or visible.
     fn flush(&mut self) -> Result<(), ConnectorError>;
 
-    /// Writes one raw message (`format: raw`): its `key` and `value` as they were where the
-    /// sink can carry bytes (Kafka), else `json`, its JSON line.
-    fn write_raw(&mut self, key: Option<&[u8]>, value: &[u8], json: &[u8]) -> Result<(), ConnectorError> {
-        let _ = (key, value);
-        self.write(json)
+    /// Writes one raw message (`format: raw`): its key and value as they were where the sink
+    /// can carry bytes (Kafka), else its JSON line.
+    fn write_raw(&mut self, message: &edgeflow_operators::RawMessage) -> Result<(), ConnectorError> {
+        self.write(message.to_json().to_string().as_bytes())
     }
 }
 

@@ -52,7 +52,7 @@ fn federated_rounds_train_the_digits_the_same_on_any_worker_count() {
     let accuracy = |line: &str| line.split(',').nth(8).unwrap().parse::<f64>().unwrap();
     let (first, last) = (accuracy(lines[1]), accuracy(lines[30]));
     assert!(first < last && last > 0.85, "held-out accuracy {first} -> {last}");
-    let reports: Vec<serde_json::Value> = rounds.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reports: Vec<serde_json::Value> = common::json_values(&rounds);
     assert_eq!(reports.len(), 30);
     assert!(reports.iter().all(|r| r["accepted"] == 10 && r["quorum_met"] == true));
     let model: serde_json::Value = serde_json::from_str(models.lines().last().unwrap()).unwrap();
@@ -68,7 +68,7 @@ fn dropouts_and_central_dp_are_reported_per_round() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "    dropout: 0.3\n    dp: {mode: central, clip_norm: 1.0, noise_multiplier: 1.0, epsilon_budget: 50, delta: 0.00001}\n";
     let (csv, rounds, _) = run(dir.path(), 2, extra);
-    let reports: Vec<serde_json::Value> = rounds.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reports: Vec<serde_json::Value> = common::json_values(&rounds);
     assert_eq!(reports.len(), 30);
     assert!(reports.iter().any(|r| r["accepted"].as_u64().unwrap() < 10), "some clients drop out");
     let below: Vec<&serde_json::Value> = reports.iter().filter(|r| r["quorum_met"] == false).collect();
@@ -132,8 +132,7 @@ fn the_trained_model_is_exported_to_onnx_and_served_by_inference() {
     let output =
         Command::new(env!("CARGO_BIN_EXE_edgeflow")).arg("run").arg(&pipeline).arg("--no-metrics").output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let results: Vec<serde_json::Value> =
-        std::fs::read_to_string(&served).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let results: Vec<serde_json::Value> = common::json_values(&std::fs::read_to_string(&served).unwrap());
     assert_eq!(results.len(), 300);
     let mut correct = 0;
     for result in &results {
@@ -157,13 +156,10 @@ struct FileTransport {
 
 impl common::external_clients::Transport for FileTransport {
     fn plans(&mut self) -> Vec<PlanRecord> {
-        let text = std::fs::read_to_string(&self.plans).unwrap_or_default();
-        // Only whole lines: the sink may be half-way through one.
-        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
-        let plans: Vec<PlanRecord> =
-            complete.lines().skip(self.read).map(|l| serde_json::from_str(l).unwrap()).collect();
-        self.read += plans.len();
-        plans
+        let plans: Vec<PlanRecord> = common::written_json_values(&self.plans);
+        let new = plans[self.read..].to_vec();
+        self.read = plans.len();
+        new
     }
 
     fn send(&mut self, lines: &[String]) {
@@ -211,9 +207,8 @@ fn secure_aggregation_gives_the_plain_result_with_and_without_dropouts() {
         let (_, plain_rounds, plain_models) = run(dir.path(), 2, dropout);
         let secure = format!("{dropout}    secure_aggregation: {{threshold: 0.6}}\n");
         let (_, secure_rounds, secure_models) = run(dir.path(), 2, &secure);
-        let reports =
-            |text: &str| -> Vec<serde_json::Value> { text.lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
-        let (plain, masked) = (reports(&plain_rounds), reports(&secure_rounds));
+        let (plain, masked): (Vec<serde_json::Value>, Vec<serde_json::Value>) =
+            (common::json_values(&plain_rounds), common::json_values(&secure_rounds));
         assert_eq!(plain.len(), 30);
         for (p, s) in plain.iter().zip(&masked) {
             if s["failure"].is_null() {
@@ -241,7 +236,7 @@ fn secure_aggregation_fails_a_round_with_too_many_dropouts() {
     let dir = tempfile::tempdir().unwrap();
     let extra = "    dropout: 0.3\n    secure_aggregation: {threshold: 0.9}\n";
     let (_, rounds, models) = run(dir.path(), 1, extra);
-    let reports: Vec<serde_json::Value> = rounds.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reports: Vec<serde_json::Value> = common::json_values(&rounds);
     let failed: Vec<&serde_json::Value> = reports.iter().filter(|r| !r["failure"].is_null()).collect();
     assert!(!failed.is_empty(), "with 30% dropouts some round keeps fewer than 9 of 10 clients");
     let models = models_of(&models);
@@ -285,11 +280,7 @@ fn resource_aware_selection_follows_live_node_health() {
             .spawn()
             .unwrap(),
     );
-    let lines = |name: &str| -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(path(name)).unwrap_or_default();
-        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
-        complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    };
+    let lines = |name: &str| -> Vec<serde_json::Value> { common::written_json_values(&path(name)) };
     let wait_for = |name: &str, count: usize| {
         let start = std::time::Instant::now();
         while lines(name).len() < count {

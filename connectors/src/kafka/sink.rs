@@ -257,9 +257,9 @@ impl Sink for KafkaSink {
         self.send(key.as_deref().map(str::as_bytes), record, None)
     }
 
-    fn write_raw(&mut self, key: Option<&[u8]>, value: &[u8], _json: &[u8]) -> Result<(), ConnectorError> {
+    fn write_raw(&mut self, message: &edgeflow_operators::RawMessage) -> Result<(), ConnectorError> {
         // The message as it was: its own key, its own bytes.
-        self.send(key, value, None)
+        self.send(message.key.as_deref(), &message.value, None)
     }
 
     fn flush(&mut self) -> Result<(), ConnectorError> {

@@ -509,7 +509,7 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::Models(stream) => stream.map(|model| (model.round(), json(&model))),
         Port::Updates(stream) => stream.map(|update| (update.timestamp, json(&update))),
         // A plan is published at the time of the round before it (the round it follows).
-        Port::Plans(stream) => stream.map(|plan| (plan.round.saturating_sub(1), json(&plan))),
+        Port::Plans(stream) => stream.map(|record| (record.plan.round.saturating_sub(1), json(&record))),
         Port::Raw(stream) => stream.map(|message| (message.timestamp, message.to_json().to_string())),
     }
 }

@@ -220,12 +220,13 @@ pub(crate) fn federated<'scope>(
             let mut started = false;
             move |(input, frontier), output| {
                 let Some(cap) = held.as_mut() else {
-                    // Training is over: whatever still arrives is a straggler.
+                    // Training is over: whatever still arrives is a straggler (no round is open,
+                    // so the coordinator refuses it).
                     input.for_each(|cap, data| {
                         let mut session = output.session(&cap);
                         for message in data.drain(..) {
                             if let ClientMessage::Update(update) = message {
-                                session.give(driver.offer(&update).unwrap_or_else(|| driver.closed(&update)));
+                                session.give_iterator(driver.offer(&update).into_iter());
                             }
                         }
                     });
@@ -662,15 +663,6 @@ impl Driver {
                 self.failure = Some(reason);
             }
         }
-    }
-
-    /// The dead letter of an update that arrived after training ended.
-    fn closed(&mut self, update: &ModelUpdate) -> CoordinatorOut {
-        let reason = format!(
-            "update from `{}` for round {}: training is over (last round {})",
-            update.client_id, update.round, self.closed
-        );
-        self.reject(update, reason)
     }
 
     fn reject(&mut self, update: &ModelUpdate, reason: String) -> CoordinatorOut {

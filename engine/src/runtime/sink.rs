@@ -127,8 +127,7 @@ pub fn sink_operator<'scope>(
                         }
                         SinkItem::Raw(index, message) => {
                             let Some((_, Some(sink))) = group.sinks.get_mut(index) else { continue };
-                            let json = message.to_json().to_string();
-                            (index, sink.write_raw(message.key.as_deref(), &message.value, json.as_bytes()))
+                            (index, sink.write_raw(&message))
                         }
                     };
                     if let Err(err) = result {

@@ -53,6 +53,18 @@ pub fn promtool_accepts(metrics: &str) {
     );
 }
 
+/// The JSON values of a JSON-lines text, one per line.
+pub fn json_values<T: serde::de::DeserializeOwned>(text: &str) -> Vec<T> {
+    text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+/// The whole lines written so far to a JSON-lines file (a sink may be half-way through the
+/// last one), as JSON values; none if the file is not there yet.
+pub fn written_json_values<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Vec<T> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    json_values(text.rfind('\n').map_or("", |end| &text[..=end]))
+}
+
 /// Edge clients outside the engine, for the federated tests: a simulated fleet that reads
 /// round plans and sends its updates through some transport, following a script that makes
 /// every round rule visible.
@@ -151,7 +163,7 @@ pub mod external_clients {
                 continue;
             }
             for record in plans {
-                let plan = record.plan();
+                let plan = record.plan.clone();
                 let global = record.model.decode().unwrap();
                 let train = |client: &str| {
                     let mut update = fleet.train(&plan, &global, client).unwrap();
@@ -209,7 +221,7 @@ pub fn check_external_rounds(
     timeout_ms: u64,
 ) {
     use edgeflow_operators::federated::update::Payload;
-    let reports: Vec<serde_json::Value> = rounds.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let reports: Vec<serde_json::Value> = json_values(rounds);
     assert_eq!(reports.len(), 6, "{rounds}");
     let field = |round: usize, name: &str| reports[round - 1][name].clone();
     let counts: Vec<(u64, u64, bool)> = reports
@@ -232,7 +244,7 @@ pub fn check_external_rounds(
     let deadline = |round: usize| script.plans[round - 1].deadline.unwrap();
     assert!(deadline(2) - deadline(1) < timeout_ms, "round 1 closed early: {} ms", deadline(2) - deadline(1));
     assert!(deadline(3) - deadline(2) + 5 >= timeout_ms, "round 2 waited: {} ms", deadline(3) - deadline(2));
-    assert_eq!(script.plans.iter().map(|p| p.round).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(script.plans.iter().map(|p| p.plan.round).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
 
     // The first global model is the example-weighted mean of the round's updates (FedAvg
     // from a zero model).
@@ -249,7 +261,7 @@ pub fn check_external_rounds(
     let worst = model.iter().zip(&expected).map(|(m, e)| (f64::from(*m) - e).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-5, "round 1 model differs from FedAvg by {worst}");
 
-    let letters: Vec<serde_json::Value> = dead.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let letters: Vec<serde_json::Value> = json_values(dead);
     let reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap()).collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     for (expected, round) in

@@ -165,22 +165,10 @@ pub struct RoundPlan {
 /// `round` with `base_version` = `model_version` before `deadline` (ms since the epoch; null
 /// for simulated clients, which answer within the round's logical time).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PlanRecord {
-    /// Round number, from 1.
-    pub round: u64,
-    /// Selected client ids.
-    pub clients: Vec<String>,
-    /// The global model version to train from.
-    pub model_version: u64,
-    /// Local training settings.
-    pub local: LocalTraining,
-    /// Clip updates to this L2 norm, if set.
-    pub clip_norm: Option<f64>,
-    /// Local DP: Gaussian noise std to add to the clipped update, if set.
-    pub local_noise_std: Option<f64>,
-    /// Local DP: Laplace noise scale to add instead, if set.
-    pub local_laplace_scale: Option<f64>,
+    /// The plan (its fields at the top level of the record).
+    #[serde(flatten)]
+    pub plan: RoundPlan,
     /// When the round closes, ms since the epoch (external clients).
     pub deadline: Option<u64>,
     /// The global model.
@@ -190,30 +178,7 @@ pub struct PlanRecord {
 impl PlanRecord {
     /// The record of `plan`, training from `model`.
     pub fn new(plan: &RoundPlan, deadline: Option<u64>, model: &[f32]) -> Self {
-        Self {
-            round: plan.round,
-            clients: plan.clients.clone(),
-            model_version: plan.model_version,
-            local: plan.local,
-            clip_norm: plan.clip_norm,
-            local_noise_std: plan.local_noise_std,
-            local_laplace_scale: plan.local_laplace_scale,
-            deadline,
-            model: super::update::Payload::encode(model),
-        }
-    }
-
-    /// The plan it carries.
-    pub fn plan(&self) -> RoundPlan {
-        RoundPlan {
-            round: self.round,
-            clients: self.clients.clone(),
-            model_version: self.model_version,
-            local: self.local,
-            clip_norm: self.clip_norm,
-            local_noise_std: self.local_noise_std,
-            local_laplace_scale: self.local_laplace_scale,
-        }
+        Self { plan: plan.clone(), deadline, model: super::update::Payload::encode(model) }
     }
 }
 
