@@ -326,7 +326,10 @@ fn idle_followed_file_does_not_hold_the_watermark() {
             output_path.display()
         ),
     );
+    // The five heartbeats fall in one 1 s window: started at a whole second, they cannot
+    // straddle a window boundary.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now = now - now % 1000;
     let mut file = std::fs::File::create(&input).unwrap();
     for i in 0..5 {
         writeln!(
