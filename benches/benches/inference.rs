@@ -1,8 +1,10 @@
 //! Inference benchmarks, each side by side with its baseline in one run, on the 64 -> 256 ->
 //! 256 -> 16 MLP of `engine/tests/models/mlp` and one ONNX Runtime thread per session.
 //!
-//! Run: `cargo bench -p edgeflow-benches --bench inference` (full size, medians of 3).
-//! Under `cargo test` it runs once, small, as a smoke test.
+//! Run: `cargo bench -p edgeflow-benches --bench inference` (full size, medians of 3);
+//! `-- closed`, `-- open` or `-- stall` runs the closed loop and only that part (the closed
+//! loop always runs: the open loop's rates come from it). Under `cargo test` it runs once, small, as a smoke
+//! test.
 //!
 //! 1. **Batch 64, closed loop**: a bare `ort` `Session::run` loop on one pre-built batch of
 //!    64 rows, against the engine (`requests` source as fast as the dataflow admits requests
@@ -94,9 +96,10 @@ fn run_pipeline(yaml: &str, workers: usize) -> (f64, Arc<Metrics>) {
     (start.elapsed().as_secs_f64(), metrics)
 }
 
-fn inference_pipeline(rate: f64, count: u64, batch: usize, delay_ms: u64, out: &Path) -> String {
+/// The benchmark pipeline; `slack_ms` is the source's `max_out_of_orderness`.
+fn inference_pipeline(rate: f64, count: u64, batch: usize, delay_ms: u64, slack_ms: u64, out: &Path) -> String {
     format!(
-        "name: bench\nmetrics:\n  enabled: false\nsources:\n  load:\n    type: requests\n    model: mlp\n    rate: {rate}\n    count: {count}\n    input_name: x\n    shape: [1, 64]\n\
+        "name: bench\nmetrics:\n  enabled: false\nsources:\n  load:\n    type: requests\n    model: mlp\n    rate: {rate}\n    count: {count}\n    input_name: x\n    shape: [1, 64]\n    max_out_of_orderness: {slack_ms}ms\n\
          operators:\n  infer:\n    type: inference\n    input: load\n    registry: {}\n    models: [mlp]\n    max_batch_size: {batch}\n    max_queue_delay: {delay_ms}ms\n    queue_capacity: 1000000\n\
          sinks:\n  out:\n    type: file\n    input: infer\n    path: {}\n",
         root().join("engine/tests/models").display(),
@@ -127,14 +130,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn closed_loop(batch: usize, rows: u64, out: &Path) -> f64 {
-    // A rate far above what one worker admits: the source runs as fast as flow control lets it.
-    let (seconds, _) = run_pipeline(&inference_pipeline(1e9, rows, batch, 50, out), 1);
+    // A rate far above what the engine serves, so every request is due at once, but with due
+    // times still 0.5 us apart and no out-of-orderness: the watermark then moves with the
+    // requests, and the engine's flow control keeps a few batches of requests in flight, like
+    // a closed loop with a window. (At a rate of 1e9 all requests shared one millisecond,
+    // nothing held the source back, and all 1M requests waited in memory: 726 MB.)
+    let (seconds, _) = run_pipeline(&inference_pipeline(2e6, rows, batch, 50, 0, out), 1);
     rows as f64 / seconds
 }
 
 fn open_loop(rate: f64, seconds: f64, batch: usize, out: &Path) -> (f64, f64, f64, BTreeMap<String, usize>) {
     let count = (rate * seconds) as u64;
-    let (wall, _) = run_pipeline(&inference_pipeline(rate, count, batch, 2, out), 1);
+    let (wall, _) = run_pipeline(&inference_pipeline(rate, count, batch, 2, 100, out), 1);
     let (latencies, statuses) = latencies(out);
     (count as f64 / wall, percentile(&latencies, 0.5), percentile(&latencies, 0.99), statuses)
 }
@@ -215,6 +222,8 @@ fn node_health_rate(heartbeats_minutes: u64, with_inference: bool, dir: &Path) -
 
 fn main() {
     let full = std::env::args().any(|arg| arg == "--bench");
+    let parts: Vec<String> = std::env::args().skip(1).filter(|arg| !arg.starts_with("--")).collect();
+    let wanted = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
     let (rows, seconds, rounds) = if full { (1_000_000u64, 3.0, 3) } else { (20_000, 0.2, 1) };
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("results.jsonl");
@@ -235,7 +244,19 @@ fn main() {
     }
     println!("\nengine overhead: {:.1}% (target: at most 15%)\n", (1.0 - engine / bare) * 100.0);
 
-    let batch_one = closed_loop(1, rows / 10, &out);
+    if wanted("open") {
+        open_loops(engine, rows, full, &out);
+    }
+    if wanted("stall") {
+        stall(full, rounds, dir.path());
+    }
+}
+
+/// Part 2: the open loop at fractions of the closed loop's rate `engine`.
+fn open_loops(engine: f64, rows: u64, full: bool, out: &Path) {
+    let out = out.to_path_buf();
+    let out = &out;
+    let batch_one = closed_loop(1, rows / 10, out);
     println!("## Open loop: single requests at a fixed rate, latency = result time - due time\n");
     println!("engine maximum: {engine:.0} requests/s at batch 64, {batch_one:.0} at batch 1\n");
     println!("| rate (req/s) | batching | achieved req/s | p50 ms | p99 ms | statuses |");
@@ -243,15 +264,19 @@ fn main() {
     let window = if full { 5.0 } else { 0.5 };
     for rate in [(engine / 2.0).round(), (engine / 4.0).round(), (batch_one * 0.9).round()] {
         for (batch, label) in [(64, "dynamic (64, 2 ms)"), (1, "none (batch 1)")] {
-            let (achieved, p50, p99, statuses) = open_loop(rate, window, batch, &out);
+            let (achieved, p50, p99, statuses) = open_loop(rate, window, batch, out);
             println!("| {rate:.0} | {label} | {achieved:.0} | {p50:.2} | {p99:.2} | {statuses:?} |");
         }
     }
 
+}
+
+/// Part 3: node_health alone and beside a busy inference operator.
+fn stall(full: bool, rounds: usize, dir: &Path) {
     println!("\n## node_health beside busy inference on the same worker\n");
     let minutes = if full { 60 } else { 5 };
-    let alone = median((0..rounds).map(|_| node_health_rate(minutes, false, dir.path()).0).collect());
-    let (beside, busy) = node_health_rate(minutes, true, dir.path());
+    let alone = median((0..rounds).map(|_| node_health_rate(minutes, false, dir).0).collect());
+    let (beside, busy) = node_health_rate(minutes, true, dir);
     println!("| variant | heartbeats/s | vs alone | model thread busy |");
     println!("| --- | ---: | ---: | ---: |");
     println!("| node_health alone (1 worker) | {alone:.0} | 1.00 | |");

@@ -8,8 +8,6 @@
 use std::collections::BTreeMap;
 
 use edgeflow_operators::{DurationMs, EventTime, InferenceRequest, Location, Priority, Record, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::RegionConfig;
@@ -134,9 +132,9 @@ impl RequestGenerator {
 
     fn request(&self, seq: u64, due: EventTime) -> InferenceRequest {
         let config = &self.config;
-        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ (seq + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let data = (0..self.values).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-        let draw: f64 = rng.gen();
+        let mut rng = SplitMix64(config.seed ^ (seq + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let data = (0..self.values).map(|_| rng.unit_f32() * 2.0 - 1.0).collect();
+        let draw = rng.unit_f64();
         let priority = if draw < config.high_priority_fraction {
             Priority::High
         } else if draw < config.high_priority_fraction + config.low_priority_fraction {
@@ -146,8 +144,8 @@ impl RequestGenerator {
         };
         let region = &config.regions[(seq % config.regions.len() as u64) as usize];
         let location = Location {
-            lat: (region.lat + rng.gen_range(-2.0..2.0)).clamp(-90.0, 90.0),
-            lon: (region.lon + rng.gen_range(-2.0..2.0)).clamp(-180.0, 180.0),
+            lat: (region.lat + rng.unit_f64() * 4.0 - 2.0).clamp(-90.0, 90.0),
+            lon: (region.lon + rng.unit_f64() * 4.0 - 2.0).clamp(-180.0, 180.0),
         };
         InferenceRequest {
             id: format!("req-{seq}"),
@@ -162,6 +160,31 @@ impl RequestGenerator {
             key: config.keys.map(|keys| format!("key-{}", seq % keys)),
             node: None,
         }
+    }
+}
+
+/// SplitMix64 (Steele, Lea and Flood): one seeded generator per request, so any worker can
+/// make request `seq` alone: far cheaper to seed per request than ChaCha8, and the sequence
+/// is fixed by this code, not by a crate's version.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), 24 random bits.
+    fn unit_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
+    }
+
+    /// Uniform in [0, 1), 53 random bits.
+    fn unit_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
 
@@ -229,6 +252,12 @@ mod tests {
         assert!((50..150).contains(&high), "{high} high-priority requests of 1000");
         let again = RequestGenerator::new(&config(), 0, 1).unwrap().request(8, seen[8].timestamp);
         assert_eq!(again.inputs, seen[8].inputs);
+        // Values spread over [-1, 1): the mean of all 4000 near 0, both ends reached.
+        let values: Vec<f32> = seen.iter().flat_map(|r| r.inputs["x"].data.iter().copied()).collect();
+        let mean = values.iter().sum::<f32>() / values.len() as f32;
+        assert!(mean.abs() < 0.05, "mean {mean}");
+        assert!(values.iter().all(|v| (-1.0..1.0).contains(v)));
+        assert!(values.iter().any(|v| *v < -0.99) && values.iter().any(|v| *v > 0.99));
     }
 
     #[test]

@@ -97,13 +97,24 @@ impl Held {
         self.0.entry(time).or_insert_with(|| (cap.delayed(&time, port), 0)).1 += 1;
     }
 
-    /// Emits `out` at `time` and releases one hold there.
-    fn emit(&mut self, output: &mut Output<'_>, time: EventTime, out: InferenceOut) {
-        let Some((cap, count)) = self.0.get_mut(&time) else { return };
-        output.session(&*cap).give(out);
-        *count -= 1;
-        if *count == 0 {
-            self.0.remove(&time);
+    /// Emits each `(time, out)` and releases one hold per record. One session per run of
+    /// equal times: a session sends its container when it ends, so a session per record
+    /// would send (and allocate) a container per record.
+    fn emit_all(&mut self, output: &mut Output<'_>, mut outs: Vec<(EventTime, InferenceOut)>) {
+        outs.sort_by_key(|(time, _)| *time);
+        let mut outs = outs.into_iter().peekable();
+        while let Some(&(time, _)) = outs.peek() {
+            let run = std::iter::from_fn(|| outs.next_if(|(t, _)| *t == time)).map(|(_, out)| out);
+            let Some((cap, count)) = self.0.get_mut(&time) else {
+                run.for_each(drop);
+                continue;
+            };
+            let mut sent = 0;
+            output.session(&*cap).give_iterator(run.inspect(|_| sent += 1));
+            *count -= sent;
+            if *count == 0 {
+                self.0.remove(&time);
+            }
         }
     }
 }
@@ -196,12 +207,14 @@ pub(crate) fn inference<'scope>(
                     }
                 }
             });
+            // Results of requests that waited (each released from its hold), sent together.
+            let mut released: Vec<(EventTime, InferenceOut)> = Vec::new();
             for node in &lost {
                 for lane in lanes.values_mut() {
                     for queue in lane.queues.values_mut() {
                         for gone in queue.remove_where(|w| w.request.node.as_deref() == Some(node.as_str())) {
                             rerouted.inc();
-                            held.emit(output, gone.item.time, InferenceOut::Reroute(gone.item.request));
+                            released.push((gone.item.time, InferenceOut::Reroute(gone.item.request)));
                         }
                     }
                 }
@@ -211,10 +224,12 @@ pub(crate) fn inference<'scope>(
             input.for_each(|cap, data| {
                 let time = cap.least().copied().unwrap_or_default();
                 let port = output.output_index();
+                // Requests answered at once, at their own time.
+                let mut answered: Vec<InferenceOut> = Vec::new();
                 for request in data.drain(..) {
                     if request.node.as_ref().is_some_and(|node| offline.contains(node)) {
                         rerouted.inc();
-                        output.session(&cap).give(InferenceOut::Reroute(request));
+                        answered.push(InferenceOut::Reroute(request));
                         continue;
                     }
                     let Some(lane) = lanes.get_mut(&request.model) else {
@@ -223,18 +238,18 @@ pub(crate) fn inference<'scope>(
                             request.model,
                             served.join(", ")
                         );
-                        output.session(&cap).give(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
+                        answered.push(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
                     };
                     if let Err(reason) = lane.service.interface().check(&request.model, &request.inputs) {
                         lane.counters.count(ResultStatus::Failed);
-                        output.session(&cap).give(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
+                        answered.push(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
                     }
                     if let Some(deadline) = request.deadline.filter(|d| *d <= now_ms) {
                         lane.counters.count(ResultStatus::Expired);
                         let reason = format!("deadline {deadline} passed {} ms before admission", now_ms - deadline);
-                        output.session(&cap).give(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Expired, reason, 0.0)));
+                        answered.push(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Expired, reason, 0.0)));
                         continue;
                     }
                     let queue = lane.queues.entry(request.version).or_insert_with(|| Batcher::new(policy));
@@ -246,14 +261,17 @@ pub(crate) fn inference<'scope>(
                             lane.counters.count(ResultStatus::Rejected);
                             let waited = now.duration_since(victim.admitted).as_secs_f64() * 1000.0;
                             let result = InferenceResult::refused(&victim.item.request, ResultStatus::Rejected, reason, waited);
-                            held.emit(output, victim.item.time, InferenceOut::Result(result));
+                            released.push((victim.item.time, InferenceOut::Result(result)));
                         }
                         Admission::Rejected(waiting, reason) => {
                             lane.counters.count(ResultStatus::Rejected);
                             let result = InferenceResult::refused(&waiting.request, ResultStatus::Rejected, reason, 0.0);
-                            output.session(&cap).give(InferenceOut::Result(result));
+                            answered.push(InferenceOut::Result(result));
                         }
                     }
+                }
+                if !answered.is_empty() {
+                    output.session(&cap).give_iterator(answered.into_iter());
                 }
             });
 
@@ -294,7 +312,7 @@ pub(crate) fn inference<'scope>(
                         let deadline = expired.deadline.unwrap_or_default();
                         let reason = format!("deadline {deadline} passed after {waited:.1} ms in the queue");
                         let result = InferenceResult::refused(&expired.item.request, ResultStatus::Expired, reason, waited);
-                        held.emit(output, expired.item.time, InferenceOut::Result(result));
+                        released.push((expired.item.time, InferenceOut::Result(result)));
                     }
                     while let Some(batch) = queue.next_batch(now, drain) {
                         let id = next_job;
@@ -313,6 +331,7 @@ pub(crate) fn inference<'scope>(
                 }
                 lane.depth.set(depth as i64);
             }
+            held.emit_all(output, released);
             if let Some(delay) = wake_in {
                 activator.activate_after(delay);
             }
@@ -357,11 +376,12 @@ impl Submit<'_> {
             }
             Err(reason) => {
                 tracing::error!(model = self.service.name(), %reason, "cannot run a batch");
-                for (item, _) in waiting {
+                let failed = waiting.into_iter().map(|(item, _)| {
                     self.counters.count(ResultStatus::Failed);
                     let result = InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0);
-                    held.emit(output, item.time, InferenceOut::Result(result));
-                }
+                    (item.time, InferenceOut::Result(result))
+                });
+                held.emit_all(output, failed.collect());
             }
         }
     }
@@ -382,6 +402,8 @@ fn finish(
     lane.compute_seconds.observe(compute.as_secs_f64());
     lane.busy_seconds.inc_by(compute.as_secs_f64());
     let size = batch.len() as u32;
+    let finished_at = edgeflow_operators::records::wall_clock_ms_f64();
+    let mut outs = Vec::with_capacity(batch.len());
     match result {
         Ok((version, outputs)) => {
             for ((waiting, admitted), outputs) in batch.into_iter().zip(outputs) {
@@ -401,9 +423,9 @@ fn finish(
                     queue_ms: queue.as_secs_f64() * 1000.0,
                     compute_ms,
                     batch_size: size,
-                    finished_at: edgeflow_operators::records::wall_clock_ms_f64(),
+                    finished_at,
                 };
-                held.emit(output, waiting.time, InferenceOut::Result(result));
+                outs.push((waiting.time, InferenceOut::Result(result)));
             }
         }
         Err(reason) => {
@@ -414,8 +436,9 @@ fn finish(
                     InferenceResult::refused(&waiting.request, ResultStatus::Failed, reason.clone(), queue_ms);
                 result.compute_ms = compute_ms;
                 result.batch_size = size;
-                held.emit(output, waiting.time, InferenceOut::Result(result));
+                outs.push((waiting.time, InferenceOut::Result(result)));
             }
         }
     }
+    held.emit_all(output, outs);
 }
