@@ -558,6 +558,58 @@ pub fn wall_clock_ms_f64() -> f64 {
 }
 
 impl InferenceResult {
+    /// Appends the result's JSON (the bytes `serde_json` writes, without the serde
+    /// machinery) to `out`. Results are the hottest records of an inference pipeline, and
+    /// most of their bytes are output floats.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut floats = zmij::Buffer::new();
+        out.extend_from_slice(b"{\"id\":");
+        json::string(out, &self.id);
+        out.extend_from_slice(b",\"model\":");
+        json::string(out, &self.model);
+        out.extend_from_slice(b",\"version\":");
+        json::option(out, self.version.as_ref(), |out, v| json::integer(out, *v));
+        out.extend_from_slice(b",\"status\":\"");
+        out.extend_from_slice(self.status.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"error\":");
+        json::option(out, self.error.as_deref(), json::string);
+        out.extend_from_slice(b",\"outputs\":{");
+        for (index, (name, tensor)) in self.outputs.iter().enumerate() {
+            if index > 0 {
+                out.push(b',');
+            }
+            json::string(out, name);
+            out.extend_from_slice(b":{\"shape\":[");
+            for (index, dim) in tensor.shape.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                json::integer(out, *dim as u64);
+            }
+            out.extend_from_slice(b"],\"data\":[");
+            for (index, value) in tensor.data.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                json::float(out, &mut floats, *value);
+            }
+            out.extend_from_slice(b"]}");
+        }
+        out.extend_from_slice(b"},\"node\":");
+        json::option(out, self.node.as_deref(), json::string);
+        out.extend_from_slice(b",\"timestamp\":");
+        json::integer(out, self.timestamp);
+        out.extend_from_slice(b",\"queue_ms\":");
+        json::float(out, &mut floats, self.queue_ms);
+        out.extend_from_slice(b",\"compute_ms\":");
+        json::float(out, &mut floats, self.compute_ms);
+        out.extend_from_slice(b",\"batch_size\":");
+        json::integer(out, u64::from(self.batch_size));
+        out.extend_from_slice(b",\"finished_at\":");
+        json::float(out, &mut floats, self.finished_at);
+        out.push(b'}');
+    }
+
     /// A result that ends `request` without a model run.
     pub fn refused(request: &InferenceRequest, status: ResultStatus, reason: String, queue_ms: f64) -> Self {
         InferenceResult {
@@ -694,9 +746,81 @@ impl Record {
     }
 }
 
+/// Pieces of hand-written JSON encoders, writing exactly what `serde_json` writes.
+mod json {
+    /// A JSON string: short plain strings are copied; others go through `serde_json`'s
+    /// escaping.
+    pub(super) fn string(out: &mut Vec<u8>, value: &str) {
+        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.push(b'"');
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'"');
+        } else {
+            // Writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+    }
+
+    pub(super) fn integer(out: &mut Vec<u8>, value: u64) {
+        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    /// A float as `serde_json` writes it: the shortest form that reads back the same, and
+    /// `null` for NaN and the infinities.
+    pub(super) fn float<F: zmij::Float + Copy + Into<f64>>(out: &mut Vec<u8>, buffer: &mut zmij::Buffer, value: F) {
+        if value.into().is_finite() {
+            out.extend_from_slice(buffer.format_finite(value).as_bytes());
+        } else {
+            out.extend_from_slice(b"null");
+        }
+    }
+
+    pub(super) fn option<T>(out: &mut Vec<u8>, value: Option<T>, write: impl FnOnce(&mut Vec<u8>, T)) {
+        match value {
+            Some(value) => write(out, value),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hand_written_result_json_is_what_serde_writes() {
+        let base = InferenceResult {
+            id: "req-1".into(),
+            model: "mlp".into(),
+            version: Some(3),
+            status: ResultStatus::Ok,
+            error: None,
+            outputs: BTreeMap::from([
+                ("y".to_owned(), Tensor { shape: vec![1, 4], data: vec![0.1, -2.5e-8, 3.0e30, f32::NAN] }),
+                ("a\"b".to_owned(), Tensor { shape: vec![0], data: vec![] }),
+            ]),
+            node: Some("edge-0007".into()),
+            timestamp: 1_700_000_000_000,
+            queue_ms: 1.25,
+            compute_ms: 0.000_123,
+            batch_size: 64,
+            finished_at: 1_700_000_000_002.637,
+        };
+        let refused = InferenceResult {
+            version: None,
+            status: ResultStatus::Failed,
+            error: Some("tensor `x` has shape [1, 3]\nnot \u{1}[1, 64] \\ é".into()),
+            outputs: BTreeMap::new(),
+            node: None,
+            queue_ms: f64::INFINITY,
+            ..base.clone()
+        };
+        for result in [base, refused] {
+            let mut out = Vec::new();
+            result.write_json(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&result).unwrap());
+        }
+    }
 
     fn sample() -> &'static str {
         r#"{"node_id":"edge-1","region":"eu","lat":48.8,"lon":2.3,"timestamp":1000,
@@ -729,3 +853,4 @@ mod tests {
         assert_eq!(letter.to_json()["payload_hex"], "ff00");
     }
 }
+

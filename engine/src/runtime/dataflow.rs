@@ -488,8 +488,10 @@ fn count_stream<'scope, D: 'static>(
 /// Encodes a port's records as `(event time, JSON line)` for sinks.
 fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
     fn json<T: serde::Serialize>(value: &T) -> String {
+        let mut line = Vec::with_capacity(256);
         // Records are plain data; serialising them to JSON cannot fail.
-        serde_json::to_string(value).unwrap_or_default()
+        let _ = serde_json::to_writer(&mut line, value);
+        String::from_utf8(line).unwrap_or_default()
     }
     match port {
         Port::Heartbeats(collection) => collection.inner.map(|(hb, time, _)| (time, json(&hb))),
@@ -504,7 +506,11 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::Windows(stream) => stream.map(|result| (result.window_end, json(&result))),
         Port::DeadLetters(stream) => stream.map(|(letter, time)| (time, letter.to_json().to_string())),
         Port::Requests(stream) => stream.map(|request| (request.timestamp, json(&request))),
-        Port::Results(stream) => stream.map(|result| (result.timestamp, json(&result))),
+        Port::Results(stream) => stream.map(|result| {
+            let mut line = Vec::with_capacity(256);
+            result.write_json(&mut line);
+            (result.timestamp, String::from_utf8(line).unwrap_or_default())
+        }),
         Port::Rounds(stream) => stream.map(|report| (report.round(), json(&report))),
         Port::Models(stream) => stream.map(|model| (model.round(), json(&model))),
         Port::Updates(stream) => stream.map(|update| (update.timestamp, json(&update))),
