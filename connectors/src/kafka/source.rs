@@ -523,7 +523,7 @@ impl Source for KafkaSource {
                     continue 'partitions;
                 }
                 let Some(result) = queue.poll(Duration::ZERO) else { continue 'partitions };
-                if let Err(err) = self.take(result, None, out, now, since_assignment) {
+                if let Err(err) = self.take(result, Some(key), out, now, since_assignment) {
                     failure = Some(err);
                     break 'partitions;
                 }
