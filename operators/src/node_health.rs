@@ -283,6 +283,7 @@ fn status_machine<'scope>(
             let mut timers: BinaryHeap<Reverse<(EventTime, NodeKey)>> = BinaryHeap::new();
             let mut held: Option<Capability<EventTime>> = None;
             let mut touched: Vec<NodeKey> = Vec::new();
+            let mut changed: Vec<((NodeKey, NodeState), EventTime, isize)> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
                     let time = cap.least().copied().unwrap_or_default();
@@ -337,8 +338,9 @@ fn status_machine<'scope>(
                     }
                     touched.sort_unstable();
                     touched.dedup();
-                    let at = cap.delayed(&now);
-                    let mut session = output.session(&at);
+                    // Most times change no node's status: the capability for `now` (a
+                    // progress update) is made only when one does.
+                    changed.clear();
                     for key in &touched {
                         let Some(node) = nodes.get_mut(key) else { continue };
                         let (t, cpu, memory, disk) = node.latest;
@@ -352,9 +354,13 @@ fn status_machine<'scope>(
                         }
                         let new = NodeState { node_id: node.node_id.clone(), region: node.region.clone(), status };
                         if let Some(old) = node.state.replace(new.clone()) {
-                            session.give(((*key, old), now, -1));
+                            changed.push(((*key, old), now, -1));
                         }
-                        session.give(((*key, new), now, 1));
+                        changed.push(((*key, new), now, 1));
+                    }
+                    if !changed.is_empty() {
+                        let at = cap.delayed(&now);
+                        output.session(&at).give_iterator(changed.drain(..));
                     }
                 }
                 let next = pending
