@@ -268,7 +268,6 @@ fn open_loops(engine: f64, rows: u64, full: bool, out: &Path) {
             println!("| {rate:.0} | {label} | {achieved:.0} | {p50:.2} | {p99:.2} | {statuses:?} |");
         }
     }
-
 }
 
 /// Part 3: node_health alone and beside a busy inference operator.

@@ -853,4 +853,3 @@ mod tests {
         assert_eq!(letter.to_json()["payload_hex"], "ff00");
     }
 }
-
