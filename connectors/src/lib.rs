@@ -97,6 +97,14 @@ pub trait Sink: Send {
     fn write_raw(&mut self, message: &edgeflow_operators::RawMessage) -> Result<(), ConnectorError> {
         self.write(message.to_json().to_string().as_bytes())
     }
+
+    /// Writes one inference result: its JSON line, unless the sink has a format of its own
+    /// for results (a `file` sink with `format: arrow`).
+    fn write_result(&mut self, result: &edgeflow_operators::InferenceResult) -> Result<(), ConnectorError> {
+        let mut line = Vec::with_capacity(256);
+        result.write_json(&mut line);
+        self.write(&line)
+    }
 }
 
 /// The transaction that the sinks of an exactly-once pipeline write into.

@@ -534,3 +534,104 @@ fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rero
         assert!(while_alive > 100, "{strategy}: {while_alive} requests while n2 was Healthy");
     }
 }
+
+/// The rows of an Arrow IPC results file as read by pyarrow (an independent reader), as
+/// JSON objects with the JSON sink's fields: `(schema, rows)`.
+fn read_arrow_with_pyarrow(path: &Path) -> (String, Vec<Value>) {
+    const SCRIPT: &str = r#"
+import json, sys
+import pyarrow as pa
+table = pa.ipc.open_stream(sys.argv[1]).read_all()
+print(json.dumps(str(table.schema)))
+table = table.set_column(table.schema.get_field_index("timestamp"), "timestamp", table["timestamp"].cast(pa.int64()))
+for row in table.to_pylist():
+    row["outputs"] = {name: tensor for name, tensor in row["outputs"]}
+    print(json.dumps(row))
+"#;
+    let output = Command::new(python()).arg("-c").arg(SCRIPT).arg(path).stderr(Stdio::inherit()).output().unwrap();
+    assert!(
+        output.status.success(),
+        "pyarrow cannot read {} (is pyarrow in .venv? run scripts/setup.sh test)",
+        path.display()
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut lines = text.lines();
+    let schema: String = serde_json::from_str(lines.next().unwrap()).unwrap();
+    (schema, lines.map(|line| serde_json::from_str(line).unwrap()).collect())
+}
+
+#[test]
+fn an_arrow_results_file_holds_what_the_json_results_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut requests: Vec<Value> = (0..600).map(|seq| linear_request(seq, 1 + (seq % 2) as usize)).collect();
+    let mut wrong_shape = linear_request(90_001, 1);
+    wrong_shape["inputs"]["x"] = serde_json::json!({"shape": [1, 5], "data": [1, 2, 3, 4, 5]});
+    requests.push(wrong_shape);
+    let path = dir.path().join("requests.jsonl");
+    write_lines(&path, &requests);
+    let mut orders = Vec::new();
+    for workers in [1, 2] {
+        let jsonl =
+            pipeline(dir.path(), &file_source(&path), &models(), "    max_batch_size: 16\n    max_queue_delay: 5ms");
+        let arrow_path = dir.path().join("results.arrows");
+        let text = std::fs::read_to_string(&jsonl).unwrap()
+            + &format!(
+                "  columns:\n    type: file\n    format: arrow\n    input: infer\n    path: {}\n",
+                arrow_path.display()
+            );
+        std::fs::write(&jsonl, text).unwrap();
+        run(&jsonl, workers);
+
+        let json: HashMap<String, Value> = read_results(&dir.path().join("results.jsonl"))
+            .into_iter()
+            .map(|result| (result["id"].as_str().unwrap().to_owned(), result))
+            .collect();
+        let (schema, rows) = read_arrow_with_pyarrow(&arrow_path);
+        for column in [
+            "outputs: map<string, struct<shape: list<item: uint64 not null> not null",
+            "child 0, key: string not null",
+            "child 0, shape: list<item: uint64 not null> not null",
+            "child 1, data: list<item: float not null> not null",
+            "timestamp: timestamp[ms, tz=UTC] not null",
+            "version: uint64\n",
+        ] {
+            assert!(schema.contains(column), "no `{column}` in the schema:\n{schema}");
+        }
+        assert_eq!(rows.len(), 601, "one row per request ({workers} workers)");
+        assert_eq!(json.len(), 601);
+        for row in &rows {
+            let id = row["id"].as_str().unwrap();
+            let want = &json[id];
+            // Every field but the outputs is the same JSON value; output floats are f32 in
+            // both (JSON: the shortest decimal that reads back as the same f32).
+            for field in [
+                "model",
+                "version",
+                "status",
+                "error",
+                "node",
+                "timestamp",
+                "queue_ms",
+                "compute_ms",
+                "batch_size",
+                "finished_at",
+            ] {
+                assert_eq!(row[field], want[field], "{id}: {field}");
+            }
+            let (got, want) = (row["outputs"].as_object().unwrap(), want["outputs"].as_object().unwrap());
+            assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{id}");
+            for (name, tensor) in want {
+                assert_eq!(got[name]["shape"], tensor["shape"], "{id}: {name}");
+                let floats =
+                    |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<_>>();
+                assert_eq!(floats(&got[name]["data"]), floats(&tensor["data"]), "{id}: {name}");
+            }
+        }
+        let failed = rows.iter().find(|row| row["id"] == "r90001").unwrap();
+        assert_eq!(failed["status"], "failed");
+        assert!(failed["error"].as_str().unwrap().starts_with("input `x` has shape [1, 5]"), "{failed}");
+        assert_eq!(failed["outputs"], serde_json::json!({}));
+        orders.push(rows.iter().map(|row| row["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>());
+    }
+    assert_eq!(orders[0], orders[1], "rows come in the same order on 1 and 2 workers");
+}

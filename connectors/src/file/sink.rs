@@ -13,9 +13,25 @@ pub struct FileSinkConfig {
     /// File to write, one JSON document per line. Within one event time, lines are sorted,
     /// so the same input gives byte-identical files on any number of workers.
     pub path: PathBuf,
-    /// Append to an existing file instead of replacing it (default false).
+    /// Append to an existing file instead of replacing it (default false; `jsonl` only).
     #[serde(default)]
     pub append: bool,
+    /// `jsonl` (default): one JSON document per line. `arrow`: an Arrow IPC stream of
+    /// inference results, one record batch per flush (results only).
+    #[serde(default)]
+    pub format: FileFormat,
+}
+
+/// How a `file` sink writes its records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// One JSON document per line.
+    #[default]
+    Jsonl,
+    /// An Arrow IPC stream (inference results only): columnar, the floats copied rather
+    /// than formatted. See [`super::ArrowResultSink`] for the columns.
+    Arrow,
 }
 
 /// Writes JSON lines to a file.
@@ -26,9 +42,20 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Opens the sink's file.
-    pub fn open(config: &FileSinkConfig) -> Result<Self, ConnectorError> {
-        Self::create(&config.path, config.append)
+    /// Opens the sink's file, in the configured format.
+    pub fn open(config: &FileSinkConfig) -> Result<Box<dyn Sink>, ConnectorError> {
+        Ok(match config.format {
+            FileFormat::Jsonl => Box::new(Self::create(&config.path, config.append)?),
+            FileFormat::Arrow if config.append => {
+                return Err(ConnectorError::Config {
+                    connector: "file",
+                    reason:
+                        "`append` cannot be used with `format: arrow`: an Arrow IPC stream has one schema, at its start"
+                            .into(),
+                })
+            }
+            FileFormat::Arrow => Box::new(super::ArrowResultSink::create(&config.path)?),
+        })
     }
 
     /// Creates (or appends to) `path`.

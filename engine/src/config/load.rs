@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use super::yaml::{self, Mark, Node, Value};
 use super::{
-    env, operator_outputs, LatePolicy, MetricsConfig, OperatorConfig, OperatorSpec, Pipeline, PortKind, PortRef,
-    Problem, Problems, SinkConfig, SinkSpec, SourceConfig, SourceSpec,
+    env, operator_outputs, FileFormat, LatePolicy, MetricsConfig, OperatorConfig, OperatorSpec, Pipeline, PortKind,
+    PortRef, Problem, Problems, SinkConfig, SinkSpec, SourceConfig, SourceSpec,
 };
 
 const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
@@ -226,16 +226,29 @@ impl Checker {
         for (written, typed) in sinks.iter().zip(&typed_sinks) {
             let Some(sink) = typed else { continue };
             let dead_letter = matches!(sink.config, SinkConfig::DeadLetter(_));
+            let arrow = matches!(&sink.config, SinkConfig::File(file) if file.format == FileFormat::Arrow);
             self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
                 if dead_letter && kind != PortKind::DeadLetters {
                     Err(format!(
                         "sink `{}` (dead_letter) writes dead letters, for example `SOURCE.dead_letters`",
                         sink.name
                     ))
+                } else if arrow && kind != PortKind::InferenceResults {
+                    Err(format!("sink `{}` (file, format: arrow) writes inference results only", sink.name))
                 } else {
                     Ok(())
                 }
             });
+            if let SinkConfig::File(file) = &sink.config {
+                if file.format == FileFormat::Arrow && file.append {
+                    let path = format!("sinks.{}.append", sink.name);
+                    self.problem(
+                        &path,
+                        written.body.key_of("append").map_or(written.name_mark, |key| key.mark),
+                        "`append: true` cannot be used with `format: arrow`: an Arrow IPC stream has one schema, at its start",
+                    );
+                }
+            }
         }
         let order = self.operator_order(&operators);
         self.check_exactly_once(&sources, &typed_sources, &operators, &sinks, &typed_sinks);

@@ -11,6 +11,7 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
+pub use edgeflow_connectors::file::FileFormat;
 use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
 use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
 use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};

@@ -90,7 +90,7 @@ struct Operator {
 enum SinkKind {
     /// JSON lines on standard output.
     Stdout(StdoutSinkConfig),
-    /// JSON lines in a file.
+    /// JSON lines in a file, or inference results as an Arrow IPC stream (`format: arrow`).
     File(FileSinkConfig),
     /// Rejected records with their reason (inputs default to every source's dead letters).
     DeadLetter(DeadLetterSinkConfig),

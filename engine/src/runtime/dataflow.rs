@@ -24,8 +24,8 @@ use timely::dataflow::{ProbeHandle, Scope, StreamVec};
 
 use super::federated::ClientHealth;
 use super::inference::InferenceOut;
-use super::sink::{sink_operator, Failure, SinkGroup, SinkItem};
-use crate::config::{OperatorConfig, Pipeline, PortRef};
+use super::sink::{sink_operator, Failure, OrderedResult, SinkGroup, SinkItem};
+use crate::config::{FileFormat, OperatorConfig, Pipeline, PortRef, SinkConfig};
 use crate::metrics::Metrics;
 
 /// A stream of one of the record kinds, as an output port of a component.
@@ -329,11 +329,18 @@ pub fn build<'scope>(
         } else {
             spec.inputs.clone()
         };
+        let own_results_format = matches!(&spec.config, SinkConfig::File(file) if file.format == FileFormat::Arrow);
         for reference in references {
             match ports.get(&reference.to_string()) {
                 // Raw messages keep their bytes up to the sink.
                 Some(Port::Raw(stream)) => {
                     streams.push(stream.clone().map(move |message| (message.timestamp, SinkItem::Raw(index, message))));
+                }
+                // A sink with a results format of its own takes the results themselves.
+                Some(Port::Results(stream)) if own_results_format => {
+                    streams.push(stream.clone().map(move |result| {
+                        (result.timestamp, SinkItem::Result(index, OrderedResult(Box::new(result))))
+                    }));
                 }
                 Some(port) => {
                     streams.push(encode(port.clone()).map(move |(key, line)| (key, SinkItem::Line(index, line))));

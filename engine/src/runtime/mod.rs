@@ -166,7 +166,7 @@ fn open_sink(
 fn open_plain_sink(config: &SinkConfig, metrics: &Metrics) -> Result<Box<dyn Sink>, ConnectorError> {
     Ok(match config {
         SinkConfig::Stdout(config) => Box::new(StdoutSink::new(config)),
-        SinkConfig::File(config) => Box::new(FileSink::open(config)?),
+        SinkConfig::File(config) => FileSink::open(config)?,
         SinkConfig::DeadLetter(config) => Box::new(DeadLetterSink::open(config, &metrics.kafka)?),
         SinkConfig::Kafka(config) => Box::new(KafkaSink::open(config, &metrics.kafka)?),
     })

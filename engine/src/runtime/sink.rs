@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgeflow_connectors::{Checkpoint, Sink, Transaction};
-use edgeflow_operators::EventTime;
+use edgeflow_operators::{EventTime, InferenceResult};
 use prometheus_client::metrics::counter::Counter;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
@@ -42,7 +42,47 @@ pub enum SinkItem {
     Offsets(Checkpoint),
     /// A raw message for the operator's sink number `.0`.
     Raw(usize, edgeflow_operators::RawMessage),
+    /// An inference result for the operator's sink number `.0`, which has a format of its
+    /// own for results (`format: arrow`).
+    Result(usize, OrderedResult),
 }
+
+/// An inference result with a total order for sorting within an event time (floats by their
+/// bits), so that a sink's rows come out in the same order on any number of workers.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct OrderedResult(pub Box<InferenceResult>);
+
+impl Ord for OrderedResult {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let key = |r: &InferenceResult| {
+            let outputs = r.outputs.iter().map(|(name, tensor)| {
+                (name.clone(), tensor.shape.clone(), tensor.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+            });
+            let times = [r.queue_ms, r.compute_ms, r.finished_at].map(f64::to_bits);
+            (outputs.collect::<Vec<_>>(), times)
+        };
+        let (a, b) = (&*self.0, &*other.0);
+        (&a.id, a.timestamp, &a.model, a.version, a.status, &a.error, &a.node, a.batch_size)
+            .cmp(&(&b.id, b.timestamp, &b.model, b.version, b.status, &b.error, &b.node, b.batch_size))
+            // Results of distinct requests differ above; this is for duplicate ids.
+            .then_with(|| key(a).cmp(&key(b)))
+    }
+}
+
+impl PartialOrd for OrderedResult {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for OrderedResult {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for OrderedResult {}
 
 /// The writers of one sink operator: present on worker 0 only.
 pub struct SinkGroup {
@@ -128,6 +168,10 @@ pub fn sink_operator<'scope>(
                         SinkItem::Raw(index, message) => {
                             let Some((_, Some(sink))) = group.sinks.get_mut(index) else { continue };
                             (index, sink.write_raw(&message))
+                        }
+                        SinkItem::Result(index, result) => {
+                            let Some((_, Some(sink))) = group.sinks.get_mut(index) else { continue };
+                            (index, sink.write_result(&result.0))
                         }
                     };
                     if let Err(err) = result {
