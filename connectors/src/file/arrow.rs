@@ -94,28 +94,55 @@ struct Columns {
     finished_at: Float64Builder,
 }
 
+/// How much the last batch held: the next one starts with room for as much, so that the
+/// builders do not grow (and copy) their buffers as rows arrive.
+#[derive(Clone, Copy, Default)]
+struct Sizes {
+    rows: usize,
+    id_bytes: usize,
+    tensors: usize,
+    dims: usize,
+    values: usize,
+}
+
 impl Columns {
-    fn new(layout: &Layout) -> Self {
+    fn new(layout: &Layout, sizes: Sizes) -> Self {
         let list_item = |fields: &Fields, index: usize| match fields[index].data_type() {
             DataType::List(item) => item.clone(),
             _ => unreachable!("shape and data are lists"),
         };
+        let Sizes { rows, id_bytes, tensors, dims, values } = sizes;
+        let mut output_offsets = Vec::with_capacity(rows + 1);
+        output_offsets.push(0);
+        let text = |bytes_per_row: usize| StringBuilder::with_capacity(rows, rows * bytes_per_row);
         Self {
-            id: StringBuilder::new(),
-            model: StringBuilder::new(),
-            version: UInt64Builder::new(),
-            status: StringBuilder::new(),
-            error: StringBuilder::new(),
-            output_offsets: vec![0],
-            output_names: StringBuilder::new(),
-            output_shapes: ListBuilder::new(UInt64Builder::new()).with_field(list_item(&layout.value_fields, 0)),
-            output_data: ListBuilder::new(Float32Builder::new()).with_field(list_item(&layout.value_fields, 1)),
-            node: StringBuilder::new(),
-            timestamp: TimestampMillisecondBuilder::new().with_timezone("UTC"),
-            queue_ms: Float64Builder::new(),
-            compute_ms: Float64Builder::new(),
-            batch_size: UInt32Builder::new(),
-            finished_at: Float64Builder::new(),
+            id: StringBuilder::with_capacity(rows, id_bytes),
+            model: text(8),
+            version: UInt64Builder::with_capacity(rows),
+            status: text(2),
+            error: text(0),
+            output_offsets,
+            output_names: StringBuilder::with_capacity(tensors, tensors * 8),
+            output_shapes: ListBuilder::with_capacity(UInt64Builder::with_capacity(dims), tensors)
+                .with_field(list_item(&layout.value_fields, 0)),
+            output_data: ListBuilder::with_capacity(Float32Builder::with_capacity(values), tensors)
+                .with_field(list_item(&layout.value_fields, 1)),
+            node: text(0),
+            timestamp: TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC"),
+            queue_ms: Float64Builder::with_capacity(rows),
+            compute_ms: Float64Builder::with_capacity(rows),
+            batch_size: UInt32Builder::with_capacity(rows),
+            finished_at: Float64Builder::with_capacity(rows),
+        }
+    }
+
+    fn sizes(&mut self) -> Sizes {
+        Sizes {
+            rows: self.rows(),
+            id_bytes: self.id.values_slice().len(),
+            tensors: self.output_names.len(),
+            dims: self.output_shapes.values().len(),
+            values: self.output_data.values().len(),
         }
     }
 
@@ -150,8 +177,15 @@ impl Columns {
         Ok(())
     }
 
-    /// The rows since the last call as one record batch; the builders start empty again.
+    /// The rows since the last call as one record batch; the builders start empty again,
+    /// with room for as many rows.
     fn finish(&mut self, layout: &Layout) -> Result<RecordBatch, ArrowError> {
+        let sizes = self.sizes();
+        let mut this = std::mem::replace(self, Columns::new(layout, sizes));
+        this.finish_into_batch(layout)
+    }
+
+    fn finish_into_batch(&mut self, layout: &Layout) -> Result<RecordBatch, ArrowError> {
         let value = StructArray::try_new(
             layout.value_fields.clone(),
             vec![Arc::new(self.output_shapes.finish()) as ArrayRef, Arc::new(self.output_data.finish())],
@@ -204,7 +238,7 @@ impl ArrowResultSink {
         let layout = Layout::new();
         let writer = StreamWriter::try_new(BufWriter::with_capacity(1 << 16, file), &layout.schema)
             .map_err(|err| arrow_error(&shown, err))?;
-        let columns = Columns::new(&layout);
+        let columns = Columns::new(&layout, Sizes::default());
         Ok(Self { path: shown, layout, columns, writer })
     }
 

@@ -147,12 +147,17 @@ impl RequestGenerator {
             lat: (region.lat + rng.unit_f64() * 4.0 - 2.0).clamp(-90.0, 90.0),
             lon: (region.lon + rng.unit_f64() * 4.0 - 2.0).clamp(-180.0, 180.0),
         };
+        let mut id = String::with_capacity(24);
+        id.push_str("req-");
+        id.push_str(itoa::Buffer::new().format(seq));
+        let mut inputs = BTreeMap::new();
+        inputs.insert(config.input_name.clone(), Tensor { shape: config.shape.clone(), data });
         InferenceRequest {
-            id: format!("req-{seq}"),
+            id,
             model: config.model.clone(),
             version: config.version,
             timestamp: due,
-            inputs: BTreeMap::from([(config.input_name.clone(), Tensor { shape: config.shape.clone(), data })]),
+            inputs,
             deadline: config.deadline.map(|budget| due + budget.as_millis()),
             priority,
             location: Some(location),

@@ -367,7 +367,9 @@ fn at_record_time<'scope, D: Clone + 'static>(
     updates.unary(Pipeline, "AtRecordTime", |_, _| {
         move |input, output| {
             input.for_each(|cap, data| {
-                data.sort_by_key(|(_, time, _)| *time);
+                if !data.is_sorted_by_key(|(_, time, _)| *time) {
+                    data.sort_by_key(|(_, time, _)| *time);
+                }
                 let mut updates = std::mem::take(data).into_iter().peekable();
                 while let Some((request, time, diff)) = updates.next() {
                     let cap = cap.delayed(&time, output.output_index());
