@@ -91,7 +91,7 @@ fn python_ort(batch: usize, seconds: f64) -> Option<f64> {
 /// `load` to the end of the run (everything flushed). Like the bare loop, which builds its
 /// session before its clock starts, this leaves out the start: loading the model, creating
 /// its session, building the dataflow (about 0.1 s, 5% of a 2 s run).
-fn run_pipeline(yaml: &str, workers: usize) -> f64 {
+fn run_pipeline(yaml: &str, workers: usize) -> (f64, Arc<Metrics>) {
     let pipeline = load_str(yaml, "bench.yaml", &|_| None).unwrap_or_else(|problems| panic!("{problems}"));
     let metrics = Arc::new(Metrics::new());
     let options = RunOptions { workers, ..Default::default() };
@@ -106,11 +106,17 @@ fn run_pipeline(yaml: &str, workers: usize) -> f64 {
             Instant::now()
         })
     };
-    run(&pipeline, &options, metrics).expect("the pipeline runs");
+    run(&pipeline, &options, metrics.clone()).expect("the pipeline runs");
     let end = Instant::now();
     done.store(true, Ordering::Relaxed);
     let first_read = watcher.join().expect("watcher");
-    end.duration_since(first_read).as_secs_f64()
+    (end.duration_since(first_read).as_secs_f64(), metrics)
+}
+
+/// Seconds the model thread of `model` (operator `infer`, worker 0) spent in model runs.
+fn model_busy_seconds(metrics: &Metrics, model: &str) -> f64 {
+    let labels = vec![("operator", "infer".to_owned()), ("model", model.to_owned()), ("worker", "0".to_owned())];
+    metrics.inference.busy_seconds.get_or_create(&labels).get()
 }
 
 /// How the results are written: JSON lines, or an Arrow IPC stream (`format: arrow`).
@@ -171,13 +177,19 @@ fn closed_loop(batch: usize, rows: u64, out: &Path, format: Format) -> f64 {
     // requests, and the engine's flow control keeps a few batches of requests in flight, like
     // a closed loop with a window. (At a rate of 1e9 all requests shared one millisecond,
     // nothing held the source back, and all 1M requests waited in memory: 726 MB.)
-    let seconds = run_pipeline(&inference_pipeline(2e6, rows, batch, 50, 0, out, format), 1);
+    let (seconds, metrics) = run_pipeline(&inference_pipeline(2e6, rows, batch, 50, 0, out, format), 1);
+    let busy = model_busy_seconds(&metrics, "mlp") / seconds;
+    eprintln!(
+        "closed loop, batch {batch}: {:.0} rows/s, model thread busy {:.0}%",
+        rows as f64 / seconds,
+        busy * 100.0
+    );
     rows as f64 / seconds
 }
 
 fn open_loop(rate: f64, seconds: f64, batch: usize, out: &Path) -> (f64, f64, f64, BTreeMap<String, usize>) {
     let count = (rate * seconds) as u64;
-    let wall = run_pipeline(&inference_pipeline(rate, count, batch, 2, 100, out, Format::Jsonl), 1);
+    let (wall, _) = run_pipeline(&inference_pipeline(rate, count, batch, 2, 100, out, Format::Jsonl), 1);
     let (latencies, statuses) = latencies(out);
     (count as f64 / wall, percentile(&latencies, 0.5), percentile(&latencies, 0.99), statuses)
 }
@@ -228,17 +240,7 @@ fn node_health_rate(heartbeats_minutes: u64, with_inference: bool, dir: &Path) -
             std::thread::sleep(Duration::from_micros(200));
         }
         let start = Instant::now();
-        let compute = || {
-            watched
-                .inference
-                .busy_seconds
-                .get_or_create(&vec![
-                    ("operator", "infer".to_owned()),
-                    ("model", "anomaly".to_owned()),
-                    ("worker", "0".to_owned()),
-                ])
-                .get()
-        };
+        let compute = || model_busy_seconds(&watched, "anomaly");
         let compute_at_start = compute();
         loop {
             if read.get() >= total || start.elapsed() > Duration::from_secs(300) {

@@ -44,9 +44,9 @@ pub(crate) enum Port<'scope> {
     /// Dead letters.
     DeadLetters(StreamVec<'scope, EventTime, (DeadLetter, EventTime)>),
     /// Inference requests.
-    Requests(StreamVec<'scope, EventTime, InferenceRequest>),
+    Requests(StreamVec<'scope, EventTime, Box<InferenceRequest>>),
     /// Inference results.
-    Results(StreamVec<'scope, EventTime, InferenceResult>),
+    Results(StreamVec<'scope, EventTime, Box<InferenceResult>>),
     /// Federated round reports (time: the round).
     Rounds(StreamVec<'scope, EventTime, super::federated::RoundReport>),
     /// Global model versions (time: the round).
@@ -73,7 +73,7 @@ pub struct SourceInputs {
     /// Heartbeats, at their event time.
     pub heartbeats: InputSession<EventTime, Heartbeat, isize>,
     /// Inference requests, at their event time.
-    pub requests: InputSession<EventTime, InferenceRequest, isize>,
+    pub requests: InputSession<EventTime, Box<InferenceRequest>, isize>,
     /// Federated client updates, at their event time.
     pub updates: InputSession<EventTime, ModelUpdate, isize>,
     /// Raw messages, at their event time.
@@ -90,7 +90,7 @@ impl SourceInputs {
     pub fn insert(&mut self, record: edgeflow_operators::Record, time: EventTime) {
         match record {
             edgeflow_operators::Record::Heartbeat(heartbeat) => self.heartbeats.update_at(heartbeat, time, 1),
-            edgeflow_operators::Record::Request(request) => self.requests.update_at(*request, time, 1),
+            edgeflow_operators::Record::Request(request) => self.requests.update_at(request, time, 1),
             edgeflow_operators::Record::Update(update) => self.updates.update_at(*update, time, 1),
             edgeflow_operators::Record::Raw(message) => self.raw.update_at(*message, time, 1),
         }
@@ -140,7 +140,7 @@ pub fn build<'scope>(
     let mut checkpoint_streams = Vec::new();
     for source in &pipeline.sources {
         let mut heartbeats = InputSession::new();
-        let mut requests: InputSession<EventTime, InferenceRequest, isize> = InputSession::new();
+        let mut requests: InputSession<EventTime, Box<InferenceRequest>, isize> = InputSession::new();
         let mut updates: InputSession<EventTime, ModelUpdate, isize> = InputSession::new();
         let mut raw: InputSession<EventTime, RawMessage, isize> = InputSession::new();
         let mut dead_letters = InputSession::new();
@@ -245,7 +245,7 @@ pub fn build<'scope>(
                             collection
                                 .inner
                                 .clone()
-                                .map(move |(heartbeat, _, _)| config.heartbeat_request(&heartbeat, &input)),
+                                .map(move |(heartbeat, _, _)| Box::new(config.heartbeat_request(&heartbeat, &input))),
                         );
                     }
                     _ => {}
@@ -263,7 +263,7 @@ pub fn build<'scope>(
                 // whose node went Offline go back to the balancer.
                 results = scope.concatenate([results, balancer.unplaced.clone()]);
                 balancer.reroutes.push(out.flat_map(|out| match out {
-                    InferenceOut::Reroute(request) => Some(request),
+                    InferenceOut::Reroute(request) => Some(*request),
                     InferenceOut::Result(_) => None,
                 }));
             }
@@ -338,9 +338,11 @@ pub fn build<'scope>(
                 }
                 // A sink with a results format of its own takes the results themselves.
                 Some(Port::Results(stream)) if own_results_format => {
-                    streams.push(stream.clone().map(move |result| {
-                        (result.timestamp, SinkItem::Result(index, OrderedResult(Box::new(result))))
-                    }));
+                    streams.push(
+                        stream
+                            .clone()
+                            .map(move |result| (result.timestamp, SinkItem::Result(index, OrderedResult(result)))),
+                    );
                 }
                 Some(port) => {
                     streams.push(encode(port.clone()).map(move |(key, line)| (key, SinkItem::Line(index, line))));
@@ -392,9 +394,9 @@ fn at_record_time<'scope, D: Clone + 'static>(
 /// A load balancer in the dataflow.
 struct Balanced<'scope> {
     /// Requests with their node.
-    placed: StreamVec<'scope, EventTime, InferenceRequest>,
+    placed: StreamVec<'scope, EventTime, Box<InferenceRequest>>,
     /// Results of requests no node could take.
-    unplaced: StreamVec<'scope, EventTime, InferenceResult>,
+    unplaced: StreamVec<'scope, EventTime, Box<InferenceResult>>,
     /// The status changes it places on (an inference operator reading it re-routes on them).
     changes: StreamVec<'scope, EventTime, StatusChange>,
     /// Where re-routed requests re-enter it (one time unit later).
@@ -416,7 +418,7 @@ fn build_balancer<'scope>(
     let mut changes = Vec::new();
     for reference in &operator.inputs {
         match ports.get(&reference.to_string()) {
-            Some(Port::Requests(stream)) => requests.push(stream.clone().map(Incoming::New)),
+            Some(Port::Requests(stream)) => requests.push(stream.clone().map(|request| Incoming::New(*request))),
             Some(Port::Changes(stream)) => {
                 changes.push(stream.clone());
                 updates.push(stream.clone().map(FleetUpdate::Change));
@@ -439,11 +441,11 @@ fn build_balancer<'scope>(
     });
     Balanced {
         placed: placements.clone().flat_map(|p| match p {
-            Placement::Assigned(request) => Some(request),
+            Placement::Assigned(request) => Some(Box::new(request)),
             Placement::Unplaced(_) => None,
         }),
         unplaced: placements.flat_map(|p| match p {
-            Placement::Unplaced(result) => Some(result),
+            Placement::Unplaced(result) => Some(Box::new(result)),
             Placement::Assigned(_) => None,
         }),
         changes: scope.concatenate(changes),

@@ -40,9 +40,15 @@ type Output<'a> = OutputBuilderSession<'a, EventTime, CapacityContainerBuilder<V
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) enum InferenceOut {
     /// The one result of a request.
-    Result(InferenceResult),
+    Result(Box<InferenceResult>),
     /// A request to place again, with `node` still naming the lost node.
-    Reroute(InferenceRequest),
+    Reroute(Box<InferenceRequest>),
+}
+
+impl InferenceOut {
+    fn result(result: InferenceResult) -> Self {
+        InferenceOut::Result(Box::new(result))
+    }
 }
 
 /// A request waiting for, or in, a model run: the time its result goes out at. Boxed, so
@@ -127,7 +133,7 @@ impl Held {
 /// are the status changes of the fleet the requests were placed on (load-balanced
 /// requests): a request still waiting when its node goes Offline leaves as a re-route.
 pub(crate) fn inference<'scope>(
-    requests: StreamVec<'scope, EventTime, InferenceRequest>,
+    requests: StreamVec<'scope, EventTime, Box<InferenceRequest>>,
     changes: StreamVec<'scope, EventTime, StatusChange>,
     operator: &str,
     config: &InferenceConfig,
@@ -140,7 +146,10 @@ pub(crate) fn inference<'scope>(
     let policy = config.policy();
     let watch = (config.watch.as_millis() > 0).then(|| Duration::from_millis(config.watch.as_millis()));
     let metrics = metrics.clone();
-    let pact = Exchange::new(|request: &InferenceRequest| route_hash(request.node.as_deref().unwrap_or(&request.id)));
+    // The stream's records are boxed requests: the closure takes what the stream holds.
+    #[allow(clippy::borrowed_box)]
+    let pact =
+        Exchange::new(|request: &Box<InferenceRequest>| route_hash(request.node.as_deref().unwrap_or(&request.id)));
     let rerouted = metrics.inference.rerouted.get_or_create(&vec![("operator", operator.to_owned())]).clone();
     let changes = changes.broadcast();
     requests.binary_frontier(changes, pact, Pipeline, &format!("Inference({operator})"), move |_cap, info| {
@@ -218,7 +227,7 @@ pub(crate) fn inference<'scope>(
                     for queue in lane.queues.values_mut() {
                         for gone in queue.remove_where(|w| w.request.node.as_deref() == Some(node.as_str())) {
                             rerouted.inc();
-                            released.push((gone.item.time, InferenceOut::Reroute(*gone.item.request)));
+                            released.push((gone.item.time, InferenceOut::Reroute(gone.item.request)));
                         }
                     }
                 }
@@ -242,35 +251,35 @@ pub(crate) fn inference<'scope>(
                             request.model,
                             served.join(", ")
                         );
-                        answered.push(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
+                        answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
                     };
                     if let Err(reason) = lane.service.interface().check(&request.model, &request.inputs) {
                         lane.counters.count(ResultStatus::Failed);
-                        answered.push(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
+                        answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
                     }
                     if let Some(deadline) = request.deadline.filter(|d| *d <= now_ms) {
                         lane.counters.count(ResultStatus::Expired);
                         let reason = format!("deadline {deadline} passed {} ms before admission", now_ms - deadline);
-                        answered.push(InferenceOut::Result(InferenceResult::refused(&request, ResultStatus::Expired, reason, 0.0)));
+                        answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Expired, reason, 0.0)));
                         continue;
                     }
                     let queue = lane.queues.entry(request.version).or_insert_with(|| Batcher::new(policy));
                     let (priority, deadline) = (request.priority, request.deadline);
-                    match queue.push(Waiting { request: Box::new(request), time }, priority, deadline, now) {
+                    match queue.push(Waiting { request, time }, priority, deadline, now) {
                         Admission::Admitted => held.hold(&cap, time, port),
                         Admission::Displaced(victim, reason) => {
                             held.hold(&cap, time, port);
                             lane.counters.count(ResultStatus::Rejected);
                             let waited = now.duration_since(victim.admitted).as_secs_f64() * 1000.0;
                             let result = InferenceResult::refused(&victim.item.request, ResultStatus::Rejected, reason, waited);
-                            released.push((victim.item.time, InferenceOut::Result(result)));
+                            released.push((victim.item.time, InferenceOut::result(result)));
                         }
                         Admission::Rejected(waiting, reason) => {
                             lane.counters.count(ResultStatus::Rejected);
                             let result = InferenceResult::refused(&waiting.request, ResultStatus::Rejected, reason, 0.0);
-                            answered.push(InferenceOut::Result(result));
+                            answered.push(InferenceOut::result(result));
                         }
                     }
                 }
@@ -316,7 +325,7 @@ pub(crate) fn inference<'scope>(
                         let deadline = expired.deadline.unwrap_or_default();
                         let reason = format!("deadline {deadline} passed after {waited:.1} ms in the queue");
                         let result = InferenceResult::refused(&expired.item.request, ResultStatus::Expired, reason, waited);
-                        released.push((expired.item.time, InferenceOut::Result(result)));
+                        released.push((expired.item.time, InferenceOut::result(result)));
                     }
                     while let Some(batch) = queue.next_batch(now, drain) {
                         let id = next_job;
@@ -383,7 +392,7 @@ impl Submit<'_> {
                 let failed = waiting.into_iter().map(|(item, _)| {
                     self.counters.count(ResultStatus::Failed);
                     let result = InferenceResult::refused(&item.request, ResultStatus::Failed, reason.clone(), 0.0);
-                    (item.time, InferenceOut::Result(result))
+                    (item.time, InferenceOut::result(result))
                 });
                 held.emit_all(output, failed.collect());
             }
@@ -429,7 +438,7 @@ fn finish(
                     batch_size: size,
                     finished_at,
                 };
-                outs.push((waiting.time, InferenceOut::Result(result)));
+                outs.push((waiting.time, InferenceOut::result(result)));
             }
         }
         Err(reason) => {
@@ -440,7 +449,7 @@ fn finish(
                     InferenceResult::refused(&waiting.request, ResultStatus::Failed, reason.clone(), queue_ms);
                 result.compute_ms = compute_ms;
                 result.batch_size = size;
-                outs.push((waiting.time, InferenceOut::Result(result)));
+                outs.push((waiting.time, InferenceOut::result(result)));
             }
         }
     }
