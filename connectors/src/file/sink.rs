@@ -17,7 +17,7 @@ pub struct FileSinkConfig {
     #[serde(default)]
     pub append: bool,
     /// `jsonl` (default): one JSON document per line. `arrow`: an Arrow IPC stream of
-    /// inference results, one record batch per flush (results only).
+    /// inference results in record batches of up to 8,192 rows (results only).
     #[serde(default)]
     pub format: FileFormat,
 }
