@@ -101,9 +101,7 @@ pub trait Sink: Send {
     /// Writes one inference result: its JSON line, unless the sink has a format of its own
     /// for results (a `file` sink with `format: arrow`).
     fn write_result(&mut self, result: &edgeflow_operators::InferenceResult) -> Result<(), ConnectorError> {
-        let mut line = Vec::with_capacity(256);
-        result.write_json(&mut line);
-        self.write(&line)
+        self.write(&result.to_json_line())
     }
 }
 

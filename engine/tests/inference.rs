@@ -57,6 +57,13 @@ fn linear_request_at(seq: u64, rows: usize, base: u64) -> Value {
     })
 }
 
+/// A `linear` request whose `x` has 5 columns instead of 4.
+fn wrong_shape_request(seq: u64) -> Value {
+    let mut request = linear_request(seq, 1);
+    request["inputs"]["x"] = serde_json::json!({"shape": [1, 5], "data": [1, 2, 3, 4, 5]});
+    request
+}
+
 fn write_lines(path: &Path, lines: &[Value]) {
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(path, text).unwrap();
@@ -152,8 +159,7 @@ fn by_status(results: &[Value]) -> BTreeMap<String, usize> {
 fn outputs_equal_a_direct_onnx_runtime_run_and_bad_requests_get_reasons() {
     let dir = tempfile::tempdir().unwrap();
     let mut requests: Vec<Value> = (0..3000).map(|seq| linear_request(seq, 1 + (seq % 3) as usize)).collect();
-    let mut wrong_shape = linear_request(90_001, 1);
-    wrong_shape["inputs"]["x"] = serde_json::json!({"shape": [1, 5], "data": [1, 2, 3, 4, 5]});
+    let wrong_shape = wrong_shape_request(90_001);
     let mut unknown_model = linear_request(90_002, 1);
     unknown_model["model"] = "resnet".into();
     let mut wrong_input = linear_request(90_003, 1);
@@ -555,18 +561,15 @@ for row in table.to_pylist():
         path.display()
     );
     let text = String::from_utf8(output.stdout).unwrap();
-    let mut lines = text.lines();
-    let schema: String = serde_json::from_str(lines.next().unwrap()).unwrap();
-    (schema, lines.map(|line| serde_json::from_str(line).unwrap()).collect())
+    let (schema, rows) = text.split_once('\n').unwrap();
+    (serde_json::from_str(schema).unwrap(), common::json_values(rows))
 }
 
 #[test]
 fn an_arrow_results_file_holds_what_the_json_results_say() {
     let dir = tempfile::tempdir().unwrap();
     let mut requests: Vec<Value> = (0..600).map(|seq| linear_request(seq, 1 + (seq % 2) as usize)).collect();
-    let mut wrong_shape = linear_request(90_001, 1);
-    wrong_shape["inputs"]["x"] = serde_json::json!({"shape": [1, 5], "data": [1, 2, 3, 4, 5]});
-    requests.push(wrong_shape);
+    requests.push(wrong_shape_request(90_001));
     let path = dir.path().join("requests.jsonl");
     write_lines(&path, &requests);
     let mut orders = Vec::new();

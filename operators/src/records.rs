@@ -610,6 +610,14 @@ impl InferenceResult {
         out.push(b'}');
     }
 
+    /// The result's JSON line (see [`Self::write_json`]).
+    pub fn to_json_line(&self) -> Vec<u8> {
+        // Room for the fields and ~16 bytes per output float, so the line is not regrown.
+        let mut line = Vec::with_capacity(256 + 16 * self.outputs.values().map(|t| t.data.len()).sum::<usize>());
+        self.write_json(&mut line);
+        line
+    }
+
     /// A result that ends `request` without a model run.
     pub fn refused(request: &InferenceRequest, status: ResultStatus, reason: String, queue_ms: f64) -> Self {
         InferenceResult {

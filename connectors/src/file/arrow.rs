@@ -49,13 +49,19 @@ struct Layout {
     entry_fields: Fields,
     /// Fields of a value: `shape`, `data`.
     value_fields: Fields,
+    /// The item fields of the `shape` and `data` lists.
+    shape_item: FieldRef,
+    data_item: FieldRef,
 }
 
 impl Layout {
     fn new() -> Self {
-        let shape = Field::new("shape", DataType::List(Arc::new(Field::new("item", DataType::UInt64, false))), false);
-        let data = Field::new("data", DataType::List(Arc::new(Field::new("item", DataType::Float32, false))), false);
-        let value_fields = Fields::from(vec![shape, data]);
+        let shape_item = Arc::new(Field::new("item", DataType::UInt64, false));
+        let data_item = Arc::new(Field::new("item", DataType::Float32, false));
+        let value_fields = Fields::from(vec![
+            Field::new("shape", DataType::List(shape_item.clone()), false),
+            Field::new("data", DataType::List(data_item.clone()), false),
+        ]);
         let entry_fields = Fields::from(vec![
             Field::new("key", DataType::Utf8, false),
             Field::new("value", DataType::Struct(value_fields.clone()), false),
@@ -75,7 +81,7 @@ impl Layout {
             Field::new("batch_size", DataType::UInt32, false),
             Field::new("finished_at", DataType::Float64, false),
         ]);
-        Self { schema: Arc::new(schema), entries, entry_fields, value_fields }
+        Self { schema: Arc::new(schema), entries, entry_fields, value_fields, shape_item, data_item }
     }
 }
 
@@ -112,10 +118,6 @@ struct Sizes {
 
 impl Columns {
     fn new(layout: &Layout, sizes: Sizes) -> Self {
-        let list_item = |fields: &Fields, index: usize| match fields[index].data_type() {
-            DataType::List(item) => item.clone(),
-            _ => unreachable!("shape and data are lists"),
-        };
         let Sizes { rows, id_bytes, tensors, dims, values } = sizes;
         let mut output_offsets = Vec::with_capacity(rows + 1);
         output_offsets.push(0);
@@ -129,9 +131,9 @@ impl Columns {
             output_offsets,
             output_names: StringBuilder::with_capacity(tensors, tensors * 8),
             output_shapes: ListBuilder::with_capacity(UInt64Builder::with_capacity(dims), tensors)
-                .with_field(list_item(&layout.value_fields, 0)),
+                .with_field(layout.shape_item.clone()),
             output_data: ListBuilder::with_capacity(Float32Builder::with_capacity(values), tensors)
-                .with_field(list_item(&layout.value_fields, 1)),
+                .with_field(layout.data_item.clone()),
             node: text(0),
             timestamp: TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC"),
             queue_ms: Float64Builder::with_capacity(rows),
@@ -186,11 +188,10 @@ impl Columns {
     /// with room for as many rows.
     fn finish(&mut self, layout: &Layout) -> Result<RecordBatch, ArrowError> {
         let sizes = self.sizes();
-        let mut this = std::mem::replace(self, Columns::new(layout, sizes));
-        this.finish_into_batch(layout)
+        std::mem::replace(self, Columns::new(layout, sizes)).into_batch(layout)
     }
 
-    fn finish_into_batch(&mut self, layout: &Layout) -> Result<RecordBatch, ArrowError> {
+    fn into_batch(mut self, layout: &Layout) -> Result<RecordBatch, ArrowError> {
         let value = StructArray::try_new(
             layout.value_fields.clone(),
             vec![Arc::new(self.output_shapes.finish()) as ArrayRef, Arc::new(self.output_data.finish())],
@@ -201,7 +202,7 @@ impl Columns {
             vec![Arc::new(self.output_names.finish()) as ArrayRef, Arc::new(value)],
             None,
         )?;
-        let offsets = OffsetBuffer::new(ScalarBuffer::from(std::mem::replace(&mut self.output_offsets, vec![0])));
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(self.output_offsets));
         let outputs = MapArray::try_new(layout.entries.clone(), offsets, entries, None, false)?;
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.id.finish()),

@@ -44,16 +44,11 @@ pub struct FileSink {
 impl FileSink {
     /// Opens the sink's file, in the configured format.
     pub fn open(config: &FileSinkConfig) -> Result<Box<dyn Sink>, ConnectorError> {
+        if let Some((field, reason)) = config.problems().into_iter().next() {
+            return Err(ConnectorError::Config { connector: "file", reason: format!("`{field}`: {reason}") });
+        }
         Ok(match config.format {
             FileFormat::Jsonl => Box::new(Self::create(&config.path, config.append)?),
-            FileFormat::Arrow if config.append => {
-                return Err(ConnectorError::Config {
-                    connector: "file",
-                    reason:
-                        "`append` cannot be used with `format: arrow`: an Arrow IPC stream has one schema, at its start"
-                            .into(),
-                })
-            }
             FileFormat::Arrow => Box::new(super::ArrowResultSink::create(&config.path)?),
         })
     }
@@ -86,6 +81,19 @@ impl Sink for FileSink {
 
 /// Where a sink's file is, for messages.
 impl FileSinkConfig {
+    /// Settings that cannot work together, as `(field, reason)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.format == FileFormat::Arrow && self.append {
+            problems.push((
+                "append",
+                "`append: true` cannot be used with `format: arrow`: an Arrow IPC stream has one schema, at its start"
+                    .to_owned(),
+            ));
+        }
+        problems
+    }
+
     /// The configured path.
     pub fn path(&self) -> &PathBuf {
         &self.path

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use super::yaml::{self, Mark, Node, Value};
 use super::{
-    env, operator_outputs, FileFormat, LatePolicy, MetricsConfig, OperatorConfig, OperatorSpec, Pipeline, PortKind,
-    PortRef, Problem, Problems, SinkConfig, SinkSpec, SourceConfig, SourceSpec,
+    env, operator_outputs, LatePolicy, MetricsConfig, OperatorConfig, OperatorSpec, Pipeline, PortKind, PortRef,
+    Problem, Problems, SinkConfig, SinkSpec, SourceConfig, SourceSpec,
 };
 
 const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
@@ -226,29 +226,19 @@ impl Checker {
         for (written, typed) in sinks.iter().zip(&typed_sinks) {
             let Some(sink) = typed else { continue };
             let dead_letter = matches!(sink.config, SinkConfig::DeadLetter(_));
-            let arrow = matches!(&sink.config, SinkConfig::File(file) if file.format == FileFormat::Arrow);
+            let takes_results = sink.config.takes_results();
             self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
                 if dead_letter && kind != PortKind::DeadLetters {
                     Err(format!(
                         "sink `{}` (dead_letter) writes dead letters, for example `SOURCE.dead_letters`",
                         sink.name
                     ))
-                } else if arrow && kind != PortKind::InferenceResults {
+                } else if takes_results && kind != PortKind::InferenceResults {
                     Err(format!("sink `{}` (file, format: arrow) writes inference results only", sink.name))
                 } else {
                     Ok(())
                 }
             });
-            if let SinkConfig::File(file) = &sink.config {
-                if file.format == FileFormat::Arrow && file.append {
-                    let path = format!("sinks.{}.append", sink.name);
-                    self.problem(
-                        &path,
-                        written.body.key_of("append").map_or(written.name_mark, |key| key.mark),
-                        "`append: true` cannot be used with `format: arrow`: an Arrow IPC stream has one schema, at its start",
-                    );
-                }
-            }
         }
         let order = self.operator_order(&operators);
         self.check_exactly_once(&sources, &typed_sources, &operators, &sinks, &typed_sinks);
@@ -896,7 +886,16 @@ impl Checker {
         let skip = ["type", "input", "inputs"];
         let config = match written.type_name.as_str() {
             "stdout" => SinkConfig::Stdout(self.typed_without(written.body, &path, &skip)?),
-            "file" => SinkConfig::File(self.typed_without(written.body, &path, &skip)?),
+            "file" => {
+                let config: edgeflow_connectors::file::FileSinkConfig =
+                    self.typed_without(written.body, &path, &skip)?;
+                for (field, message) in config.problems() {
+                    // The problems are about a key being there at all: shown at the key.
+                    let mark = written.body.key_of(field).map_or(written.name_mark, |key| key.mark);
+                    self.problem(&join(&path, field), mark, message);
+                }
+                SinkConfig::File(config)
+            }
             "dead_letter" => {
                 let config: edgeflow_connectors::dead_letter::DeadLetterSinkConfig =
                     self.typed_without(written.body, &path, &skip)?;

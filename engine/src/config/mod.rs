@@ -274,7 +274,7 @@ impl OperatorConfig {
 pub enum SinkConfig {
     /// Standard output.
     Stdout(StdoutSinkConfig),
-    /// JSON lines file.
+    /// JSON lines file, or an Arrow IPC stream of inference results.
     File(FileSinkConfig),
     /// Dead-letter file or topic.
     DeadLetter(DeadLetterSinkConfig),
@@ -291,6 +291,13 @@ impl SinkConfig {
             SinkConfig::DeadLetter(config) => config.kafka.as_ref(),
             SinkConfig::Stdout(_) | SinkConfig::File(_) => None,
         }
+    }
+
+    /// Whether the sink takes inference results as records rather than JSON lines, to
+    /// write them in a format of its own (a `file` sink with `format: arrow`); it then takes
+    /// nothing else.
+    pub fn takes_results(&self) -> bool {
+        matches!(self, SinkConfig::File(file) if file.format == FileFormat::Arrow)
     }
 
     /// The type name used in YAML.

@@ -25,7 +25,7 @@ use timely::dataflow::{ProbeHandle, Scope, StreamVec};
 use super::federated::ClientHealth;
 use super::inference::InferenceOut;
 use super::sink::{sink_operator, Failure, OrderedResult, SinkGroup, SinkItem};
-use crate::config::{FileFormat, OperatorConfig, Pipeline, PortRef, SinkConfig};
+use crate::config::{OperatorConfig, Pipeline, PortRef};
 use crate::metrics::Metrics;
 
 /// A stream of one of the record kinds, as an output port of a component.
@@ -329,7 +329,7 @@ pub fn build<'scope>(
         } else {
             spec.inputs.clone()
         };
-        let own_results_format = matches!(&spec.config, SinkConfig::File(file) if file.format == FileFormat::Arrow);
+        let takes_results = spec.config.takes_results();
         for reference in references {
             match ports.get(&reference.to_string()) {
                 // Raw messages keep their bytes up to the sink.
@@ -337,7 +337,7 @@ pub fn build<'scope>(
                     streams.push(stream.clone().map(move |message| (message.timestamp, SinkItem::Raw(index, message))));
                 }
                 // A sink with a results format of its own takes the results themselves.
-                Some(Port::Results(stream)) if own_results_format => {
+                Some(Port::Results(stream)) if takes_results => {
                     streams.push(
                         stream
                             .clone()
@@ -517,11 +517,9 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         Port::Windows(stream) => stream.map(|result| (result.window_end, json(&result))),
         Port::DeadLetters(stream) => stream.map(|(letter, time)| (time, letter.to_json().to_string())),
         Port::Requests(stream) => stream.map(|request| (request.timestamp, json(&request))),
-        Port::Results(stream) => stream.map(|result| {
-            let mut line = Vec::with_capacity(256);
-            result.write_json(&mut line);
-            (result.timestamp, String::from_utf8(line).unwrap_or_default())
-        }),
+        Port::Results(stream) => {
+            stream.map(|result| (result.timestamp, String::from_utf8(result.to_json_line()).unwrap_or_default()))
+        }
         Port::Rounds(stream) => stream.map(|report| (report.round(), json(&report))),
         Port::Models(stream) => stream.map(|model| (model.round(), json(&model))),
         Port::Updates(stream) => stream.map(|update| (update.timestamp, json(&update))),
