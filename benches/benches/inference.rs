@@ -311,8 +311,6 @@ fn main() {
 
 /// Part 2: the open loop at fractions of the closed loop's rate `engine`.
 fn open_loops(engine: f64, rows: u64, full: bool, out: &Path) {
-    let out = out.to_path_buf();
-    let out = &out;
     let batch_one = closed_loop(1, rows / 10, out, Format::Jsonl);
     println!("## Open loop: single requests at a fixed rate, latency = result time - due time\n");
     println!("engine maximum: {engine:.0} requests/s at batch 64, {batch_one:.0} at batch 1\n");

@@ -499,10 +499,8 @@ fn count_stream<'scope, D: 'static>(
 /// Encodes a port's records as `(event time, JSON line)` for sinks.
 fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
     fn json<T: serde::Serialize>(value: &T) -> String {
-        let mut line = Vec::with_capacity(256);
         // Records are plain data; serialising them to JSON cannot fail.
-        let _ = serde_json::to_writer(&mut line, value);
-        String::from_utf8(line).unwrap_or_default()
+        serde_json::to_string(value).unwrap_or_default()
     }
     match port {
         Port::Heartbeats(collection) => collection.inner.map(|(hb, time, _)| (time, json(&hb))),
