@@ -177,6 +177,15 @@ pub mod external_clients {
                     late.timestamp = edgeflow_connectors::wall_clock_ms();
                     lines.push(json(&late));
                 }
+                if plan.round == 3 {
+                    // Before the selected clients' updates: the round closes as soon as all of
+                    // them are in, and an update read after that is refused as late instead.
+                    let outsider =
+                        fleet.clients.iter().map(|(id, _)| id).find(|id| !plan.clients.contains(id)).unwrap();
+                    let mut update = train(&plan.clients[0]);
+                    update.client_id = outsider.clone();
+                    lines.push(json(&update));
+                }
                 let clients = match plan.round {
                     2 => &plan.clients[..plan.clients.len() - 1],
                     4 => &plan.clients[..2],
@@ -194,13 +203,6 @@ pub mod external_clients {
                 }
                 if plan.round == 2 {
                     late = Some(train(plan.clients.last().unwrap()));
-                }
-                if plan.round == 3 {
-                    let outsider =
-                        fleet.clients.iter().map(|(id, _)| id).find(|id| !plan.clients.contains(id)).unwrap();
-                    let mut update = train(&plan.clients[0]);
-                    update.client_id = outsider.clone();
-                    lines.push(json(&update));
                 }
                 transport.send(&lines);
                 script.plans.push(record);
