@@ -34,7 +34,7 @@ pub fn fleet_heartbeats(config: &GeneratorConfig) -> Vec<Heartbeat> {
         .filter_map(|item| match item {
             SourceItem::Record { record: Record::Heartbeat(heartbeat), .. } => Some(heartbeat),
             SourceItem::Record { .. } => None,
-            SourceItem::Malformed { .. } => None,
+            SourceItem::Malformed { .. } | SourceItem::Future { .. } => None,
         })
         .collect()
 }

@@ -27,6 +27,9 @@ pub enum SourceItem {
     /// Input that could not be decoded, with its position and the reason. `clock` is the
     /// source's event clock at this item when the source knows it (the generator does).
     Malformed { letter: DeadLetter, clock: Option<EventTime> },
+    /// A record whose event time is further ahead of the wall clock than the source's
+    /// `max_future`: refused before it could move the source's clock (and so the watermark).
+    Future { letter: DeadLetter },
 }
 
 /// What a poll found.
@@ -52,6 +55,10 @@ pub enum ConnectorError {
     /// A parameter that cannot work.
     #[error("invalid {connector} configuration: {reason}")]
     Config { connector: &'static str, reason: String },
+    /// The reader of an output went away (standard output closed, as by `| head`): not a
+    /// failure, the run stops gracefully.
+    #[error("{what} was closed by its reader")]
+    OutputClosed { what: String },
     /// Kafka refused or failed an operation; librdkafka has already retried.
     #[error("kafka ({brokers}): {message}\nhint: check that the brokers are reachable from here and the topic exists")]
     Kafka { brokers: String, message: String },

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod graph;
+pub mod http;
 pub mod metrics;
 pub mod model_cli;
 pub mod runtime;

@@ -22,6 +22,21 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// command-line usage error (2).
 const EXIT_INVALID: u8 = 3;
 
+/// Most worker threads per process: each holds its own dataflow and buffers, so thousands
+/// would exhaust memory before they did any work.
+const MAX_WORKERS: usize = 512;
+/// Most processes in a cluster.
+const MAX_PROCESSES: usize = 1024;
+
+/// Parses a count from 1 to `MAX`.
+fn bounded<const MAX: usize>(text: &str) -> Result<usize, String> {
+    let value: usize = text.trim().parse().map_err(|_| format!("`{text}` is not a whole number"))?;
+    if !(1..=MAX).contains(&value) {
+        return Err(format!("{value} is out of range: expected 1 to {MAX}"));
+    }
+    Ok(value)
+}
+
 /// edgeflow: a stream-processing engine for intelligence at the network edge.
 #[derive(Debug, Parser)]
 #[command(name = "edgeflow", version, about)]
@@ -39,11 +54,11 @@ enum Command {
     Run {
         /// The pipeline YAML file.
         pipeline: PathBuf,
-        /// Timely worker threads in this process.
-        #[arg(long, short = 'w', default_value_t = 1, env = "EDGEFLOW_WORKERS")]
+        /// Timely worker threads in this process (1 to 512).
+        #[arg(long, short = 'w', default_value_t = 1, env = "EDGEFLOW_WORKERS", value_parser = bounded::<MAX_WORKERS>)]
         workers: usize,
-        /// Number of processes in the cluster.
-        #[arg(long, default_value_t = 1)]
+        /// Number of processes in the cluster (1 to 1024).
+        #[arg(long, default_value_t = 1, value_parser = bounded::<MAX_PROCESSES>)]
         processes: usize,
         /// This process's index in the cluster, from 0.
         #[arg(long, default_value_t = 0)]

@@ -387,11 +387,7 @@ pub fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<Sock
                     }),
                 );
             match tokio::net::TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    if let Err(err) = axum::serve(listener, app).await {
-                        tracing::error!(%err, "metrics server stopped");
-                    }
-                }
+                Ok(listener) => crate::http::serve(listener, app, crate::http::Limits::default()).await,
                 Err(err) => tracing::error!(%err, "metrics server could not start"),
             }
         });

@@ -160,7 +160,7 @@ fn heartbeats(nodes: u32, minutes: u64) -> Vec<String> {
             edgeflow_connectors::SourceItem::Record { record, .. } => {
                 Some(String::from_utf8(record.to_json()).unwrap())
             }
-            edgeflow_connectors::SourceItem::Malformed { .. } => None,
+            edgeflow_connectors::SourceItem::Malformed { .. } | edgeflow_connectors::SourceItem::Future { .. } => None,
         })
         .collect()
 }

@@ -12,6 +12,7 @@ pub mod inference;
 pub mod load_balance;
 pub mod node_health;
 pub mod records;
+pub mod time;
 pub mod window_aggregate;
 
 pub use duration::DurationMs;

@@ -7,7 +7,7 @@
 //! differential dataflow. Status changes and per-region rollups are derived from it.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
@@ -585,7 +585,7 @@ fn window_readings<'scope>(
                     let mut session = output.session(&cap);
                     for (region, readings) in regions {
                         session.give(((region.clone(), RegionEvidence::Readings(readings)), end, 1));
-                        session.give(((region, RegionEvidence::Readings(readings)), end + window, -1));
+                        session.give(((region, RegionEvidence::Readings(readings)), end.saturating_add(window), -1));
                     }
                 }
             }
@@ -631,18 +631,12 @@ fn region_rollups<'scope>(
     aggregates.inner.unary_frontier(pact, "RegionRollupWindows", move |_, _| {
         let mut pending: BTreeMap<EventTime, Vec<(String, RegionAggregate, isize)>> = BTreeMap::new();
         let mut current: BTreeMap<String, RegionAggregate> = BTreeMap::new();
-        // Capability at the next window end to report, and the last window end with data.
+        // Capability at the next window end to report.
         let mut next: Option<Capability<EventTime>> = None;
-        // Per region, the last window end at which its aggregate changed: a region is reported
-        // up to there, so the output does not depend on which regions share a worker.
-        let mut last_with_data: HashMap<String, EventTime> = HashMap::new();
-        let mut horizon: EventTime = 0;
+        let mut changed: HashSet<String> = HashSet::new();
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 for ((region, aggregate), time, diff) in data.drain(..) {
-                    let last = last_with_data.entry(region.clone()).or_default();
-                    *last = (*last).max(time);
-                    horizon = horizon.max(time);
                     match &next {
                         Some(held) if held.time() <= &time => {}
                         _ => next = Some(cap.delayed(&time, output.output_index())),
@@ -650,11 +644,15 @@ fn region_rollups<'scope>(
                     pending.entry(time).or_default().push((region, aggregate, diff));
                 }
             });
+            // A region is reported at a window end where its aggregate changed or where it had
+            // heartbeats; windows in which nothing happened anywhere are skipped, so the work
+            // is bounded by the data and not by the span of event time it covers.
             while let Some(cap) = next.as_mut() {
                 let end = *cap.time();
-                if frontier.less_equal(&end) || end > horizon {
+                if frontier.less_equal(&end) {
                     break;
                 }
+                changed.clear();
                 if let Some(mut updates) = pending.remove(&end) {
                     // Retractions first, so that a region's new aggregate replaces the old.
                     updates.sort_by_key(|update| update.2);
@@ -663,14 +661,19 @@ fn region_rollups<'scope>(
                             if current.get(&region) == Some(&aggregate) {
                                 current.remove(&region);
                             }
+                            changed.insert(region);
                         } else {
+                            changed.insert(region.clone());
                             current.insert(region, aggregate);
                         }
                     }
                 }
+                let mut active = false;
                 let mut session = output.session(&*cap);
                 for (region, aggregate) in &current {
-                    if last_with_data.get(region).is_none_or(|last| *last < end) {
+                    if aggregate.heartbeats > 0 {
+                        active = true;
+                    } else if !changed.contains(region) {
                         continue;
                     }
                     let [healthy, degraded, unhealthy, offline] = aggregate.counts;
@@ -691,10 +694,13 @@ fn region_rollups<'scope>(
                     });
                 }
                 drop(session);
-                cap.downgrade(&(end + window));
-            }
-            if frontier.is_empty() && next.as_ref().is_some_and(|cap| *cap.time() > horizon) {
-                next = None;
+                // The next window end: the following one while a region has heartbeats (its
+                // readings leave then), else the next one with updates.
+                let following = if active { Some(end.saturating_add(window)) } else { pending.keys().next().copied() };
+                match following {
+                    Some(time) if time > end => cap.downgrade(&time),
+                    _ => next = None,
+                }
             }
         }
     })

@@ -13,6 +13,16 @@ use serde::{Deserialize, Serialize};
 use crate::federated::update::ModelUpdate;
 use crate::EventTime;
 
+/// Decodes one JSON object of type `T`, named `what` in errors. A record is always an
+/// object: serde would also accept an array of the fields in order (`["n1", ...]`), which
+/// no sender means, so an array is refused here (other non-objects fail in serde).
+pub fn decode_object<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(format!("invalid {what} JSON: expected an object, found an array"));
+    }
+    serde_json::from_slice(bytes).map_err(|err| format!("invalid {what} JSON: {err}"))
+}
+
 /// A total order on records with floats, so they can live in differential collections
 /// (which need `Ord`): floats compare with `total_cmp`.
 macro_rules! total_order {
@@ -99,8 +109,7 @@ impl Heartbeat {
     /// Decodes one JSON heartbeat and checks its values, with a reason on failure that names
     /// the offending field.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let heartbeat: Heartbeat =
-            serde_json::from_slice(bytes).map_err(|err| format!("invalid heartbeat JSON: {err}"))?;
+        let heartbeat: Heartbeat = decode_object(bytes, "heartbeat")?;
         heartbeat.validate()?;
         Ok(heartbeat)
     }
@@ -110,6 +119,8 @@ impl Heartbeat {
         if self.node_id.is_empty() {
             return Err("invalid heartbeat: `node_id` is empty".into());
         }
+        crate::time::check_event_time("timestamp", self.timestamp)
+            .map_err(|reason| format!("invalid heartbeat: {reason}"))?;
         let checks = [
             ("cpu", self.cpu, 0.0, 100.0),
             ("memory", self.memory, 0.0, 100.0),
@@ -314,9 +325,41 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// Most values a tensor may hold (16 Mi: 64 MiB of f32), so that no shape can make the
+    /// engine allocate without bound when it batches requests.
+    pub const MAX_VALUES: usize = 1 << 24;
+    /// Most dimensions a tensor may have.
+    pub const MAX_DIMENSIONS: usize = 16;
+
     /// Checks that `data` holds exactly the number of values `shape` calls for.
     pub fn validate(&self, name: &str) -> Result<(), String> {
-        let expected: usize = self.shape.iter().product();
+        if self.shape.len() > Self::MAX_DIMENSIONS {
+            return Err(format!(
+                "tensor `{name}` has {} dimensions; at most {} are accepted",
+                self.shape.len(),
+                Self::MAX_DIMENSIONS
+            ));
+        }
+        if let Some(dim) = self.shape.iter().find(|dim| **dim > Self::MAX_VALUES) {
+            return Err(format!(
+                "tensor `{name}` has shape {:?}: dimension {dim} is more than the {} values a tensor may hold",
+                self.shape,
+                Self::MAX_VALUES
+            ));
+        }
+        // Checked: a shape such as [2^62, 4] must not wrap around to a small product.
+        let expected = self
+            .shape
+            .iter()
+            .try_fold(1usize, |product, dim| product.checked_mul(*dim))
+            .filter(|values| *values <= Self::MAX_VALUES)
+            .ok_or_else(|| {
+                format!(
+                    "tensor `{name}` has shape {:?}, more than the {} values a tensor may hold",
+                    self.shape,
+                    Self::MAX_VALUES
+                )
+            })?;
         if expected != self.data.len() {
             return Err(format!(
                 "tensor `{name}` has shape {:?} ({expected} values) but {} values",
@@ -433,8 +476,7 @@ pub struct InferenceRequest {
 impl InferenceRequest {
     /// Decodes one JSON request and checks its tensors.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let request: InferenceRequest =
-            serde_json::from_slice(bytes).map_err(|err| format!("invalid inference request JSON: {err}"))?;
+        let request: InferenceRequest = decode_object(bytes, "inference request")?;
         request.validate()?;
         Ok(request)
     }
@@ -450,6 +492,8 @@ impl InferenceRequest {
         if self.inputs.is_empty() {
             return Err(format!("invalid inference request `{}`: `inputs` is empty", self.id));
         }
+        crate::time::check_event_time("timestamp", self.timestamp)
+            .map_err(|reason| format!("invalid inference request `{}`: {reason}", self.id))?;
         for (name, tensor) in &self.inputs {
             tensor.validate(name).map_err(|reason| format!("invalid inference request `{}`: {reason}", self.id))?;
         }

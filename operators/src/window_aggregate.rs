@@ -174,14 +174,14 @@ impl WindowParams {
         (0..count)
             .rev()
             .filter_map(move |back| last_start.checked_sub(back * self.slide))
-            .map(move |start| start + self.size)
+            .map(move |start| start.saturating_add(self.size))
     }
 
     fn result(&self, key: &str, end: EventTime, acc: &Accumulator, revision: u32) -> WindowResult {
         let wanted = |aggregate| self.aggregates.contains(&aggregate);
         WindowResult {
             key: key.to_owned(),
-            window_start: end - self.size,
+            window_start: end.saturating_sub(self.size),
             window_end: end,
             count: acc.count,
             sum: wanted(Aggregate::Sum).then_some(Gauge(acc.sum())),
@@ -410,7 +410,7 @@ where
             // Forget windows beyond the allowed lateness.
             let horizon = frontier.frontier().iter().min().copied();
             match horizon {
-                Some(now) => closed.retain(|end, _| end + params.lateness >= now),
+                Some(now) => closed.retain(|end, _| end.saturating_add(params.lateness) >= now),
                 None => closed.clear(),
             }
         }

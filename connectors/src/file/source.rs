@@ -2,6 +2,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 
+use edgeflow_operators::time::FutureBound;
 use edgeflow_operators::{DeadLetter, DurationMs, RecordKind};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +33,11 @@ pub struct FileSourceConfig {
     /// its watermark then follows the wall clock (default 30s).
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: DurationMs,
+    /// How far ahead of the wall clock a record's event time may be (default 5m). A record
+    /// further ahead goes to the dead-letter output with the reason, before it can move the
+    /// watermark (one bad clock would make every later record late).
+    #[serde(default = "defaults::max_future")]
+    pub max_future: DurationMs,
 }
 
 pub(crate) mod defaults {
@@ -45,7 +51,14 @@ pub(crate) mod defaults {
     pub fn idle_timeout() -> DurationMs {
         DurationMs::from_secs(30)
     }
+    pub fn max_future() -> DurationMs {
+        DurationMs(edgeflow_operators::time::DEFAULT_MAX_FUTURE_MS)
+    }
 }
+
+/// Longest line a file source reads (16 MiB): a longer one is a dead letter, not an
+/// allocation as large as the file.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
 
 /// Lines per block when several workers share a file.
 const STRIDE: u64 = 64;
@@ -70,6 +83,7 @@ pub struct FileSource {
     poll_interval: u64,
     records: RecordKind,
     buffer: Vec<u8>,
+    future: FutureBound,
 }
 
 impl FileSource {
@@ -90,6 +104,7 @@ impl FileSource {
             poll_interval: config.poll_interval.as_millis().max(1),
             records: config.records,
             buffer: Vec::with_capacity(1024),
+            future: FutureBound::new(config.max_future.as_millis()),
         };
         if config.follow {
             // One reader follows the whole file; the other workers have nothing to read.
@@ -109,54 +124,107 @@ impl Source for FileSource {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(SourceStatus::Exhausted);
         };
+        self.future.refresh();
         let mut produced = 0;
         while produced < max {
             self.buffer.clear();
-            let read = reader
-                .read_until(b'\n', &mut self.buffer)
+            let read = read_line(reader, &mut self.buffer)
                 .map_err(|source| ConnectorError::Read { path: self.shown.clone(), source })?;
-            if read == 0 {
+            if read.consumed == 0 {
                 if self.follow {
                     return Ok(SourceStatus::Idle { retry_in_ms: self.poll_interval });
                 }
                 self.reader = None;
                 return Ok(SourceStatus::Exhausted);
             }
-            if self.follow && self.buffer.last() != Some(&b'\n') {
+            if self.follow && !read.ended {
                 // A line still being written: read it again once it is complete.
                 reader
                     .seek(SeekFrom::Start(self.offset))
                     .map_err(|source| ConnectorError::Read { path: self.shown.clone(), source })?;
                 return Ok(SourceStatus::Idle { retry_in_ms: self.poll_interval });
             }
-            self.offset += read as u64;
+            self.offset += read.consumed as u64;
             let line = self.line;
             self.line += 1;
             if ((line - 1) / STRIDE) % self.peers != self.index {
                 continue;
             }
-            let text = trim_line(&self.buffer);
+            if read.overlong {
+                self.buffer.truncate(MAX_LINE_BYTES);
+            }
+            let mut text = trim_line(&self.buffer);
+            if line == 1 {
+                // A UTF-8 byte-order mark, as some editors on Windows write.
+                text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+            }
             if text.is_empty() {
                 continue;
             }
             produced += 1;
+            let letter = |reason, payload: &[u8]| DeadLetter {
+                source: self.name.clone(),
+                position: format!("{}:{line}", self.shown),
+                reason,
+                payload: payload.to_vec(),
+            };
+            if read.overlong {
+                let reason = format!("line is longer than {MAX_LINE_BYTES} bytes (its first {MAX_LINE_BYTES} kept)");
+                out.push(SourceItem::Malformed { letter: letter(reason, text), clock: None });
+                continue;
+            }
             match self.records.decode(text) {
                 Ok(record) => {
                     let clock = record.event_time();
-                    out.push(SourceItem::Record { record, clock });
+                    match self.future.check(clock) {
+                        Ok(()) => out.push(SourceItem::Record { record, clock }),
+                        Err(reason) => out.push(SourceItem::Future { letter: letter(reason, text) }),
+                    }
                 }
-                Err(reason) => out.push(SourceItem::Malformed {
-                    letter: DeadLetter {
-                        source: self.name.clone(),
-                        position: format!("{}:{line}", self.shown),
-                        reason,
-                        payload: text.to_vec(),
-                    },
-                    clock: None,
-                }),
+                Err(reason) => out.push(SourceItem::Malformed { letter: letter(reason, text), clock: None }),
             }
         }
         Ok(SourceStatus::Ready)
+    }
+}
+
+/// What [`read_line`] read.
+struct Line {
+    /// Bytes consumed from the file (the whole line, even the part not kept).
+    consumed: usize,
+    /// Whether the line ended with a newline (else: end of file so far).
+    ended: bool,
+    /// Whether it was longer than [`MAX_LINE_BYTES`] (only that much was kept).
+    overlong: bool,
+}
+
+/// Reads one line into `buffer`, keeping at most [`MAX_LINE_BYTES`] of it plus the newline;
+/// the rest of a longer line is consumed and dropped, so the next read starts at the next
+/// line.
+fn read_line(reader: &mut impl BufRead, buffer: &mut Vec<u8>) -> std::io::Result<Line> {
+    let mut line = Line { consumed: 0, ended: false, overlong: false };
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        if available.is_empty() {
+            return Ok(line);
+        }
+        let (take, ended) = match available.iter().position(|b| *b == b'\n') {
+            Some(newline) => (newline + 1, true),
+            None => (available.len(), false),
+        };
+        let room = (MAX_LINE_BYTES + 1).saturating_sub(buffer.len());
+        line.overlong |= take > room;
+        buffer.extend_from_slice(&available[..take.min(room)]);
+        reader.consume(take);
+        line.consumed += take;
+        if ended {
+            line.ended = true;
+            return Ok(line);
+        }
     }
 }
 
@@ -188,6 +256,7 @@ mod tests {
             poll_interval: DurationMs(10),
             max_out_of_orderness: DurationMs(0),
             idle_timeout: DurationMs(1000),
+            max_future: defaults::max_future(),
         }
     }
 
@@ -215,6 +284,7 @@ mod tests {
                     match item {
                         SourceItem::Record { record, .. } => times.push(record.event_time()),
                         SourceItem::Malformed { letter, .. } => bad.push(letter.position),
+                        SourceItem::Future { letter } => panic!("no record is in the future: {letter:?}"),
                     }
                 }
             }
@@ -243,5 +313,76 @@ mod tests {
         file.flush().unwrap();
         source.poll(&mut out, 10).unwrap();
         assert_eq!(out.len(), 1);
+    }
+
+    fn items(path: &std::path::Path) -> Vec<SourceItem> {
+        drain(&mut FileSource::open("f", &config(path), 0, 1).unwrap())
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bom.jsonl");
+        std::fs::write(&path, format!("\u{feff}{}\n{}\n", beat(1, 5), beat(2, 6))).unwrap();
+        let items = items(&path);
+        assert!(items.iter().all(|i| matches!(i, SourceItem::Record { .. })), "{items:?}");
+        assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn an_overlong_line_is_a_dead_letter_and_the_next_line_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.jsonl");
+        let mut file = File::create(&path).unwrap();
+        file.write_all(&vec![b'x'; MAX_LINE_BYTES + 10]).unwrap();
+        writeln!(file).unwrap();
+        writeln!(file, "{}", beat(1, 5)).unwrap();
+        drop(file);
+        let items = items(&path);
+        assert_eq!(items.len(), 2, "{:?}", items.iter().map(std::mem::discriminant).collect::<Vec<_>>());
+        let SourceItem::Malformed { letter, .. } = &items[0] else { panic!("first item: not a dead letter") };
+        assert!(letter.reason.contains("longer than 16777216 bytes"), "{}", letter.reason);
+        assert_eq!(letter.payload.len(), MAX_LINE_BYTES, "the kept part is bounded");
+        assert!(matches!(&items[1], SourceItem::Record { record, .. } if record.event_time() == 5));
+    }
+
+    #[test]
+    fn a_record_far_in_the_future_is_refused_before_it_moves_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("future.jsonl");
+        let now = crate::wall_clock_ms();
+        let year_ahead = now + 365 * 86_400_000;
+        let lines =
+            [beat(1, now), beat(2, year_ahead), beat(3, 253_402_300_799_999), beat(4, u64::MAX), beat(5, now + 1)];
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let items = items(&path);
+        let kinds: Vec<&str> = items
+            .iter()
+            .map(|item| match item {
+                SourceItem::Record { .. } => "record",
+                SourceItem::Malformed { .. } => "malformed",
+                SourceItem::Future { .. } => "future",
+            })
+            .collect();
+        assert_eq!(kinds, ["record", "future", "future", "malformed", "record"]);
+        let SourceItem::Future { letter } = &items[1] else { unreachable!("checked above") };
+        assert!(
+            letter.reason.contains("ahead of the wall clock") && letter.reason.contains("max_future"),
+            "{}",
+            letter.reason
+        );
+        assert_eq!(letter.position, format!("{}:2", path.display()));
+        let SourceItem::Malformed { letter, .. } = &items[3] else { unreachable!("checked above") };
+        assert!(letter.reason.contains("past the latest event time"), "{}", letter.reason);
+    }
+
+    #[test]
+    fn a_json_array_is_not_a_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("array.jsonl");
+        std::fs::write(&path, "[\"n1\",\"eu\",1,2,5,1,2,3]\n").unwrap();
+        let items = items(&path);
+        let SourceItem::Malformed { letter, .. } = &items[0] else { panic!("{items:?}") };
+        assert_eq!(letter.reason, "invalid heartbeat JSON: expected an object, found an array");
     }
 }

@@ -107,6 +107,11 @@ pub struct KafkaSourceConfig {
     /// (default 30s).
     #[serde(default = "crate::file::source_defaults::idle_timeout")]
     pub idle_timeout: DurationMs,
+    /// How far ahead of the wall clock a message's event time may be (default 5m). A message
+    /// further ahead goes to the dead-letter output with the reason, before it can move its
+    /// partition's watermark (one bad clock would make every later message late).
+    #[serde(default = "crate::file::source_defaults::max_future")]
+    pub max_future: DurationMs,
     /// TLS and SASL.
     #[serde(default)]
     pub security: KafkaSecurity,

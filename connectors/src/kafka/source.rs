@@ -167,6 +167,8 @@ pub struct KafkaSource {
     group: String,
     /// Messages and bytes consumed, per topic.
     counters: HashMap<String, (Counter, Counter)>,
+    /// Records too far ahead of the wall clock are refused (`max_future`).
+    future: edgeflow_operators::time::FutureBound,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -286,6 +288,7 @@ impl KafkaSource {
             metrics,
             group: config.group.clone(),
             counters: HashMap::new(),
+            future: edgeflow_operators::time::FutureBound::new(config.max_future.as_millis()),
         })
     }
 
@@ -408,6 +411,10 @@ impl KafkaSource {
                 value: payload.to_vec(),
             }))),
         };
+        // A record too far ahead of the wall clock must not move the partition's clock.
+        let decoded = decoded.map_err(|reason| (reason, false)).and_then(|record| {
+            self.future.check(record.event_time()).map(|()| record).map_err(|reason| (reason, true))
+        });
         // From a partition's own queue the key is known; no allocation per message.
         let owned;
         let key = match partition {
@@ -434,8 +441,8 @@ impl KafkaSource {
                 let clock = self.clock(now, since_assignment);
                 out.push(SourceItem::Record { record, clock });
             }
-            Err(reason) => out.push(SourceItem::Malformed {
-                letter: DeadLetter {
+            Err((reason, future)) => {
+                let letter = DeadLetter {
                     source: self.name.clone(),
                     position: format!(
                         "topic {} partition {} offset {}",
@@ -445,9 +452,13 @@ impl KafkaSource {
                     ),
                     reason,
                     payload: payload.to_vec(),
-                },
-                clock: None,
-            }),
+                };
+                out.push(if future {
+                    SourceItem::Future { letter }
+                } else {
+                    SourceItem::Malformed { letter, clock: None }
+                });
+            }
         }
         Ok(true)
     }
@@ -495,6 +506,7 @@ impl KafkaSource {
 impl Source for KafkaSource {
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
         self.refresh_assignment();
+        self.future.refresh();
         let now = Instant::now();
         let since_assignment = self.assigned_at.lock().map(|at| now.saturating_duration_since(*at)).unwrap_or_default();
         let start = out.len();

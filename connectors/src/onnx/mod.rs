@@ -441,7 +441,10 @@ impl Batch {
     /// Stacks the inputs of `batch` (each checked with [`ModelInterface::check`]).
     pub fn stack(interface: &ModelInterface, batch: &[&BTreeMap<String, Tensor>]) -> Result<Self, String> {
         let rows: Vec<usize> = batch.iter().map(|inputs| inputs.values().next().map_or(1, Tensor::rows)).collect();
-        let total: usize = rows.iter().sum();
+        let total = rows
+            .iter()
+            .try_fold(0usize, |total, rows| total.checked_add(*rows))
+            .ok_or_else(|| format!("the batch's row counts {rows:?} overflow"))?;
         let mut stacked = Vec::with_capacity(interface.inputs.len());
         for spec in &interface.inputs {
             let mut shape = Vec::new();
@@ -450,7 +453,8 @@ impl Batch {
                 let tensor = inputs.get(&spec.name).ok_or_else(|| format!("input `{}` missing", spec.name))?;
                 if shape.is_empty() {
                     shape = tensor.shape.clone();
-                    data.reserve(total * tensor.data.len() / tensor.rows().max(1));
+                    let per_row = tensor.data.len() / tensor.rows().max(1);
+                    data.reserve(total.saturating_mul(per_row).min(Tensor::MAX_VALUES));
                 }
                 data.extend_from_slice(&tensor.data);
             }
@@ -465,19 +469,26 @@ impl Batch {
 
     /// Splits stacked outputs (one per model output, in interface order) per request.
     pub fn split(&self, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
-        let total: usize = self.rows.iter().sum();
+        let total = self.rows.iter().try_fold(0usize, |total, rows| total.checked_add(*rows));
         let mut results: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); self.rows.len()];
         for (name, output) in self.output_names.iter().zip(outputs) {
-            if output.shape.first().copied() != Some(total) {
-                return Err(format!("output `{name}` has shape {:?}, not {total} rows", output.shape));
+            if total.is_none() || output.shape.first().copied() != total {
+                return Err(format!("output `{name}` has shape {:?}, not {total:?} rows", output.shape));
             }
-            let per_row: usize = output.shape.iter().skip(1).product();
-            let mut offset = 0;
+            let mismatch = || format!("output `{name}` has shape {:?} but {} values", output.shape, output.data.len());
+            let per_row = output
+                .shape
+                .iter()
+                .skip(1)
+                .try_fold(1usize, |product, dim| product.checked_mul(*dim))
+                .ok_or_else(mismatch)?;
+            let mut offset = 0usize;
             for (result, rows) in results.iter_mut().zip(&self.rows) {
                 let mut shape = output.shape.clone();
                 shape[0] = *rows;
-                let end = offset + rows * per_row;
-                result.insert(name.clone(), Tensor { shape, data: output.data[offset..end].to_vec() });
+                let end = rows.checked_mul(per_row).and_then(|len| offset.checked_add(len)).ok_or_else(mismatch)?;
+                let data = output.data.get(offset..end).ok_or_else(mismatch)?;
+                result.insert(name.clone(), Tensor { shape, data: data.to_vec() });
                 offset = end;
             }
         }

@@ -115,7 +115,17 @@ impl InferenceService {
                     }
                     let Some(job) = job else { continue };
                     let started = Instant::now();
-                    let result = model.run_stacked(job.version, &job.inputs);
+                    // A panic in ONNX Runtime's bindings on one batch fails that batch, not the
+                    // thread: every later batch of the model would be lost with it.
+                    let run = std::panic::AssertUnwindSafe(|| model.run_stacked(job.version, &job.inputs));
+                    let result = std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".to_owned());
+                        Err(format!("the model run panicked: {what}"))
+                    });
                     let compute = started.elapsed();
                     if !send(JobOutcome::Done { id: job.id, started, compute, result }) {
                         return;

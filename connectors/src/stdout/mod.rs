@@ -17,28 +17,60 @@ pub struct StdoutSinkConfig {
 }
 
 /// Writes JSON lines to standard output.
+///
+/// Lines are buffered here and written whole, under the lock of standard output: several
+/// stdout sinks (each on its own sink operator) never interleave parts of their lines.
 #[derive(Debug)]
 pub struct StdoutSink {
-    out: std::io::BufWriter<std::io::Stdout>,
+    buffer: Vec<u8>,
     prefix: Vec<u8>,
+    /// Standard output was closed (the reader went away): what follows is discarded.
+    closed: bool,
 }
+
+/// Bytes buffered before they are written out, whole lines only.
+const BUFFER_BYTES: usize = 64 * 1024;
 
 impl StdoutSink {
     /// A sink writing to this process's standard output.
     pub fn new(config: &StdoutSinkConfig) -> Self {
-        Self { out: std::io::BufWriter::new(std::io::stdout()), prefix: config.prefix.as_bytes().to_vec() }
+        Self { buffer: Vec::with_capacity(BUFFER_BYTES), prefix: config.prefix.as_bytes().to_vec(), closed: false }
+    }
+
+    fn write_out(&mut self) -> Result<(), ConnectorError> {
+        if self.buffer.is_empty() || self.closed {
+            self.buffer.clear();
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        let result = out.write_all(&self.buffer).and_then(|()| out.flush());
+        self.buffer.clear();
+        match result {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Err(ConnectorError::OutputClosed { what: "standard output".into() })
+            }
+            Err(source) => Err(ConnectorError::Write { path: "<stdout>".into(), source }),
+        }
     }
 }
 
 impl Sink for StdoutSink {
     fn write(&mut self, record: &[u8]) -> Result<(), ConnectorError> {
-        let fail = |source| ConnectorError::Write { path: "<stdout>".into(), source };
-        self.out.write_all(&self.prefix).map_err(fail)?;
-        self.out.write_all(record).map_err(fail)?;
-        self.out.write_all(b"\n").map_err(fail)
+        if self.closed {
+            return Ok(());
+        }
+        self.buffer.extend_from_slice(&self.prefix);
+        self.buffer.extend_from_slice(record);
+        self.buffer.push(b'\n');
+        if self.buffer.len() >= BUFFER_BYTES {
+            self.write_out()?;
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<(), ConnectorError> {
-        self.out.flush().map_err(|source| ConnectorError::Write { path: "<stdout>".into(), source })
+        self.write_out()
     }
 }

@@ -21,17 +21,43 @@ const SINK_TYPES: &[&str] = &["stdout", "file", "dead_letter", "kafka"];
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
 pub fn load_file(path: &Path) -> Result<Pipeline, Problems> {
     let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
+    match read_pipeline_file(path) {
         Ok(text) => load_str(&text, &file, &|name| std::env::var(name).ok()),
-        Err(err) => Err(Problems {
+        Err(message) => Err(Problems {
             file: file.clone(),
-            problems: vec![Problem {
-                path: String::new(),
-                mark: Mark { line: 0, col: 0 },
-                message: format!("cannot read the pipeline file: {err}\nhint: check the path `{file}`"),
-            }],
+            problems: vec![Problem { path: String::new(), mark: Mark { line: 0, col: 0 }, message }],
         }),
     }
+}
+
+/// Largest pipeline file read (1 MiB): pipelines are a few kilobytes.
+pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
+
+/// Reads a pipeline file: a regular file (not a device or FIFO, which may never end) of at
+/// most [`MAX_PIPELINE_BYTES`], in UTF-8, a byte-order mark at its start ignored.
+fn read_pipeline_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let hint = format!("hint: check the path `{shown}`");
+    let file = std::fs::File::open(path).map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
+    let metadata = file.metadata().map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
+    if !metadata.is_file() {
+        return Err(format!(
+            "cannot read the pipeline file: `{shown}` is not a regular file (a directory, device or FIFO)\n{hint}"
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PIPELINE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
+    if bytes.len() as u64 > MAX_PIPELINE_BYTES {
+        return Err(format!(
+            "cannot read the pipeline file: `{shown}` is larger than {MAX_PIPELINE_BYTES} bytes; a pipeline is a few kilobytes\n{hint}"
+        ));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|err| format!("cannot read the pipeline file: it is not UTF-8 ({err})\n{hint}"))?;
+    Ok(text.strip_prefix('\u{feff}').map(str::to_owned).unwrap_or(text))
 }
 
 /// Loads and validates pipeline `text` (named `file` in messages), reading environment

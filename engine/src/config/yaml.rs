@@ -157,13 +157,28 @@ pub struct SyntaxError {
     pub mark: Mark,
 }
 
-/// Parses one YAML document. An empty document is an empty mapping.
+/// Most nodes a document may have once its aliases are expanded. Aliases copy the anchored
+/// node, so a few hundred bytes of nested aliases ("billion laughs") could otherwise expand
+/// to billions of nodes; a pipeline has a few hundred.
+pub const MAX_NODES: usize = 100_000;
+
+/// Parses one YAML document. An empty document is an empty mapping. A document with more
+/// than [`MAX_NODES`] nodes, counting every alias as the nodes it copies, is refused.
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
     parser
         .load(&mut builder, false)
         .map_err(|err| SyntaxError { message: err.info().to_owned(), mark: Mark::from(*err.marker()) })?;
+    if let Some(mark) = builder.too_large {
+        return Err(SyntaxError {
+            message: format!(
+                "the document expands to more than {MAX_NODES} nodes (aliases count as the nodes they copy); \
+                 a pipeline needs far fewer: check for aliases that refer to aliases"
+            ),
+            mark,
+        });
+    }
     Ok(builder.root.unwrap_or(Node { value: Value::Map(Vec::new()), mark: Mark { line: 1, col: 1 } }))
 }
 
@@ -172,14 +187,37 @@ struct Builder {
     stack: Vec<(Node, usize)>,
     /// Pending key of each open mapping.
     keys: Vec<Option<Node>>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes with their sizes in nodes.
+    anchors: HashMap<usize, (Node, usize)>,
     root: Option<Node>,
+    /// Nodes so far, aliases expanded.
+    nodes: usize,
+    /// Where the document passed [`MAX_NODES`], if it did: nothing more is built.
+    too_large: Option<Mark>,
+}
+
+fn size(node: &Node) -> usize {
+    match &node.value {
+        Value::Scalar { .. } => 1,
+        Value::Seq(items) => 1 + items.iter().map(size).sum::<usize>(),
+        Value::Map(entries) => 1 + entries.iter().map(|(k, v)| size(k) + size(v)).sum::<usize>(),
+    }
 }
 
 impl Builder {
+    /// Counts `added` nodes; false once the document is too large.
+    fn count(&mut self, added: usize, mark: Mark) -> bool {
+        self.nodes = self.nodes.saturating_add(added);
+        if self.nodes > MAX_NODES && self.too_large.is_none() {
+            self.too_large = Some(mark);
+        }
+        self.too_large.is_none()
+    }
+
     fn push_value(&mut self, node: Node, anchor: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+            let nodes = size(&node);
+            self.anchors.insert(anchor, (node.clone(), nodes));
         }
         match self.stack.last_mut() {
             None => self.root = Some(node),
@@ -201,6 +239,14 @@ impl Builder {
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, event: Event, marker: Marker) {
         let mark = Mark::from(marker);
+        let added = match &event {
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..) => 1,
+            Event::Alias(anchor) => self.anchors.get(anchor).map_or(1, |(_, nodes)| *nodes),
+            _ => 0,
+        };
+        if !self.count(added, mark) {
+            return;
+        }
         match event {
             Event::Scalar(text, style, anchor, _tag) => {
                 let plain = style == TScalarStyle::Plain;
@@ -225,7 +271,7 @@ impl MarkedEventReceiver for Builder {
                 let node = self
                     .anchors
                     .get(&anchor)
-                    .cloned()
+                    .map(|(node, _)| node.clone())
                     .unwrap_or(Node { value: Value::Scalar { text: String::new(), plain: true }, mark });
                 self.push_value(node, 0);
             }
@@ -247,6 +293,25 @@ mod tests {
         assert_eq!(doc.locate("b.c[1]").mark, Mark { line: 3, col: 10 });
         assert_eq!(doc.to_json()["b"]["c"][1], serde_json::json!("2"));
         assert_eq!(doc.to_json()["a"], serde_json::json!(3));
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_before_it_expands() {
+        // "Billion laughs": 9 levels of 9 aliases each, 614 bytes that expand to 9^9 nodes.
+        let mut text =
+            String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        for (level, name) in "bcdefghi".chars().enumerate() {
+            let previous = (b'a' + level as u8) as char;
+            let refs = vec![format!("*{previous}"); 9].join(",");
+            text.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        assert!(text.len() < 700, "{}", text.len());
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("expands to more than 100000 nodes"), "{err:?}");
+        assert!(err.mark.line >= 5, "{err:?}");
+        // Ordinary aliases still work.
+        let doc = parse("base: &b {x: 1}\nother: *b\n").unwrap();
+        assert_eq!(doc.to_json()["other"]["x"], serde_json::json!(1));
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub struct Sinks {
     pub exactly_once: bool,
     /// Where a sink reports a failure.
     pub failure: Failure,
+    /// The run's stop flag (a sink whose reader went away stops the run).
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Probes of a built dataflow.
@@ -308,13 +310,19 @@ pub fn build<'scope>(
     let probe = ProbeHandle::new();
     let processed = ProbeHandle::new();
     let mut groups: Vec<(SinkGroup, Vec<SinkStream<'scope>>)> = Vec::new();
-    let Sinks { sinks, transaction, exactly_once, failure } = sinks;
+    let Sinks { sinks, transaction, exactly_once, failure, stop } = sinks;
     if exactly_once {
-        groups.push((SinkGroup { sinks: Vec::new(), transaction, failure: failure.clone() }, checkpoint_streams));
+        groups.push((
+            SinkGroup { sinks: Vec::new(), transaction, failure: failure.clone(), stop: stop.clone() },
+            checkpoint_streams,
+        ));
     }
     for (spec, handle) in pipeline.sinks.iter().zip(sinks) {
         if !exactly_once {
-            groups.push((SinkGroup { sinks: Vec::new(), transaction: None, failure: failure.clone() }, Vec::new()));
+            groups.push((
+                SinkGroup { sinks: Vec::new(), transaction: None, failure: failure.clone(), stop: stop.clone() },
+                Vec::new(),
+            ));
         }
         let Some((group, streams)) = groups.last_mut() else { continue };
         let index = group.sinks.len();

@@ -576,8 +576,9 @@ impl Driver {
             Ok(plan) => {
                 self.retry_at = None;
                 let deadline = self.timeout.map(|timeout| {
-                    self.deadline = Some(Instant::now() + timeout);
-                    wall_clock_ms() + timeout.as_millis() as u64
+                    // Checked: a timeout of centuries means no deadline, not a panic.
+                    self.deadline = Instant::now().checked_add(timeout);
+                    wall_clock_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
                 });
                 let model = self.coordinator.model().to_vec();
                 Opened::Plan(CoordinatorOut::Plan(PlanMessage { plan, model, deadline }))

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use edgeflow_connectors::onnx::{Batch, InferenceService, Job, JobOutcome, OnnxModel, ServiceOptions};
 use edgeflow_connectors::wall_clock_ms;
-use edgeflow_operators::batcher::{Admission, Batcher, Queued};
+use edgeflow_operators::batcher::{Admission, Batcher};
 use edgeflow_operators::inference::InferenceConfig;
 use edgeflow_operators::{
     route_hash, EventTime, HealthStatus, InferenceRequest, InferenceResult, ResultStatus, StatusChange,
@@ -301,7 +301,19 @@ pub(crate) fn inference<'scope>(
                             let result = result.and_then(|(version, outputs)| {
                                 batch.stacked.split(outputs).map(|outputs| (version, outputs))
                             });
-                            finish(lane, &mut held, output, batch.waiting, started, compute, result);
+                            match result {
+                                Err(reason) if batch.waiting.len() > 1 => {
+                                    // One bad request must not fail its batch: each runs alone,
+                                    // and only those that fail alone fail.
+                                    tracing::warn!(operator = %name, model = lane.service.name(), requests = batch.waiting.len(), %reason, "a batch failed; running its requests one by one");
+                                    for one in batch.waiting {
+                                        let submitted = Submit { service: &lane.service, counters: &lane.counters, id: next_job, version: batch.version };
+                                        next_job += 1;
+                                        submitted.run(vec![one], &mut running, &mut held, output);
+                                    }
+                                }
+                                result => finish(lane, &mut held, output, batch.waiting, started, compute, result),
+                            }
                         }
                         JobOutcome::Loaded { version } => {
                             tracing::info!(operator = %name, model = lane.service.name(), version, worker, "model version loaded");
@@ -332,10 +344,23 @@ pub(crate) fn inference<'scope>(
                         released.push((expired.item.time, InferenceOut::result(result)));
                     }
                     while let Some(batch) = queue.next_batch(now, drain) {
-                        let id = next_job;
+                        let batch: Vec<(Waiting, Instant)> = batch.into_iter().map(|q| (q.item, q.admitted)).collect();
+                        if batch.len() == 1 {
+                            let submitted = Submit { service: &lane.service, counters: &lane.counters, id: next_job, version: *version };
+                            next_job += 1;
+                            submitted.run(batch, &mut running, &mut held, output);
+                            continue;
+                        }
+                        let submitted = Submit { service: &lane.service, counters: &lane.counters, id: next_job, version: *version };
                         next_job += 1;
-                        let submitted = Submit { service: &lane.service, counters: &lane.counters, id, version: *version };
-                        submitted.run(batch, &mut running, &mut held, output);
+                        if let Err(rest) = submitted.try_run(batch, &mut running) {
+                            // The batch could not be stacked: each request goes alone.
+                            for one in rest {
+                                let submitted = Submit { service: &lane.service, counters: &lane.counters, id: next_job, version: *version };
+                                next_job += 1;
+                                submitted.run(vec![one], &mut running, &mut held, output);
+                            }
+                        }
                     }
                     depth += queue.len();
                     let due = queue.due_in(now);
@@ -360,6 +385,8 @@ pub(crate) fn inference<'scope>(
 struct Running {
     waiting: Vec<(Waiting, Instant)>,
     stacked: Batch,
+    /// The version it asked for (`None`: the latest).
+    version: Option<u64>,
 }
 
 /// A batch on its way to a model's thread.
@@ -375,21 +402,14 @@ impl Submit<'_> {
     /// thread (so only whole batches cross threads); if that fails, every request fails.
     fn run(
         self,
-        batch: Vec<Queued<Waiting>>,
+        waiting: Vec<(Waiting, Instant)>,
         running: &mut HashMap<u64, Running>,
         held: &mut Held,
         output: &mut Output<'_>,
     ) {
-        let waiting: Vec<(Waiting, Instant)> = batch.into_iter().map(|q| (q.item, q.admitted)).collect();
-        let inputs: Vec<&BTreeMap<String, edgeflow_operators::Tensor>> =
-            waiting.iter().map(|(w, _)| &w.request.inputs).collect();
-        let submitted = Batch::stack(self.service.interface(), &inputs).and_then(|mut stacked| {
-            let inputs = std::mem::take(&mut stacked.inputs);
-            self.service.submit(Job { id: self.id, version: self.version, inputs }).map(|()| stacked)
-        });
-        match submitted {
+        match self.submit(&waiting) {
             Ok(stacked) => {
-                running.insert(self.id, Running { waiting, stacked });
+                running.insert(self.id, Running { waiting, stacked, version: self.version });
             }
             Err(reason) => {
                 tracing::error!(model = self.service.name(), %reason, "cannot run a batch");
@@ -401,6 +421,33 @@ impl Submit<'_> {
                 held.emit_all(output, failed.collect());
             }
         }
+    }
+
+    /// Like [`Self::run`], but hands the requests back if the batch cannot be submitted.
+    fn try_run(
+        self,
+        waiting: Vec<(Waiting, Instant)>,
+        running: &mut HashMap<u64, Running>,
+    ) -> Result<(), Vec<(Waiting, Instant)>> {
+        match self.submit(&waiting) {
+            Ok(stacked) => {
+                running.insert(self.id, Running { waiting, stacked, version: self.version });
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::warn!(model = self.service.name(), requests = waiting.len(), %reason, "cannot stack a batch; running its requests one by one");
+                Err(waiting)
+            }
+        }
+    }
+
+    fn submit(&self, waiting: &[(Waiting, Instant)]) -> Result<Batch, String> {
+        let inputs: Vec<&BTreeMap<String, edgeflow_operators::Tensor>> =
+            waiting.iter().map(|(w, _)| &w.request.inputs).collect();
+        Batch::stack(self.service.interface(), &inputs).and_then(|mut stacked| {
+            let inputs = std::mem::take(&mut stacked.inputs);
+            self.service.submit(Job { id: self.id, version: self.version, inputs }).map(|()| stacked)
+        })
     }
 }
 
@@ -426,9 +473,26 @@ fn finish(
             // Metrics once per batch: a lock or an atomic per request shows in profiles.
             let waited = |admitted: &Instant| started.saturating_duration_since(*admitted);
             lane.queue_seconds.observe_all(batch.iter().map(|(_, admitted)| waited(admitted).as_secs_f64()));
-            lane.counters.count_n(ResultStatus::Ok, batch.len());
+            let mut ok = 0;
             for ((waiting, admitted), outputs) in batch.into_iter().zip(outputs) {
                 let queue = waited(&admitted);
+                if let Some(reason) = non_finite(&outputs) {
+                    // JSON has no infinity or NaN: an `ok` result would carry `null` where a
+                    // number was, and Arrow readers would disagree with JSON ones.
+                    lane.counters.count(ResultStatus::Failed);
+                    let mut result = InferenceResult::refused(
+                        &waiting.request,
+                        ResultStatus::Failed,
+                        reason,
+                        queue.as_secs_f64() * 1000.0,
+                    );
+                    result.version = Some(version);
+                    result.compute_ms = compute_ms;
+                    result.batch_size = size;
+                    outs.push((waiting.time, InferenceOut::result(result)));
+                    continue;
+                }
+                ok += 1;
                 let request = *waiting.request;
                 let result = InferenceResult {
                     id: request.id,
@@ -446,6 +510,7 @@ fn finish(
                 };
                 outs.push((waiting.time, InferenceOut::result(result)));
             }
+            lane.counters.count_n(ResultStatus::Ok, ok);
         }
         Err(reason) => {
             for (waiting, admitted) in batch {
@@ -460,4 +525,15 @@ fn finish(
         }
     }
     held.emit_all(output, outs);
+}
+
+/// Why a request's outputs cannot make an `ok` result: the first non-finite value, named.
+fn non_finite(outputs: &BTreeMap<String, edgeflow_operators::Tensor>) -> Option<String> {
+    outputs.iter().find_map(|(name, tensor)| {
+        let index = tensor.data.iter().position(|value| !value.is_finite())?;
+        Some(format!(
+            "model output `{name}` has a non-finite value ({}) at index {index}; results carry finite numbers only",
+            tensor.data[index]
+        ))
+    })
 }

@@ -199,6 +199,7 @@ struct SourceDriver {
     /// Dead letters by reason, registered on first use (so only reasons that occurred show).
     malformed: Option<Counter>,
     late_dead: Option<Counter>,
+    future_dead: Option<Counter>,
     watermark_gauge: Gauge<f64, AtomicU64>,
     lag_gauge: Gauge<f64, AtomicU64>,
 }
@@ -221,15 +222,18 @@ impl SourceDriver {
             // depend on how items were batched or spread over workers.
             let (clock, record, letter) = match item {
                 SourceItem::Record { record, clock } => (Some(clock), Some(record), None),
-                SourceItem::Malformed { letter, clock } => (clock, None, Some(letter)),
+                SourceItem::Malformed { letter, clock } => (clock, None, Some((letter, false))),
+                SourceItem::Future { letter } => (None, None, Some((letter, true))),
             };
             if let Some(clock) = clock {
                 self.clock = Some(self.clock.map_or(clock, |seen| seen.max(clock)));
             }
             let watermark = self.clock.map_or(0, |c| c.saturating_sub(self.max_out_of_orderness)).max(self.watermark);
-            if let Some(letter) = letter {
+            if let Some((letter, future)) = letter {
                 self.dead.inc();
-                reason_counter(&mut self.malformed, metrics, &self.name, "malformed").inc();
+                let (slot, reason) =
+                    if future { (&mut self.future_dead, "future") } else { (&mut self.malformed, "malformed") };
+                reason_counter(slot, metrics, &self.name, reason).inc();
                 inputs.dead_letters.update_at(letter, watermark, 1);
                 continue;
             }
@@ -296,6 +300,11 @@ impl SourceDriver {
                 SourceItem::Malformed { letter, .. } => {
                     self.dead.inc();
                     reason_counter(&mut self.malformed, metrics, &self.name, "malformed").inc();
+                    inputs.dead_letters.update_at(letter, time, 1);
+                }
+                SourceItem::Future { letter } => {
+                    self.dead.inc();
+                    reason_counter(&mut self.future_dead, metrics, &self.name, "future").inc();
                     inputs.dead_letters.update_at(letter, time, 1);
                 }
             }
@@ -401,7 +410,7 @@ fn run_worker(
     worker: &mut timely::worker::Worker,
     pipeline: &Pipeline,
     metrics: &Arc<Metrics>,
-    stop: &AtomicBool,
+    stop: &Arc<AtomicBool>,
     failure: &Failure,
     shared: &Shared,
 ) -> anyhow::Result<()> {
@@ -439,6 +448,7 @@ fn run_worker(
         transaction: transaction.map(|t| Box::new(t) as Box<dyn edgeflow_connectors::Transaction>),
         exactly_once: transactional_id.is_some(),
         failure: failure.clone(),
+        stop: stop.clone(),
     };
     let mut resources = dataflow::Resources { models: load_models(pipeline)?, ..Default::default() };
     for operator in &pipeline.operators {
@@ -481,6 +491,7 @@ fn run_worker(
                 .clone(),
             malformed: None,
             late_dead: None,
+            future_dead: None,
             watermark_gauge: metrics.watermark.get_or_create(&labels).clone(),
             lag_gauge: metrics.watermark_lag.get_or_create(&labels).clone(),
         });

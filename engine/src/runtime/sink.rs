@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgeflow_connectors::{Checkpoint, Sink, Transaction};
+use edgeflow_connectors::{Checkpoint, ConnectorError, Sink, Transaction};
 use edgeflow_operators::{EventTime, InferenceResult};
 use prometheus_client::metrics::counter::Counter;
 use timely::container::CapacityContainerBuilder;
@@ -92,6 +92,8 @@ pub struct SinkGroup {
     pub transaction: Option<Box<dyn Transaction>>,
     /// Where to report a write failure.
     pub failure: Failure,
+    /// The run's stop flag: set when an output's reader goes away (standard output closed).
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Records of one time waiting for the frontier, with the capability to hold for them.
@@ -175,6 +177,9 @@ pub fn sink_operator<'scope>(
                         }
                     };
                     if let Err(err) = result {
+                        if closed(&mut group, index, &err) {
+                            continue;
+                        }
                         failed = true;
                         fail(&names[index], err.to_string(), &errors[index], &group.failure);
                         break;
@@ -187,8 +192,10 @@ pub fn sink_operator<'scope>(
                 if due {
                     if !failed {
                         if let Err((index, err)) = flush(&mut group, &offsets) {
-                            failed = true;
-                            fail(&names[index], err, &errors[index], &group.failure);
+                            if !closed(&mut group, index, &err) {
+                                failed = true;
+                                fail(&names[index], err.to_string(), &errors[index], &group.failure);
+                            }
                         }
                     }
                     offsets.clear();
@@ -204,14 +211,29 @@ pub fn sink_operator<'scope>(
 
 /// Flushes every sink, then commits the transaction (if any) with `offsets`; on failure, the
 /// index of the sink to blame (the first, for the transaction) and the error.
-fn flush(group: &mut SinkGroup, offsets: &[Checkpoint]) -> Result<(), (usize, String)> {
+fn flush(group: &mut SinkGroup, offsets: &[Checkpoint]) -> Result<(), (usize, ConnectorError)> {
     for (index, (_, sink)) in group.sinks.iter_mut().enumerate() {
         if let Some(sink) = sink {
-            sink.flush().map_err(|err| (index, err.to_string()))?;
+            sink.flush().map_err(|err| (index, err))?;
         }
     }
     if let Some(transaction) = group.transaction.as_mut() {
-        transaction.commit(offsets).map_err(|err| (0, err.to_string()))?;
+        transaction.commit(offsets).map_err(|err| (0, err))?;
     }
     Ok(())
+}
+
+/// Whether `err` says that sink `index`'s reader went away (`| head` closed standard
+/// output): then the sink is dropped and the run stops gracefully, as if interrupted; it is
+/// not a failure.
+fn closed(group: &mut SinkGroup, index: usize, err: &ConnectorError) -> bool {
+    if !matches!(err, ConnectorError::OutputClosed { .. }) {
+        return false;
+    }
+    if let Some((name, sink)) = group.sinks.get_mut(index) {
+        tracing::info!(sink = %name, %err, "the sink's output is closed; stopping the run");
+        *sink = None;
+    }
+    group.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    true
 }

@@ -132,7 +132,10 @@ impl Ord for ModelUpdate {
 impl ModelUpdate {
     /// Decodes one JSON update.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|err| format!("invalid model update JSON: {err}"))
+        let update: Self = crate::records::decode_object(bytes, "model update")?;
+        crate::time::check_event_time("timestamp", update.timestamp)
+            .map_err(|reason| format!("invalid model update from `{}`: {reason}", update.client_id))?;
+        Ok(update)
     }
 }
 
