@@ -1026,3 +1026,56 @@ fn raw_format_mirrors_bytes_and_keys_unchanged() {
     assert_eq!(positions.len(), 500, "each (partition, offset) once");
     assert_eq!(broker.committed("mirror", "raw-in", 2), 500, "offsets committed after the sinks wrote");
 }
+
+/// One heartbeat of `node` at `time`, as JSON.
+fn beat_at(node: &str, time: u64) -> String {
+    format!(r#"{{"node_id":"{node}","region":"eu","lat":1,"lon":2,"timestamp":{time},"cpu":10,"memory":20,"disk":30}}"#)
+}
+
+#[test]
+fn heartbeats_from_the_far_future_are_dead_lettered_and_later_ones_are_not_late() {
+    let broker = Broker::start();
+    broker.create_topic("future", 1);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let start = now - 120_000;
+    let mut payloads: Vec<String> = (0..10).map(|i| beat_at(&format!("early-{i}"), start + i * 1000)).collect();
+    // A clock a year ahead, the year 9999, 2^63 and u64::MAX.
+    payloads.push(beat_at("year-ahead", now + 365 * 86_400_000));
+    payloads.push(beat_at("year-9999", 253_402_300_799_999));
+    payloads.push(beat_at("two-to-63", 1 << 63));
+    payloads.push(beat_at("max", u64::MAX));
+    payloads.extend((0..10).map(|i| beat_at(&format!("later-{i}"), start + 20_000 + i * 1000)));
+    let producer = broker.producer();
+    for payload in &payloads {
+        producer.send(BaseRecord::<(), str>::to("future").payload(payload)).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        "future.yaml",
+        format!(
+            "late_policy: dead_letter\nsources:\n  beats:\n    type: kafka\n    brokers: {b}\n    topics: [future]\n    group: future-test\n    stop_at_end: true\n    max_out_of_orderness: 5s\noperators:\n  health:\n    type: node_health\n    input: beats\n    rollup_window: 10s\nsinks:\n  changes:\n    type: file\n    input: health.changes\n    path: {d}/changes.jsonl\n  rollups:\n    type: file\n    input: health.rollups\n    path: {d}/rollups.jsonl\n  rejected:\n    type: dead_letter\n    path: {d}/dead.jsonl\n",
+            b = broker.address,
+            d = dir.path().display()
+        ),
+    );
+    run(&pipeline, 2);
+    let letters: Vec<serde_json::Value> = common::written_json_values(&dir.path().join("dead.jsonl"));
+    let reasons: Vec<String> = letters.iter().map(|l| l["reason"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(letters.len(), 4, "only the four bad clocks are dead letters, none late: {reasons:#?}");
+    // A year ahead and the year 9999 are too far ahead; 2^63 and u64::MAX are not times.
+    assert_eq!(reasons.iter().filter(|r| r.contains("ahead of the wall clock")).count(), 2, "{reasons:#?}");
+    assert_eq!(reasons.iter().filter(|r| r.contains("past the latest event time")).count(), 2, "{reasons:#?}");
+    let changes: Vec<serde_json::Value> = common::written_json_values(&dir.path().join("changes.jsonl"));
+    for i in 0..10 {
+        let node = format!("later-{i}");
+        assert!(changes.iter().any(|c| c["node_id"] == node.as_str()), "{node} has its status changes");
+    }
+    assert!(!changes.iter().any(|c| c["node_id"] == "max" || c["node_id"] == "year-9999"));
+    // Rollups cover the data's span only: the last window ends within a window of the data.
+    let rollups: Vec<serde_json::Value> = common::written_json_values(&dir.path().join("rollups.jsonl"));
+    let last = rollups.iter().map(|r| r["window_end"].as_u64().unwrap()).max().unwrap();
+    // (the last heartbeat, plus the 90 s timeout that makes its node offline, plus a window).
+    assert!(last <= start + 29_000 + 90_000 + 10_000, "rollups end with the data: {last}");
+}

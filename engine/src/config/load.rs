@@ -39,13 +39,14 @@ fn read_pipeline_file(path: &Path) -> Result<String, String> {
     use std::io::Read;
     let shown = path.display();
     let hint = format!("hint: check the path `{shown}`");
-    let file = std::fs::File::open(path).map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
-    let metadata = file.metadata().map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
+    // Checked before opening: opening a FIFO blocks until someone writes to it.
+    let metadata = std::fs::metadata(path).map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
     if !metadata.is_file() {
         return Err(format!(
             "cannot read the pipeline file: `{shown}` is not a regular file (a directory, device or FIFO)\n{hint}"
         ));
     }
+    let file = std::fs::File::open(path).map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
     let mut bytes = Vec::new();
     file.take(MAX_PIPELINE_BYTES + 1)
         .read_to_end(&mut bytes)

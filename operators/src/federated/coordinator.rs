@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use rand_chacha::{ChaCha20Rng, ChaCha8Rng};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{RoundAggregate, ServerOptimizer, Strategy};
 use super::learn::LocalTraining;
-use super::privacy::{add_gaussian, add_laplace, clip_l2, Accountant, AdaptiveClip, Noise};
+use super::privacy::{clip_l2, Accountant, AdaptiveClip, DiscreteNoise, Noise};
 use super::update::{ModelUpdate, RoundRules, UpdateCheck};
 use crate::records::HealthStatus;
 
@@ -92,6 +92,13 @@ pub struct DpConfig {
     /// is pure (1 / noise_multiplier)-DP, rounds composed by adding, no credit for sampling).
     #[serde(default)]
     pub noise: Noise,
+    /// INSECURE, for reproducible tests only: seed the privacy noise and the clipping
+    /// randomness from this number instead of the operating system's generator. Anyone who
+    /// knows the seed can regenerate the noise and subtract it, which removes the privacy;
+    /// a run with it set logs a warning. Default: unset (randomness from the operating
+    /// system).
+    #[serde(default)]
+    pub insecure_noise_seed: Option<u64>,
 }
 
 fn default_budget() -> f64 {
@@ -240,7 +247,9 @@ pub struct Coordinator {
     adaptive: Option<AdaptiveClip>,
     participation: BTreeMap<String, u64>,
     open: Option<OpenRound>,
-    rng: ChaCha8Rng,
+    /// The privacy noise's generator: ChaCha20 keyed from the operating system (or from the
+    /// insecure test seed).
+    rng: ChaCha20Rng,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -269,6 +278,7 @@ impl Coordinator {
             })
         });
         let server = ServerOptimizer::new(config.strategy, model.len());
+        let rng = noise_rng(config.dp.as_ref().and_then(|dp| dp.insecure_noise_seed));
         Self {
             config,
             round: 0,
@@ -279,7 +289,7 @@ impl Coordinator {
             adaptive,
             participation: BTreeMap::new(),
             open: None,
-            rng: ChaCha8Rng::seed_from_u64(0x5eed),
+            rng,
         }
     }
 
@@ -515,16 +525,12 @@ impl Coordinator {
                 // divided by the number of clients asked (fixed, so one client changes the
                 // result by at most C / k).
                 let clip = open.plan.clip_norm.unwrap_or(dp.clip_norm);
-                let mut noisy: Vec<f32> = sum.iter().map(|s| *s as f32).collect();
-                match dp.noise {
-                    Noise::Gaussian => add_gaussian(&mut noisy, dp.noise_multiplier * clip, &mut self.rng),
-                    Noise::Laplace => {
-                        let scale = dp.noise_multiplier * clip * (noisy.len() as f64).sqrt();
-                        add_laplace(&mut noisy, scale, &mut self.rng);
-                    }
+                let mut noisy = sum;
+                if let Some(noise) = central_noise(dp, clip, noisy.len()) {
+                    noise.add(&mut noisy, &mut self.rng);
                 }
-                let k = open.plan.clients.len() as f32;
-                noisy.iter().map(|v| v / k).collect()
+                let k = open.plan.clients.len() as f64;
+                noisy.iter().map(|v| (v / k) as f32).collect()
             }
             _ => open.aggregate.finish().map_err(|err| format!("round {round}: {err}"))?,
         };
@@ -535,6 +541,41 @@ impl Coordinator {
         self.version += 1;
         Ok(summary(self, true))
     }
+}
+
+/// The generator of privacy noise: from the operating system, unless an insecure test seed
+/// is set (then with a warning).
+fn noise_rng(insecure_seed: Option<u64>) -> ChaCha20Rng {
+    match insecure_seed {
+        Some(seed) => {
+            tracing::warn!(
+                seed,
+                "dp.insecure_noise_seed is set: the privacy noise is predictable and gives no privacy; use it for tests only"
+            );
+            ChaCha20Rng::seed_from_u64(seed)
+        }
+        None => ChaCha20Rng::from_rng(rand::rngs::OsRng).unwrap_or_else(|err| {
+            // getrandom failing means the OS has no entropy source: nothing private can run.
+            panic!("the operating system's random number generator failed: {err}")
+        }),
+    }
+}
+
+/// The noise of a central-DP release of `values` values from updates clipped to `clip`:
+/// Gaussian of std `noise_multiplier * clip` (L2 sensitivity `clip`), or Laplace of scale
+/// `noise_multiplier * clip * sqrt(values)` (L1 sensitivity `clip * sqrt(values)`); none
+/// when the multiplier is 0.
+pub fn central_noise(dp: &DpConfig, clip: f64, values: usize) -> Option<DiscreteNoise> {
+    if dp.noise_multiplier <= 0.0 || clip <= 0.0 || values == 0 {
+        return None;
+    }
+    Some(match dp.noise {
+        Noise::Gaussian => DiscreteNoise::gaussian(dp.noise_multiplier * clip, clip, values),
+        Noise::Laplace => {
+            let l1 = clip * (values as f64).sqrt();
+            DiscreteNoise::laplace(dp.noise_multiplier * l1, l1, values)
+        }
+    })
 }
 
 #[cfg(test)]

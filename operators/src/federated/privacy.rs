@@ -239,6 +239,180 @@ pub fn laplace(rng: &mut impl Rng, b: f64) -> f64 {
     -b * u.signum() * (1.0 - 2.0 * u.abs()).max(f64::MIN_POSITIVE).ln()
 }
 
+/// Exact samplers of the discrete Laplace and discrete Gaussian distributions over the
+/// integers, after Canonne, Kamath and Steinke, "The Discrete Gaussian for Differential
+/// Privacy" (NeurIPS 2020), Algorithms 1–3, the construction OpenDP uses.
+///
+/// Floating-point noise (`x + σ·N(0,1)` in doubles) leaks: which doubles a sum can land on
+/// depends on `x`, so the released value can reveal it (Mironov, "On Significance of the
+/// Least Significant Bits for Differential Privacy", CCS 2012). Here every random choice is
+/// an integer comparison with uniform integers from the generator, with rational parameters
+/// in 128-bit integers; no floating point touches the noise until it is scaled by a power of
+/// two (see [`DiscreteNoise`]).
+pub mod exact {
+    use rand::Rng;
+
+    /// A draw of Bernoulli(`num` / `den`), `num <= den`, `den > 0`.
+    fn bernoulli(rng: &mut impl Rng, num: u128, den: u128) -> bool {
+        rng.gen_range(0..den) < num
+    }
+
+    /// A draw of Bernoulli(exp(-`num` / `den`)), `den > 0` (CKS20 Algorithm 1).
+    pub fn bernoulli_exp(rng: &mut impl Rng, num: u128, den: u128) -> bool {
+        let (mut num, den) = (num, den);
+        // exp(-x) = exp(-1)^floor(x) * exp(-(x - floor(x))).
+        while num > den {
+            if !bernoulli_exp_at_most_one(rng, den, den) {
+                return false;
+            }
+            num -= den;
+        }
+        bernoulli_exp_at_most_one(rng, num, den)
+    }
+
+    /// Bernoulli(exp(-x)) for x = `num` / `den` in [0, 1].
+    fn bernoulli_exp_at_most_one(rng: &mut impl Rng, num: u128, den: u128) -> bool {
+        let mut k: u128 = 1;
+        loop {
+            // Bernoulli(x / k); `den * k` cannot overflow for the parameters used here
+            // (k stays tiny: P(k > 40) < 1/40!).
+            let Some(scaled) = den.checked_mul(k) else { return k % 2 == 1 };
+            if !bernoulli(rng, num, scaled) {
+                return k % 2 == 1;
+            }
+            k += 1;
+        }
+    }
+
+    /// A draw of the discrete Laplace distribution with scale `t` (an integer, at least 1):
+    /// P(x) ∝ exp(-|x| / t) (CKS20 Algorithm 2 with s = 1).
+    pub fn discrete_laplace(rng: &mut impl Rng, t: u128) -> i128 {
+        loop {
+            let u = rng.gen_range(0..t);
+            if !bernoulli_exp(rng, u, t) {
+                continue;
+            }
+            let mut v: u128 = 0;
+            while bernoulli_exp(rng, 1, 1) {
+                v += 1;
+            }
+            let magnitude = (u + t * v) as i128;
+            let negative = rng.gen::<bool>();
+            if negative && magnitude == 0 {
+                continue;
+            }
+            return if negative { -magnitude } else { magnitude };
+        }
+    }
+
+    /// A draw of the discrete Gaussian distribution with variance parameter `sigma2` (an
+    /// integer, at least 1): P(x) ∝ exp(-x² / (2·sigma2)) (CKS20 Algorithm 3).
+    pub fn discrete_gaussian(rng: &mut impl Rng, sigma2: u128) -> i128 {
+        // t = floor(σ) + 1, from the integer square root of σ².
+        let t = isqrt(sigma2) + 1;
+        loop {
+            let y = discrete_laplace(rng, t);
+            // Accept with probability exp(-(|y| - σ²/t)² / (2σ²)), as the rational
+            // (|y|·t - σ²)² / (2·σ²·t²).
+            let diff = (y.unsigned_abs() * t).abs_diff(sigma2);
+            let (Some(num), Some(den)) = (diff.checked_mul(diff), (2 * sigma2).checked_mul(t * t)) else {
+                continue;
+            };
+            if bernoulli_exp(rng, num, den) {
+                return y;
+            }
+        }
+    }
+
+    /// The integer square root (largest r with r² <= n).
+    pub fn isqrt(n: u128) -> u128 {
+        if n < 2 {
+            return n;
+        }
+        let mut r = (n as f64).sqrt() as u128;
+        while r * r > n {
+            r -= 1;
+        }
+        while (r + 1) * (r + 1) <= n {
+            r += 1;
+        }
+        r
+    }
+}
+
+/// Noise on a grid: values are rounded to multiples of a power of two `γ` and integer noise
+/// from [`exact`] is added in units of `γ`, so the released value is an exact function of
+/// an integer mechanism, with no floating-point leak (the "snapping" idea of Mironov 2012,
+/// as in Google's differential-privacy library's secure noise).
+///
+/// `γ` is chosen so that the noise's scale is 2^20 to 2^21 grid steps. Rounding to the
+/// grid moves each coordinate by at most `γ/2`, which can add up to `γ·√d` to the L2
+/// sensitivity of a `d`-value release (and `γ·d` to its L1 sensitivity); the scale is
+/// raised by that much, so the noise stays calibrated to the configured multiplier of the
+/// true sensitivity. The scale is also rounded up to the integer grid, never down.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DiscreteNoise {
+    /// The grid step γ (a power of two).
+    pub granularity: f64,
+    /// The scale in grid steps: the variance σ²/γ² (Gaussian) or the scale b/γ (Laplace).
+    pub scale: u128,
+    /// Gaussian (true) or Laplace (false).
+    pub gaussian: bool,
+}
+
+impl DiscreteNoise {
+    fn granularity(scale: f64) -> f64 {
+        // The largest power of two at most scale / 2^20.
+        2f64.powi((scale.log2().floor() as i32) - 20)
+    }
+
+    /// Gaussian noise of standard deviation `std` for a release of `values` values whose L2
+    /// sensitivity is `sensitivity` (the rounding's share added to it as described above).
+    pub fn gaussian(std: f64, sensitivity: f64, values: usize) -> Self {
+        let granularity = Self::granularity(std);
+        let inflated = std * (1.0 + granularity * (values as f64).sqrt() / sensitivity);
+        let steps = inflated / granularity;
+        Self { granularity, scale: (steps * steps).ceil() as u128, gaussian: true }
+    }
+
+    /// Laplace noise of scale `b` for a release of `values` values whose L1 sensitivity is
+    /// `sensitivity`.
+    pub fn laplace(b: f64, sensitivity: f64, values: usize) -> Self {
+        let granularity = Self::granularity(b);
+        let inflated = b * (1.0 + granularity * values as f64 / sensitivity);
+        Self { granularity, scale: (inflated / granularity).ceil() as u128, gaussian: false }
+    }
+
+    /// The standard deviation of the noise as sampled (for reports and tests).
+    pub fn std(&self) -> f64 {
+        if self.gaussian {
+            (self.scale as f64).sqrt() * self.granularity
+        } else {
+            // A discrete Laplace of scale t has variance ≈ 2t² for large t.
+            std::f64::consts::SQRT_2 * self.scale as f64 * self.granularity
+        }
+    }
+
+    /// One noisy value: `value` snapped to the grid plus integer noise, scaled back.
+    pub fn apply(&self, value: f64, rng: &mut impl Rng) -> f64 {
+        let noise = if self.gaussian {
+            exact::discrete_gaussian(rng, self.scale)
+        } else {
+            exact::discrete_laplace(rng, self.scale)
+        };
+        // |value / γ| < 2^62 for any value a clipped sum can take; saturate beyond.
+        let snapped = (value / self.granularity).round().clamp(-(2f64.powi(62)), 2f64.powi(62)) as i128;
+        (snapped + noise) as f64 * self.granularity
+    }
+
+    /// Adds noise to every value.
+    pub fn add(&self, values: &mut [f64], rng: &mut impl Rng) {
+        for value in values {
+            *value = self.apply(*value, rng);
+        }
+    }
+}
+
 /// Which noise calibrates a release.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -249,20 +423,6 @@ pub enum Noise {
     /// Laplace with scale `sensitivity / epsilon_per_round` (pure ε-DP per round, for L1
     /// sensitivity).
     Laplace,
-}
-
-/// Adds Gaussian noise of std `std` to every value.
-pub fn add_gaussian(values: &mut [f32], std: f64, rng: &mut impl Rng) {
-    for value in values {
-        *value += (std * standard_normal(rng)) as f32;
-    }
-}
-
-/// Adds Laplace noise of scale `b` to every value.
-pub fn add_laplace(values: &mut [f32], b: f64, rng: &mut impl Rng) {
-    for value in values {
-        *value += laplace(rng, b) as f32;
-    }
 }
 
 /// Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, "Differentially Private
@@ -287,7 +447,12 @@ impl AdaptiveClip {
         if total == 0 {
             return;
         }
-        let noisy = unclipped as f64 + self.count_noise * standard_normal(rng);
+        // The count has sensitivity 1; its noise is discrete, like the model's.
+        let noisy = if self.count_noise > 0.0 {
+            DiscreteNoise::gaussian(self.count_noise, 1.0, 1).apply(unclipped as f64, rng)
+        } else {
+            unclipped as f64
+        };
         let fraction = noisy / total as f64;
         self.clip *= (-self.learning_rate * (fraction - self.target_quantile)).exp();
     }
@@ -377,12 +542,60 @@ mod tests {
         assert!(mean.abs() < 0.01 && (var - 0.5).abs() < 0.01, "laplace mean {mean} var {var} (2b^2 = 0.5)");
         let d = ks(&mut lap, |x| if x < 0.0 { 0.5 * (x / 0.5).exp() } else { 1.0 - 0.5 * (-x / 0.5).exp() });
         assert!(d < 1.95 / (n as f64).sqrt(), "laplace KS distance {d}");
-        // Fixed seeds give fixed noise.
-        let mut a = vec![0.0f32; 4];
-        let mut b = vec![0.0f32; 4];
-        add_gaussian(&mut a, 1.0, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
-        add_gaussian(&mut b, 1.0, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
-        assert_eq!(a, b);
+    }
+
+    /// Kolmogorov–Smirnov distance of integer samples from a continuous CDF, measured at the
+    /// samples' midpoints (for a lattice with steps far below the scale, as here).
+    #[test]
+    fn discrete_noise_has_the_calibrated_distribution() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+        let n = 100_000;
+        let gauss = DiscreteNoise::gaussian(2.0, 1.0, 1);
+        assert!((gauss.std() - 2.0).abs() < 1e-4, "{}", gauss.std());
+        assert_eq!(gauss.granularity, 2f64.powi(-19));
+        let mut samples: Vec<f64> = (0..n).map(|_| gauss.apply(0.0, &mut rng)).collect();
+        // Every sample is on the grid: an integer number of steps.
+        assert!(samples.iter().all(|s| (s / gauss.granularity).fract() == 0.0));
+        let (mean, var) = moments(&samples);
+        assert!(mean.abs() < 0.03 && (var - 4.0).abs() < 0.08, "discrete gaussian mean {mean} var {var}");
+        let d = ks(&mut samples, |x| 0.5 * libm::erfc(-x / (2.0 * std::f64::consts::SQRT_2)));
+        assert!(d < 1.95 / (n as f64).sqrt(), "discrete gaussian KS distance {d}");
+        let laplace = DiscreteNoise::laplace(0.5, 1.0, 1);
+        let mut samples: Vec<f64> = (0..n).map(|_| laplace.apply(0.0, &mut rng)).collect();
+        let (mean, var) = moments(&samples);
+        assert!(mean.abs() < 0.01 && (var - 0.5).abs() < 0.015, "discrete laplace mean {mean} var {var}");
+        let d = ks(&mut samples, |x| if x < 0.0 { 0.5 * (x / 0.5).exp() } else { 1.0 - 0.5 * (-x / 0.5).exp() });
+        assert!(d < 1.95 / (n as f64).sqrt(), "discrete laplace KS distance {d}");
+        // The value is snapped to the grid before the noise is added.
+        let snapped = DiscreteNoise { granularity: 0.25, scale: 1, gaussian: true };
+        let value = snapped.apply(1.1, &mut rng);
+        assert_eq!((value / 0.25).fract(), 0.0, "{value}");
+    }
+
+    #[test]
+    fn rounding_to_the_grid_raises_the_noise_to_cover_it() {
+        // A million values: the rounding may add γ·√d to the L2 sensitivity.
+        let noise = DiscreteNoise::gaussian(1.0, 1.0, 1_000_000);
+        let bound = 1.0 + noise.granularity * 1000.0;
+        assert!(noise.std() >= bound - 1e-12, "{} < {bound}", noise.std());
+        assert!(noise.std() < 1.01, "{}", noise.std());
+    }
+
+    #[test]
+    fn exact_bernoulli_exp_matches_its_probability() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        for (num, den) in [(1u128, 2u128), (3, 1), (7, 3)] {
+            let n = 200_000;
+            let hits = (0..n).filter(|_| exact::bernoulli_exp(&mut rng, num, den)).count() as f64 / n as f64;
+            let want = (-(num as f64) / den as f64).exp();
+            assert!(
+                (hits - want).abs() < 4.0 * (want * (1.0 - want) / n as f64).sqrt(),
+                "{num}/{den}: {hits} vs {want}"
+            );
+        }
+        assert_eq!(exact::isqrt(u128::from(u64::MAX)), u128::from(u32::MAX));
+        assert_eq!(exact::isqrt(15), 3);
+        assert_eq!(exact::isqrt(16), 4);
     }
 
     #[test]

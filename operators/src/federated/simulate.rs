@@ -2,11 +2,11 @@
 //! round plan by training locally from the global model and sending their update.
 
 use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
+use rand_chacha::ChaCha20Rng;
 
 use super::coordinator::{ClientInfo, RoundPlan};
 use super::learn::{partition, Dataset, Partition, Softmax};
-use super::privacy::{add_gaussian, add_laplace, clip_l2};
+use super::privacy::{clip_l2, DiscreteNoise};
 use super::update::{ClientMetrics, ModelUpdate, Payload};
 use crate::records::HealthStatus;
 
@@ -60,11 +60,22 @@ impl SimulatedFleet {
         if let Some(clip) = plan.clip_norm {
             clip_l2(&mut delta, clip);
         }
-        if let Some(std) = plan.local_noise_std {
-            add_gaussian(&mut delta, std, &mut ChaCha8Rng::seed_from_u64(seed ^ 0x10ca1));
-        }
-        if let Some(scale) = plan.local_laplace_scale {
-            add_laplace(&mut delta, scale, &mut ChaCha8Rng::seed_from_u64(seed ^ 0x10ca1));
+        // Local DP: the client's own noise, from the operating system's generator (the
+        // simulation's seed drives the data split and training, never the noise).
+        let clip = plan.clip_norm.unwrap_or(1.0);
+        let noise = match (plan.local_noise_std, plan.local_laplace_scale) {
+            (Some(std), _) if std > 0.0 => Some(DiscreteNoise::gaussian(std, clip, delta.len())),
+            (_, Some(scale)) if scale > 0.0 => {
+                let l1 = clip * (delta.len() as f64).sqrt();
+                Some(DiscreteNoise::laplace(scale, l1, delta.len()))
+            }
+            _ => None,
+        };
+        if let Some(noise) = noise {
+            let mut rng = ChaCha20Rng::from_rng(rand::rngs::OsRng).ok()?;
+            for value in delta.iter_mut() {
+                *value = noise.apply(f64::from(*value), &mut rng) as f32;
+            }
         }
         Some(ModelUpdate {
             round: plan.round,

@@ -82,6 +82,7 @@ fn central_dp_spends_the_budget_it_reports_and_stops_at_it() {
         delta: 1e-5,
         adaptive_quantile: None,
         noise: Noise::Gaussian,
+        insecure_noise_seed: None,
     };
     // DP-FedAvg with server momentum (McMahan et al. 2018) and three local epochs.
     let mut dp_config = config(Strategy::FedAvgM { server_lr: 1.0, beta: 0.9 }, Some(dp));
@@ -191,6 +192,7 @@ fn laplace_rounds_compose_as_pure_dp_and_stop_at_the_budget() {
             delta: 1e-5,
             adaptive_quantile: None,
             noise: Noise::Laplace,
+            insecure_noise_seed: None,
         };
         let (accuracy, coordinator) = train(config(Strategy::FedAvg, Some(dp)), &fleet, &test, 10);
         match mode {
@@ -202,4 +204,59 @@ fn laplace_rounds_compose_as_pure_dp_and_stop_at_the_budget() {
         }
         assert!(accuracy.iter().all(|a| a.is_finite()));
     }
+}
+
+/// One central-DP round of `n` clients that each send the same update; returns the new model
+/// minus the noiseless mean, i.e. the noise divided by the clients asked.
+fn central_noise_of_one_round(seed: Option<u64>, parameters: usize) -> Vec<f64> {
+    let dp = DpConfig {
+        mode: DpMode::Central,
+        clip_norm: 1.0,
+        noise_multiplier: 2.0,
+        epsilon_budget: f64::INFINITY,
+        delta: 1e-5,
+        adaptive_quantile: None,
+        noise: Noise::Gaussian,
+        insecure_noise_seed: seed,
+    };
+    let config = CoordinatorConfig {
+        selection: Selection::List { clients: vec!["a".into(), "b".into()] },
+        clients_per_round: 2,
+        ..config(Strategy::FedAvg, Some(dp))
+    };
+    let mut coordinator = Coordinator::new(config, vec![0.0; parameters]);
+    let fleet: Vec<ClientInfo> = ["a", "b"]
+        .iter()
+        .map(|id| ClientInfo { id: (*id).into(), status: HealthStatus::Healthy, cpu: 0.0, memory: 0.0 })
+        .collect();
+    let plan = coordinator.plan(&fleet).unwrap();
+    for client in &plan.clients {
+        let update = ModelUpdate {
+            round: plan.round,
+            client_id: client.clone(),
+            num_examples: 1,
+            base_version: 0,
+            timestamp: 0,
+            payload: Payload::encode(&vec![0.0; parameters]),
+            metrics: Default::default(),
+        };
+        coordinator.offer(&update).unwrap();
+    }
+    coordinator.close().unwrap();
+    coordinator.model().iter().map(|v| f64::from(*v)).collect()
+}
+
+#[test]
+fn central_noise_is_unpredictable_unless_an_insecure_seed_is_set() {
+    // Two runs of the same configuration: different noise (the old constant seed made them
+    // equal, so anyone could regenerate and subtract it).
+    let (a, b) = (central_noise_of_one_round(None, 1000), central_noise_of_one_round(None, 1000));
+    assert_ne!(a, b, "two runs drew the same noise");
+    // The insecure test seed reproduces it.
+    assert_eq!(central_noise_of_one_round(Some(9), 1000), central_noise_of_one_round(Some(9), 1000));
+    // Calibrated: std noise_multiplier * clip / clients = 2 * 1 / 2 = 1 (server lr 1).
+    let samples = central_noise_of_one_round(None, 20_000);
+    let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+    let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64;
+    assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
 }
