@@ -638,3 +638,55 @@ fn an_arrow_results_file_holds_what_the_json_results_say() {
     }
     assert_eq!(orders[0], orders[1], "rows come in the same order on 1 and 2 workers");
 }
+
+/// The shipped `pipelines/edge-inference.yaml`: requests go through `load_balance` to live
+/// edge nodes of the simulated fleet and are scored there by the anomaly model.
+#[test]
+fn shipped_edge_inference_pipeline_places_requests_on_live_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let results_path = dir.path().join("results.jsonl");
+    let output = edgeflow()
+        .arg("run")
+        .arg(root().join("pipelines/edge-inference.yaml"))
+        .args(["--no-metrics", "--workers", "2"])
+        .env("RUN_FOR", "8s")
+        .env("FLEET_NODES", "40")
+        .env("FLEET_FAILURE_RATE", "0")
+        .env("REQUEST_RATE", "50")
+        .env("RESULTS_PATH", &results_path)
+        .env("DEAD_LETTER_PATH", dir.path().join("dead.jsonl"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // Status changes on stdout: the timeline of each node.
+    let mut timeline: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let change: Value = serde_json::from_str(line.strip_prefix("change ").expect("change lines")).unwrap();
+        timeline
+            .entry(change["node_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((change["time"].as_u64().unwrap(), change["to"].as_str().unwrap().to_owned()));
+    }
+    let status_at = |node: &str, time: u64| -> Option<&str> {
+        timeline.get(node)?.iter().filter(|(t, _)| *t <= time).next_back().map(|(_, s)| s.as_str())
+    };
+    let results = read_results(&results_path);
+    assert_eq!(results.len(), 400, "one result per request (50/s for 8 s)");
+    let ok: Vec<&Value> = results.iter().filter(|r| r["status"] == "ok").collect();
+    assert!(ok.len() >= 300, "most requests are served: {:?}", by_status(&results));
+    let mut nodes = std::collections::BTreeSet::new();
+    for result in &ok {
+        let node = result["node"].as_str().expect("a served request names its node");
+        let at = result["timestamp"].as_u64().unwrap();
+        let status = status_at(node, at);
+        assert!(matches!(status, Some("healthy" | "degraded")), "{node} was {status:?} at {at}: {result}");
+        assert_eq!(result["outputs"]["scores"]["shape"], serde_json::json!([1, 1]), "{result}");
+        nodes.insert(node.to_owned());
+    }
+    assert!(nodes.len() >= 10, "requests from five regions spread over the fleet: {nodes:?}");
+    // The others were refused with a reason (no live node known yet at the very start, or
+    // the fleet gone at the end), never lost.
+    for result in results.iter().filter(|r| r["status"] != "ok") {
+        assert!(result["error"].as_str().unwrap().contains("no Healthy or Degraded node"), "{result}");
+    }
+}

@@ -29,7 +29,7 @@ use edgeflow_operators::federated::coordinator::{
     ClientInfo, Coordinator, PlanError, PlanRecord, RoundPlan, RoundSummary,
 };
 use edgeflow_operators::federated::learn::{Dataset, Softmax};
-use edgeflow_operators::federated::secure::{unmask, Announcement, Reveal, SecureClient};
+use edgeflow_operators::federated::secure::{unmask, Announcement, MaskedUpdate, Reveal, SecureClient};
 use edgeflow_operators::federated::simulate::SimulatedFleet;
 use edgeflow_operators::federated::update::{ModelUpdate, Payload};
 use edgeflow_operators::{route_hash, DeadLetter, EventTime, HealthStatus};
@@ -130,7 +130,7 @@ enum ClientMessage {
     /// Secure aggregation, step 1: a selected client's public key (index in the round).
     Announce { index: u8, public: [u8; 32] },
     /// Step 3: a surviving client's masked, weighted update (`[w·delta.., w, loss]`).
-    Masked { index: u8, client: String, masked: Vec<u64> },
+    Masked { index: u8, client: String, masked: MaskedUpdate },
     /// Step 4: a surviving client's shares for unmasking.
     Reveal(Reveal),
 }
@@ -441,11 +441,14 @@ impl SecureRound<'_> {
         let threshold = self.secure.shares_needed(plan.clients.len());
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(self.seed ^ plan.round.wrapping_mul(0x5ec0_a99e));
         let mut parties: Vec<SecureClient> =
-            (1..=plan.clients.len()).map(|i| SecureClient::new(i as u8, &mut rng)).collect();
+            (1..=plan.clients.len()).map(|i| SecureClient::new(i as u8, plan.round, &mut rng)).collect();
         let announced: Vec<Announcement> = parties.iter().map(SecureClient::announce).collect();
         let shares: Vec<_> = parties.iter().flat_map(|p| p.share(&announced, threshold, &mut rng)).collect();
         for party in &mut parties {
-            party.receive(&announced, &shares);
+            if let Err(reason) = party.receive(&announced, &shares) {
+                // Shares sealed and opened in one process cannot fail to authenticate.
+                tracing::error!(round = plan.round, %reason, "simulated secure aggregation: a share did not open");
+            }
         }
         let (mut survivors, mut dropped) = (std::collections::BTreeSet::new(), std::collections::BTreeSet::new());
         for (i, client) in plan.clients.iter().enumerate() {
@@ -650,7 +653,8 @@ impl Driver {
         reveals.sort_by_key(|r| r.from);
         clients.sort();
         let threshold = secure.shares_needed(announced.len());
-        let result = unmask(&announced, &masked, &reveals, threshold).and_then(|mut sum| {
+        let round = self.coordinator.open_round().unwrap_or_default();
+        let result = unmask(round, &announced, &masked, &reveals, threshold).and_then(|mut sum| {
             let loss = sum.pop().map(|total| f64::from(total) / clients.len() as f64);
             let weight = sum.pop().map_or(0.0, f64::from);
             self.coordinator.offer_secure_sum(&sum, weight, &clients, loss)

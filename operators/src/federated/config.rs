@@ -9,6 +9,9 @@ use super::aggregate::Strategy;
 use super::coordinator::{CoordinatorConfig, DpConfig, Selection};
 use super::learn::{LocalTraining, Partition};
 
+/// The default bound on an update's L2 norm (`max_norm`).
+pub const DEFAULT_MAX_NORM: f64 = 1000.0;
+
 /// YAML configuration of the `federated` operator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +65,10 @@ pub struct FederatedConfig {
     /// (default 0.5); a round below it keeps the model and is reported.
     #[serde(default = "defaults::quorum")]
     pub quorum: f64,
-    /// Updates with a larger L2 norm are rejected (default: no bound).
+    /// Updates with a larger L2 norm are rejected (default 1000, far above an honest update
+    /// of the shipped models and far below one that wrecks a model: set it to your model's
+    /// scale). With secure aggregation no single update is seen:
+    /// then the unmasked sum must be within `dp.clip_norm` times the total weight.
     #[serde(default)]
     pub max_norm: Option<f64>,
     /// Local training of each client per round.
@@ -256,7 +262,10 @@ impl FederatedConfig {
             selection: self.selection.clone(),
             clients_per_round: self.clients_per_round,
             quorum: self.quorum,
-            max_norm: self.max_norm,
+            max_norm: match (&self.secure_aggregation, self.max_norm) {
+                (None, bound) => Some(bound.unwrap_or(DEFAULT_MAX_NORM)).filter(|bound| bound.is_finite()),
+                (Some(_), _) => None,
+            },
             local: self.local,
             dp: self.dp.clone(),
         }

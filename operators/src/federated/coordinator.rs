@@ -461,6 +461,22 @@ impl Coordinator {
         loss: Option<f64>,
     ) -> Result<(), String> {
         let open = self.open.as_mut().ok_or("no round is open")?;
+        // The server cannot check one update, but it can check their sum: with clipping, each
+        // client's weighted update is at most `weight * clip` long, so the sum is at most
+        // `total weight * clip` (plus the fixed point's rounding). A longer or non-finite sum
+        // means a client did not clip: the round keeps the model.
+        if sum.iter().any(|v| !v.is_finite()) {
+            return Err("the secure sum has a non-finite value: a client sent a broken update".to_owned());
+        }
+        if let Some(clip) = open.plan.clip_norm {
+            let norm = super::privacy::l2_norm(sum);
+            let bound = weight * clip * (1.0 + 1e-6) + 1e-3;
+            if norm > bound {
+                return Err(format!(
+                    "the secure sum's norm {norm:.4} exceeds {bound:.4} (total weight {weight} times clip_norm {clip}): a client did not clip its update"
+                ));
+            }
+        }
         for client in clients {
             if !open.plan.clients.contains(client) {
                 return Err(format!("secure sum includes `{client}`, who was not selected"));

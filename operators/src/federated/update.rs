@@ -38,6 +38,9 @@ pub struct Payload {
     pub data: String,
 }
 
+/// Largest decoded payload (1 GiB of f32: 256 Mi parameters).
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 30;
+
 impl Payload {
     /// Encodes `values` (zstd level 3).
     pub fn encode(values: &[f32]) -> Self {
@@ -62,7 +65,14 @@ impl Payload {
         let compressed = base64::engine::general_purpose::STANDARD
             .decode(&self.data)
             .map_err(|err| format!("payload is not valid base64: {err}"))?;
-        let expected = usize::try_from(self.parameters).map_err(|_| "payload too large".to_owned())? * 4;
+        // Checked, and capped: the decompression buffer is allocated up front.
+        let expected = usize::try_from(self.parameters)
+            .ok()
+            .and_then(|parameters| parameters.checked_mul(4))
+            .filter(|bytes| *bytes <= MAX_PAYLOAD_BYTES)
+            .ok_or_else(|| {
+                format!("payload claims {} parameters, more than {} bytes of f32", self.parameters, MAX_PAYLOAD_BYTES)
+            })?;
         let raw = zstd::bulk::decompress(&compressed, expected + 1)
             .map_err(|err| format!("payload is not valid zstd data: {err}"))?;
         if raw.len() != expected {

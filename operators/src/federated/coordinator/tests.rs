@@ -260,3 +260,33 @@ fn central_noise_is_unpredictable_unless_an_insecure_seed_is_set() {
     let var = samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / (samples.len() - 1) as f64;
     assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
 }
+
+#[test]
+fn a_huge_update_is_rejected_without_max_norm_set() {
+    // A single 1e30 update used to leave accuracy at chance for every later round.
+    let config: crate::federated::config::FederatedConfig =
+        serde_json::from_value(serde_json::json!({"dataset": "digits.csv", "clients_per_round": 2})).unwrap();
+    let mut coordinator_config = config.coordinator();
+    assert_eq!(coordinator_config.max_norm, Some(crate::federated::config::DEFAULT_MAX_NORM));
+    coordinator_config.selection = Selection::List { clients: vec!["a".into(), "b".into()] };
+    let mut coordinator = Coordinator::new(coordinator_config, vec![0.0; 4]);
+    let fleet: Vec<ClientInfo> = ["a", "b"]
+        .iter()
+        .map(|id| ClientInfo { id: (*id).into(), status: HealthStatus::Healthy, cpu: 0.0, memory: 0.0 })
+        .collect();
+    let plan = coordinator.plan(&fleet).unwrap();
+    let update = |client: &str, value: f32| ModelUpdate {
+        round: plan.round,
+        client_id: client.into(),
+        num_examples: 10,
+        base_version: 0,
+        timestamp: 0,
+        payload: Payload::encode(&[value; 4]),
+        metrics: Default::default(),
+    };
+    let err = coordinator.offer(&update("a", 1e30)).unwrap_err();
+    assert!(err.contains("exceeds the bound 1000"), "{err}");
+    coordinator.offer(&update("b", 0.5)).unwrap();
+    coordinator.close().unwrap();
+    assert_eq!(coordinator.model(), &[0.5; 4], "only the honest update moved the model");
+}
