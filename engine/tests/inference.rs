@@ -668,7 +668,7 @@ fn shipped_edge_inference_pipeline_places_requests_on_live_nodes() {
             .push((change["time"].as_u64().unwrap(), change["to"].as_str().unwrap().to_owned()));
     }
     let status_at = |node: &str, time: u64| -> Option<&str> {
-        timeline.get(node)?.iter().filter(|(t, _)| *t <= time).next_back().map(|(_, s)| s.as_str())
+        timeline.get(node)?.iter().rfind(|(t, _)| *t <= time).map(|(_, s)| s.as_str())
     };
     let results = read_results(&results_path);
     assert_eq!(results.len(), 400, "one result per request (50/s for 8 s)");
