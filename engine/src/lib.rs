@@ -1,6 +1,7 @@
 //! The edgeflow runtime: pipeline configuration, the dataflow built from it, and the
 //! services around it (metrics, health, status line).
 
+pub mod client;
 pub mod config;
 pub mod graph;
 pub mod http;

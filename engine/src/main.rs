@@ -100,6 +100,36 @@ enum Command {
         #[command(subcommand)]
         command: DpCommand,
     },
+    /// Take part in federated training as an edge client outside the engine: follow the
+    /// plans file a `federated` operator's `plans` sink writes, train on local data, and
+    /// append answers to the file its `model_updates` source follows (with secure
+    /// aggregation: the protocol's steps, never the update in the clear).
+    Client {
+        /// This client's id.
+        #[arg(long)]
+        id: String,
+        /// The plans file to follow.
+        #[arg(long)]
+        plans: PathBuf,
+        /// The updates file to append to.
+        #[arg(long)]
+        updates: PathBuf,
+        /// Local examples, `label,feature,...` per line.
+        #[arg(long)]
+        data: PathBuf,
+        /// Features are divided by this.
+        #[arg(long, default_value_t = 16.0)]
+        feature_scale: f32,
+        /// Stop after answering this round.
+        #[arg(long)]
+        rounds: u64,
+        /// Testing dropouts: vanish after sending the shares of this round.
+        #[arg(long)]
+        drop_after_sharing: Option<u64>,
+        /// Stop when no plan has come for this many seconds.
+        #[arg(long, default_value_t = 120)]
+        idle_timeout: u64,
+    },
     /// Print the JSON Schema of pipeline files (for editors), or the Markdown reference.
     Schema {
         /// `json` (JSON Schema) or `markdown` (the README's YAML reference).
@@ -224,6 +254,25 @@ fn main() -> ExitCode {
                 println!("epsilon {epsilon:.6} at delta {delta} (optimal RDP order {order}) after {steps} rounds, noise multiplier {noise_multiplier}, sample rate {sample_rate}");
             }
             ExitCode::SUCCESS
+        }
+        Command::Client { id, plans, updates, data, feature_scale, rounds, drop_after_sharing, idle_timeout } => {
+            let options = edgeflow_engine::client::ClientOptions {
+                id,
+                plans,
+                updates,
+                data,
+                feature_scale,
+                rounds,
+                drop_after_sharing,
+                idle_timeout: std::time::Duration::from_secs(idle_timeout),
+            };
+            match edgeflow_engine::client::run(&options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Model { command } => match model_command(command) {
             Ok(()) => ExitCode::SUCCESS,

@@ -357,3 +357,156 @@ fn the_pipeline_reaches_centralised_accuracy_within_three_points() {
     println!("pipelines/federated.yaml: {federated:.4} after 100 rounds; centralised: {central:.4}");
     assert!(federated >= central - 0.03, "federated {federated:.4} vs centralised {central:.4}");
 }
+
+/// Secure aggregation with clients outside the engine: five `edgeflow client` processes,
+/// each with its own data, take part over files; one drops out after sharing its secrets in
+/// round 1 (and does not come back). The coordinator only ever receives protocol steps, and
+/// the global model equals the plain FedAvg of the surviving clients' updates.
+#[test]
+fn secure_aggregation_with_external_client_processes_and_a_dropout() {
+    use edgeflow_operators::federated::coordinator::{PlanRecord, RoundPlan};
+    use edgeflow_operators::federated::learn::{Dataset, LocalTraining};
+    use edgeflow_operators::federated::secure_protocol::{ClientStep, SECAGG_FORMAT};
+    use edgeflow_operators::federated::update::{ModelUpdate, Payload};
+
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = common::external_clients::fleet(&data());
+    let ids: Vec<String> = (0..5).map(|i| format!("client-{i:02}")).collect();
+    let mut local: Vec<Dataset> = Vec::new();
+    for (id, (_, dataset)) in ids.iter().zip(&fleet.clients) {
+        // Each client's own examples, in the dataset's format (features scaled back by 16).
+        let text: String = dataset
+            .features
+            .iter()
+            .zip(&dataset.labels)
+            .map(|(features, label)| {
+                let values: Vec<String> = features.iter().map(|f| format!("{}", (f * 16.0).round())).collect();
+                format!("{label},{}\n", values.join(","))
+            })
+            .collect();
+        std::fs::write(dir.path().join(format!("{id}.csv")), &text).unwrap();
+        local.push(Dataset::parse_csv(&text, 16.0).unwrap());
+    }
+    let (plans, updates) = (dir.path().join("plans.jsonl"), dir.path().join("updates.jsonl"));
+    std::fs::File::create(&updates).unwrap();
+    let pipeline = dir.path().join("secure.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: secure-external\nsources:\n  updates:\n    type: file\n    path: {u}\n    records: model_updates\n    follow: true\n    poll_interval: 20ms\n    idle_timeout: 200ms\noperators:\n  train:\n    type: federated\n    input: updates\n    dataset: {data}\n    clients: 5\n    rounds: 2\n    clients_per_round: 5\n    selection: {{selection: round_robin}}\n    quorum: 0.6\n    round_timeout: 8s\n    secure_aggregation: {{threshold: 0.6}}\n    local: {{epochs: 1, batch_size: 16, learning_rate: 0.1}}\nsinks:\n  plans:\n    type: file\n    input: train.plans\n    path: {p}\n  rounds:\n    type: file\n    input: train\n    path: {d}/rounds.jsonl\n  models:\n    type: file\n    input: train.models\n    path: {d}/models.jsonl\n  rejected:\n    type: dead_letter\n    input: train.rejected\n    path: {d}/dead.jsonl\n",
+            u = updates.display(),
+            p = plans.display(),
+            data = data().display(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut engine = common::Running(
+        Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+            .arg("run")
+            .arg(&pipeline)
+            .args(["--no-metrics", "--workers", "2"])
+            .stderr(std::fs::File::create(dir.path().join("engine.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut clients: Vec<common::Running> = ids
+        .iter()
+        .map(|id| {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+            command
+                .args(["client", "--id", id, "--rounds", "2", "--idle-timeout", "60"])
+                .arg("--plans")
+                .arg(&plans)
+                .arg("--updates")
+                .arg(&updates)
+                .arg("--data")
+                .arg(dir.path().join(format!("{id}.csv")));
+            if id == "client-02" {
+                command.args(["--drop-after-sharing", "1"]);
+            }
+            common::Running(
+                command.stderr(std::fs::File::create(dir.path().join(format!("{id}.log"))).unwrap()).spawn().unwrap(),
+            )
+        })
+        .collect();
+    let rounds_path = dir.path().join("rounds.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&rounds_path).unwrap_or_default().lines().count() < 2 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(90),
+            "two rounds were not reported: {}",
+            std::fs::read_to_string(dir.path().join("engine.log")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for client in &mut clients {
+        let status = client.0.wait().unwrap();
+        assert!(status.success(), "a client failed");
+    }
+    let id = engine.id().to_string();
+    assert!(Command::new("kill").args(["-s", "TERM", &id]).status().unwrap().success());
+    assert!(engine.0.wait().unwrap().success());
+
+    let reports: Vec<serde_json::Value> = common::json_values(&std::fs::read_to_string(&rounds_path).unwrap());
+    let logs = || {
+        let mut text = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap_or_default();
+        for name in ["engine.log", "client-00.log", "client-02.log"] {
+            text.push_str(&format!(
+                "\n== {name}\n{}",
+                std::fs::read_to_string(dir.path().join(name)).unwrap_or_default()
+            ));
+        }
+        text
+    };
+    for report in &reports {
+        assert!(report["failure"].is_null(), "{report}\n{}", logs());
+        assert_eq!(report["accepted"], 4, "four survivors in each round: {report}");
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap_or_default(), "", "nothing refused");
+    // The coordinator received protocol steps only, never an update in the clear, and each
+    // masked update looks like noise over the whole ring.
+    let sent: Vec<ModelUpdate> = common::json_values(&std::fs::read_to_string(&updates).unwrap());
+    assert!(sent.iter().all(|u| u.payload.format == SECAGG_FORMAT), "an update was sent in the clear");
+    let mut masked = 0;
+    for update in &sent {
+        if let Some(Ok(ClientStep::Masked { values, .. })) = ClientStep::from_update(update) {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(values).unwrap();
+            let near = bytes
+                .chunks_exact(8)
+                .filter(|c| (u64::from_le_bytes((*c).try_into().unwrap()) as i64 as f64 / 16_777_216.0).abs() < 1e3)
+                .count();
+            assert!(near < 5, "{near} masked values look like plain ones");
+            masked += 1;
+        }
+    }
+    assert_eq!(masked, 8, "4 masked updates a round");
+    // Round 1's model is the plain FedAvg of the four survivors' updates from the zero model.
+    let zero = vec![0.0f32; 650];
+    let plan = RoundPlan {
+        round: 1,
+        clients: ids.clone(),
+        model_version: 0,
+        local: LocalTraining { epochs: 1, batch_size: 16, learning_rate: 0.1, mu: 0.0 },
+        clip_norm: None,
+        local_noise_std: None,
+        local_laplace_scale: None,
+    };
+    let record = PlanRecord::new(&plan, None, &zero);
+    let (mut sum, mut weight) = (vec![0.0f64; 650], 0.0f64);
+    for (id, dataset) in ids.iter().zip(&local).filter(|(id, _)| id.as_str() != "client-02") {
+        let update = edgeflow_engine::client::train(&record, dataset, id).unwrap();
+        let w = update.num_examples as f64;
+        for (s, d) in sum.iter_mut().zip(update.payload.decode().unwrap()) {
+            *s += w * f64::from(d);
+        }
+        weight += w;
+    }
+    let models = std::fs::read_to_string(dir.path().join("models.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(models.lines().next().unwrap()).unwrap();
+    let payload: Payload = serde_json::from_value(first["payload"].clone()).unwrap();
+    let model = payload.decode().unwrap();
+    let worst = model.iter().zip(&sum).map(|(m, s)| (f64::from(*m) - s / weight).abs()).fold(0.0, f64::max);
+    assert!(worst < 1e-4, "the unmasked model differs from the plain FedAvg by {worst}");
+}

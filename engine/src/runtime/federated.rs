@@ -30,6 +30,7 @@ use edgeflow_operators::federated::coordinator::{
 };
 use edgeflow_operators::federated::learn::{Dataset, Softmax};
 use edgeflow_operators::federated::secure::{unmask, Announcement, MaskedUpdate, Reveal, SecureClient};
+use edgeflow_operators::federated::secure_protocol::{Advance, ClientStep, ServerRound, ServerStep};
 use edgeflow_operators::federated::simulate::SimulatedFleet;
 use edgeflow_operators::federated::update::{ModelUpdate, Payload};
 use edgeflow_operators::{route_hash, DeadLetter, EventTime, HealthStatus};
@@ -109,6 +110,8 @@ struct PlanMessage {
     model: Vec<f32>,
     /// Wall-clock deadline, ms since the epoch (external clients).
     deadline: Option<u64>,
+    /// Secure aggregation with external clients: the step this message opens.
+    secure: Option<ServerStep>,
 }
 
 /// What the live node health says of a client (an edge node of the same id).
@@ -269,6 +272,7 @@ pub(crate) fn federated<'scope>(
                         }
                     });
                     let ended = frontier.is_empty();
+                    out.extend(driver.secure_tick(ended));
                     let next = match driver.coordinator.open_round() {
                         Some(round) if ended || driver.due() => {
                             out.extend(driver.close(round));
@@ -298,7 +302,7 @@ pub(crate) fn federated<'scope>(
                         Some(Opened::Over) => held = None,
                         None => {}
                     }
-                    if let Some(at) = driver.deadline.or(driver.retry_at) {
+                    if let Some(at) = driver.wake_at() {
                         activator.activate_after(at.saturating_duration_since(Instant::now()));
                     }
                     return;
@@ -360,7 +364,11 @@ pub(crate) fn federated<'scope>(
             _ => None,
         }),
         plans: out.clone().flat_map(|o| match o {
-            CoordinatorOut::Plan(message) => Some(PlanRecord::new(&message.plan, message.deadline, &message.model)),
+            CoordinatorOut::Plan(message) => {
+                let mut record = PlanRecord::new(&message.plan, message.deadline, &message.model);
+                record.secure_aggregation = message.secure;
+                Some(record)
+            }
             _ => None,
         }),
         rejected: out.flat_map(|o| match o {
@@ -518,6 +526,11 @@ struct Driver {
     live_health: bool,
     /// When a round waiting for an eligible client tries again.
     retry_at: Option<Instant>,
+    /// Secure aggregation with external clients: its settings, and the open round's steps.
+    secure: Option<SecureAggregation>,
+    secure_round: Option<ServerRound>,
+    /// The open round's plan, repeated with each of its secure-aggregation steps.
+    open_plan: Option<PlanMessage>,
 }
 
 /// What opening a round gave.
@@ -564,6 +577,9 @@ impl Driver {
             failure: None,
             live_health,
             retry_at: None,
+            secure: config.secure_aggregation.clone().filter(|_| external),
+            secure_round: None,
+            open_plan: None,
         }
     }
 
@@ -584,7 +600,18 @@ impl Driver {
                     wall_clock_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
                 });
                 let model = self.coordinator.model().to_vec();
-                Opened::Plan(CoordinatorOut::Plan(PlanMessage { plan, model, deadline }))
+                let secure = self.secure.as_ref().zip(self.timeout).map(|(secure, timeout)| {
+                    // Each of the four steps may take a quarter of the round.
+                    let threshold = secure.shares_needed(plan.clients.len());
+                    let parameters = model.len() + 2;
+                    let equal_weights = self.coordinator.central_dp();
+                    ServerRound::new(plan.round, &plan.clients, threshold, parameters, equal_weights, timeout / 4)
+                });
+                let step = secure.as_ref().map(ServerRound::plan_step);
+                self.secure_round = secure;
+                let message = PlanMessage { plan, model, deadline, secure: step };
+                self.open_plan = self.secure.is_some().then(|| message.clone());
+                Opened::Plan(CoordinatorOut::Plan(message))
             }
             Err(PlanError::NoneEligible(reason)) if self.live_health => {
                 if self.retry_at.is_none() {
@@ -617,6 +644,24 @@ impl Driver {
 
     /// Offers `update` to the open round; a refused one comes back as a dead letter.
     fn offer(&mut self, update: &ModelUpdate) -> Option<CoordinatorOut> {
+        if self.secure.is_some() {
+            let open = self.coordinator.open_round();
+            let result = match (ClientStep::from_update(update), self.secure_round.as_mut()) {
+                (Some(Ok(step)), Some(round)) if open == Some(update.round) => round.receive(&update.client_id, step),
+                (Some(Ok(_)), _) => Err(format!(
+                    "secure-aggregation step from `{}` for round {}: that round is not open",
+                    update.client_id, update.round
+                )),
+                (Some(Err(reason)), _) => Err(format!("from `{}`: {reason}", update.client_id)),
+                (None, _) => Err(format!(
+                    "update from `{}` for round {}: the rounds use secure aggregation; send its steps (payload format `{}`), not an update in the clear",
+                    update.client_id,
+                    update.round,
+                    edgeflow_operators::federated::secure_protocol::SECAGG_FORMAT
+                )),
+            };
+            return result.err().map(|reason| self.reject(update, reason));
+        }
         match self.coordinator.offer(update) {
             Ok(()) => {
                 self.gauges.accepted.inc();
@@ -681,8 +726,56 @@ impl Driver {
         CoordinatorOut::Rejected(letter, update.round)
     }
 
+    /// Secure aggregation with external clients: moves the open round's steps on (when a
+    /// step is complete or timed out; `ended`: no more messages will come); returns the
+    /// steps to publish. When the round is over its sum is folded in, or its failure kept.
+    fn secure_tick(&mut self, ended: bool) -> Vec<CoordinatorOut> {
+        let mut out = Vec::new();
+        loop {
+            let Some(round) = self.secure_round.as_mut() else { return out };
+            match round.advance(Instant::now(), ended) {
+                Advance::Wait => return out,
+                Advance::Publish(step) => {
+                    if let Some(plan) = &self.open_plan {
+                        let mut message = plan.clone();
+                        message.secure = Some(step);
+                        out.push(CoordinatorOut::Plan(message));
+                    }
+                }
+                Advance::Done(result) => {
+                    self.secure_round = None;
+                    let result = result.and_then(|(mut sum, clients)| {
+                        let loss = sum.pop().map(|total| f64::from(total) / clients.len().max(1) as f64);
+                        let weight = sum.pop().map_or(0.0, f64::from);
+                        self.coordinator.offer_secure_sum(&sum, weight, &clients, loss).map(|()| clients.len())
+                    });
+                    match result {
+                        Ok(clients) => {
+                            self.gauges.accepted.inc_by(clients as u64);
+                        }
+                        Err(reason) => {
+                            tracing::warn!(operator = %self.operator, %reason, "secure aggregation failed; the round keeps the model");
+                            self.failure = Some(reason);
+                        }
+                    }
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// When the operator must look at the round again (a step's or the round's deadline).
+    fn wake_at(&self) -> Option<Instant> {
+        let step = self.secure_round.as_ref().map(ServerRound::deadline);
+        [step, self.deadline, self.retry_at].into_iter().flatten().min()
+    }
+
     /// External clients: whether the open round should close now.
     fn due(&self) -> bool {
+        if self.secure.is_some() {
+            // The steps decide; the round's own deadline is a backstop.
+            return self.secure_round.is_none() || self.deadline.is_some_and(|deadline| Instant::now() >= deadline);
+        }
         self.coordinator.all_answered()
             || (self.close_on_quorum && self.coordinator.quorum_reached())
             || self.deadline.is_some_and(|deadline| Instant::now() >= deadline)
@@ -692,6 +785,11 @@ impl Driver {
     /// model and the report.
     fn close(&mut self, round: u64) -> Vec<CoordinatorOut> {
         self.deadline = None;
+        if self.secure_round.take().is_some() {
+            self.failure
+                .get_or_insert_with(|| format!("secure aggregation failed in round {round}: the round's time ran out"));
+        }
+        self.open_plan = None;
         self.closed = round;
         let summary = match self.coordinator.close() {
             Ok(summary) => summary,

@@ -180,12 +180,16 @@ pub struct PlanRecord {
     pub deadline: Option<u64>,
     /// The global model.
     pub model: super::update::Payload,
+    /// Secure aggregation with external clients: the step this record opens (`null`
+    /// otherwise). Every step's record repeats the plan and the model.
+    #[serde(default)]
+    pub secure_aggregation: Option<super::secure_protocol::ServerStep>,
 }
 
 impl PlanRecord {
     /// The record of `plan`, training from `model`.
     pub fn new(plan: &RoundPlan, deadline: Option<u64>, model: &[f32]) -> Self {
-        Self { plan: plan.clone(), deadline, model: super::update::Payload::encode(model) }
+        Self { plan: plan.clone(), deadline, model: super::update::Payload::encode(model), secure_aggregation: None }
     }
 }
 
@@ -301,6 +305,11 @@ impl Coordinator {
     /// Its version (the number of rounds closed).
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Whether noise is added centrally (then every client's update weighs the same).
+    pub fn central_dp(&self) -> bool {
+        self.config.dp.as_ref().is_some_and(|dp| dp.mode == DpMode::Central)
     }
 
     /// ε spent so far (central DP).

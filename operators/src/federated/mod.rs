@@ -9,5 +9,6 @@ pub mod learn;
 pub mod onnx_export;
 pub mod privacy;
 pub mod secure;
+pub mod secure_protocol;
 pub mod simulate;
 pub mod update;
