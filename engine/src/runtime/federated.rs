@@ -407,8 +407,12 @@ fn simulated_clients<'scope>(
                         draw < dropout
                     };
                     if let Some(secure) = &secure {
-                        let round = SecureRound { plan, model: &message.model, secure, seed, equal_weights };
-                        session.give_iterator(round.messages(&fleet, &owned, &drops).into_iter());
+                        // The simulated clients' secrets come from the operating system, so one
+                        // worker runs them all (workers could not agree on them otherwise).
+                        if index == 0 {
+                            let round = SecureRound { plan, model: &message.model, secure, equal_weights };
+                            session.give_iterator(round.messages(&fleet, &drops).into_iter());
+                        }
                         continue;
                     }
                     for client in plan.clients.iter().filter(|c| owned(c) && !drops(c)) {
@@ -425,29 +429,28 @@ fn simulated_clients<'scope>(
 /// One round of secure aggregation among simulated clients (Bonawitz et al.; see
 /// `edgeflow_operators::federated::secure`). Every selected client announces its key and
 /// shares its secrets; those that drop out (`dropout`) do so after sharing, so their masks
-/// must be recovered. The key agreement and the sealed shares, which the server only relays,
-/// are computed where the clients run (each worker derives the round's clients from the
-/// seed); the coordinator receives only announcements, masked updates and the survivors'
-/// reveals, never a client's update in the clear.
+/// must be recovered. The clients' secrets come from the operating system's generator; as
+/// the simulation runs every client in one place (worker 0) it protects nothing, and is
+/// there to show the protocol's arithmetic: external clients (`edgeflow client`, see
+/// `secure_protocol`) keep their secrets to themselves. The coordinator receives only
+/// announcements, masked updates and the survivors' reveals.
 struct SecureRound<'a> {
     plan: &'a RoundPlan,
     model: &'a [f32],
     secure: &'a SecureAggregation,
-    seed: u64,
     equal_weights: bool,
 }
 
 impl SecureRound<'_> {
-    /// The messages of the clients `owned` by this worker.
-    fn messages(
-        &self,
-        fleet: &SimulatedFleet,
-        owned: &dyn Fn(&String) -> bool,
-        drops: &dyn Fn(&String) -> bool,
-    ) -> Vec<ClientMessage> {
+    /// The messages of every selected client.
+    fn messages(&self, fleet: &SimulatedFleet, drops: &dyn Fn(&String) -> bool) -> Vec<ClientMessage> {
         let plan = self.plan;
         let threshold = self.secure.shares_needed(plan.clients.len());
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(self.seed ^ plan.round.wrapping_mul(0x5ec0_a99e));
+        // Each client's secrets from the operating system's generator, as a real client's.
+        let Ok(mut rng) = rand_chacha::ChaCha20Rng::from_rng(rand::rngs::OsRng) else {
+            tracing::error!(round = plan.round, "the operating system's random number generator failed");
+            return Vec::new();
+        };
         let mut parties: Vec<SecureClient> =
             (1..=plan.clients.len()).map(|i| SecureClient::new(i as u8, plan.round, &mut rng)).collect();
         let announced: Vec<Announcement> = parties.iter().map(SecureClient::announce).collect();
@@ -463,7 +466,7 @@ impl SecureRound<'_> {
             if drops(client) { &mut dropped } else { &mut survivors }.insert(i as u8 + 1);
         }
         let mut out = Vec::new();
-        for (i, client) in plan.clients.iter().enumerate().filter(|(_, c)| owned(c)) {
+        for (i, client) in plan.clients.iter().enumerate() {
             let index = i as u8 + 1;
             out.push(ClientMessage::Announce { index, public: announced[i].public_bytes() });
             if dropped.contains(&index) {
