@@ -164,15 +164,18 @@ impl NodeHealthParams {
     pub fn status_at(&self, now: EventTime, beats: &[(EventTime, f64, f64, f64)]) -> HealthStatus {
         let latest = beats
             .iter()
-            .filter(|(t, ..)| *t <= now && now < t + self.timeout)
+            .filter(|(t, ..)| *t <= now && now < t.saturating_add(self.timeout))
             .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.total_cmp(&b.2)).then(a.3.total_cmp(&b.3)));
         match latest {
             None => HealthStatus::Offline,
-            Some(&(t, cpu, memory, disk)) => self.classify(now < t + self.unhealthy_after, cpu, memory, disk),
+            Some(&(t, cpu, memory, disk)) => {
+                self.classify(now < t.saturating_add(self.unhealthy_after), cpu, memory, disk)
+            }
         }
     }
 
-    fn window_end(&self, time: EventTime) -> EventTime {
+    /// The end of the rollup window that holds `time` (saturating near `u64::MAX`).
+    pub fn window_end(&self, time: EventTime) -> EventTime {
         time.div_ceil(self.rollup_window).saturating_mul(self.rollup_window)
     }
 }

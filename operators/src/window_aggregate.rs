@@ -121,7 +121,13 @@ pub enum WindowError {
     NotMultiple { slide: DurationMs, window: DurationMs },
     #[error("`aggregates` is empty; list at least one of count, sum, mean, min, max")]
     NoAggregates,
+    #[error("`window` ({window}) over `slide` ({slide}) puts every record in {windows} windows; at most {max} are allowed (use a longer slide)")]
+    TooManyWindows { slide: DurationMs, window: DurationMs, windows: u64, max: u64 },
 }
+
+/// Most windows a record may fall in (`window / slide`): each one costs an accumulator per
+/// key, so a slide far shorter than the window would exhaust memory with a few records.
+pub const MAX_WINDOWS_PER_RECORD: u64 = 1000;
 
 /// Validated window parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +156,14 @@ impl WindowParams {
         }
         if !size.is_multiple_of(slide_ms) {
             return Err(WindowError::NotMultiple { slide: DurationMs(slide_ms), window });
+        }
+        if size / slide_ms > MAX_WINDOWS_PER_RECORD {
+            return Err(WindowError::TooManyWindows {
+                slide: DurationMs(slide_ms),
+                window,
+                windows: size / slide_ms,
+                max: MAX_WINDOWS_PER_RECORD,
+            });
         }
         if aggregates.is_empty() {
             return Err(WindowError::NoAggregates);

@@ -319,4 +319,18 @@ mod tests {
         let err = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(err.mark.line >= 1, "{err:?}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 1000, ..Default::default() })]
+
+        /// Any text, YAML-ish or not: a node tree or a syntax error with its position, and a
+        /// pipeline or its problems, never a panic.
+        #[test]
+        fn any_text_parses_or_says_where(text in "([a-z:&*!|>\\[\\]{},#\"'\\- ]|\n|  ){0,120}") {
+            if let Ok(node) = parse(&text) {
+                let _ = node.to_json();
+            }
+            let _ = crate::config::load_str(&text, "fuzz.yaml", &|_| None);
+        }
+    }
 }
