@@ -690,3 +690,78 @@ fn shipped_edge_inference_pipeline_places_requests_on_live_nodes() {
         assert!(result["error"].as_str().unwrap().contains("no Healthy or Degraded node"), "{result}");
     }
 }
+
+/// A request that fits the model's declared interface but fails in ONNX Runtime (5 columns
+/// where the graph multiplies by a 4-row matrix) fails alone: the others of its batch are
+/// served (its batch used to fail as a whole).
+#[test]
+fn a_request_that_fails_in_the_model_fails_alone_not_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut requests: Vec<Value> = (0..20).map(|i| linear_request(i, 1)).collect();
+    for request in &mut requests {
+        request["model"] = "loose".into();
+    }
+    let mut bad = linear_request(100, 1);
+    bad["model"] = "loose".into();
+    bad["inputs"]["x"] = serde_json::json!({"shape": [1, 5], "data": [1, 2, 3, 4, 5]});
+    requests.insert(7, bad);
+    let requests_path = dir.path().join("requests.jsonl");
+    write_lines(&requests_path, &requests);
+    let results_path = dir.path().join("results.jsonl");
+    let pipeline = dir.path().join("pipeline.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: loose\nmetrics:\n  enabled: false\nsources:\n  input:\n{}\noperators:\n  infer:\n    type: inference\n    input: input\n    registry: {}\n    models: [loose]\n    max_batch_size: 64\n    max_queue_delay: 1s\nsinks:\n  results:\n    type: file\n    input: infer\n    path: {}\n",
+            file_source(&requests_path),
+            models().display(),
+            results_path.display()
+        ),
+    )
+    .unwrap();
+    let output = run(&pipeline, 1);
+    let results = read_results(&results_path);
+    assert_eq!(results.len(), 21);
+    let failed: Vec<&Value> = results.iter().filter(|r| r["status"] != "ok").collect();
+    assert_eq!(failed.len(), 1, "only the bad request fails: {:?}", by_status(&results));
+    assert_eq!(failed[0]["id"], "r100");
+    assert!(failed[0]["error"].as_str().unwrap().contains("failed"), "{}", failed[0]);
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("running its requests one by one"), "the batch was split: {log}");
+}
+
+/// Shapes whose product overflows (`[2^62, 4]` with no data) used to pass validation and
+/// panic the worker when two were batched: now they are refused at the source, with the
+/// reason, and the other requests are served.
+#[test]
+fn requests_with_overflowing_shapes_are_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut requests: Vec<Value> = (0..10).map(|i| linear_request(i, 1)).collect();
+    for (at, seq) in [(3, 100), (4, 101)] {
+        let mut bad = linear_request(seq, 1);
+        bad["inputs"]["x"] = serde_json::json!({"shape": [4_611_686_018_427_387_904u64, 4], "data": []});
+        requests.insert(at, bad);
+    }
+    let requests_path = dir.path().join("requests.jsonl");
+    write_lines(&requests_path, &requests);
+    let pipeline = pipeline(
+        dir.path(),
+        &file_source(&requests_path),
+        &models(),
+        "    max_batch_size: 64\n    max_queue_delay: 1s",
+    );
+    let text = std::fs::read_to_string(&pipeline).unwrap()
+        + &format!("  dead:\n    type: dead_letter\n    path: {}\n", dir.path().join("dead.jsonl").display());
+    std::fs::write(&pipeline, text).unwrap();
+    run(&pipeline, 2);
+    let results = read_results(&dir.path().join("results.jsonl"));
+    assert_eq!(by_status(&results), BTreeMap::from([("ok".to_owned(), 10)]));
+    let letters = read_results(&dir.path().join("dead.jsonl"));
+    assert_eq!(letters.len(), 2);
+    for letter in letters {
+        assert!(
+            letter["reason"].as_str().unwrap().contains("more than the 16777216 values a tensor may hold"),
+            "{letter}"
+        );
+    }
+}

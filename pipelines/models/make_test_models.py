@@ -9,6 +9,9 @@ OUT_DIR defaults to engine/tests/models. It gets a model registry:
     linear/1/model.onnx  y = relu(x @ W1 + b1), x: float32 [N, 4], y: float32 [N, 3]
     linear/2/model.onnx  the same graph with other weights (for version swaps)
     mlp/1/model.onnx     a 64 -> 256 -> 256 -> 16 MLP, x: float32 [N, 64] (benchmarks)
+    loose/1/model.onnx   linear's graph with x declared [N, D]: a request with D != 4 passes
+                         the interface check and fails in ONNX Runtime (tests that one bad
+                         request fails alone, not its batch)
 
 The weights come from a fixed seed, so the files are reproducible.
 """
@@ -27,7 +30,7 @@ def save(model, path):
     onnx.save(model, path)
 
 
-def linear(version, seed):
+def linear(version, seed, columns=4):
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(4, 3)).astype(np.float32)
     b = rng.normal(size=(3,)).astype(np.float32)
@@ -38,7 +41,7 @@ def linear(version, seed):
             helper.make_node("Relu", ["z"], ["y"]),
         ],
         "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", columns])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
     )
@@ -91,6 +94,18 @@ def main():
         )
         f.write("\n")
     save(mlp(3), os.path.join(out, "mlp/1/model.onnx"))
+    save(linear(1, 1, columns="D"), os.path.join(out, "loose/1/model.onnx"))
+    with open(os.path.join(out, "loose/model.json"), "w") as f:
+        json.dump(
+            {
+                "description": "y = relu(x W + b) with x declared [N, D]: only D = 4 runs",
+                "inputs": [{"name": "x", "type": "float32", "shape": [-1, -1]}],
+                "outputs": [{"name": "y", "type": "float32", "shape": [-1, 3]}],
+            },
+            f,
+            indent=2,
+        )
+        f.write("\n")
     print(f"wrote test models to {os.path.normpath(out)}")
 
 
