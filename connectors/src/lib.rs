@@ -29,7 +29,8 @@ pub enum SourceItem {
     Malformed { letter: DeadLetter, clock: Option<EventTime> },
     /// A record whose event time is further ahead of the wall clock than the source's
     /// `max_future`: refused before it could move the source's clock (and so the watermark).
-    Future { letter: DeadLetter },
+    /// `clock` as for `Malformed`.
+    Future { letter: DeadLetter, clock: Option<EventTime> },
 }
 
 /// What a poll found.

@@ -229,3 +229,48 @@ fn idle_connections_cannot_lock_out_the_health_check() {
     assert!(ready.is_ok() || matches!(ready, Err(ureq::Error::Status(503, _))), "/ready answers: {ready:?}");
     drop(idle);
 }
+
+/// Dead letters of a file read by several workers come out in the same order as on one
+/// worker: the workers share the file's event clock, so every dead letter (malformed or
+/// late) gets the time a single reader gives it.
+#[test]
+fn dead_letters_come_out_in_the_same_order_on_any_number_of_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = Vec::new();
+    let mut time = 1_700_000_000_000u64;
+    for i in 0..3000u64 {
+        time += (i * 7919) % 200;
+        if i % 37 == 0 {
+            lines.push(format!("{{\"node_id\": broken {i}"));
+        } else {
+            let late = if i % 53 == 0 { 20_000 } else { 0 };
+            lines.push(beat(&format!("n{}", i % 50), time - late));
+        }
+    }
+    let data = write(dir.path(), "beats.jsonl", &(lines.join("\n") + "\n"));
+    let mut outputs = Vec::new();
+    for workers in ["1", "3", "4"] {
+        let out = dir.path().join(format!("out-{workers}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let pipeline = write(
+            dir.path(),
+            &format!("p-{workers}.yaml"),
+            &format!(
+                "late_policy: dead_letter\nmetrics:\n  enabled: false\nsources:\n  beats:\n    type: file\n    path: {}\n    max_out_of_orderness: 2s\noperators:\n  health:\n    type: node_health\n    input: beats\nsinks:\n  changes:\n    type: file\n    input: health.changes\n    path: {o}/changes.jsonl\n  rejected:\n    type: dead_letter\n    path: {o}/dead.jsonl\n",
+                data.display(),
+                o = out.display()
+            ),
+        );
+        let run = output(edgeflow().arg("run").arg(&pipeline).args(["--workers", workers]));
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let dead = std::fs::read_to_string(out.join("dead.jsonl")).unwrap();
+        let changes = std::fs::read_to_string(out.join("changes.jsonl")).unwrap();
+        outputs.push((workers, dead, changes));
+    }
+    let (_, dead, changes) = &outputs[0];
+    assert_eq!(dead.lines().count(), 82 + 55, "82 malformed and 55 late lines");
+    for (workers, other_dead, other_changes) in &outputs[1..] {
+        assert!(other_dead == dead, "dead letters on {workers} workers differ from 1 worker");
+        assert!(other_changes == changes, "changes on {workers} workers differ from 1 worker");
+    }
+}

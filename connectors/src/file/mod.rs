@@ -12,7 +12,7 @@ mod source;
 
 pub use arrow::ArrowResultSink;
 pub use sink::{FileFormat, FileSink, FileSinkConfig};
-pub use source::{FileSource, FileSourceConfig};
+pub use source::{FileClock, FileSource, FileSourceConfig};
 
 /// Defaults shared by the sources' watermark settings.
 pub mod source_defaults {

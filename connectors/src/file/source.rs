@@ -3,7 +3,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use edgeflow_operators::time::FutureBound;
-use edgeflow_operators::{DeadLetter, DurationMs, RecordKind};
+use edgeflow_operators::{DeadLetter, DurationMs, EventTime, RecordKind};
 use serde::{Deserialize, Serialize};
 
 use crate::{ConnectorError, Source, SourceItem, SourceStatus};
@@ -63,9 +63,49 @@ pub const MAX_LINE_BYTES: usize = 16 << 20;
 /// Lines per block when several workers share a file.
 const STRIDE: u64 = 64;
 
+/// The event clock of one file read by several workers of one process: the latest event
+/// time of each block of lines, published by the worker that decodes the block. A worker
+/// starts decoding one of its blocks only once every earlier block is published, so its
+/// clock at a line is the latest event time of all lines before it, whoever decoded them:
+/// the watermark, lateness and the times of dead letters are those of a single reader,
+/// whatever the number of workers. (Workers in other processes cannot share it; a cluster
+/// reads with each worker's own clock.)
+#[derive(Clone, Debug, Default)]
+pub struct FileClock(std::sync::Arc<std::sync::Mutex<FileClockState>>);
+
+#[derive(Debug, Default)]
+struct FileClockState {
+    /// Latest event time of each decoded block (`None`: no record in it), until every
+    /// reader has folded it into its clock.
+    blocks: std::collections::BTreeMap<u64, Option<EventTime>>,
+    /// Per reader, the first block it has not folded yet.
+    folded: std::collections::BTreeMap<u64, u64>,
+}
+
+impl FileClock {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FileClockState> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A reader's side of a [`FileClock`].
+#[derive(Debug)]
+struct SharedClock {
+    clock: FileClock,
+    /// The latest event time of every line before the current one (this reader's view).
+    running: Option<EventTime>,
+    /// The first block not folded into `running`.
+    next_fold: u64,
+    /// Latest event time in the own block being decoded.
+    block_max: Option<EventTime>,
+    /// The own block being decoded, until it is published.
+    open_block: Option<u64>,
+}
+
 /// Reads JSON heartbeats from a file (or follows it). When several workers read one file,
 /// each reads every line but decodes only its blocks of lines, so decoding runs in parallel
-/// while every worker's event clock advances through the file at the same pace.
+/// while every worker's event clock advances through the file at the same pace (with a
+/// shared [`FileClock`], at exactly the pace of a single reader).
 #[derive(Debug)]
 pub struct FileSource {
     name: String,
@@ -84,6 +124,7 @@ pub struct FileSource {
     records: RecordKind,
     buffer: Vec<u8>,
     future: FutureBound,
+    shared: Option<SharedClock>,
 }
 
 impl FileSource {
@@ -105,6 +146,7 @@ impl FileSource {
             records: config.records,
             buffer: Vec::with_capacity(1024),
             future: FutureBound::new(config.max_future.as_millis()),
+            shared: None,
         };
         if config.follow {
             // One reader follows the whole file; the other workers have nothing to read.
@@ -117,16 +159,95 @@ impl FileSource {
         source.reader = Some(BufReader::with_capacity(1 << 16, file));
         Ok(source)
     }
+
+    /// Shares the file's event clock with the other workers of this process that read it
+    /// (every worker of the run must be in this process).
+    pub fn with_shared_clock(mut self, clock: &FileClock) -> Self {
+        if self.peers > 1 && self.reader.is_some() {
+            clock.lock().folded.insert(self.index, 0);
+            self.shared = Some(SharedClock {
+                clock: clock.clone(),
+                running: None,
+                next_fold: 0,
+                block_max: None,
+                open_block: None,
+            });
+        }
+        self
+    }
+
+    fn own(&self, block: u64) -> bool {
+        block % self.peers == self.index
+    }
+
+    /// At the first line of `block`: publishes the own block just finished, and before an own
+    /// block folds every earlier block into the clock. False when an earlier block is not
+    /// decoded yet (its reader is behind): then the line must wait.
+    fn enter_block(&mut self, block: u64) -> bool {
+        let (index, peers) = (self.index, self.peers);
+        let Some(shared) = self.shared.as_mut() else { return true };
+        let mut state = shared.clock.lock();
+        if let Some(finished) = shared.open_block.filter(|b| *b < block) {
+            state.blocks.insert(finished, shared.block_max.take());
+            shared.open_block = None;
+        }
+        if block % peers != index {
+            return true;
+        }
+        while shared.next_fold < block {
+            let fold = shared.next_fold;
+            if fold % peers != index {
+                let Some(max) = state.blocks.get(&fold) else { return false };
+                shared.running = shared.running.max(*max);
+            }
+            shared.next_fold += 1;
+        }
+        shared.next_fold = block + 1;
+        shared.open_block = Some(block);
+        state.folded.insert(index, shared.next_fold);
+        // Blocks every reader has folded are forgotten.
+        let low = state.folded.values().copied().min().unwrap_or(0);
+        state.blocks = state.blocks.split_off(&low);
+        true
+    }
+
+    /// The clock at a record of time `time` (a single reader's: the latest event time so
+    /// far), and folds it in.
+    fn tick(&mut self, time: EventTime) -> EventTime {
+        match self.shared.as_mut() {
+            Some(shared) => {
+                shared.running = shared.running.max(Some(time));
+                shared.block_max = shared.block_max.max(Some(time));
+                shared.running.unwrap_or(time)
+            }
+            None => time,
+        }
+    }
+
+    /// At the end of the file: publishes the own block being decoded.
+    fn finish(&mut self) {
+        if let Some(shared) = self.shared.as_mut() {
+            if let Some(block) = shared.open_block.take() {
+                shared.clock.lock().blocks.insert(block, shared.block_max.take());
+            }
+        }
+    }
 }
 
 impl Source for FileSource {
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
-        let Some(reader) = self.reader.as_mut() else {
+        if self.reader.is_none() {
             return Ok(SourceStatus::Exhausted);
-        };
+        }
         self.future.refresh();
         let mut produced = 0;
         while produced < max {
+            if (self.line - 1).is_multiple_of(STRIDE) && !self.enter_block((self.line - 1) / STRIDE) {
+                // An earlier block's reader is behind: come back at once (not idle, which
+                // would let the watermark follow the wall clock).
+                return Ok(SourceStatus::Ready);
+            }
+            let Some(reader) = self.reader.as_mut() else { return Ok(SourceStatus::Exhausted) };
             self.buffer.clear();
             let read = read_line(reader, &mut self.buffer)
                 .map_err(|source| ConnectorError::Read { path: self.shown.clone(), source })?;
@@ -134,6 +255,7 @@ impl Source for FileSource {
                 if self.follow {
                     return Ok(SourceStatus::Idle { retry_in_ms: self.poll_interval });
                 }
+                self.finish();
                 self.reader = None;
                 return Ok(SourceStatus::Exhausted);
             }
@@ -147,7 +269,7 @@ impl Source for FileSource {
             self.offset += read.consumed as u64;
             let line = self.line;
             self.line += 1;
-            if ((line - 1) / STRIDE) % self.peers != self.index {
+            if !self.own((line - 1) / STRIDE) {
                 continue;
             }
             if read.overlong {
@@ -170,19 +292,27 @@ impl Source for FileSource {
             };
             if read.overlong {
                 let reason = format!("line is longer than {MAX_LINE_BYTES} bytes (its first {MAX_LINE_BYTES} kept)");
-                out.push(SourceItem::Malformed { letter: letter(reason, text), clock: None });
+                let clock = self.shared.as_ref().and_then(|shared| shared.running);
+                out.push(SourceItem::Malformed { letter: letter(reason, text), clock });
                 continue;
             }
-            match self.records.decode(text) {
+            let decoded = self.records.decode(text).map_err(|reason| (reason, false)).and_then(|record| {
+                self.future.check(record.event_time()).map(|()| record).map_err(|reason| (reason, true))
+            });
+            let letter = match decoded {
                 Ok(record) => {
-                    let clock = record.event_time();
-                    match self.future.check(clock) {
-                        Ok(()) => out.push(SourceItem::Record { record, clock }),
-                        Err(reason) => out.push(SourceItem::Future { letter: letter(reason, text) }),
-                    }
+                    let clock = self.tick(record.event_time());
+                    out.push(SourceItem::Record { record, clock });
+                    continue;
                 }
-                Err(reason) => out.push(SourceItem::Malformed { letter: letter(reason, text), clock: None }),
-            }
+                Err((reason, future)) => (letter(reason, text), future),
+            };
+            // Dead letters at the clock of a single reader, when it is shared.
+            let clock = self.shared.as_ref().and_then(|shared| shared.running);
+            out.push(match letter {
+                (letter, true) => SourceItem::Future { letter, clock },
+                (letter, false) => SourceItem::Malformed { letter, clock },
+            });
         }
         Ok(SourceStatus::Ready)
     }
@@ -284,7 +414,7 @@ mod tests {
                     match item {
                         SourceItem::Record { record, .. } => times.push(record.event_time()),
                         SourceItem::Malformed { letter, .. } => bad.push(letter.position),
-                        SourceItem::Future { letter } => panic!("no record is in the future: {letter:?}"),
+                        SourceItem::Future { letter, .. } => panic!("no record is in the future: {letter:?}"),
                     }
                 }
             }
@@ -365,7 +495,7 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["record", "future", "future", "malformed", "record"]);
-        let SourceItem::Future { letter } = &items[1] else { unreachable!("checked above") };
+        let SourceItem::Future { letter, .. } = &items[1] else { unreachable!("checked above") };
         assert!(
             letter.reason.contains("ahead of the wall clock") && letter.reason.contains("max_future"),
             "{}",

@@ -493,7 +493,7 @@ mod tests {
                     malformed += 1;
                     assert!(letter.reason.starts_with("invalid heartbeat"), "{}", letter.reason);
                 }
-                SourceItem::Future { letter } => panic!("the generator runs on the wall clock: {letter:?}"),
+                SourceItem::Future { letter, .. } => panic!("the generator runs on the wall clock: {letter:?}"),
             }
         }
         assert!(late > 5 && malformed > 5, "late {late} malformed {malformed}");

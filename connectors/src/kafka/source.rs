@@ -454,7 +454,7 @@ impl KafkaSource {
                     payload: payload.to_vec(),
                 };
                 out.push(if future {
-                    SourceItem::Future { letter }
+                    SourceItem::Future { letter, clock: None }
                 } else {
                     SourceItem::Malformed { letter, clock: None }
                 });

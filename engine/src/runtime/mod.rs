@@ -68,7 +68,15 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> 
     let pipeline = pipeline.clone();
     let stop = options.stop.clone();
     let worker_failure = failure.clone();
-    let shared: Shared = pipeline.sources.iter().map(|s| (s.name.clone(), Default::default())).collect();
+    let single_process = options.processes <= 1;
+    let shared: Shared = pipeline
+        .sources
+        .iter()
+        .map(|s| {
+            let file_clock = single_process.then(edgeflow_connectors::file::FileClock::default);
+            (s.name.clone(), SharedSource { finished: Default::default(), file_clock })
+        })
+        .collect();
     let guards = timely::execute(config, move |worker| {
         let result = run_worker(worker, &pipeline, &metrics, &stop, &worker_failure, &shared);
         if let Err(err) = &result {
@@ -124,7 +132,15 @@ fn timely_config(options: &RunOptions) -> anyhow::Result<timely::Config> {
 }
 
 /// State shared by the workers of one process, per source.
-type Shared = std::collections::HashMap<String, edgeflow_connectors::kafka::FinishedPartitions>;
+/// What the workers of this process share per source: the Kafka partitions read to their
+/// end, and a file's event clock (only when every worker is in this process).
+#[derive(Default)]
+struct SharedSource {
+    finished: edgeflow_connectors::kafka::FinishedPartitions,
+    file_clock: Option<edgeflow_connectors::file::FileClock>,
+}
+
+type Shared = std::collections::HashMap<String, SharedSource>;
 
 fn open_source(
     config: &SourceConfig,
@@ -138,9 +154,15 @@ fn open_source(
     Ok(match config {
         SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
         SourceConfig::Requests(config) => Box::new(RequestGenerator::new(config, index, peers)?),
-        SourceConfig::File(config) => Box::new(FileSource::open(name, config, index, peers)?),
+        SourceConfig::File(config) => {
+            let source = FileSource::open(name, config, index, peers)?;
+            match shared.get(name).and_then(|s| s.file_clock.as_ref()) {
+                Some(clock) => Box::new(source.with_shared_clock(clock)),
+                None => Box::new(source),
+            }
+        }
         SourceConfig::Kafka(config) => {
-            let finished = shared.get(name).cloned().unwrap_or_default();
+            let finished = shared.get(name).map(|s| s.finished.clone()).unwrap_or_default();
             let membership = if exactly_once { Membership::Static { index, peers } } else { Membership::Group };
             Box::new(KafkaSource::open(name, config, membership, finished, metrics.kafka.clone())?)
         }
@@ -223,7 +245,7 @@ impl SourceDriver {
             let (clock, record, letter) = match item {
                 SourceItem::Record { record, clock } => (Some(clock), Some(record), None),
                 SourceItem::Malformed { letter, clock } => (clock, None, Some((letter, false))),
-                SourceItem::Future { letter } => (None, None, Some((letter, true))),
+                SourceItem::Future { letter, clock } => (clock, None, Some((letter, true))),
             };
             if let Some(clock) = clock {
                 self.clock = Some(self.clock.map_or(clock, |seen| seen.max(clock)));
@@ -302,7 +324,7 @@ impl SourceDriver {
                     reason_counter(&mut self.malformed, metrics, &self.name, "malformed").inc();
                     inputs.dead_letters.update_at(letter, time, 1);
                 }
-                SourceItem::Future { letter } => {
+                SourceItem::Future { letter, .. } => {
                     self.dead.inc();
                     reason_counter(&mut self.future_dead, metrics, &self.name, "future").inc();
                     inputs.dead_letters.update_at(letter, time, 1);
