@@ -5,27 +5,11 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{promtool_accepts, Running};
-
-fn edgeflow() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
-    command.env("EDGEFLOW_LOG", "info").env_remove("EDGEFLOW_WORKERS").env_remove("EDGEFLOW_METRICS_ADDR");
-    command
-}
-
-fn output(command: &mut Command) -> Output {
-    command.output().unwrap_or_else(|err| panic!("cannot run edgeflow: {err}"))
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
-    path
-}
+use common::{edgeflow, output, promtool_accepts, write, Running};
 
 /// Waits for `condition`, polling; panics with `what` after `limit`.
 fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {

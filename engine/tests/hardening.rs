@@ -4,27 +4,11 @@
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{written_json_values, Running};
-
-fn edgeflow() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
-    command.env("EDGEFLOW_LOG", "info").env_remove("EDGEFLOW_WORKERS").env_remove("EDGEFLOW_METRICS_ADDR");
-    command
-}
-
-fn output(command: &mut Command) -> Output {
-    command.output().unwrap_or_else(|err| panic!("cannot run edgeflow: {err}"))
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
-    path
-}
+use common::{edgeflow, output, write, written_json_values, Running};
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64

@@ -5,6 +5,26 @@
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 
+/// The `edgeflow` binary under test, with a clean environment (info logs, no worker or
+/// metrics override from the caller's environment).
+pub fn edgeflow() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+    command.env("EDGEFLOW_LOG", "info").env_remove("EDGEFLOW_WORKERS").env_remove("EDGEFLOW_METRICS_ADDR");
+    command
+}
+
+/// Runs `command` to its end.
+pub fn output(command: &mut Command) -> std::process::Output {
+    command.output().unwrap_or_else(|err| panic!("cannot run edgeflow: {err}"))
+}
+
+/// Writes `text` to `dir/name`.
+pub fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
+    path
+}
+
 /// A running edgeflow process that is killed if the test panics before it ends.
 pub struct Running(pub Child);
 
