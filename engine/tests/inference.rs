@@ -765,3 +765,41 @@ fn requests_with_overflowing_shapes_are_dead_letters() {
         );
     }
 }
+
+/// JSON has no infinity: a model output that overflows to infinity makes its request
+/// `failed` with the output and index named (it used to be `null` inside an `ok` result),
+/// and the other requests of the batch are served.
+#[test]
+fn an_infinite_model_output_fails_its_request_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut requests: Vec<Value> = (0..5).map(|i| linear_request(i, 1)).collect();
+    let mut huge = linear_request(100, 1);
+    huge["inputs"]["x"] = serde_json::json!({"shape": [1, 4], "data": [3.0e38, 3.0e38, 3.0e38, 3.0e38]});
+    let mut huge_negative = linear_request(101, 1);
+    huge_negative["inputs"]["x"] = serde_json::json!({"shape": [1, 4], "data": [-3.0e38, -3.0e38, -3.0e38, -3.0e38]});
+    requests.extend([huge, huge_negative]);
+    let requests_path = dir.path().join("requests.jsonl");
+    write_lines(&requests_path, &requests);
+    let pipeline = pipeline(
+        dir.path(),
+        &file_source(&requests_path),
+        &models(),
+        "    max_batch_size: 64\n    max_queue_delay: 1s",
+    );
+    run(&pipeline, 1);
+    let results = read_results(&dir.path().join("results.jsonl"));
+    assert_eq!(results.len(), 7);
+    for result in &results {
+        for tensor in result["outputs"].as_object().unwrap().values() {
+            assert!(tensor["data"].as_array().unwrap().iter().all(Value::is_number), "a null in an output: {result}");
+        }
+    }
+    let failed: Vec<&Value> = results.iter().filter(|r| r["status"] == "failed").collect();
+    assert!(!failed.is_empty(), "an overflowing input gives an infinite output: {results:?}");
+    for result in &failed {
+        assert!(["r100", "r101"].contains(&result["id"].as_str().unwrap()), "{result}");
+        let error = result["error"].as_str().unwrap();
+        assert!(error.starts_with("model output `y` has a non-finite value (inf) at index"), "{error}");
+    }
+    assert_eq!(results.iter().filter(|r| r["status"] == "ok").count(), 7 - failed.len());
+}
