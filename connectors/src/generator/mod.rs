@@ -160,6 +160,11 @@ impl GeneratorConfig {
     /// Every problem with the parameters, as `(field, message)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
+        if let Some(start) = self.start_time {
+            if let Err(reason) = edgeflow_operators::time::check_event_time("start_time", start) {
+                problems.push(("start_time", reason));
+            }
+        }
         for (field, value) in [
             ("failure_rate", self.failure_rate),
             ("hot_fraction", self.hot_fraction),
@@ -279,7 +284,7 @@ impl Generator {
                 lon: (region.lon + rng.gen_range(-2.0..2.0)).clamp(-180.0, 180.0),
                 capacity: f64::from(1u32 << rng.gen_range(1..5)),
                 labels: BTreeMap::from([("tier".to_owned(), tier.to_owned())]),
-                next_slot: start + rng.gen_range(0..interval),
+                next_slot: start.saturating_add(rng.gen_range(0..interval)),
                 seq: 0,
                 cpu: if hot { 93.0 } else { rng.gen_range(10.0..60.0) },
                 memory: rng.gen_range(20.0..70.0),
@@ -310,7 +315,7 @@ impl Generator {
         let config = &self.config;
         let node = &mut self.nodes[position];
         let interval = config.heartbeat_interval.as_millis();
-        node.next_slot = slot + interval;
+        node.next_slot = slot.saturating_add(interval);
         if node.next_slot < self.end {
             self.slots.push(Reverse((node.next_slot, position)));
         }
@@ -321,18 +326,18 @@ impl Generator {
         if rng.gen_bool(config.failure_rate) {
             let mean = config.mean_outage.as_millis() as f64;
             let outage = (-mean * (1.0 - rng.gen::<f64>()).ln()) as u64;
-            node.down_until = slot + outage.max(interval);
+            node.down_until = slot.saturating_add(outage.max(interval));
             return;
         }
         let target = if node.hot { 93.0 } else { 35.0 };
         node.cpu = (node.cpu + (target - node.cpu) * 0.1 + rng.gen_range(-5.0..5.0)).clamp(0.0, 100.0);
         node.memory = (node.memory + rng.gen_range(-2.0..2.0)).clamp(0.0, 100.0);
         node.disk = (node.disk + rng.gen_range(-0.1..0.15)).clamp(0.0, 100.0);
-        let time = slot + rng.gen_range(0..=config.jitter.as_millis());
+        let time = slot.saturating_add(rng.gen_range(0..=config.jitter.as_millis()));
         let emit_at = if rng.gen_bool(config.late_fraction) {
-            time + config.late_by.as_millis()
+            time.saturating_add(config.late_by.as_millis())
         } else {
-            time + rng.gen_range(0..=config.disorder.as_millis())
+            time.saturating_add(rng.gen_range(0..=config.disorder.as_millis()))
         };
         let malformed = rng.gen_bool(config.malformed_fraction);
         node.seq += 1;
