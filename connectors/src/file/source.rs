@@ -64,9 +64,10 @@ pub const MAX_LINE_BYTES: usize = 16 << 20;
 const STRIDE: u64 = 64;
 
 /// The event clock of one file read by several workers of one process: the latest event
-/// time of each block of lines, published by the worker that decodes the block. A worker
-/// starts decoding one of its blocks only once every earlier block is published, so its
-/// clock at a line is the latest event time of all lines before it, whoever decoded them:
+/// time of each block of lines, published by the worker that decodes the block. Workers
+/// decode their blocks in parallel (up to 64 blocks ahead of what they can hand on), but a
+/// worker hands a block's records on only once every earlier block is published, each with
+/// the latest event time of all lines before it, whoever decoded them:
 /// the watermark, lateness and the times of dead letters are those of a single reader,
 /// whatever the number of workers. (Workers in other processes cannot share it; a cluster
 /// reads with each worker's own clock.)
@@ -92,15 +93,27 @@ impl FileClock {
 #[derive(Debug)]
 struct SharedClock {
     clock: FileClock,
-    /// The latest event time of every line before the current one (this reader's view).
+    /// The latest event time of every line emitted so far (a single reader's clock).
     running: Option<EventTime>,
     /// The first block not folded into `running`.
     next_fold: u64,
-    /// Latest event time in the own block being decoded.
-    block_max: Option<EventTime>,
-    /// The own block being decoded, until it is published.
+    /// Own blocks decoded and not emitted yet, oldest first: each block's items with their
+    /// records' event times, and its latest event time.
+    pending: std::collections::VecDeque<PendingBlock>,
+    /// The own block being decoded (the last of `pending`), until it is published.
     open_block: Option<u64>,
 }
+
+/// An own block decoded ahead of the clock.
+#[derive(Debug)]
+struct PendingBlock {
+    block: u64,
+    items: Vec<(SourceItem, Option<EventTime>)>,
+    max: Option<EventTime>,
+}
+
+/// Own blocks a reader decodes ahead of the slowest one before it waits.
+const AHEAD: usize = 64;
 
 /// Reads JSON heartbeats from a file (or follows it). When several workers read one file,
 /// each reads every line but decodes only its blocks of lines, so decoding runs in parallel
@@ -169,7 +182,7 @@ impl FileSource {
                 clock: clock.clone(),
                 running: None,
                 next_fold: 0,
-                block_max: None,
+                pending: std::collections::VecDeque::new(),
                 open_block: None,
             });
         }
@@ -180,47 +193,73 @@ impl FileSource {
         block % self.peers == self.index
     }
 
-    /// At the first line of `block`: publishes the own block just finished, and before an own
-    /// block folds every earlier block into the clock. False when an earlier block is not
-    /// decoded yet (its reader is behind): then the line must wait.
+    /// Shared clock, at the first line of `block`: publishes the own block just decoded, and
+    /// opens a pending block if `block` is this reader's. False when this reader is
+    /// [`AHEAD`] blocks ahead of what it could emit: then the line must wait.
     fn enter_block(&mut self, block: u64) -> bool {
-        let (index, peers) = (self.index, self.peers);
+        let own = self.own(block);
         let Some(shared) = self.shared.as_mut() else { return true };
-        let mut state = shared.clock.lock();
         if let Some(finished) = shared.open_block.filter(|b| *b < block) {
-            state.blocks.insert(finished, shared.block_max.take());
+            let max = shared.pending.back().and_then(|p| p.max);
+            shared.clock.lock().blocks.insert(finished, max);
             shared.open_block = None;
         }
-        if block % peers != index {
+        if !own {
             return true;
         }
-        while shared.next_fold < block {
-            let fold = shared.next_fold;
-            if fold % peers != index {
-                let Some(max) = state.blocks.get(&fold) else { return false };
-                shared.running = shared.running.max(*max);
-            }
-            shared.next_fold += 1;
+        if shared.pending.len() >= AHEAD {
+            return false;
         }
-        shared.next_fold = block + 1;
+        shared.pending.push_back(PendingBlock { block, items: Vec::new(), max: None });
         shared.open_block = Some(block);
-        state.folded.insert(index, shared.next_fold);
-        // Blocks every reader has folded are forgotten.
-        let low = state.folded.values().copied().min().unwrap_or(0);
-        state.blocks = state.blocks.split_off(&low);
         true
     }
 
-    /// The clock at a record of time `time` (a single reader's: the latest event time so
-    /// far), and folds it in.
-    fn tick(&mut self, time: EventTime) -> EventTime {
-        match self.shared.as_mut() {
-            Some(shared) => {
-                shared.running = shared.running.max(Some(time));
-                shared.block_max = shared.block_max.max(Some(time));
-                shared.running.unwrap_or(time)
+    /// Hands a decoded item on: at once with a reader of its own, else into the pending
+    /// block (`time`: its record's event time).
+    fn hand(&mut self, out: &mut Vec<SourceItem>, item: SourceItem, time: Option<EventTime>) {
+        match self.shared.as_mut().and_then(|shared| shared.pending.back_mut()) {
+            Some(pending) => {
+                pending.max = pending.max.max(time);
+                pending.items.push((item, time));
             }
-            None => time,
+            None => out.push(item),
+        }
+    }
+
+    /// Shared clock: emits every complete pending block whose earlier blocks are all
+    /// published, each item with a single reader's clock at its line.
+    fn emit_ready(&mut self, out: &mut Vec<SourceItem>) {
+        let (index, peers) = (self.index, self.peers);
+        let Some(shared) = self.shared.as_mut() else { return };
+        let mut state = shared.clock.lock();
+        while let Some(front) = shared.pending.front() {
+            if shared.open_block == Some(front.block) {
+                break;
+            }
+            let block = front.block;
+            while shared.next_fold < block {
+                let fold = shared.next_fold;
+                if fold % peers != index {
+                    let Some(max) = state.blocks.get(&fold) else { return };
+                    shared.running = shared.running.max(*max);
+                }
+                shared.next_fold += 1;
+            }
+            let Some(front) = shared.pending.pop_front() else { break };
+            for (mut item, time) in front.items {
+                shared.running = shared.running.max(time);
+                match &mut item {
+                    SourceItem::Record { clock, .. } => *clock = shared.running.unwrap_or(*clock),
+                    SourceItem::Malformed { clock, .. } | SourceItem::Future { clock, .. } => *clock = shared.running,
+                }
+                out.push(item);
+            }
+            shared.next_fold = block + 1;
+            state.folded.insert(index, shared.next_fold);
+            // Blocks every reader has folded are forgotten.
+            let low = state.folded.values().copied().min().unwrap_or(0);
+            state.blocks = state.blocks.split_off(&low);
         }
     }
 
@@ -228,26 +267,34 @@ impl FileSource {
     fn finish(&mut self) {
         if let Some(shared) = self.shared.as_mut() {
             if let Some(block) = shared.open_block.take() {
-                shared.clock.lock().blocks.insert(block, shared.block_max.take());
+                let max = shared.pending.back().and_then(|p| p.max);
+                shared.clock.lock().blocks.insert(block, max);
             }
         }
+    }
+
+    /// Whether decoded items still wait for the clock.
+    fn waiting(&self) -> bool {
+        self.shared.as_ref().is_some_and(|shared| !shared.pending.is_empty())
     }
 }
 
 impl Source for FileSource {
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
+        self.emit_ready(out);
         if self.reader.is_none() {
-            return Ok(SourceStatus::Exhausted);
+            // With a shared clock, decoded blocks may still wait for earlier ones.
+            return Ok(if self.waiting() { SourceStatus::Ready } else { SourceStatus::Exhausted });
         }
         self.future.refresh();
         let mut produced = 0;
         while produced < max {
             if (self.line - 1).is_multiple_of(STRIDE) && !self.enter_block((self.line - 1) / STRIDE) {
-                // An earlier block's reader is behind: come back at once (not idle, which
-                // would let the watermark follow the wall clock).
-                return Ok(SourceStatus::Ready);
+                // Far ahead of a slower reader: come back at once (not idle, which would let
+                // the watermark follow the wall clock).
+                break;
             }
-            let Some(reader) = self.reader.as_mut() else { return Ok(SourceStatus::Exhausted) };
+            let Some(reader) = self.reader.as_mut() else { break };
             self.buffer.clear();
             let read = read_line(reader, &mut self.buffer)
                 .map_err(|source| ConnectorError::Read { path: self.shown.clone(), source })?;
@@ -257,7 +304,8 @@ impl Source for FileSource {
                 }
                 self.finish();
                 self.reader = None;
-                return Ok(SourceStatus::Exhausted);
+                self.emit_ready(out);
+                return Ok(if self.waiting() { SourceStatus::Ready } else { SourceStatus::Exhausted });
             }
             if self.follow && !read.ended {
                 // A line still being written: read it again once it is complete.
@@ -290,30 +338,25 @@ impl Source for FileSource {
                 reason,
                 payload: payload.to_vec(),
             };
-            if read.overlong {
+            let (item, time) = if read.overlong {
                 let reason = format!("line is longer than {MAX_LINE_BYTES} bytes (its first {MAX_LINE_BYTES} kept)");
-                let clock = self.shared.as_ref().and_then(|shared| shared.running);
-                out.push(SourceItem::Malformed { letter: letter(reason, text), clock });
-                continue;
-            }
-            let decoded = self.records.decode(text).map_err(|reason| (reason, false)).and_then(|record| {
-                self.future.check(record.event_time()).map(|()| record).map_err(|reason| (reason, true))
-            });
-            let letter = match decoded {
-                Ok(record) => {
-                    let clock = self.tick(record.event_time());
-                    out.push(SourceItem::Record { record, clock });
-                    continue;
+                (SourceItem::Malformed { letter: letter(reason, text), clock: None }, None)
+            } else {
+                let decoded = self.records.decode(text).map_err(|reason| (reason, false)).and_then(|record| {
+                    self.future.check(record.event_time()).map(|()| record).map_err(|reason| (reason, true))
+                });
+                match decoded {
+                    Ok(record) => {
+                        let clock = record.event_time();
+                        (SourceItem::Record { record, clock }, Some(clock))
+                    }
+                    Err((reason, true)) => (SourceItem::Future { letter: letter(reason, text), clock: None }, None),
+                    Err((reason, false)) => (SourceItem::Malformed { letter: letter(reason, text), clock: None }, None),
                 }
-                Err((reason, future)) => (letter(reason, text), future),
             };
-            // Dead letters at the clock of a single reader, when it is shared.
-            let clock = self.shared.as_ref().and_then(|shared| shared.running);
-            out.push(match letter {
-                (letter, true) => SourceItem::Future { letter, clock },
-                (letter, false) => SourceItem::Malformed { letter, clock },
-            });
+            self.hand(out, item, time);
         }
+        self.emit_ready(out);
         Ok(SourceStatus::Ready)
     }
 }
@@ -342,7 +385,7 @@ fn read_line(reader: &mut impl BufRead, buffer: &mut Vec<u8>) -> std::io::Result
         if available.is_empty() {
             return Ok(line);
         }
-        let (take, ended) = match available.iter().position(|b| *b == b'\n') {
+        let (take, ended) = match memchr::memchr(b'\n', available) {
             Some(newline) => (newline + 1, true),
             None => (available.len(), false),
         };
