@@ -730,6 +730,14 @@ fn a_request_that_fails_in_the_model_fails_alone_not_its_batch() {
     assert!(log.contains("running its requests one by one"), "the batch was split: {log}");
 }
 
+/// Writes `requests` and a pipeline that serves them with `linear` in batches of up to 64
+/// (waiting up to 1 s for a batch to fill).
+fn batched_linear_pipeline(dir: &Path, requests: &[Value]) -> PathBuf {
+    let requests_path = dir.join("requests.jsonl");
+    write_lines(&requests_path, requests);
+    pipeline(dir, &file_source(&requests_path), &models(), "    max_batch_size: 64\n    max_queue_delay: 1s")
+}
+
 /// Shapes whose product overflows (`[2^62, 4]` with no data) used to pass validation and
 /// panic the worker when two were batched: now they are refused at the source, with the
 /// reason, and the other requests are served.
@@ -742,14 +750,7 @@ fn requests_with_overflowing_shapes_are_dead_letters() {
         bad["inputs"]["x"] = serde_json::json!({"shape": [4_611_686_018_427_387_904u64, 4], "data": []});
         requests.insert(at, bad);
     }
-    let requests_path = dir.path().join("requests.jsonl");
-    write_lines(&requests_path, &requests);
-    let pipeline = pipeline(
-        dir.path(),
-        &file_source(&requests_path),
-        &models(),
-        "    max_batch_size: 64\n    max_queue_delay: 1s",
-    );
+    let pipeline = batched_linear_pipeline(dir.path(), &requests);
     let text = std::fs::read_to_string(&pipeline).unwrap()
         + &format!("  dead:\n    type: dead_letter\n    path: {}\n", dir.path().join("dead.jsonl").display());
     std::fs::write(&pipeline, text).unwrap();
@@ -778,14 +779,7 @@ fn an_infinite_model_output_fails_its_request_with_the_reason() {
     let mut huge_negative = linear_request(101, 1);
     huge_negative["inputs"]["x"] = serde_json::json!({"shape": [1, 4], "data": [-3.0e38, -3.0e38, -3.0e38, -3.0e38]});
     requests.extend([huge, huge_negative]);
-    let requests_path = dir.path().join("requests.jsonl");
-    write_lines(&requests_path, &requests);
-    let pipeline = pipeline(
-        dir.path(),
-        &file_source(&requests_path),
-        &models(),
-        "    max_batch_size: 64\n    max_queue_delay: 1s",
-    );
+    let pipeline = batched_linear_pipeline(dir.path(), &requests);
     run(&pipeline, 1);
     let results = read_results(&dir.path().join("results.jsonl"));
     assert_eq!(results.len(), 7);
