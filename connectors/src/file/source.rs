@@ -177,7 +177,13 @@ impl FileSource {
     /// (every worker of the run must be in this process).
     pub fn with_shared_clock(mut self, clock: &FileClock) -> Self {
         if self.peers > 1 && self.reader.is_some() {
-            clock.lock().folded.insert(self.index, 0);
+            // Every reader counts from the start, even one whose source opens later: a block
+            // is forgotten only once all of them have folded it.
+            let mut state = clock.lock();
+            for reader in 0..self.peers {
+                state.folded.entry(reader).or_insert(0);
+            }
+            drop(state);
             self.shared = Some(SharedClock {
                 clock: clock.clone(),
                 running: None,
@@ -557,5 +563,63 @@ mod tests {
         let items = items(&path);
         let SourceItem::Malformed { letter, .. } = &items[0] else { panic!("{items:?}") };
         assert_eq!(letter.reason, "invalid heartbeat JSON: expected an object, found an array");
+    }
+
+    /// Workers sharing a file's clock hand every record on with the clock a single reader
+    /// gives it, even when one worker's source opens after the others have run ahead (they
+    /// used to forget blocks it still needed, and it spun forever).
+    #[test]
+    fn a_shared_clock_gives_a_single_readers_clock_to_late_joiners() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.jsonl");
+        let lines: Vec<String> = (0..1000u64).map(|i| beat(i as usize % 7, (i * 7919) % 5000)).collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let single: Vec<(u64, u64)> = items(&path)
+            .into_iter()
+            .filter_map(|item| match item {
+                SourceItem::Record { record, clock } => Some((record.event_time(), clock)),
+                _ => None,
+            })
+            .collect();
+        let reference: Vec<u64> = single
+            .iter()
+            .scan(0, |max, (_, clock)| {
+                *max = (*max).max(*clock);
+                Some(*max)
+            })
+            .collect();
+        let clock = FileClock::default();
+        let open = |index| FileSource::open("f", &config(&path), index, 3).unwrap().with_shared_clock(&clock);
+        let (mut first, mut second) = (open(0), open(1));
+        let mut out = Vec::new();
+        for _ in 0..50 {
+            first.poll(&mut out, 100).unwrap();
+            second.poll(&mut out, 100).unwrap();
+        }
+        let mut late = open(2);
+        let mut rounds = 0;
+        let mut done = [false; 3];
+        while done.iter().any(|d| !d) {
+            rounds += 1;
+            assert!(rounds < 10_000, "the readers made no progress");
+            for (i, source) in [&mut first, &mut second, &mut late].into_iter().enumerate() {
+                if !done[i] {
+                    done[i] = source.poll(&mut out, 100).unwrap() == SourceStatus::Exhausted;
+                }
+            }
+        }
+        let mut shared: Vec<(u64, u64)> = out
+            .into_iter()
+            .filter_map(|item| match item {
+                SourceItem::Record { record, clock } => Some((record.event_time(), clock)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(shared.len(), 1000);
+        // Each record's clock is the single reader's running maximum at that record.
+        let mut expected: Vec<(u64, u64)> = single.iter().map(|(t, _)| *t).zip(reference).collect();
+        shared.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(shared, expected);
     }
 }
