@@ -199,17 +199,22 @@ impl FileSource {
         block % self.peers == self.index
     }
 
-    /// Shared clock, at the first line of `block`: publishes the own block just decoded, and
-    /// opens a pending block if `block` is this reader's. False when this reader is
-    /// [`AHEAD`] blocks ahead of what it could emit: then the line must wait.
-    fn enter_block(&mut self, block: u64) -> bool {
-        let own = self.own(block);
-        let Some(shared) = self.shared.as_mut() else { return true };
+    /// Shared clock, at the first line of `block`: publishes the own block decoded before it.
+    fn publish_before(&mut self, block: u64) {
+        let Some(shared) = self.shared.as_mut() else { return };
         if let Some(finished) = shared.open_block.filter(|b| *b < block) {
             let max = shared.pending.back().and_then(|p| p.max);
             shared.clock.lock().blocks.insert(finished, max);
             shared.open_block = None;
         }
+    }
+
+    /// Shared clock, at the first line of `block`: opens a pending block if `block` is this
+    /// reader's. False when this reader is [`AHEAD`] blocks ahead of what it could emit: then
+    /// the line must wait.
+    fn enter_block(&mut self, block: u64) -> bool {
+        let own = self.own(block);
+        let Some(shared) = self.shared.as_mut() else { return true };
         if !own {
             return true;
         }
@@ -294,8 +299,17 @@ impl Source for FileSource {
         }
         self.future.refresh();
         let mut produced = 0;
-        while produced < max {
-            if (self.line - 1).is_multiple_of(STRIDE) && !self.enter_block((self.line - 1) / STRIDE) {
+        loop {
+            let at_block_start = (self.line - 1).is_multiple_of(STRIDE);
+            if at_block_start {
+                self.publish_before((self.line - 1) / STRIDE);
+            }
+            // With a shared clock a poll ends only between blocks, every block it read
+            // published: a worker that then waits (for the sinks, say) holds back no one.
+            if produced >= max && (at_block_start || self.shared.is_none()) {
+                break;
+            }
+            if at_block_start && !self.enter_block((self.line - 1) / STRIDE) {
                 // Far ahead of a slower reader: come back at once (not idle, which would let
                 // the watermark follow the wall clock).
                 break;
@@ -323,6 +337,7 @@ impl Source for FileSource {
             self.offset += read.consumed as u64;
             let line = self.line;
             self.line += 1;
+
             if !self.own((line - 1) / STRIDE) {
                 continue;
             }
