@@ -121,9 +121,4 @@ pub trait Transaction: Send {
     fn commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError>;
 }
 
-/// Milliseconds since the Unix epoch by the wall clock.
-pub fn wall_clock_ms() -> EventTime {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-}
+pub use edgeflow_operators::time::wall_clock_ms;

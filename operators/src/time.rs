@@ -4,8 +4,7 @@
 //! past [`MAX_EVENT_TIME`] (the last millisecond of the year 9999): decoders refuse it, so
 //! that every deadline, window end and timer an operator derives from a record's time
 //! (`t + timeout`, `end + window`) stays far below `u64::MAX`. Sources further refuse times
-//! too far ahead of the wall clock (`max_future`, see [`FutureBound`]). The helpers here
-//! saturate instead of wrapping, for the arithmetic that still meets extreme values.
+//! too far ahead of the wall clock (`max_future`, see [`FutureBound`]).
 
 use crate::EventTime;
 
@@ -26,9 +25,11 @@ pub fn check_event_time(field: &str, time: EventTime) -> Result<(), String> {
     Ok(())
 }
 
-/// `time + span`, or `EventTime::MAX` where that overflows.
-pub const fn add(time: EventTime, span: u64) -> EventTime {
-    time.saturating_add(span)
+/// Milliseconds since the Unix epoch by the wall clock.
+pub fn wall_clock_ms() -> EventTime {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Refuses records whose event time is too far ahead of the wall clock: one such record
@@ -59,10 +60,7 @@ impl FutureBound {
 
     /// Re-reads the wall clock.
     pub fn refresh(&mut self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
-        self.limit = now.saturating_add(self.max_ahead);
+        self.limit = wall_clock_ms().saturating_add(self.max_ahead);
     }
 
     /// Checks one event time; the error is the dead letter's reason.
