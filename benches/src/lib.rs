@@ -26,7 +26,8 @@ pub fn fleet_config(nodes: u32, minutes: u64) -> GeneratorConfig {
 
 /// The heartbeats of `config`, in emission order (as the source yields them).
 pub fn fleet_heartbeats(config: &GeneratorConfig) -> Vec<Heartbeat> {
-    let mut generator = Generator::new("bench", config, 0, 1).expect("valid generator settings");
+    let config = edgeflow_operators::params::Checked::try_new(config.clone()).expect("valid generator settings");
+    let mut generator = Generator::new("bench", &config, 0, 1).expect("generator opens");
     let mut items = Vec::new();
     while generator.poll(&mut items, 4096).expect("generator never fails") == SourceStatus::Ready {}
     items

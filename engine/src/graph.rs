@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::config::{operator_outputs, Pipeline, PortRef};
+use crate::config::{Pipeline, PortRef};
 
 /// Diagram formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -40,12 +40,12 @@ pub fn render(pipeline: &Pipeline, format: Format) -> String {
     let nodes: Vec<(String, String, &str)> = pipeline
         .sources
         .iter()
-        .map(|s| (s.name.clone(), s.config.type_name().to_owned(), "source"))
+        .map(|s| (s.name.clone(), s.kind.name().to_owned(), "source"))
         .chain(pipeline.operators.iter().map(|o| {
-            let ports: Vec<&str> = operator_outputs(&o.config).iter().map(|(p, _)| *p).collect();
-            (o.name.clone(), format!("{} → {}", o.config.type_name(), ports.join(", ")), "operator")
+            let ports: Vec<&str> = o.ports.outputs.iter().map(|(p, _)| *p).collect();
+            (o.name.clone(), format!("{} → {}", o.kind.name(), ports.join(", ")), "operator")
         }))
-        .chain(pipeline.sinks.iter().map(|s| (s.name.clone(), s.config.type_name().to_owned(), "sink")))
+        .chain(pipeline.sinks.iter().map(|s| (s.name.clone(), s.kind.name().to_owned(), "sink")))
         .collect();
     match format {
         Format::Mermaid => {

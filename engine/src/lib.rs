@@ -2,6 +2,7 @@
 //! services around it (metrics, health, status line).
 
 pub mod client;
+pub mod components;
 pub mod config;
 pub mod graph;
 pub mod http;

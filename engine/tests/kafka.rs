@@ -150,7 +150,13 @@ fn heartbeats(nodes: u32, minutes: u64) -> Vec<String> {
         seed: 5,
         ..Default::default()
     };
-    let mut generator = edgeflow_connectors::generator::Generator::new("t", &config, 0, 1).unwrap();
+    let mut generator = edgeflow_connectors::generator::Generator::new(
+        "t",
+        &edgeflow_operators::params::Checked::try_new(config).unwrap(),
+        0,
+        1,
+    )
+    .unwrap();
     let mut items = Vec::new();
     use edgeflow_connectors::Source;
     while generator.poll(&mut items, 4096).unwrap() == edgeflow_connectors::SourceStatus::Ready {}

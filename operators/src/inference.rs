@@ -69,29 +69,28 @@ mod defaults {
     }
 }
 
-impl InferenceConfig {
-    /// Parameters that cannot work, each with the field and the reason (the registry's
-    /// contents are checked when the models load).
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+impl crate::params::Validate for InferenceConfig {
+    /// The registry's contents are checked when the models load.
+    fn validate(&self, problems: &mut crate::params::ParamErrors) {
         if self.models.is_empty() {
-            problems.push(("models", "name at least one model of the registry".to_owned()));
+            problems.at_value("models", "name at least one model of the registry");
         }
         if self.max_batch_size == 0 {
-            problems.push(("max_batch_size", "max_batch_size must be at least 1".to_owned()));
+            problems.at_value("max_batch_size", "max_batch_size must be at least 1");
         }
         if self.queue_capacity < self.max_batch_size {
-            problems.push((
+            problems.at_value(
                 "queue_capacity",
                 format!(
                     "queue_capacity ({}) must be at least max_batch_size ({})",
                     self.queue_capacity, self.max_batch_size
                 ),
-            ));
+            );
         }
-        problems
     }
+}
 
+impl InferenceConfig {
     /// The batching policy.
     pub fn policy(&self) -> BatchPolicy {
         BatchPolicy {

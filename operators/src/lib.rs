@@ -11,6 +11,7 @@ pub mod federated;
 pub mod inference;
 pub mod load_balance;
 pub mod node_health;
+pub mod params;
 pub mod records;
 pub mod time;
 pub mod window_aggregate;

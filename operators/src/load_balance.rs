@@ -85,19 +85,18 @@ mod defaults {
     }
 }
 
-impl LoadBalanceConfig {
-    /// Parameters that cannot work, each with the field and the reason.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+impl crate::params::Validate for LoadBalanceConfig {
+    fn validate(&self, problems: &mut crate::params::ParamErrors) {
         if self.virtual_nodes == 0 {
-            problems.push(("virtual_nodes", "virtual_nodes must be at least 1".to_owned()));
+            problems.at_value("virtual_nodes", "virtual_nodes must be at least 1");
         }
         if self.load_window.as_millis() == 0 {
-            problems.push(("load_window", "load_window must be longer than 0s".to_owned()));
+            problems.at_value("load_window", "load_window must be longer than 0s");
         }
-        problems
     }
 }
+
+impl LoadBalanceConfig {}
 
 /// What the balancer knows of one node.
 #[derive(Clone, Debug, PartialEq)]

@@ -93,6 +93,15 @@ pub enum NodeHealthError {
     ZeroDuration(&'static str),
 }
 
+impl crate::params::FieldError for NodeHealthError {
+    fn field(&self) -> &str {
+        match self {
+            NodeHealthError::UnhealthyAfterTimeout { .. } => "unhealthy_after",
+            NodeHealthError::Threshold { field, .. } | NodeHealthError::ZeroDuration(field) => field,
+        }
+    }
+}
+
 /// Validated parameters of `node_health`; the running operator only ever sees these.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeHealthParams {

@@ -125,6 +125,17 @@ pub enum WindowError {
     TooManyWindows { slide: DurationMs, window: DurationMs, windows: u64, max: u64 },
 }
 
+impl crate::params::FieldError for WindowError {
+    fn field(&self) -> &str {
+        match self {
+            WindowError::ZeroWindow | WindowError::NotMultiple { .. } => "window",
+            WindowError::BadSlide { .. } => "slide",
+            WindowError::NoAggregates => "aggregates",
+            WindowError::TooManyWindows { .. } => "window",
+        }
+    }
+}
+
 /// Most windows a record may fall in (`window / slide`): each one costs an accumulator per
 /// key, so a slide far shorter than the window would exhaust memory with a few records.
 pub const MAX_WINDOWS_PER_RECORD: u64 = 1000;
@@ -319,11 +330,11 @@ pub fn heartbeat_windows<'scope>(
     updates: StreamVec<'scope, EventTime, (Heartbeat, EventTime, isize)>,
     name: &str,
     config: &WindowAggregateConfig,
-) -> Result<StreamVec<'scope, EventTime, WindowResult>, WindowError> {
-    let params = WindowParams::from_config(config)?;
+    params: WindowParams,
+) -> StreamVec<'scope, EventTime, WindowResult> {
     let key = config.key.clone();
     let field = config.field;
-    Ok(updates.window_aggregate(
+    updates.window_aggregate(
         name,
         params,
         move |hb: &Heartbeat| match &key {
@@ -332,7 +343,7 @@ pub fn heartbeat_windows<'scope>(
             WindowKey::Label(label) => hb.labels.get(label).cloned().unwrap_or_default(),
         },
         move |hb, _time| (hb.timestamp, field.read(hb)),
-    ))
+    )
 }
 
 struct ClosedWindow {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use edgeflow_operators::params::{Checked, ParamErrors, Validate};
 use serde::{Deserialize, Serialize};
 
 use crate::file::FileSink;
@@ -27,17 +28,16 @@ pub struct DeadLetterSinkConfig {
     pub kafka: Option<crate::kafka::KafkaSinkConfig>,
 }
 
-impl DeadLetterSinkConfig {
-    /// What is wrong with the settings, if anything.
-    pub fn problem(&self) -> Option<String> {
+impl Validate for DeadLetterSinkConfig {
+    fn validate(&self, problems: &mut ParamErrors) {
         #[cfg(feature = "kafka")]
         let kafka = self.kafka.is_some();
         #[cfg(not(feature = "kafka"))]
         let kafka = false;
         match (self.path.is_some(), kafka) {
-            (true, true) => Some("set either `path` or `kafka`, not both".into()),
-            (false, false) => Some("missing `path` (a file) or `kafka` (a topic) for the dead letters".into()),
-            _ => None,
+            (true, true) => problems.whole("set either `path` or `kafka`, not both"),
+            (false, false) => problems.whole("missing `path` (a file) or `kafka` (a topic) for the dead letters"),
+            _ => {}
         }
     }
 }
@@ -57,12 +57,9 @@ impl std::fmt::Debug for dyn Sink {
 impl DeadLetterSink {
     /// Opens the dead-letter file or producer (whose metrics go to `kafka_metrics`).
     pub fn open(
-        config: &DeadLetterSinkConfig,
+        config: &Checked<DeadLetterSinkConfig>,
         #[cfg(feature = "kafka")] kafka_metrics: &std::sync::Arc<crate::kafka::KafkaMetrics>,
     ) -> Result<Self, ConnectorError> {
-        if let Some(problem) = config.problem() {
-            return Err(ConnectorError::Config { connector: "dead_letter", reason: problem });
-        }
         #[cfg(feature = "kafka")]
         if let Some(kafka) = &config.kafka {
             return Ok(Self { inner: Box::new(crate::kafka::KafkaSink::open_dead_letters(kafka, kafka_metrics)?) });

@@ -1,3 +1,4 @@
+use edgeflow_operators::params::Checked;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -43,10 +44,7 @@ pub struct FileSink {
 
 impl FileSink {
     /// Opens the sink's file, in the configured format.
-    pub fn open(config: &FileSinkConfig) -> Result<Box<dyn Sink>, ConnectorError> {
-        if let Some((field, reason)) = config.problems().into_iter().next() {
-            return Err(ConnectorError::Config { connector: "file", reason: format!("`{field}`: {reason}") });
-        }
+    pub fn open(config: &Checked<FileSinkConfig>) -> Result<Box<dyn Sink>, ConnectorError> {
         Ok(match config.format {
             FileFormat::Jsonl => Box::new(Self::create(&config.path, config.append)?),
             FileFormat::Arrow => Box::new(super::ArrowResultSink::create(&config.path)?),
@@ -80,20 +78,19 @@ impl Sink for FileSink {
 }
 
 /// Where a sink's file is, for messages.
-impl FileSinkConfig {
-    /// Settings that cannot work together, as `(field, reason)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+impl edgeflow_operators::params::Validate for FileSinkConfig {
+    fn validate(&self, problems: &mut edgeflow_operators::params::ParamErrors) {
         if self.format == FileFormat::Arrow && self.append {
-            problems.push((
+            problems.at_key(
                 "append",
                 "`append: true` cannot be used with `format: arrow`: an Arrow IPC stream has one schema, at its start"
                     .to_owned(),
-            ));
+            );
         }
-        problems
     }
+}
 
+impl FileSinkConfig {
     /// The configured path.
     pub fn path(&self) -> &PathBuf {
         &self.path

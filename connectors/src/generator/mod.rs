@@ -7,6 +7,7 @@
 //! its index, so the same seed gives the same fleet on any number of workers and processes:
 //! worker `w` of `n` simulates the nodes whose index is `w` modulo `n`.
 
+use edgeflow_operators::params::Checked;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
@@ -156,13 +157,11 @@ impl Default for GeneratorConfig {
     }
 }
 
-impl GeneratorConfig {
-    /// Every problem with the parameters, as `(field, message)`.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+impl edgeflow_operators::params::Validate for GeneratorConfig {
+    fn validate(&self, problems: &mut edgeflow_operators::params::ParamErrors) {
         if let Some(start) = self.start_time {
             if let Err(reason) = edgeflow_operators::time::check_event_time("start_time", start) {
-                problems.push(("start_time", reason));
+                problems.at_value("start_time", reason);
             }
         }
         for (field, value) in [
@@ -172,39 +171,40 @@ impl GeneratorConfig {
             ("malformed_fraction", self.malformed_fraction),
         ] {
             if !(0.0..=1.0).contains(&value) {
-                problems.push((field, format!("`{field}` is {value}; it must be a fraction in [0, 1]")));
+                problems.at_value(field, format!("`{field}` is {value}; it must be a fraction in [0, 1]"));
             }
         }
         if self.nodes == 0 {
-            problems.push(("nodes", "`nodes` must be at least 1".into()));
+            problems.at_value("nodes", "`nodes` must be at least 1");
         }
         if self.regions.is_empty() {
-            problems.push(("regions", "`regions` is empty; list at least one region".into()));
+            problems.at_value("regions", "`regions` is empty; list at least one region");
         }
         if self.heartbeat_interval.as_millis() == 0 {
-            problems.push(("heartbeat_interval", "`heartbeat_interval` must be longer than 0ms".into()));
+            problems.at_value("heartbeat_interval", "`heartbeat_interval` must be longer than 0ms");
         }
         if self.disorder > self.max_out_of_orderness {
-            problems.push((
+            problems.at_value(
                 "disorder",
                 format!(
                     "`disorder` ({}) exceeds `max_out_of_orderness` ({}), so on-time heartbeats would count as late",
                     self.disorder, self.max_out_of_orderness
                 ),
-            ));
+            );
         }
         if self.late_fraction > 0.0 && self.late_by <= self.max_out_of_orderness {
-            problems.push((
+            problems.at_value(
                 "late_by",
                 format!(
                     "`late_by` ({}) must exceed `max_out_of_orderness` ({}) for late heartbeats to be late",
                     self.late_by, self.max_out_of_orderness
                 ),
-            ));
+            );
         }
-        problems
     }
 }
+
+impl GeneratorConfig {}
 
 /// One simulated node.
 #[derive(Debug)]
@@ -260,10 +260,12 @@ pub struct Generator {
 
 impl Generator {
     /// The generator for worker `index` of `peers`.
-    pub fn new(name: &str, config: &GeneratorConfig, index: usize, peers: usize) -> Result<Self, ConnectorError> {
-        if let Some((_, reason)) = config.problems().into_iter().next() {
-            return Err(ConnectorError::Config { connector: "generator", reason });
-        }
+    pub fn new(
+        name: &str,
+        config: &Checked<GeneratorConfig>,
+        index: usize,
+        peers: usize,
+    ) -> Result<Self, ConnectorError> {
         let realtime = config.speed == Speed::Realtime;
         let start = config.start_time.unwrap_or(if realtime { wall_clock_ms() } else { 1_700_000_000_000 });
         let end = config.duration.map_or(EventTime::MAX, |d| start.saturating_add(d.as_millis()));
@@ -298,7 +300,7 @@ impl Generator {
         }
         Ok(Self {
             name: name.to_owned(),
-            config: config.clone(),
+            config: config.get().clone(),
             nodes,
             slots,
             pending: BinaryHeap::new(),
@@ -462,7 +464,7 @@ mod tests {
     }
 
     fn run(config: &GeneratorConfig, index: usize, peers: usize) -> Vec<SourceItem> {
-        let mut generator = Generator::new("gen", config, index, peers).unwrap();
+        let mut generator = Generator::new("gen", &Checked::try_new(config.clone()).unwrap(), index, peers).unwrap();
         let mut out = Vec::new();
         while generator.poll(&mut out, 100).unwrap() == SourceStatus::Ready {}
         out
@@ -507,7 +509,8 @@ mod tests {
     #[test]
     fn bad_parameters_are_reported() {
         let bad = GeneratorConfig { failure_rate: 1.5, disorder: DurationMs::from_secs(60), ..config() };
-        let fields: Vec<_> = bad.problems().into_iter().map(|(field, _)| field).collect();
+        let errors = Checked::try_new(bad).expect_err("refused");
+        let fields: Vec<_> = errors.problems().iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, vec!["failure_rate", "disorder"]);
     }
 }

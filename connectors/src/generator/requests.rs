@@ -5,6 +5,7 @@
 //! latency measured from a request's `timestamp` (its due time) includes the time it waited
 //! to enter (no coordinated omission). Workers split the sequence (`i % peers == index`).
 
+use edgeflow_operators::params::Checked;
 use std::collections::BTreeMap;
 
 use edgeflow_operators::{DurationMs, EventTime, InferenceRequest, Location, Priority, Record, Tensor};
@@ -65,34 +66,33 @@ fn default_out_of_orderness() -> DurationMs {
     DurationMs(100)
 }
 
-impl RequestGeneratorConfig {
-    /// Parameters that cannot work, each with the field and the reason.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+impl edgeflow_operators::params::Validate for RequestGeneratorConfig {
+    fn validate(&self, problems: &mut edgeflow_operators::params::ParamErrors) {
         if !(self.rate.is_finite() && self.rate > 0.0) {
             problems
-                .push(("rate", format!("rate must be a positive number of requests per second, not {}", self.rate)));
+                .at_value("rate", format!("rate must be a positive number of requests per second, not {}", self.rate));
         }
         if self.shape.is_empty() || self.shape.contains(&0) {
             problems
-                .push(("shape", format!("shape {:?} must have at least one dimension, none of them 0", self.shape)));
+                .at_value("shape", format!("shape {:?} must have at least one dimension, none of them 0", self.shape));
         }
         let (high, low) = (self.high_priority_fraction, self.low_priority_fraction);
         if !(0.0..=1.0).contains(&high) || !(0.0..=1.0).contains(&low) || high + low > 1.0 {
-            problems.push((
+            problems.at_value(
                 "high_priority_fraction",
                 format!("priority fractions must be in [0, 1] and sum to at most 1 (high {high}, low {low})"),
-            ));
+            );
         }
         if self.regions.is_empty() {
-            problems.push(("regions", "at least one region is needed".into()));
+            problems.at_value("regions", "at least one region is needed");
         }
         if self.keys == Some(0) {
-            problems.push(("keys", "keys must be at least 1".into()));
+            problems.at_value("keys", "keys must be at least 1");
         }
-        problems
     }
 }
+
+impl RequestGeneratorConfig {}
 
 /// The running request generator of one worker.
 #[derive(Debug)]
@@ -109,13 +109,10 @@ pub struct RequestGenerator {
 
 impl RequestGenerator {
     /// The generator for worker `index` of `peers`, starting now.
-    pub fn new(config: &RequestGeneratorConfig, index: usize, peers: usize) -> Result<Self, ConnectorError> {
-        if let Some((field, reason)) = config.problems().into_iter().next() {
-            return Err(ConnectorError::Config { connector: "requests", reason: format!("`{field}`: {reason}") });
-        }
+    pub fn new(config: &Checked<RequestGeneratorConfig>, index: usize, peers: usize) -> Result<Self, ConnectorError> {
         let start = wall_clock_ms();
         Ok(Self {
-            config: config.clone(),
+            config: config.get().clone(),
             start,
             next: index as u64,
             step: peers.max(1) as u64,
@@ -237,7 +234,7 @@ mod tests {
     fn workers_split_the_sequence_and_requests_are_reproducible() {
         let mut seen = Vec::new();
         for index in 0..3 {
-            let mut generator = RequestGenerator::new(&config(), index, 3).unwrap();
+            let mut generator = RequestGenerator::new(&Checked::try_new(config()).unwrap(), index, 3).unwrap();
             let mut out = Vec::new();
             while !matches!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Exhausted) {}
             for item in out {
@@ -255,7 +252,8 @@ mod tests {
         assert_eq!(seen[8].key.as_deref(), Some("key-1"));
         let high = seen.iter().filter(|r| r.priority == Priority::High).count();
         assert!((50..150).contains(&high), "{high} high-priority requests of 1000");
-        let again = RequestGenerator::new(&config(), 0, 1).unwrap().request(8, seen[8].timestamp);
+        let again =
+            RequestGenerator::new(&Checked::try_new(config()).unwrap(), 0, 1).unwrap().request(8, seen[8].timestamp);
         assert_eq!(again.inputs, seen[8].inputs);
         // Values spread over [-1, 1): the mean of all 4000 near 0, both ends reached.
         let values: Vec<f32> = seen.iter().flat_map(|r| r.inputs["x"].data.iter().copied()).collect();
@@ -268,7 +266,7 @@ mod tests {
     #[test]
     fn requests_are_due_at_the_rate_not_earlier() {
         let slow = RequestGeneratorConfig { rate: 10.0, ..config() };
-        let mut generator = RequestGenerator::new(&slow, 0, 1).unwrap();
+        let mut generator = RequestGenerator::new(&Checked::try_new(slow).unwrap(), 0, 1).unwrap();
         let mut out = Vec::new();
         // Request 0 is due at once, request 1 only 100 ms later.
         assert_eq!(generator.poll(&mut out, 100).unwrap(), SourceStatus::Ready);
@@ -281,7 +279,8 @@ mod tests {
     #[test]
     fn bad_parameters_are_reported() {
         let bad = RequestGeneratorConfig { rate: 0.0, shape: vec![1, 0], ..config() };
-        let fields: Vec<&str> = bad.problems().into_iter().map(|(field, _)| field).collect();
+        let errors = Checked::try_new(bad).expect_err("refused");
+        let fields: Vec<&str> = errors.problems().iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, vec!["rate", "shape"]);
     }
 }

@@ -3,20 +3,19 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use edgeflow_operators::node_health::NodeHealthParams;
-use edgeflow_operators::window_aggregate::WindowParams;
+use edgeflow_operators::params::Place;
 use serde::de::DeserializeOwned;
 
 use super::yaml::{self, Mark, Node, Value};
 use super::{
-    env, operator_outputs, LatePolicy, MetricsConfig, OperatorConfig, OperatorSpec, Pipeline, PortKind, PortRef,
-    Problem, Problems, SinkConfig, SinkSpec, SourceConfig, SourceSpec,
+    env, LatePolicy, MetricsConfig, OperatorSpec, Pipeline, PortKind, PortRef, Problem, Problems, SinkSpec, SourceSpec,
+};
+use crate::components::{
+    find, join, names, ComponentType, Context, Declared, Input, OperatorComponent, PortKinds, SinkComponent,
+    SourceComponent, Wiring, OPERATORS, SINKS, SOURCES,
 };
 
 const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
-const SOURCE_TYPES: &[&str] = &["generator", "file", "kafka", "requests"];
-const OPERATOR_TYPES: &[&str] = &["node_health", "window_aggregate", "inference", "load_balance", "federated"];
-const SINK_TYPES: &[&str] = &["stdout", "file", "dead_letter", "kafka"];
 
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
 pub fn load_file(path: &Path) -> Result<Pipeline, Problems> {
@@ -112,22 +111,32 @@ fn substitute_env(node: &mut Node, path: &str, lookup: &dyn Fn(&str) -> Option<S
     }
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
 /// A component as written, before its settings are typed.
-struct Written<'a> {
+struct Written<'a, R: ?Sized + 'static> {
     section: &'static str,
     name: String,
     name_mark: Mark,
-    type_name: String,
+    kind: &'static dyn ComponentType<R>,
     body: &'a Node,
     inputs: Vec<(PortRef, Mark, String)>,
+}
+
+impl<R: ?Sized + 'static> Written<'_, R> {
+    /// Section, name and where the name is.
+    fn header(&self) -> (&'static str, &str, Mark) {
+        (self.section, &self.name, self.name_mark)
+    }
+
+    /// The inputs it names.
+    fn refs(&self) -> Vec<PortRef> {
+        self.inputs.iter().map(|(reference, _, _)| reference.clone()).collect()
+    }
+}
+
+/// The kind of the port `reference` names, if it is known.
+fn kind_of(ports: &PortKinds, reference: &PortRef) -> Option<PortKind> {
+    let port = reference.port.as_deref().unwrap_or("");
+    ports.get(&reference.component)?.iter().find(|(name, _)| *name == port).map(|(_, kind)| *kind)
 }
 
 #[derive(Default)]
@@ -166,9 +175,9 @@ impl Checker {
             self.problem("metrics.address", node.mark, message);
         }
 
-        let sources = self.section(root, "sources", SOURCE_TYPES);
-        let operators = self.section(root, "operators", OPERATOR_TYPES);
-        let sinks = self.section(root, "sinks", SINK_TYPES);
+        let sources = self.section(root, "sources", SOURCES);
+        let operators = self.section(root, "operators", OPERATORS);
+        let sinks = self.section(root, "sinks", SINKS);
         if sources.is_empty() && root.get("sources").is_some_and(|s| s.as_map().is_some_and(<[_]>::is_empty)) {
             self.problem(
                 "sources",
@@ -176,8 +185,8 @@ impl Checker {
                 "`sources` is empty; a pipeline needs at least one source",
             );
         }
-        // A federated operator makes its own data (simulated clients): no source needed.
-        let self_fed = operators.iter().any(|w| w.type_name == "federated");
+        // An operator that makes its own data (simulated clients) needs no source.
+        let self_fed = operators.iter().any(|w| w.kind.feeds_itself());
         if root.get("sources").is_none() && !self_fed {
             self.problem("", root.mark, "missing `sources`; a pipeline needs at least one source");
         }
@@ -191,45 +200,61 @@ impl Checker {
 
         // Names are unique across sections, since inputs refer to them.
         let mut seen: HashMap<&str, (&str, Mark)> = HashMap::new();
-        for component in sources.iter().chain(&operators).chain(&sinks) {
-            if let Some((section, mark)) = seen.get(component.name.as_str()) {
+        for component in sources
+            .iter()
+            .map(Written::header)
+            .chain(operators.iter().map(Written::header))
+            .chain(sinks.iter().map(Written::header))
+        {
+            let (section, name, name_mark) = component;
+            if let Some((first, mark)) = seen.get(name) {
                 self.problem(
-                    &format!("{}.{}", component.section, component.name),
-                    component.name_mark,
+                    &format!("{section}.{name}"),
+                    name_mark,
                     format!(
-                        "duplicate name `{}`: also defined at {section}.{} ({mark})\nhint: every source, operator and sink needs its own name",
-                        component.name, component.name
+                        "duplicate name `{name}`: also defined at {first}.{name} ({mark})\nhint: every source, operator and sink needs its own name"
                     ),
                 );
             } else {
-                seen.insert(&component.name, (component.section, component.name_mark));
+                seen.insert(name, (section, name_mark));
             }
         }
 
-        let typed_sources: Vec<Option<SourceSpec>> = sources.iter().map(|c| self.source(c)).collect();
-        let typed_operators: Vec<Option<OperatorSpec>> = operators.iter().map(|c| self.operator(c)).collect();
-        let typed_sinks: Vec<Option<SinkSpec>> = sinks.iter().map(|c| self.sink(c)).collect();
+        let declared_sources: Vec<_> = sources.iter().map(|w| self.declare(w)).collect();
+        let declared_operators: Vec<_> = operators.iter().map(|w| self.declare(w)).collect();
+        let declared_sinks: Vec<_> = sinks.iter().map(|w| self.declare(w)).collect();
 
-        // Output ports of every component whose type is known.
-        let mut ports: BTreeMap<String, Vec<(&'static str, PortKind)>> = BTreeMap::new();
-        for source in typed_sources.iter().flatten() {
-            ports.insert(
-                source.name.clone(),
-                vec![("", source.config.port_kind()), ("dead_letters", PortKind::DeadLetters)],
-            );
+        // Output ports of every component whose settings were read.
+        let mut ports: PortKinds = BTreeMap::new();
+        for (written, declared) in sources.iter().zip(&declared_sources) {
+            if let Some(declared) = declared {
+                let mut outputs = declared.ports.outputs.to_vec();
+                outputs.push(("dead_letters", PortKind::DeadLetters));
+                ports.insert(written.name.clone(), outputs);
+            }
         }
-        for operator in typed_operators.iter().flatten() {
-            let mut outputs = operator_outputs(&operator.config).to_vec();
-            outputs.insert(0, ("", outputs[0].1));
-            ports.insert(operator.name.clone(), outputs);
+        for (written, declared) in operators.iter().zip(&declared_operators) {
+            if let Some(declared) = declared {
+                let mut outputs = declared.ports.outputs.to_vec();
+                outputs.insert(0, ("", outputs[0].1));
+                ports.insert(written.name.clone(), outputs);
+            }
         }
         let mut consumed: BTreeSet<String> = BTreeSet::new();
-        let all_names: Vec<&str> = sources.iter().chain(&operators).map(|c| c.name.as_str()).collect();
+        let all_names: Vec<&str> =
+            sources.iter().map(|c| c.name.as_str()).chain(operators.iter().map(|c| c.name.as_str())).collect();
+        let readers: Vec<(&'static str, Vec<PortRef>)> = operators
+            .iter()
+            .map(|w| (w.kind.name(), w.refs()))
+            .chain(sinks.iter().map(|w| (w.kind.name(), w.refs())))
+            .collect();
 
-        for (written, typed) in operators.iter().zip(&typed_operators) {
-            let Some(operator) = typed else { continue };
-            let accepts = operator.config.accepts();
-            self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
+        for (written, declared) in operators.iter().zip(&declared_operators) {
+            let Some(declared) = declared else { continue };
+            let accepts = declared.ports.accepts;
+            let type_name = written.kind.name();
+            let name = written.name.clone();
+            self.check_inputs(written.header(), &written.inputs, &ports, &all_names, &mut consumed, |kind| {
                 accepts.contains(&kind).then_some(()).ok_or_else(|| {
                     let kinds: Vec<String> = accepts.iter().map(ToString::to_string).collect();
                     let what = if kinds.is_empty() {
@@ -237,48 +262,54 @@ impl Checker {
                     } else {
                         format!("reads {}", kinds.join(" or "))
                     };
-                    format!("operator `{}` ({}) {what}", operator.name, operator.config.type_name())
+                    format!("operator `{name}` ({type_name}) {what}")
                 })
             });
-            if let OperatorConfig::Inference(config) = &operator.config {
-                self.check_inference_features(written, config, &ports);
-            }
-            if let OperatorConfig::LoadBalance(config) = &operator.config {
-                self.check_load_balance(written, config, &ports, &operators, &typed_operators, &sinks);
-            }
-            if matches!(operator.config, OperatorConfig::Federated(_)) && !written.inputs.is_empty() {
-                self.check_federated_inputs(written, &ports);
-            }
+            let inputs = written
+                .inputs
+                .iter()
+                .map(|(reference, mark, _)| (reference.clone(), kind_of(&ports, reference), *mark))
+                .collect();
+            let mut wiring = Wiring {
+                name: &written.name,
+                path: format!("operators.{}", written.name),
+                body: written.body,
+                name_mark: written.name_mark,
+                inputs,
+                readers: &readers,
+                problems: &mut self.problems,
+            };
+            (declared.wiring)(&mut wiring);
         }
-        for (written, typed) in sinks.iter().zip(&typed_sinks) {
-            let Some(sink) = typed else { continue };
-            let dead_letter = matches!(sink.config, SinkConfig::DeadLetter(_));
-            let takes_results = sink.config.takes_results();
-            self.check_inputs(written, &ports, &all_names, &mut consumed, |kind| {
-                if dead_letter && kind != PortKind::DeadLetters {
-                    Err(format!(
-                        "sink `{}` (dead_letter) writes dead letters, for example `SOURCE.dead_letters`",
-                        sink.name
-                    ))
-                } else if takes_results && kind != PortKind::InferenceResults {
-                    Err(format!("sink `{}` (file, format: arrow) writes inference results only", sink.name))
-                } else {
-                    Ok(())
-                }
-            });
+        for (written, declared) in sinks.iter().zip(&declared_sinks) {
+            let Some(declared) = declared else { continue };
+            let only = declared.ports.only;
+            let name = written.name.clone();
+            self.check_inputs(
+                written.header(),
+                &written.inputs,
+                &ports,
+                &all_names,
+                &mut consumed,
+                |kind| match only {
+                    Some((only, what)) if kind != only => Err(format!("sink `{name}` {what}")),
+                    _ => Ok(()),
+                },
+            );
         }
         let order = self.operator_order(&operators);
-        self.check_exactly_once(&sources, &typed_sources, &operators, &sinks, &typed_sinks);
+        self.check_exactly_once(&sources, &declared_sources, &operators, &sinks, &declared_sinks);
 
-        for component in sources.iter().chain(&operators) {
-            if !consumed.contains(&component.name) && ports.contains_key(&component.name) {
-                let what = if component.section == "sources" { "source" } else { "operator" };
+        for (section, name, name_mark) in
+            sources.iter().map(Written::header).chain(operators.iter().map(Written::header))
+        {
+            if !consumed.contains(name) && ports.contains_key(name) {
+                let what = if section == "sources" { "source" } else { "operator" };
                 self.problem(
-                    &format!("{}.{}", component.section, component.name),
-                    component.name_mark,
+                    &format!("{section}.{name}"),
+                    name_mark,
                     format!(
-                        "{what} `{}` is never used: no operator or sink reads its output\nhint: add it to an operator's or sink's `input`, or remove it",
-                        component.name
+                        "{what} `{name}` is never used: no operator or sink reads its output\nhint: add it to an operator's or sink's `input`, or remove it"
                     ),
                 );
             }
@@ -287,17 +318,51 @@ impl Checker {
         if !self.problems.is_empty() {
             return None;
         }
-        let mut operators: Vec<OperatorSpec> = typed_operators.into_iter().flatten().collect();
+        // No problem was found, so every component was declared and checked.
+        let sources = sources
+            .iter()
+            .zip(declared_sources)
+            .filter_map(|(written, declared)| {
+                let declared = declared?;
+                Some(SourceSpec {
+                    name: written.name.clone(),
+                    kind: written.kind,
+                    ports: declared.ports,
+                    component: declared.component.ok()?,
+                })
+            })
+            .collect();
+        let mut typed_operators: Vec<OperatorSpec> = operators
+            .iter()
+            .zip(declared_operators)
+            .filter_map(|(written, declared)| {
+                let declared = declared?;
+                Some(OperatorSpec {
+                    name: written.name.clone(),
+                    kind: written.kind,
+                    ports: declared.ports,
+                    inputs: written.refs(),
+                    component: declared.component.ok()?,
+                })
+            })
+            .collect();
+        let sinks = sinks
+            .iter()
+            .zip(declared_sinks)
+            .filter_map(|(written, declared)| {
+                let declared = declared?;
+                Some(SinkSpec {
+                    name: written.name.clone(),
+                    kind: written.kind,
+                    ports: declared.ports,
+                    inputs: written.refs(),
+                    component: declared.component.ok()?,
+                })
+            })
+            .collect();
         let position: HashMap<String, usize> = order.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
-        operators.sort_by_key(|operator| position.get(&operator.name).copied().unwrap_or(usize::MAX));
-        Some(Pipeline {
-            name,
-            late_policy,
-            metrics,
-            sources: typed_sources.into_iter().flatten().collect(),
-            operators,
-            sinks: typed_sinks.into_iter().flatten().collect(),
-        })
+        typed_operators.sort_by_key(|operator| position.get(&operator.name).copied().unwrap_or(usize::MAX));
+        Some(Pipeline { name, late_policy, metrics, sources, operators: typed_operators, sinks })
     }
 
     fn check_duplicate_keys(&mut self, node: &Node, path: &str) {
@@ -329,7 +394,13 @@ impl Checker {
         }
     }
 
-    fn section<'a>(&mut self, root: &'a Node, section: &'static str, types: &[&str]) -> Vec<Written<'a>> {
+    fn section<'a, R: ?Sized + 'static>(
+        &mut self,
+        root: &'a Node,
+        section: &'static str,
+        registry: &'static [&'static dyn ComponentType<R>],
+    ) -> Vec<Written<'a, R>> {
+        let types = &names(registry)[..];
         let Some(node) = root.get(section) else { return Vec::new() };
         let Some(entries) = node.as_map() else {
             if node.as_str() != Some("") {
@@ -361,14 +432,15 @@ impl Checker {
                 );
                 continue;
             }
-            let type_name = match body.get("type") {
+            let kind = match body.get("type") {
                 None => {
                     self.problem(&path, key.mark, format!("`{name}` has no `type`; expected one of {}", list(types)));
                     continue;
                 }
-                Some(node) => match node.as_str() {
-                    Some(t) if types.contains(&t) => t.to_owned(),
-                    other => {
+                Some(node) => match node.as_str().and_then(|t| find(registry, t)) {
+                    Some(kind) => kind,
+                    None => {
+                        let other = node.as_str();
                         let kind = &section[..section.len() - 1];
                         self.problem(
                             &format!("{path}.type"),
@@ -379,8 +451,8 @@ impl Checker {
                     }
                 },
             };
-            let inputs = self.inputs(section, &path, &type_name, body, key.mark);
-            written.push(Written { section, name, name_mark: key.mark, type_name, body, inputs });
+            let inputs = self.inputs(section, &path, kind.input(), body, key.mark);
+            written.push(Written { section, name, name_mark: key.mark, kind, body, inputs });
         }
         written
     }
@@ -389,7 +461,7 @@ impl Checker {
         &mut self,
         section: &str,
         path: &str,
-        type_name: &str,
+        input: Input,
         body: &Node,
         name_mark: Mark,
     ) -> Vec<(PortRef, Mark, String)> {
@@ -412,7 +484,7 @@ impl Checker {
             (Some(_), Some(node)) => {
                 self.problem(&join(path, "inputs"), node.mark, "both `input` and `inputs` are set; use one of them");
             }
-            (None, None) if type_name != "dead_letter" && type_name != "federated" => {
+            (None, None) if input == Input::Required => {
                 self.problem(
                     path,
                     name_mark,
@@ -508,365 +580,101 @@ impl Checker {
         }
     }
 
-    fn source(&mut self, written: &Written<'_>) -> Option<SourceSpec> {
-        let path = format!("sources.{}", written.name);
+    /// Reads a component's settings into its type: unknown keys and values that do not
+    /// deserialize are reported (and yield `None`); problems of the parameters are reported
+    /// at their fields, and the ports and wiring check are returned all the same, so the
+    /// rest of the pipeline is checked too.
+    fn declare<R: ?Sized + 'static>(&mut self, written: &Written<'_, R>) -> Option<Declared<R>> {
+        let path = format!("{}.{}", written.section, written.name);
+        let body = written.body;
         // `input` and `inputs` on a source are reported as such, not as unknown keys.
         let skip = ["type", "input", "inputs"];
-        let config = match written.type_name.as_str() {
-            "generator" => {
-                let config: edgeflow_connectors::generator::GeneratorConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                for (field, message) in config.problems() {
-                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
-                }
-                SourceConfig::Generator(config)
+        let mut json = body.to_json();
+        let mut unknown_keys = false;
+        if let (serde_json::Value::Object(object), Some(entries)) = (&mut json, body.as_map()) {
+            let schema = written.kind.schema(&mut schemars::SchemaGenerator::default());
+            let known: Vec<&str> = schema
+                .as_object()
+                .and_then(|object| object.get("properties"))
+                .and_then(|properties| properties.as_object())
+                .map(|properties| properties.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            for key in skip {
+                object.remove(key);
             }
-            "file" => SourceConfig::File(self.typed_without(written.body, &path, &skip)?),
-            "kafka" => {
-                let config: edgeflow_connectors::kafka::KafkaSourceConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                self.check_kafka(&path, written.body, &config.brokers, config.topics.iter());
-                if config.group.trim().is_empty() {
-                    self.problem(&join(&path, "group"), written.body.locate("group").mark, "`group` is empty");
+            for (key, _) in entries {
+                let name = key.as_str().unwrap_or_default();
+                if skip.contains(&name) || known.contains(&name) {
+                    continue;
                 }
-                SourceConfig::Kafka(config)
+                self.problem(&join(&path, name), key.mark, unknown("key", name, &known));
+                object.remove(name);
+                unknown_keys = true;
             }
-            "requests" => {
-                let config: edgeflow_connectors::generator::RequestGeneratorConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                for (field, message) in config.problems() {
-                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
-                }
-                SourceConfig::Requests(config)
-            }
-            _ => return None,
-        };
-        Some(SourceSpec { name: written.name.clone(), config })
-    }
-
-    fn operator(&mut self, written: &Written<'_>) -> Option<OperatorSpec> {
-        let path = format!("operators.{}", written.name);
-        let skip = ["type", "input", "inputs"];
-        let config = match written.type_name.as_str() {
-            "node_health" => {
-                let config: edgeflow_operators::node_health::NodeHealthConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                if let Err(err) = NodeHealthParams::try_new(&config) {
-                    self.parameter_problem(&path, written.body, &err);
-                }
-                OperatorConfig::NodeHealth(config)
-            }
-            "window_aggregate" => {
-                let config: edgeflow_operators::window_aggregate::WindowAggregateConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                if let Err(err) = WindowParams::from_config(&config) {
-                    self.parameter_problem(&path, written.body, &err);
-                }
-                OperatorConfig::WindowAggregate(config)
-            }
-            "load_balance" => {
-                let config: edgeflow_operators::load_balance::LoadBalanceConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                for (field, message) in config.problems() {
-                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
-                }
-                OperatorConfig::LoadBalance(config)
-            }
-            "federated" => {
-                let mut config: edgeflow_operators::federated::config::FederatedConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                for (field, message) in config.problems() {
-                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
-                }
-                if config.dataset.is_relative() {
-                    config.dataset = self.base.join(&config.dataset);
-                }
-                if let Some(export) = config.export.as_mut().filter(|e| e.registry.is_relative()) {
-                    export.registry = self.base.join(&export.registry);
-                }
-                if !config.dataset.is_file() {
-                    self.problem(
-                        &join(&path, "dataset"),
-                        written.body.locate("dataset").mark,
-                        format!("dataset `{}` is not a file", config.dataset.display()),
-                    );
-                }
-                // With an input the clients are external: settings of simulated clients, and
-                // of external ones without it, would have no effect.
-                let external = !written.inputs.is_empty();
-                let misplaced: &[&str] =
-                    if external { &["dropout"] } else { &["client_ids", "round_timeout", "close_on_quorum"] };
-                for field in misplaced.iter().filter(|field| written.body.get(field).is_some()) {
-                    let why = if external {
-                        "applies to simulated clients only, and this operator reads external clients' updates from its input"
-                    } else {
-                        "applies to external clients only (an operator with an `input` of model updates)"
-                    };
-                    self.problem(&join(&path, field), written.body.locate(field).mark, format!("`{field}` {why}"));
-                }
-                OperatorConfig::Federated(Box::new(config))
-            }
-            "inference" => {
-                let mut config: edgeflow_operators::inference::InferenceConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                if config.registry.is_relative() {
-                    config.registry = self.base.join(&config.registry);
-                }
-                for (field, message) in config.problems() {
-                    self.problem(&join(&path, field), written.body.locate(field).mark, message);
-                }
-                self.check_registry(&path, written.body, &config);
-                OperatorConfig::Inference(config)
-            }
-            _ => return None,
-        };
-        Some(OperatorSpec {
-            name: written.name.clone(),
-            inputs: written.inputs.iter().map(|i| i.0.clone()).collect(),
-            config,
-        })
-    }
-
-    /// The registry directory and each model's directory with at least one version must
-    /// exist (the models themselves load, and are checked, when the pipeline starts).
-    fn check_registry(&mut self, path: &str, body: &Node, config: &edgeflow_operators::inference::InferenceConfig) {
-        let registry = &config.registry;
-        if !registry.is_dir() {
-            self.problem(
-                &join(path, "registry"),
-                body.locate("registry").mark,
-                format!("model registry `{}` is not a directory", registry.display()),
-            );
-            return;
         }
-        for (index, model) in config.models.iter().enumerate() {
-            let dir = registry.join(model);
-            let versions = edgeflow_connectors::onnx::version_dirs(&dir).map_or(0, |found| found.len());
-            if versions == 0 {
-                let mark = body.locate(&format!("models[{index}]")).mark;
-                let message = if dir.is_dir() {
-                    format!("model `{model}` has no versions: expected `{}/1/model.onnx`", dir.display())
-                } else {
-                    format!("model `{model}` is not in the registry: `{}` is not a directory", dir.display())
+        let cx = Context { base: &self.base, has_inputs: !written.inputs.is_empty(), body };
+        let declared = match written.kind.check(json, &cx) {
+            Ok(declared) => declared,
+            Err((inner, message)) => {
+                let at = body.locate(&inner);
+                self.problem(&join(&path, &inner), at.mark, message);
+                return None;
+            }
+        };
+        if unknown_keys {
+            return None;
+        }
+        if let Err(errors) = &declared.component {
+            for problem in errors.problems() {
+                let (at, mark) = match problem.place {
+                    Place::Value => (join(&path, &problem.field), body.locate(&problem.field).mark),
+                    Place::Key => (
+                        join(&path, &problem.field),
+                        body.key_of(&problem.field).map_or(written.name_mark, |key| key.mark),
+                    ),
+                    Place::Component => (path.clone(), written.name_mark),
                 };
-                self.problem(&format!("{path}.models[{index}]"), mark, message);
+                self.problem(&at, mark, problem.message.clone());
             }
         }
+        Some(declared)
     }
 
-    /// A balancer reads requests, exactly one status-change stream and, for strategies that
-    /// need resources or locations, heartbeats; its unplaced requests must reach someone (an
-    /// inference operator reading it, or a reader of `NAME.unplaced`); and at most one
-    /// inference operator reads it (that operator sends re-routed requests back).
-    /// A federated operator with inputs has external clients: their updates must be among
-    /// the inputs (health inputs alone would leave every round waiting for nothing).
-    fn check_federated_inputs(
-        &mut self,
-        written: &Written<'_>,
-        ports: &BTreeMap<String, Vec<(&'static str, PortKind)>>,
-    ) {
-        let updates = written.inputs.iter().any(|(reference, _, _)| {
-            ports.get(&reference.component).is_some_and(|outputs| {
-                let port = reference.port.as_deref().unwrap_or("");
-                outputs.iter().any(|(name, kind)| *name == port && *kind == PortKind::ModelUpdates)
-            })
-        });
-        if !updates {
-            let mark = written.body.locate("input").mark.max(written.body.locate("inputs").mark);
-            self.problem(
-                &format!("operators.{}", written.name),
-                mark,
-                format!(
-                    "federated `{}` has inputs but no model updates among them: name the source of its clients' updates (a `file` or `kafka` source with `records: model_updates`)",
-                    written.name
-                ),
-            );
-        }
-    }
-
-    fn check_load_balance(
-        &mut self,
-        written: &Written<'_>,
-        config: &edgeflow_operators::load_balance::LoadBalanceConfig,
-        ports: &BTreeMap<String, Vec<(&'static str, PortKind)>>,
-        operators: &[Written<'_>],
-        typed_operators: &[Option<OperatorSpec>],
-        sinks: &[Written<'_>],
-    ) {
-        let kind_of = |reference: &PortRef| {
-            ports.get(&reference.component).and_then(|outputs| {
-                let port = reference.port.as_deref().unwrap_or("");
-                outputs.iter().find(|(name, _)| *name == port).map(|(_, kind)| *kind)
-            })
-        };
-        let count = |kind: PortKind| written.inputs.iter().filter(|(r, _, _)| kind_of(r) == Some(kind)).count();
-        let path = format!("operators.{}", written.name);
-        let mark = written.body.locate("input").mark.max(written.body.locate("inputs").mark);
-        if count(PortKind::InferenceRequests) == 0 {
-            self.problem(
-                &path,
-                mark,
-                format!("load_balance `{}` needs inference requests among its inputs", written.name),
-            );
-        }
-        if count(PortKind::StatusChanges) != 1 {
-            self.problem(
-                &path,
-                mark,
-                format!(
-                    "load_balance `{}` needs exactly one status-change input (a node_health operator's `changes`), found {}",
-                    written.name,
-                    count(PortKind::StatusChanges)
-                ),
-            );
-        }
-        if config.strategy.needs_heartbeats() && count(PortKind::Heartbeats) == 0 {
-            self.problem(
-                &join(&path, "strategy"),
-                written.body.locate("strategy").mark,
-                format!(
-                    "strategy {:?} needs heartbeats (resources and locations) among the inputs",
-                    serde_json::to_value(config.strategy).unwrap_or_default()
-                ),
-            );
-        }
-        let reads = |inputs: &[(PortRef, Mark, String)], port: Option<&str>| {
-            inputs.iter().any(|(r, _, _)| {
-                r.component == written.name
-                    && (r.port.as_deref() == port || (port.is_none() && r.port.as_deref() == Some("requests")))
-            })
-        };
-        let inference_readers = operators
-            .iter()
-            .zip(typed_operators)
-            .filter(|(w, t)| {
-                matches!(t, Some(OperatorSpec { config: OperatorConfig::Inference(_), .. })) && reads(&w.inputs, None)
-            })
-            .count();
-        if inference_readers > 1 {
-            self.problem(
-                &path,
-                written.name_mark,
-                format!("load_balance `{}` feeds {inference_readers} inference operators; at most one may read a balancer (it returns re-routed requests)", written.name),
-            );
-        }
-        let unplaced_read = operators.iter().chain(sinks).any(|w| reads(&w.inputs, Some("unplaced")));
-        if inference_readers == 0 && !unplaced_read {
-            self.problem(
-                &path,
-                written.name_mark,
-                format!(
-                    "the unplaced requests of load_balance `{}` are not read, so they would be lost\nhint: read `{}.unplaced` in a sink, or feed the balancer to an inference operator",
-                    written.name, written.name
-                ),
-            );
-        }
-    }
-
-    /// `features` turn heartbeats into requests: needed with a heartbeat input, meaningless
-    /// without one.
-    fn check_inference_features(
-        &mut self,
-        written: &Written<'_>,
-        config: &edgeflow_operators::inference::InferenceConfig,
-        ports: &BTreeMap<String, Vec<(&'static str, PortKind)>>,
-    ) {
-        let reads_heartbeats = written.inputs.iter().any(|(reference, _, _)| {
-            ports.get(&reference.component).is_some_and(|outputs| {
-                let port = reference.port.as_deref().unwrap_or("");
-                outputs.iter().any(|(name, kind)| *name == port && *kind == PortKind::Heartbeats)
-            })
-        });
-        let path = format!("operators.{}", written.name);
-        if reads_heartbeats && config.features.is_empty() {
-            self.problem(
-                &join(&path, "features"),
-                written.name_mark,
-                "an inference operator that reads heartbeats needs `features`, the heartbeat fields fed to the model (e.g. [cpu, memory, disk])",
-            );
-        }
-        if !reads_heartbeats && !config.features.is_empty() {
-            self.problem(
-                &join(&path, "features"),
-                written.body.locate("features").mark,
-                "`features` apply to heartbeat inputs only; this operator reads inference requests",
-            );
-        }
-    }
-
-    /// Brokers must be `host:port` entries; topic names follow Kafka's rules.
-    fn check_kafka<'t>(
-        &mut self,
-        path: &str,
-        body: &Node,
-        brokers: &str,
-        topics: impl IntoIterator<Item = &'t String>,
-    ) {
-        let bad_broker = brokers
-            .split(',')
-            .map(str::trim)
-            .find(|b| b.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()));
-        if let Some(broker) = bad_broker {
-            self.problem(
-                &join(path, "brokers"),
-                body.locate("brokers").mark,
-                format!("`{broker}` is not a broker address\nhint: write `host:port`, several separated by commas, e.g. `localhost:9092`"),
-            );
-        }
-        let mut any = false;
-        for topic in topics {
-            any = true;
-            let valid = !topic.is_empty()
-                && topic.len() <= 249
-                && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-            if !valid {
-                self.problem(
-                    path,
-                    body.mark,
-                    format!("`{topic}` is not a valid topic name\nhint: use letters, digits, `.`, `_` and `-` (at most 249)"),
-                );
-            }
-        }
-        if !any {
-            self.problem(&join(path, "topics"), body.mark, "no topic given; list at least one");
-        }
-    }
-
-    /// Reports a builder's parameter error at the field it names first (in backticks).
     /// `exactly_once` on a Kafka sink puts the whole pipeline in transactions: every source
     /// must be Kafka (its offsets are committed in the transaction), no operator may keep
     /// state (it is not checkpointed, so a restart would rebuild it differently), and every
     /// sink must write to Kafka on the same brokers through the one transactional producer.
     fn check_exactly_once(
         &mut self,
-        sources: &[Written<'_>],
-        typed_sources: &[Option<SourceSpec>],
-        operators: &[Written<'_>],
-        sinks: &[Written<'_>],
-        typed_sinks: &[Option<SinkSpec>],
+        sources: &[Written<'_, dyn SourceComponent>],
+        declared_sources: &[Option<Declared<dyn SourceComponent>>],
+        operators: &[Written<'_, dyn OperatorComponent>],
+        sinks: &[Written<'_, dyn SinkComponent>],
+        declared_sinks: &[Option<Declared<dyn SinkComponent>>],
     ) {
-        let Some((asking, brokers)) = sinks.iter().zip(typed_sinks).find_map(|(written, typed)| match typed {
-            Some(SinkSpec { config: SinkConfig::Kafka(config), .. }) if config.exactly_once => {
-                Some((written, config.brokers.clone()))
-            }
-            _ => None,
+        let component = |declared: &Option<Declared<dyn SinkComponent>>| {
+            declared.as_ref().and_then(|d| d.component.as_ref().ok()).cloned()
+        };
+        let Some((asking, brokers)) = sinks.iter().zip(declared_sinks).find_map(|(written, declared)| {
+            let sink = component(declared)?;
+            sink.exactly_once("")?;
+            Some((written, sink.kafka()?.brokers.clone()))
         }) else {
             return;
         };
         let why = format!("sink `{}` sets `exactly_once`", asking.name);
-        for (written, typed) in sources.iter().zip(typed_sources) {
-            if let Some(source) = typed {
-                if !matches!(source.config, SourceConfig::Kafka(_)) {
-                    self.problem(
-                        &format!("sources.{}", written.name),
-                        written.name_mark,
-                        format!(
-                            "{why}, but source `{}` is a `{}` source: exactly-once delivery commits the consumed Kafka offsets inside the sinks' transaction, so every source must be Kafka",
-                            written.name,
-                            source.config.type_name()
-                        ),
-                    );
-                }
+        for (written, declared) in sources.iter().zip(declared_sources) {
+            let Some(Ok(source)) = declared.as_ref().map(|d| &d.component) else { continue };
+            if !source.transactional() {
+                self.problem(
+                    &format!("sources.{}", written.name),
+                    written.name_mark,
+                    format!(
+                        "{why}, but source `{}` is a `{}` source: exactly-once delivery commits the consumed Kafka offsets inside the sinks' transaction, so every source must be Kafka",
+                        written.name,
+                        written.kind.name()
+                    ),
+                );
             }
         }
         for written in operators {
@@ -875,25 +683,24 @@ impl Checker {
                 written.name_mark,
                 format!(
                     "{why}, but operator `{}` ({}) keeps state that is not checkpointed: after a restart it would be rebuilt from the committed offsets and its outputs could differ\nhint: exactly-once covers Kafka-to-Kafka pipelines that carry records through; remove `exactly_once` for at-least-once",
-                    written.name, written.type_name
+                    written.name,
+                    written.kind.name()
                 ),
             );
         }
-        for (written, typed) in sinks.iter().zip(typed_sinks) {
-            let Some(sink) = typed else { continue };
-            let problem = match (&sink.config, sink.config.kafka()) {
-                (SinkConfig::Kafka(config), _) if !config.exactly_once => {
-                    Some(format!("sink `{}` writes to Kafka without `exactly_once: true`; in an exactly-once pipeline every Kafka sink shares the transaction", written.name))
-                }
+        for (written, declared) in sinks.iter().zip(declared_sinks) {
+            let Some(sink) = component(declared) else { continue };
+            let problem = match (sink.exactly_once_setting(), sink.kafka()) {
+                (Some(false), _) => Some(format!("sink `{}` writes to Kafka without `exactly_once: true`; in an exactly-once pipeline every Kafka sink shares the transaction", written.name)),
                 (_, Some(config)) if config.brokers != brokers => Some(format!(
                     "sink `{}` writes to brokers `{}`, not `{brokers}`: one transaction cannot span two clusters",
                     written.name, config.brokers
                 )),
                 (_, Some(_)) => None,
-                (config, None) => Some(format!(
+                (_, None) => Some(format!(
                     "sink `{}` is a `{}` sink, outside the Kafka transaction: after a crash it would keep the records of the aborted transaction and write them again after the restart\nhint: write it to a Kafka topic (a `kafka` sink, or `dead_letter` with `kafka:`)",
                     written.name,
-                    config.type_name()
+                    written.kind.name()
                 )),
             };
             if let Some(problem) = problem {
@@ -902,73 +709,18 @@ impl Checker {
         }
     }
 
-    fn parameter_problem(&mut self, path: &str, body: &Node, err: &dyn std::fmt::Display) {
-        let message = err.to_string();
-        let field = message.split('`').nth(1).unwrap_or_default().to_owned();
-        self.problem(&join(path, &field), body.locate(&field).mark, message);
-    }
-
-    fn sink(&mut self, written: &Written<'_>) -> Option<SinkSpec> {
-        let path = format!("sinks.{}", written.name);
-        let skip = ["type", "input", "inputs"];
-        let config = match written.type_name.as_str() {
-            "stdout" => SinkConfig::Stdout(self.typed_without(written.body, &path, &skip)?),
-            "file" => {
-                let config: edgeflow_connectors::file::FileSinkConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                for (field, message) in config.problems() {
-                    // The problems are about a key being there at all: shown at the key.
-                    let mark = written.body.key_of(field).map_or(written.name_mark, |key| key.mark);
-                    self.problem(&join(&path, field), mark, message);
-                }
-                SinkConfig::File(config)
-            }
-            "dead_letter" => {
-                let config: edgeflow_connectors::dead_letter::DeadLetterSinkConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                if let Some(problem) = config.problem() {
-                    self.problem(&path, written.name_mark, problem);
-                }
-                if let Some(kafka) = &config.kafka {
-                    self.check_kafka(
-                        &join(&path, "kafka"),
-                        written.body.locate("kafka"),
-                        &kafka.brokers,
-                        [&kafka.topic],
-                    );
-                }
-                SinkConfig::DeadLetter(config)
-            }
-            "kafka" => {
-                let config: edgeflow_connectors::kafka::KafkaSinkConfig =
-                    self.typed_without(written.body, &path, &skip)?;
-                self.check_kafka(&path, written.body, &config.brokers, [&config.topic]);
-                SinkConfig::Kafka(config)
-            }
-            _ => return None,
-        };
-        Some(SinkSpec {
-            name: written.name.clone(),
-            inputs: written.inputs.iter().map(|i| i.0.clone()).collect(),
-            config,
-        })
-    }
-
     fn check_inputs(
         &mut self,
-        written: &Written<'_>,
-        ports: &BTreeMap<String, Vec<(&'static str, PortKind)>>,
+        (section, name, _): (&'static str, &str, Mark),
+        inputs: &[(PortRef, Mark, String)],
+        ports: &PortKinds,
         names: &[&str],
         consumed: &mut BTreeSet<String>,
         accepts: impl Fn(PortKind) -> Result<(), String>,
     ) {
-        for (reference, mark, path) in &written.inputs {
-            if reference.component == written.name && written.section == "operators" {
-                self.problem(
-                    path,
-                    *mark,
-                    format!("`{}` reads its own output: cycle {} -> {}", written.name, written.name, written.name),
-                );
+        for (reference, mark, path) in inputs {
+            if reference.component == name && section == "operators" {
+                self.problem(path, *mark, format!("`{name}` reads its own output: cycle {name} -> {name}"));
                 continue;
             }
             let Some(outputs) = ports.get(&reference.component) else {
@@ -1012,13 +764,14 @@ impl Checker {
     }
 
     /// Operators in dependency order; reports cycles.
-    fn operator_order(&mut self, operators: &[Written<'_>]) -> Vec<String> {
-        let by_name: HashMap<&str, &Written<'_>> = operators.iter().map(|w| (w.name.as_str(), w)).collect();
+    fn operator_order(&mut self, operators: &[Written<'_, dyn OperatorComponent>]) -> Vec<String> {
+        type Operator<'a> = Written<'a, dyn OperatorComponent>;
+        let by_name: HashMap<&str, &Operator<'_>> = operators.iter().map(|w| (w.name.as_str(), w)).collect();
         let mut order = Vec::new();
         let mut state: HashMap<&str, u8> = HashMap::new(); // 1 visiting, 2 done
         fn visit<'a>(
             name: &'a str,
-            by_name: &HashMap<&'a str, &'a Written<'a>>,
+            by_name: &HashMap<&'a str, &'a Written<'a, dyn OperatorComponent>>,
             state: &mut HashMap<&'a str, u8>,
             stack: &mut Vec<&'a str>,
             order: &mut Vec<String>,
@@ -1064,13 +817,6 @@ impl Checker {
     }
 }
 
-fn parse_ref(text: &str) -> PortRef {
-    match text.split_once('.') {
-        Some((component, port)) => PortRef { component: component.to_owned(), port: Some(port.to_owned()) },
-        None => PortRef { component: text.to_owned(), port: None },
-    }
-}
-
 fn known_fields<T: schemars::JsonSchema>() -> Vec<String> {
     let schema = schemars::schema_for!(T);
     schema
@@ -1079,6 +825,13 @@ fn known_fields<T: schemars::JsonSchema>() -> Vec<String> {
         .and_then(|properties| properties.as_object())
         .map(|properties| properties.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+fn parse_ref(text: &str) -> PortRef {
+    match text.split_once('.') {
+        Some((component, port)) => PortRef { component: component.to_owned(), port: Some(port.to_owned()) },
+        None => PortRef { component: text.to_owned(), port: None },
+    }
 }
 
 fn list(names: &[&str]) -> String {

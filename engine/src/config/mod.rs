@@ -9,23 +9,16 @@ pub mod yaml;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
 pub use edgeflow_connectors::file::FileFormat;
-use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
-use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
-use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
-use edgeflow_connectors::stdout::StdoutSinkConfig;
-use edgeflow_operators::federated::config::FederatedConfig;
-use edgeflow_operators::inference::InferenceConfig;
-use edgeflow_operators::load_balance::LoadBalanceConfig;
-use edgeflow_operators::node_health::NodeHealthConfig;
-use edgeflow_operators::window_aggregate::WindowAggregateConfig;
 use edgeflow_operators::RecordKind;
 use serde::{Deserialize, Serialize};
 
 pub use load::{load_file, load_str};
-pub use yaml::Mark;
+pub use yaml::{Mark, Node};
+
+use crate::components::{OperatorComponent, Ports, SinkComponent, SourceComponent};
 
 /// What happens to a record whose event time is behind its source's watermark.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -118,6 +111,17 @@ pub enum PortKind {
     RawMessages,
 }
 
+impl PortKind {
+    /// The port kind of a source yielding `records`.
+    pub const fn of_records(records: RecordKind) -> Self {
+        match records {
+            RecordKind::Heartbeats => PortKind::Heartbeats,
+            RecordKind::InferenceRequests => PortKind::InferenceRequests,
+            RecordKind::ModelUpdates => PortKind::ModelUpdates,
+        }
+    }
+}
+
 impl fmt::Display for PortKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -156,207 +160,59 @@ impl fmt::Display for PortRef {
     }
 }
 
-/// A source's type and settings.
-#[derive(Clone, Debug, PartialEq)]
-pub enum SourceConfig {
-    /// Synthetic fleet.
-    Generator(GeneratorConfig),
-    /// JSON lines file.
-    File(FileSourceConfig),
-    /// Kafka topics.
-    Kafka(KafkaSourceConfig),
-    /// Open-loop inference requests.
-    Requests(RequestGeneratorConfig),
-}
-
-impl SourceConfig {
-    /// The type name used in YAML.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            SourceConfig::Generator(_) => "generator",
-            SourceConfig::File(_) => "file",
-            SourceConfig::Kafka(_) => "kafka",
-            SourceConfig::Requests(_) => "requests",
-        }
-    }
-
-    /// The kind of records the source yields.
-    pub fn records(&self) -> RecordKind {
-        match self {
-            SourceConfig::Generator(_) => RecordKind::Heartbeats,
-            SourceConfig::File(c) => c.records,
-            SourceConfig::Kafka(c) => c.records,
-            SourceConfig::Requests(_) => RecordKind::InferenceRequests,
-        }
-    }
-
-    /// Whether the source passes messages through as raw bytes (`format: raw`).
-    pub fn is_raw(&self) -> bool {
-        matches!(self, SourceConfig::Kafka(c) if c.format == edgeflow_connectors::kafka::KafkaFormat::Raw)
-    }
-
-    /// The port kind of the source's main output.
-    pub fn port_kind(&self) -> PortKind {
-        if self.is_raw() {
-            return PortKind::RawMessages;
-        }
-        match self.records() {
-            RecordKind::Heartbeats => PortKind::Heartbeats,
-            RecordKind::InferenceRequests => PortKind::InferenceRequests,
-            RecordKind::ModelUpdates => PortKind::ModelUpdates,
-        }
-    }
-
-    /// Maximum out-of-orderness of the source's watermark, ms.
-    pub fn max_out_of_orderness(&self) -> u64 {
-        match self {
-            SourceConfig::Generator(c) => c.max_out_of_orderness.as_millis(),
-            SourceConfig::File(c) => c.max_out_of_orderness.as_millis(),
-            SourceConfig::Kafka(c) => c.max_out_of_orderness.as_millis(),
-            SourceConfig::Requests(c) => c.max_out_of_orderness.as_millis(),
-        }
-    }
-
-    /// Idle timeout, ms.
-    pub fn idle_timeout(&self) -> u64 {
-        match self {
-            SourceConfig::Generator(c) => c.idle_timeout.as_millis(),
-            SourceConfig::File(c) => c.idle_timeout.as_millis(),
-            SourceConfig::Kafka(c) => c.idle_timeout.as_millis(),
-            // Requests are due by the wall clock: the generator never idles behind it.
-            SourceConfig::Requests(c) => c.max_out_of_orderness.as_millis(),
-        }
-    }
-}
-
-/// An operator's type and settings.
-#[derive(Clone, Debug, PartialEq)]
-pub enum OperatorConfig {
-    /// Node health.
-    NodeHealth(NodeHealthConfig),
-    /// Event-time windows.
-    WindowAggregate(WindowAggregateConfig),
-    /// Batched ONNX inference.
-    Inference(InferenceConfig),
-    /// Placement of inference requests on edge nodes.
-    LoadBalance(LoadBalanceConfig),
-    /// Federated training over simulated or external clients.
-    Federated(Box<FederatedConfig>),
-}
-
-impl OperatorConfig {
-    /// The type name used in YAML.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            OperatorConfig::NodeHealth(_) => "node_health",
-            OperatorConfig::WindowAggregate(_) => "window_aggregate",
-            OperatorConfig::Inference(_) => "inference",
-            OperatorConfig::LoadBalance(_) => "load_balance",
-            OperatorConfig::Federated(_) => "federated",
-        }
-    }
-
-    /// The port kinds the operator reads.
-    pub fn accepts(&self) -> &'static [PortKind] {
-        match self {
-            OperatorConfig::NodeHealth(_) | OperatorConfig::WindowAggregate(_) => &[PortKind::Heartbeats],
-            OperatorConfig::Inference(_) => &[PortKind::InferenceRequests, PortKind::Heartbeats],
-            OperatorConfig::LoadBalance(_) => {
-                &[PortKind::InferenceRequests, PortKind::StatusChanges, PortKind::Heartbeats]
-            }
-            OperatorConfig::Federated(_) => &[PortKind::ModelUpdates, PortKind::StatusChanges, PortKind::Heartbeats],
-        }
-    }
-}
-
-/// A sink's type and settings.
-#[derive(Clone, Debug, PartialEq)]
-pub enum SinkConfig {
-    /// Standard output.
-    Stdout(StdoutSinkConfig),
-    /// JSON lines file, or an Arrow IPC stream of inference results.
-    File(FileSinkConfig),
-    /// Dead-letter file or topic.
-    DeadLetter(DeadLetterSinkConfig),
-    /// Kafka topic.
-    Kafka(KafkaSinkConfig),
-}
-
-impl SinkConfig {
-    /// The Kafka producer settings of a sink that writes to Kafka (a `kafka` sink or a
-    /// `dead_letter` sink with `kafka`).
-    pub fn kafka(&self) -> Option<&KafkaSinkConfig> {
-        match self {
-            SinkConfig::Kafka(config) => Some(config),
-            SinkConfig::DeadLetter(config) => config.kafka.as_ref(),
-            SinkConfig::Stdout(_) | SinkConfig::File(_) => None,
-        }
-    }
-
-    /// Whether the sink takes inference results as records rather than JSON lines, to
-    /// write them in a format of its own (a `file` sink with `format: arrow`); it then takes
-    /// nothing else.
-    pub fn takes_results(&self) -> bool {
-        matches!(self, SinkConfig::File(file) if file.format == FileFormat::Arrow)
-    }
-
-    /// The type name used in YAML.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            SinkConfig::Stdout(_) => "stdout",
-            SinkConfig::File(_) => "file",
-            SinkConfig::DeadLetter(_) => "dead_letter",
-            SinkConfig::Kafka(_) => "kafka",
-        }
-    }
-}
-
 /// A named source.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct SourceSpec {
     /// Its name.
     pub name: String,
-    /// Its settings.
-    pub config: SourceConfig,
+    /// Its type in the registry.
+    pub kind: &'static crate::components::SourceType,
+    /// Its ports.
+    pub ports: Ports,
+    /// The checked source.
+    pub component: Arc<dyn SourceComponent>,
 }
 
 /// A named operator and its inputs.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct OperatorSpec {
     /// Its name.
     pub name: String,
+    /// Its type in the registry.
+    pub kind: &'static crate::components::OperatorType,
+    /// Its ports.
+    pub ports: Ports,
     /// What it reads.
     pub inputs: Vec<PortRef>,
-    /// Its settings.
-    pub config: OperatorConfig,
+    /// The checked operator.
+    pub component: Arc<dyn OperatorComponent>,
 }
 
 /// A named sink and its inputs.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct SinkSpec {
     /// Its name.
     pub name: String,
+    /// Its type in the registry.
+    pub kind: &'static crate::components::SinkType,
+    /// Its ports.
+    pub ports: Ports,
     /// What it writes.
     pub inputs: Vec<PortRef>,
-    /// Its settings.
-    pub config: SinkConfig,
+    /// The checked sink.
+    pub component: Arc<dyn SinkComponent>,
 }
 
 impl Pipeline {
     /// The transactional id when the pipeline runs exactly once (a Kafka sink asks for it;
     /// validation has checked that the whole pipeline can), else `None`.
     pub fn exactly_once(&self) -> Option<String> {
-        self.sinks.iter().find_map(|sink| match &sink.config {
-            SinkConfig::Kafka(config) if config.exactly_once => {
-                Some(config.transactional_id.clone().unwrap_or_else(|| format!("edgeflow-{}", self.name)))
-            }
-            _ => None,
-        })
+        self.sinks.iter().find_map(|sink| sink.component.exactly_once(&self.name))
     }
 }
 
-/// A validated pipeline, ready to run.
-#[derive(Clone, Debug, PartialEq)]
+/// A validated pipeline, ready to run: every component's parameters are checked.
+#[derive(Clone, Debug)]
 pub struct Pipeline {
     /// Name, for logs and metrics.
     pub name: String,
@@ -370,28 +226,6 @@ pub struct Pipeline {
     pub operators: Vec<OperatorSpec>,
     /// Sinks, in written order.
     pub sinks: Vec<SinkSpec>,
-}
-
-/// The output ports of an operator type, the first being its main output.
-pub fn operator_outputs(config: &OperatorConfig) -> &'static [(&'static str, PortKind)] {
-    match config {
-        OperatorConfig::NodeHealth(_) => &[
-            ("changes", PortKind::StatusChanges),
-            ("status", PortKind::NodeStatus),
-            ("rollups", PortKind::RegionRollups),
-        ],
-        OperatorConfig::WindowAggregate(_) => &[("results", PortKind::WindowResults)],
-        OperatorConfig::Inference(_) => &[("results", PortKind::InferenceResults)],
-        OperatorConfig::LoadBalance(_) => {
-            &[("requests", PortKind::InferenceRequests), ("unplaced", PortKind::InferenceResults)]
-        }
-        OperatorConfig::Federated(_) => &[
-            ("rounds", PortKind::FederatedRounds),
-            ("models", PortKind::GlobalModels),
-            ("plans", PortKind::RoundPlans),
-            ("rejected", PortKind::DeadLetters),
-        ],
-    }
 }
 
 /// One problem found in a pipeline file.

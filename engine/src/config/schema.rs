@@ -1,21 +1,14 @@
 //! JSON Schema of the pipeline YAML, generated from the configuration structs (their doc
 //! comments become descriptions), for editors and for the README's reference.
 
-use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
-use edgeflow_connectors::file::{FileSinkConfig, FileSourceConfig};
-use edgeflow_connectors::generator::{GeneratorConfig, RequestGeneratorConfig};
-use edgeflow_connectors::kafka::{KafkaSinkConfig, KafkaSourceConfig};
-use edgeflow_connectors::stdout::StdoutSinkConfig;
-use edgeflow_operators::federated::config::FederatedConfig;
-use edgeflow_operators::inference::InferenceConfig;
-use edgeflow_operators::load_balance::LoadBalanceConfig;
-use edgeflow_operators::node_health::NodeHealthConfig;
-use edgeflow_operators::window_aggregate::WindowAggregateConfig;
-use schemars::JsonSchema;
-use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::Serialize;
+
 use super::{LatePolicy, MetricsConfig};
+use crate::components::{ComponentType, OPERATORS, SINKS, SOURCES};
 
 /// Where an operator or sink reads from: `input: NAME` or `inputs: [NAME, ...]`, where NAME
 /// is a source, an operator's main output, or `COMPONENT.PORT` (e.g. `health.rollups`,
@@ -29,88 +22,90 @@ struct Inputs {
     inputs: Option<Vec<String>>,
 }
 
-/// A source.
-#[derive(Serialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-#[allow(dead_code)]
-enum Source {
-    /// A synthetic edge fleet.
-    Generator(GeneratorConfig),
-    /// Heartbeats or inference requests from a JSON lines file.
-    File(FileSourceConfig),
-    /// Heartbeats or inference requests from Kafka topics (consumer group; offsets committed
-    /// after the sinks wrote).
-    Kafka(KafkaSourceConfig),
-    /// An open-loop stream of inference requests at a target rate.
-    Requests(RequestGeneratorConfig),
+/// The schema of one registered type: its settings with the `type` key first, as an
+/// internally tagged variant.
+fn variant<R: ?Sized>(kind: &dyn ComponentType<R>, generator: &mut SchemaGenerator) -> serde_json::Value {
+    let mut schema = kind.schema(generator).to_value();
+    if let serde_json::Value::Object(object) = &mut schema {
+        object.insert("type".into(), "object".into());
+        let properties = object.entry("properties").or_insert_with(|| serde_json::json!({}));
+        if let serde_json::Value::Object(properties) = properties {
+            properties.insert("type".into(), serde_json::json!({"type": "string", "const": kind.name()}));
+        }
+        let required = object.entry("required").or_insert_with(|| serde_json::json!([]));
+        if let serde_json::Value::Array(required) = required {
+            required.insert(0, "type".into());
+        }
+        object.insert("description".into(), kind.doc().into());
+    }
+    schema
 }
 
-/// An operator's settings.
-#[derive(Serialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-#[allow(dead_code)]
-enum OperatorKind {
-    /// Node health: outputs `changes` (main), `status` and `rollups`.
-    NodeHealth(NodeHealthConfig),
-    /// Event-time windows over a key: output `results`.
-    WindowAggregate(WindowAggregateConfig),
-    /// Batched ONNX inference of requests (or of heartbeats, with `features`): output
-    /// `results`, one per request.
-    Inference(InferenceConfig),
-    /// Places inference requests on Healthy or Degraded edge nodes: inputs are requests,
-    /// `node_health`'s status changes (`HEALTH.changes`) and, for resource- and location-aware
-    /// strategies, heartbeats. Outputs `requests` (main, with `node` set) and `unplaced`
-    /// (results of requests no node could take; an inference operator reading the balancer
-    /// reports them among its results).
-    LoadBalance(LoadBalanceConfig),
-    /// Federated training, round after round. Without an input its clients are a simulated
-    /// fleet and rounds are logical times; with an `input` of model updates (a `file` or
-    /// `kafka` source with `records: model_updates`) its clients are outside, read the `plans`
-    /// output and a round closes when all answered, on quorum (`close_on_quorum`) or at its
-    /// wall-clock `round_timeout`. Outputs `rounds` (main: one report per round), `models`
-    /// (each global model version), `plans` (each round's plan with the model to train from)
-    /// and `rejected` (refused updates with their reason).
-    Federated(Box<FederatedConfig>),
+/// The schema of a section's entry: one of the registry's types, and for operators and sinks
+/// the `input`/`inputs` keys.
+fn section<R: ?Sized>(
+    types: &[&dyn ComponentType<R>],
+    description: &str,
+    with_inputs: bool,
+    generator: &mut SchemaGenerator,
+) -> Schema {
+    let mut variants: Vec<serde_json::Value> = types.iter().map(|kind| variant(*kind, generator)).collect();
+    if with_inputs {
+        // `input` and `inputs` sit beside the settings.
+        for variant in &mut variants {
+            if let serde_json::Value::Object(object) = variant {
+                object.remove("additionalProperties");
+            }
+        }
+    }
+    let mut object = serde_json::json!({"description": description, "oneOf": variants});
+    if with_inputs {
+        let inputs = Inputs::json_schema(generator).to_value();
+        object["properties"] = inputs["properties"].clone();
+        object["type"] = "object".into();
+    }
+    Schema::try_from(object).unwrap_or_default()
 }
 
-/// An operator.
-#[derive(Serialize, JsonSchema)]
-#[allow(dead_code)]
-struct Operator {
-    #[serde(flatten)]
-    kind: OperatorKind,
-    #[serde(flatten)]
-    inputs: Inputs,
+/// A source: one of the registry's source types.
+struct Source;
+
+impl JsonSchema for Source {
+    fn schema_name() -> Cow<'static, str> {
+        "Source".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        section(SOURCES, "A source.", false, generator)
+    }
 }
 
-/// A sink's settings.
-#[derive(Serialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
-#[allow(dead_code)]
-enum SinkKind {
-    /// JSON lines on standard output.
-    Stdout(StdoutSinkConfig),
-    /// JSON lines in a file, or inference results as an Arrow IPC stream (`format: arrow`).
-    File(FileSinkConfig),
-    /// Rejected records with their reason (inputs default to every source's dead letters).
-    DeadLetter(DeadLetterSinkConfig),
-    /// Records as JSON messages on a Kafka topic (idempotent producer, zstd).
-    Kafka(KafkaSinkConfig),
+/// An operator: one of the registry's operator types, with its inputs.
+struct Operator;
+
+impl JsonSchema for Operator {
+    fn schema_name() -> Cow<'static, str> {
+        "Operator".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        section(OPERATORS, "An operator.", true, generator)
+    }
 }
 
-/// A sink.
-#[derive(Serialize, JsonSchema)]
-#[allow(dead_code)]
-struct Sink {
-    #[serde(flatten)]
-    kind: SinkKind,
-    #[serde(flatten)]
-    inputs: Inputs,
+/// A sink: one of the registry's sink types, with its inputs.
+struct Sink;
+
+impl JsonSchema for Sink {
+    fn schema_name() -> Cow<'static, str> {
+        "Sink".into()
+    }
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        section(SINKS, "A sink.", true, generator)
+    }
 }
 
 /// An edgeflow pipeline: named sources, operators and sinks wired by their inputs.
 /// Scalars may use `${VAR}` and `${VAR:-default}`; unknown keys are errors.
-#[derive(Serialize, JsonSchema)]
+#[derive(JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct PipelineFile {

@@ -5,32 +5,27 @@ use std::sync::Arc;
 
 use differential_dataflow::input::InputSession;
 use differential_dataflow::VecCollection;
-use edgeflow_connectors::onnx::OnnxModel;
 use edgeflow_operators::federated::coordinator::PlanRecord;
 use edgeflow_operators::federated::update::ModelUpdate;
-use edgeflow_operators::load_balance::{load_balance, FleetUpdate, Incoming, LoadBalanceConfig, Placement};
-use edgeflow_operators::node_health::{NodeHealth, NodeHealthParams};
-use edgeflow_operators::window_aggregate::heartbeat_windows;
 use edgeflow_operators::{
-    DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RawMessage, RecordKind,
-    RegionRollup, StatusChange, WindowResult,
+    DeadLetter, EventTime, Heartbeat, InferenceRequest, InferenceResult, NodeState, RawMessage, RegionRollup,
+    StatusChange, WindowResult,
 };
 use timely::dataflow::operators::core::Inspect;
 use timely::dataflow::operators::feedback::Handle as FeedbackHandle;
 use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::ConnectLoop;
 use timely::dataflow::operators::{Concatenate, Probe};
-use timely::dataflow::operators::{ConnectLoop, Feedback};
 use timely::dataflow::{ProbeHandle, Scope, StreamVec};
 
-use super::federated::ClientHealth;
-use super::inference::InferenceOut;
 use super::sink::{sink_operator, Failure, OrderedResult, SinkGroup, SinkItem};
-use crate::config::{OperatorConfig, Pipeline, PortRef};
+use crate::components::BuildError;
+use crate::config::{Pipeline, PortKind, PortRef};
 use crate::metrics::Metrics;
 
 /// A stream of one of the record kinds, as an output port of a component.
 #[derive(Clone)]
-pub(crate) enum Port<'scope> {
+pub enum Port<'scope> {
     /// Heartbeats.
     Heartbeats(VecCollection<'scope, EventTime, Heartbeat>),
     /// Node status collection.
@@ -57,15 +52,6 @@ pub(crate) enum Port<'scope> {
     Plans(StreamVec<'scope, EventTime, PlanRecord>),
     /// Messages as raw bytes.
     Raw(StreamVec<'scope, EventTime, RawMessage>),
-}
-
-/// What a pipeline's operators loaded before the dataflow was built (per worker).
-#[derive(Default)]
-pub struct Resources {
-    /// Each inference operator's models.
-    pub models: BTreeMap<String, Vec<OnnxModel>>,
-    /// Each federated operator's data.
-    pub(crate) federated: BTreeMap<String, super::federated::FederatedData>,
 }
 
 /// The inputs of one source on this worker.
@@ -132,10 +118,8 @@ pub fn build<'scope>(
     scope: Scope<'scope, EventTime>,
     pipeline: &Pipeline,
     sinks: Sinks,
-    resources: Resources,
     metrics: &Arc<Metrics>,
-) -> (Vec<SourceInputs>, Probes) {
-    let Resources { mut models, mut federated } = resources;
+) -> Result<(Vec<SourceInputs>, Probes), BuildError> {
     let mut ports: BTreeMap<String, Port<'scope>> = BTreeMap::new();
     let mut inputs = Vec::new();
     let input_probe = ProbeHandle::new();
@@ -160,11 +144,18 @@ pub fn build<'scope>(
         let request_stream = at_record_time(requests.to_collection(scope).inner.probe_with(&input_probe));
         let update_stream = at_record_time(updates.to_collection(scope).inner.probe_with(&input_probe));
         let raw_stream = at_record_time(raw.to_collection(scope).inner.probe_with(&input_probe));
-        let port = match source.config.records() {
-            _ if source.config.is_raw() => Port::Raw(raw_stream),
-            RecordKind::Heartbeats => Port::Heartbeats(collection),
-            RecordKind::InferenceRequests => Port::Requests(request_stream),
-            RecordKind::ModelUpdates => Port::Updates(update_stream),
+        let port = match source.ports.main() {
+            Some(PortKind::RawMessages) => Port::Raw(raw_stream),
+            Some(PortKind::Heartbeats) => Port::Heartbeats(collection),
+            Some(PortKind::InferenceRequests) => Port::Requests(request_stream),
+            Some(PortKind::ModelUpdates) => Port::Updates(update_stream),
+            other => {
+                return Err(BuildError {
+                    operator: source.name.clone(),
+                    what: "is a source of an unknown kind",
+                    reason: format!("{other:?} (a bug: sources yield records)"),
+                })
+            }
         };
         ports.insert(source.name.clone(), port);
         let letters =
@@ -177,129 +168,22 @@ pub fn build<'scope>(
     // re-routed requests come back on, and their unplaced requests.
     let mut balancers: BTreeMap<String, Balanced<'scope>> = BTreeMap::new();
     for operator in &pipeline.operators {
-        if let OperatorConfig::Federated(config) = &operator.config {
-            let Some(data) = federated.remove(&operator.name) else { continue };
-            // External clients: their updates come from the operator's inputs.
-            let external: Vec<_> = operator
-                .inputs
-                .iter()
-                .filter_map(|reference| match ports.get(&reference.to_string()) {
-                    Some(Port::Updates(stream)) => Some(stream.clone()),
-                    _ => None,
-                })
-                .collect();
-            let external = (!operator.inputs.is_empty()).then(|| scope.concatenate(external));
-            // Live health of the clients (edge nodes of the same ids): status changes and
-            // heartbeats among the inputs.
-            let health = operator
-                .inputs
-                .iter()
-                .filter_map(|reference| match ports.get(&reference.to_string()) {
-                    Some(Port::Changes(stream)) => Some(
-                        stream.clone().map(|change| ClientHealth::Status { node: change.node_id, status: change.to }),
-                    ),
-                    Some(Port::Heartbeats(collection)) => Some(collection.inner.clone().flat_map(|(beat, _, diff)| {
-                        (diff > 0).then_some(ClientHealth::Load {
-                            node: beat.node_id,
-                            cpu: beat.cpu,
-                            memory: beat.memory,
-                        })
-                    })),
-                    _ => None,
-                })
-                .collect();
-            let ports_of = super::federated::federated(scope, &operator.name, config, data, external, health, metrics);
-            let rounds = count_stream(ports_of.rounds, metrics, &operator.name, "rounds");
-            ports.insert(operator.name.clone(), Port::Rounds(rounds.clone()));
-            ports.insert(format!("{}.rounds", operator.name), Port::Rounds(rounds));
-            ports.insert(format!("{}.models", operator.name), Port::Models(ports_of.models));
-            ports.insert(format!("{}.plans", operator.name), Port::Plans(ports_of.plans));
-            ports.insert(format!("{}.rejected", operator.name), Port::DeadLetters(ports_of.rejected));
-            continue;
-        }
-        if let OperatorConfig::LoadBalance(config) = &operator.config {
-            let balanced = build_balancer(scope, &ports, operator, config, metrics);
-            let placed = count_stream(balanced.placed.clone(), metrics, &operator.name, "requests");
-            let unplaced = count_stream(balanced.unplaced.clone(), metrics, &operator.name, "unplaced");
-            ports.insert(operator.name.clone(), Port::Requests(placed.clone()));
-            ports.insert(format!("{}.requests", operator.name), Port::Requests(placed));
-            ports.insert(format!("{}.unplaced", operator.name), Port::Results(unplaced));
-            balancers.insert(operator.name.clone(), balanced);
-            continue;
-        }
-        if let OperatorConfig::Inference(config) = &operator.config {
-            let models = models.remove(&operator.name).unwrap_or_default();
-            // Heartbeats are scored with the first model, through its only input.
-            let input = models.first().and_then(|m| m.interface().inputs.first()).map(|s| s.name.clone());
-            let mut streams = Vec::new();
-            let balancer_name = operator
-                .inputs
-                .iter()
-                .find(|r| r.port.as_deref().is_none_or(|p| p == "requests") && balancers.contains_key(&r.component))
-                .map(|r| r.component.clone());
-            let balancer = balancer_name.and_then(|name| balancers.get_mut(&name));
-            for reference in &operator.inputs {
-                match ports.get(&reference.to_string()) {
-                    Some(Port::Requests(stream)) => streams.push(stream.clone()),
-                    Some(Port::Heartbeats(collection)) => {
-                        let (config, input) = (config.clone(), input.clone().unwrap_or_default());
-                        streams.push(
-                            collection
-                                .inner
-                                .clone()
-                                .map(move |(heartbeat, _, _)| Box::new(config.heartbeat_request(&heartbeat, &input))),
-                        );
-                    }
-                    _ => {}
-                }
-            }
-            let requests = count_stream(scope.concatenate(streams), metrics, &operator.name, "input");
-            let changes = balancer.as_ref().map_or_else(|| scope.concatenate(Vec::new()), |b| b.changes.clone());
-            let out = super::inference::inference(requests, changes, &operator.name, config, models, metrics);
-            let mut results = out.clone().flat_map(|out| match out {
-                InferenceOut::Result(result) => Some(result),
-                InferenceOut::Reroute(_) => None,
+        let span = tracing::info_span!("operator", name = %operator.name, r#type = operator.kind.name());
+        let _entered = span.enter();
+        let mut cx = Build { scope, ports: &ports, metrics, balancers: &mut balancers };
+        let outputs = operator.component.build(&operator.name, &operator.inputs, &mut cx)?;
+        if outputs.len() != operator.ports.outputs.len() {
+            return Err(BuildError {
+                operator: operator.name.clone(),
+                what: "built the wrong number of outputs",
+                reason: format!("{} instead of {} (a bug)", outputs.len(), operator.ports.outputs.len()),
             });
-            if let Some(balancer) = balancer {
-                // Requests no node could take are results of this operator too; requests
-                // whose node went Offline go back to the balancer.
-                results = scope.concatenate([results, balancer.unplaced.clone()]);
-                balancer.reroutes.push(out.flat_map(|out| match out {
-                    InferenceOut::Reroute(request) => Some(*request),
-                    InferenceOut::Result(_) => None,
-                }));
-            }
-            let results = count_stream(results, metrics, &operator.name, "results");
-            ports.insert(operator.name.clone(), Port::Results(results.clone()));
-            ports.insert(format!("{}.results", operator.name), Port::Results(results));
-            continue;
         }
-        let heartbeats = heartbeat_inputs(scope, &ports, &operator.inputs);
-        let counted = count(heartbeats, metrics, &operator.name, "input");
-        match &operator.config {
-            OperatorConfig::NodeHealth(config) => {
-                // Validated when the pipeline was loaded.
-                let Ok(params) = NodeHealthParams::try_new(config) else { continue };
-                let streams = counted.node_health(&params);
-                let nodes = metrics.clone();
-                let status = streams.status.clone().inner.inspect(move |((_, state), _, diff)| {
-                    nodes.add_nodes(state.status, *diff as i64);
-                });
-                let status = differential_dataflow::collection::AsCollection::as_collection(status);
-                let changes = count_stream(streams.changes, metrics, &operator.name, "changes");
-                let rollups = count_stream(streams.rollups, metrics, &operator.name, "rollups");
-                ports.insert(operator.name.clone(), Port::Changes(changes.clone()));
-                ports.insert(format!("{}.changes", operator.name), Port::Changes(changes));
-                ports.insert(format!("{}.status", operator.name), Port::Status(status));
-                ports.insert(format!("{}.rollups", operator.name), Port::Rollups(rollups));
+        for (index, ((port, _), stream)) in operator.ports.outputs.iter().zip(outputs).enumerate() {
+            if index == 0 {
+                ports.insert(operator.name.clone(), stream.clone());
             }
-            OperatorConfig::WindowAggregate(config) => {
-                let Ok(results) = heartbeat_windows(counted.inner, &operator.name, config) else { continue };
-                let results = count_stream(results, metrics, &operator.name, "results");
-                ports.insert(operator.name.clone(), Port::Windows(results.clone()));
-                ports.insert(format!("{}.results", operator.name), Port::Windows(results));
-            }
-            OperatorConfig::Inference(_) | OperatorConfig::LoadBalance(_) | OperatorConfig::Federated(_) => {}
+            ports.insert(format!("{}.{port}", operator.name), stream);
         }
     }
 
@@ -337,7 +221,7 @@ pub fn build<'scope>(
         } else {
             spec.inputs.clone()
         };
-        let takes_results = spec.config.takes_results();
+        let takes_results = spec.component.takes_results();
         for reference in references {
             match ports.get(&reference.to_string()) {
                 // Raw messages keep their bytes up to the sink.
@@ -363,7 +247,7 @@ pub fn build<'scope>(
         let merged = scope.concatenate(streams).probe_with(&processed);
         sink_operator(merged, group, metrics.clone()).probe_with(&probe);
     }
-    (inputs, Probes { inputs: input_probe, sinks: probe, processed })
+    Ok((inputs, Probes { inputs: input_probe, sinks: probe, processed }))
 }
 
 /// The records of a source's collection as a stream whose message times are the records'
@@ -399,109 +283,78 @@ fn at_record_time<'scope, D: Clone + 'static>(
     })
 }
 
-/// A load balancer in the dataflow.
-struct Balanced<'scope> {
-    /// Requests with their node.
-    placed: StreamVec<'scope, EventTime, Box<InferenceRequest>>,
+/// A load balancer in the dataflow, as the inference operator reading it sees it.
+pub struct Balanced<'scope> {
     /// Results of requests no node could take.
-    unplaced: StreamVec<'scope, EventTime, Box<InferenceResult>>,
+    pub unplaced: StreamVec<'scope, EventTime, Box<InferenceResult>>,
     /// The status changes it places on (an inference operator reading it re-routes on them).
-    changes: StreamVec<'scope, EventTime, StatusChange>,
+    pub changes: StreamVec<'scope, EventTime, StatusChange>,
     /// Where re-routed requests re-enter it (one time unit later).
-    feedback: FeedbackHandle<'scope, EventTime, Vec<InferenceRequest>>,
+    pub feedback: FeedbackHandle<'scope, EventTime, Vec<InferenceRequest>>,
     /// The re-routed requests of the inference operator reading it.
-    reroutes: Vec<StreamVec<'scope, EventTime, InferenceRequest>>,
+    pub reroutes: Vec<StreamVec<'scope, EventTime, InferenceRequest>>,
 }
 
-fn build_balancer<'scope>(
-    scope: Scope<'scope, EventTime>,
-    ports: &BTreeMap<String, Port<'scope>>,
-    operator: &crate::config::OperatorSpec,
-    config: &LoadBalanceConfig,
-    metrics: &Arc<Metrics>,
-) -> Balanced<'scope> {
-    let (feedback, rerouted) = scope.feedback::<Vec<InferenceRequest>>(1);
-    let mut requests = vec![rerouted.map(Incoming::Reroute)];
-    let mut updates = Vec::new();
-    let mut changes = Vec::new();
-    for reference in &operator.inputs {
-        match ports.get(&reference.to_string()) {
-            Some(Port::Requests(stream)) => requests.push(stream.clone().map(|request| Incoming::New(*request))),
-            Some(Port::Changes(stream)) => {
-                changes.push(stream.clone());
-                updates.push(stream.clone().map(FleetUpdate::Change));
-            }
-            Some(Port::Heartbeats(collection)) => {
-                updates.push(collection.inner.clone().map(|(heartbeat, _, _)| FleetUpdate::Beat(heartbeat)));
-            }
-            _ => {}
-        }
-    }
-    let placements = load_balance(scope.concatenate(requests), scope.concatenate(updates), config, &operator.name);
-    let family = metrics.inference.placed.clone();
-    let name = operator.name.clone();
-    let placements = placements.inspect(move |placement| {
-        let status = match placement {
-            Placement::Assigned(_) => "assigned",
-            Placement::Unplaced(_) => "unplaced",
-        };
-        family.get_or_create(&vec![("operator", name.clone()), ("status", status.to_owned())]).inc();
-    });
-    Balanced {
-        placed: placements.clone().flat_map(|p| match p {
-            Placement::Assigned(request) => Some(Box::new(request)),
-            Placement::Unplaced(_) => None,
-        }),
-        unplaced: placements.flat_map(|p| match p {
-            Placement::Unplaced(result) => Some(Box::new(result)),
-            Placement::Assigned(_) => None,
-        }),
-        changes: scope.concatenate(changes),
-        feedback,
-        reroutes: Vec::new(),
-    }
+/// What an operator sees while it is built on one worker: the scope, the streams of the
+/// components built before it, the metrics, and the load balancers (an inference operator
+/// reading one sends re-routed requests back to it).
+pub struct Build<'a, 'scope> {
+    /// The dataflow scope.
+    pub scope: Scope<'scope, EventTime>,
+    ports: &'a BTreeMap<String, Port<'scope>>,
+    /// The run's metrics.
+    pub metrics: &'a Arc<Metrics>,
+    /// Load balancers built so far, by name.
+    pub balancers: &'a mut BTreeMap<String, Balanced<'scope>>,
 }
 
-fn heartbeat_inputs<'scope>(
-    scope: Scope<'scope, EventTime>,
-    ports: &BTreeMap<String, Port<'scope>>,
-    inputs: &[PortRef],
-) -> VecCollection<'scope, EventTime, Heartbeat> {
-    let streams: Vec<_> = inputs
-        .iter()
-        .filter_map(|reference| match ports.get(&reference.to_string()) {
-            Some(Port::Heartbeats(collection)) => Some(collection.inner.clone()),
-            _ => None,
+impl<'scope> Build<'_, 'scope> {
+    /// The stream of an input.
+    pub fn port(&self, reference: &PortRef) -> Option<&Port<'scope>> {
+        self.ports.get(&reference.to_string())
+    }
+
+    /// The heartbeats among `inputs`, merged.
+    pub fn heartbeats(&self, inputs: &[PortRef]) -> VecCollection<'scope, EventTime, Heartbeat> {
+        let streams: Vec<_> = inputs
+            .iter()
+            .filter_map(|reference| match self.port(reference) {
+                Some(Port::Heartbeats(collection)) => Some(collection.inner.clone()),
+                _ => None,
+            })
+            .collect();
+        differential_dataflow::collection::AsCollection::as_collection(self.scope.concatenate(streams))
+    }
+
+    /// `collection`, counting its updates as records of `operator`'s `port`.
+    pub fn count(
+        &self,
+        collection: VecCollection<'scope, EventTime, Heartbeat>,
+        operator: &str,
+        port: &str,
+    ) -> VecCollection<'scope, EventTime, Heartbeat> {
+        let counted = self.count_stream(collection.inner, operator, port);
+        differential_dataflow::collection::AsCollection::as_collection(counted)
+    }
+
+    /// `stream`, counting its records as records of `operator`'s `port`.
+    pub fn count_stream<D: 'static>(
+        &self,
+        stream: StreamVec<'scope, EventTime, D>,
+        operator: &str,
+        port: &str,
+    ) -> StreamVec<'scope, EventTime, D> {
+        let counter = self
+            .metrics
+            .operator_records
+            .get_or_create(&vec![("operator", operator.to_owned()), ("port", port.to_owned())])
+            .clone();
+        stream.inspect_core(move |event| {
+            if let Ok((_, batch)) = event {
+                counter.inc_by(batch.len() as u64);
+            }
         })
-        .collect();
-    differential_dataflow::collection::AsCollection::as_collection(scope.concatenate(streams))
-}
-
-fn count<'scope>(
-    collection: VecCollection<'scope, EventTime, Heartbeat>,
-    metrics: &Arc<Metrics>,
-    operator: &str,
-    port: &str,
-) -> VecCollection<'scope, EventTime, Heartbeat> {
-    let counted = count_stream(collection.inner, metrics, operator, port);
-    differential_dataflow::collection::AsCollection::as_collection(counted)
-}
-
-fn count_stream<'scope, D: 'static>(
-    stream: StreamVec<'scope, EventTime, D>,
-    metrics: &Arc<Metrics>,
-    operator: &str,
-    port: &str,
-) -> StreamVec<'scope, EventTime, D> {
-    let counter = metrics
-        .operator_records
-        .get_or_create(&vec![("operator", operator.to_owned()), ("port", port.to_owned())])
-        .clone();
-    stream.inspect_core(move |event| {
-        if let Ok((_, batch)) = event {
-            counter.inc_by(batch.len() as u64);
-        }
-    })
+    }
 }
 
 /// Encodes a port's records as `(event time, JSON line)` for sinks.
@@ -532,5 +385,23 @@ fn encode(port: Port<'_>) -> StreamVec<'_, EventTime, (EventTime, String)> {
         // A plan is published at the time of the round before it (the round it follows).
         Port::Plans(stream) => stream.map(|record| (record.plan.round.saturating_sub(1), json(&record))),
         Port::Raw(stream) => stream.map(|message| (message.timestamp, message.to_json().to_string())),
+    }
+}
+
+impl std::fmt::Debug for Port<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Port").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Balanced<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balanced").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Build<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Build").finish_non_exhaustive()
     }
 }

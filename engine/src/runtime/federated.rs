@@ -45,7 +45,7 @@ use crate::metrics::Metrics;
 
 /// One line of the `rounds` output (and of the CSV).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct RoundReport {
+pub struct RoundReport {
     round: u64,
     model_version: u64,
     selected: usize,
@@ -90,7 +90,7 @@ impl RoundReport {
 
 /// One line of the `models` output: a global model version.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct GlobalModel {
+pub struct GlobalModel {
     round: u64,
     version: u64,
     payload: Payload,

@@ -8,9 +8,11 @@
 //! and the run ends.
 
 mod dataflow;
-mod federated;
-mod inference;
+pub(crate) mod federated;
+pub(crate) mod inference;
 mod sink;
+
+pub use dataflow::{Balanced, Build, Port};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,12 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use edgeflow_connectors::dead_letter::{DeadLetterSink, DeadLetterSinkConfig};
-use edgeflow_connectors::file::{FileSink, FileSource};
-use edgeflow_connectors::generator::{Generator, RequestGenerator};
-use edgeflow_connectors::kafka::{KafkaSink, KafkaSource, KafkaTransaction, Membership};
-use edgeflow_connectors::stdout::StdoutSink;
-use edgeflow_connectors::{wall_clock_ms, ConnectorError, Sink, Source, SourceItem, SourceStatus};
+use edgeflow_connectors::kafka::KafkaTransaction;
+use edgeflow_connectors::{wall_clock_ms, Source, SourceItem, SourceStatus};
 use edgeflow_operators::{DeadLetter, EventTime};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -31,7 +29,8 @@ use std::sync::atomic::AtomicU64;
 
 use self::dataflow::SourceInputs;
 use self::sink::Failure;
-use crate::config::{LatePolicy, Pipeline, SinkConfig, SourceConfig};
+use crate::components::{OpenSink, OpenSource};
+use crate::config::{LatePolicy, Pipeline};
 use crate::metrics::Metrics;
 use timely::dataflow::ProbeHandle;
 
@@ -131,68 +130,17 @@ fn timely_config(options: &RunOptions) -> anyhow::Result<timely::Config> {
     })
 }
 
-/// State shared by the workers of one process, per source.
 /// What the workers of this process share per source: the Kafka partitions read to their
 /// end, and a file's event clock (only when every worker is in this process).
 #[derive(Default)]
-struct SharedSource {
-    finished: edgeflow_connectors::kafka::FinishedPartitions,
-    file_clock: Option<edgeflow_connectors::file::FileClock>,
+pub struct SharedSource {
+    /// Kafka partitions read to their end.
+    pub finished: edgeflow_connectors::kafka::FinishedPartitions,
+    /// A file's event clock.
+    pub file_clock: Option<edgeflow_connectors::file::FileClock>,
 }
 
 type Shared = std::collections::HashMap<String, SharedSource>;
-
-fn open_source(
-    config: &SourceConfig,
-    name: &str,
-    index: usize,
-    peers: usize,
-    shared: &Shared,
-    metrics: &Metrics,
-    exactly_once: bool,
-) -> Result<Box<dyn Source>, ConnectorError> {
-    Ok(match config {
-        SourceConfig::Generator(config) => Box::new(Generator::new(name, config, index, peers)?),
-        SourceConfig::Requests(config) => Box::new(RequestGenerator::new(config, index, peers)?),
-        SourceConfig::File(config) => {
-            let source = FileSource::open(name, config, index, peers)?;
-            match shared.get(name).and_then(|s| s.file_clock.as_ref()) {
-                Some(clock) => Box::new(source.with_shared_clock(clock)),
-                None => Box::new(source),
-            }
-        }
-        SourceConfig::Kafka(config) => {
-            let finished = shared.get(name).map(|s| s.finished.clone()).unwrap_or_default();
-            let membership = if exactly_once { Membership::Static { index, peers } } else { Membership::Group };
-            Box::new(KafkaSource::open(name, config, membership, finished, metrics.kafka.clone())?)
-        }
-    })
-}
-
-fn open_sink(
-    config: &SinkConfig,
-    metrics: &Metrics,
-    transaction: Option<&KafkaTransaction>,
-) -> Result<Box<dyn Sink>, ConnectorError> {
-    Ok(match (config, transaction) {
-        (SinkConfig::Kafka(config), Some(transaction)) => {
-            Box::new(KafkaSink::in_transaction(config, transaction, false))
-        }
-        (SinkConfig::DeadLetter(DeadLetterSinkConfig { kafka: Some(kafka), .. }), Some(transaction)) => {
-            Box::new(KafkaSink::in_transaction(kafka, transaction, true))
-        }
-        (config, _) => open_plain_sink(config, metrics)?,
-    })
-}
-
-fn open_plain_sink(config: &SinkConfig, metrics: &Metrics) -> Result<Box<dyn Sink>, ConnectorError> {
-    Ok(match config {
-        SinkConfig::Stdout(config) => Box::new(StdoutSink::new(config)),
-        SinkConfig::File(config) => FileSink::open(config)?,
-        SinkConfig::DeadLetter(config) => Box::new(DeadLetterSink::open(config, &metrics.kafka)?),
-        SinkConfig::Kafka(config) => Box::new(KafkaSink::open(config, &metrics.kafka)?),
-    })
-}
 
 /// One source on one worker: its connector, inputs and watermark.
 struct SourceDriver {
@@ -441,7 +389,7 @@ fn run_worker(
     // Exactly once: one transactional producer on worker 0, shared by every sink.
     let transaction = match (&transactional_id, index) {
         (Some(id), 0) => {
-            let config = pipeline.sinks.iter().find_map(|s| s.config.kafka()).ok_or_else(|| {
+            let config = pipeline.sinks.iter().find_map(|s| s.component.kafka()).ok_or_else(|| {
                 anyhow!("exactly_once needs a Kafka sink (the pipeline was validated; this is a bug)")
             })?;
             Some(KafkaTransaction::open(config, id, &metrics.kafka).context("cannot start the Kafka transaction")?)
@@ -456,10 +404,8 @@ fn run_worker(
     let mut handles = Vec::new();
     for spec in &pipeline.sinks {
         let sink = if index == 0 {
-            Some(
-                open_sink(&spec.config, metrics, transaction.as_ref())
-                    .with_context(|| format!("cannot open sink `{}`", spec.name))?,
-            )
+            let cx = OpenSink { metrics, transaction: transaction.as_ref() };
+            Some(spec.component.open(&cx).with_context(|| format!("cannot open sink `{}`", spec.name))?)
         } else {
             None
         };
@@ -472,29 +418,29 @@ fn run_worker(
         failure: failure.clone(),
         stop: stop.clone(),
     };
-    let mut resources = dataflow::Resources { models: load_models(pipeline)?, ..Default::default() };
-    for operator in &pipeline.operators {
-        if let crate::config::OperatorConfig::Federated(config) = &operator.config {
-            let data = federated::load(config).map_err(|err| anyhow!("operator `{}`: {err}", operator.name))?;
-            resources.federated.insert(operator.name.clone(), data);
-        }
-    }
     let dataflow_index = worker.next_dataflow_index();
     let (inputs, probes) =
-        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, resources, metrics));
+        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, metrics))?;
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
-        let source = open_source(&spec.config, &spec.name, index, peers, shared, metrics, transactional_id.is_some())
-            .with_context(|| format!("cannot open source `{}`", spec.name))?;
+        let cx = OpenSource {
+            name: &spec.name,
+            index,
+            peers,
+            shared: shared.get(&spec.name),
+            metrics,
+            exactly_once: transactional_id.is_some(),
+        };
+        let source = spec.component.open(&cx).with_context(|| format!("cannot open source `{}`", spec.name))?;
         let labels = vec![("source", spec.name.clone()), ("worker", index.to_string())];
         drivers.push(SourceDriver {
             name: spec.name.clone(),
             exactly_once: transactional_id.is_some(),
             source: Some(source),
             inputs: Some(inputs),
-            max_out_of_orderness: spec.config.max_out_of_orderness(),
-            idle_timeout: spec.config.idle_timeout(),
+            max_out_of_orderness: spec.component.max_out_of_orderness(),
+            idle_timeout: spec.component.idle_timeout(),
             clock: None,
             max_time: 0,
             checkpoints: std::collections::VecDeque::new(),
@@ -613,26 +559,6 @@ fn run_worker(
     Ok(())
 }
 
-/// Loads the models of every inference operator (each worker has its own sessions), with
-/// the operator's ONNX Runtime thread settings. Any model that does not load stops the run
-/// before it starts, with the reason.
-fn load_models(
-    pipeline: &Pipeline,
-) -> anyhow::Result<std::collections::BTreeMap<String, Vec<edgeflow_connectors::onnx::OnnxModel>>> {
-    let mut models = std::collections::BTreeMap::new();
-    for operator in &pipeline.operators {
-        let crate::config::OperatorConfig::Inference(config) = &operator.config else { continue };
-        let options = edgeflow_connectors::onnx::SessionOptions {
-            intra_op_threads: config.intra_op_threads,
-            inter_op_threads: config.inter_op_threads,
-        };
-        let loaded = edgeflow_connectors::onnx::load_registry(&config.registry, &config.models, options)
-            .map_err(|err| anyhow!("operator `{}` cannot load its models: {err}", operator.name))?;
-        models.insert(operator.name.clone(), loaded);
-    }
-    Ok(models)
-}
-
 /// Returns once every worker of every process has called it (or `failed`): a frontier
 /// barrier through a small dataflow that carries no data.
 fn barrier(worker: &mut timely::worker::Worker, failed: &dyn Fn() -> bool) {
@@ -659,4 +585,10 @@ fn reason_counter<'a>(slot: &'a mut Option<Counter>, metrics: &Metrics, source: 
 /// The least time of a probe's frontier; `None` once it is empty.
 fn frontier_of(probe: &ProbeHandle<EventTime>) -> Option<EventTime> {
     probe.with_frontier(|frontier| frontier.iter().min().copied())
+}
+
+impl std::fmt::Debug for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedSource").finish_non_exhaustive()
+    }
 }

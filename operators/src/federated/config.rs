@@ -164,32 +164,30 @@ mod defaults {
     }
 }
 
-impl FederatedConfig {
-    /// Parameters that cannot work, each with the field and the reason.
-    pub fn problems(&self) -> Vec<(&'static str, String)> {
-        let mut problems = Vec::new();
+impl crate::params::Validate for FederatedConfig {
+    fn validate(&self, problems: &mut crate::params::ParamErrors) {
         if self.clients == 0 || self.clients_per_round == 0 || self.clients_per_round > self.clients {
-            problems.push((
+            problems.at_value(
                 "clients_per_round",
                 format!(
                     "clients_per_round ({}) must be between 1 and clients ({})",
                     self.clients_per_round, self.clients
                 ),
-            ));
+            );
         }
         if !(0.0..1.0).contains(&self.test_fraction) {
-            problems.push(("test_fraction", format!("test_fraction {} must be in [0, 1)", self.test_fraction)));
+            problems.at_value("test_fraction", format!("test_fraction {} must be in [0, 1)", self.test_fraction));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            problems.push(("dropout", format!("dropout {} must be in [0, 1)", self.dropout)));
+            problems.at_value("dropout", format!("dropout {} must be in [0, 1)", self.dropout));
         }
         if !(self.quorum > 0.0 && self.quorum <= 1.0) {
-            problems.push(("quorum", format!("quorum {} must be in (0, 1]", self.quorum)));
+            problems.at_value("quorum", format!("quorum {} must be in (0, 1]", self.quorum));
         }
         if let Some(ids) = &self.client_ids {
             let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
             if ids.len() != self.clients || unique.len() != ids.len() {
-                problems.push((
+                problems.at_value(
                     "client_ids",
                     format!(
                         "client_ids must name `clients` ({}) distinct clients; it has {} ids, {} distinct",
@@ -197,64 +195,60 @@ impl FederatedConfig {
                         ids.len(),
                         unique.len()
                     ),
-                ));
+                );
             }
         }
         if let Some(secure) = &self.secure_aggregation {
             if !(secure.threshold > 0.5 && secure.threshold <= 1.0) {
-                problems.push((
+                problems.at_value(
                     "secure_aggregation",
                     format!("threshold {} must be in (0.5, 1]: fewer could unmask a client's update", secure.threshold),
-                ));
+                );
             }
             if !self.strategy.is_linear() {
-                problems.push((
+                problems.at_value(
                     "secure_aggregation",
                     "median, trimmed_mean and krum need each update; secure aggregation reveals only their sum"
                         .to_owned(),
-                ));
+                );
             }
             if self.max_norm.is_some() {
-                problems.push((
-                    "secure_aggregation",
-                    "max_norm checks each update, which secure aggregation hides; bound updates with dp.clip_norm (clients clip before masking)".to_owned(),
-                ));
+                problems.at_value("secure_aggregation", "max_norm checks each update, which secure aggregation hides; bound updates with dp.clip_norm (clients clip before masking)".to_owned());
             }
             if self.dp.as_ref().is_some_and(|dp| dp.adaptive_quantile.is_some()) {
-                problems.push((
+                problems.at_value(
                     "secure_aggregation",
-                    "adaptive clipping needs each update's norm, which secure aggregation hides".to_owned(),
-                ));
+                    "adaptive clipping needs each update's norm, which secure aggregation hides",
+                );
             }
             if self.clients_per_round > 255 {
-                problems.push((
-                    "secure_aggregation",
-                    "at most 255 clients per round take part in secure aggregation".to_owned(),
-                ));
+                problems
+                    .at_value("secure_aggregation", "at most 255 clients per round take part in secure aggregation");
             }
         }
         if self.round_timeout.as_millis() == 0 {
-            problems.push(("round_timeout", "round_timeout must be longer than 0ms".to_owned()));
+            problems.at_value("round_timeout", "round_timeout must be longer than 0ms");
         }
         if self.rounds == 0 {
-            problems.push(("rounds", "rounds must be at least 1".to_owned()));
+            problems.at_value("rounds", "rounds must be at least 1");
         }
         for problem in self.strategy.problems() {
-            problems.push(("strategy", problem));
+            problems.at_value("strategy", problem);
         }
         if let Partition::Dirichlet { alpha } = self.partition {
             if !(alpha > 0.0 && alpha.is_finite()) {
-                problems.push(("partition", format!("dirichlet alpha {alpha} must be > 0")));
+                problems.at_value("partition", format!("dirichlet alpha {alpha} must be > 0"));
             }
         }
         if let Some(dp) = &self.dp {
             if !(dp.clip_norm > 0.0 && dp.noise_multiplier >= 0.0 && dp.delta > 0.0 && dp.delta < 1.0) {
-                problems.push(("dp", "dp needs clip_norm > 0, noise_multiplier >= 0 and delta in (0, 1)".to_owned()));
+                problems.at_value("dp", "dp needs clip_norm > 0, noise_multiplier >= 0 and delta in (0, 1)");
             }
         }
-        problems
     }
+}
 
+impl FederatedConfig {
     /// The coordinator's settings.
     pub fn coordinator(&self) -> CoordinatorConfig {
         CoordinatorConfig {
