@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edgeflow_engine::config::load_str;
-use edgeflow_engine::metrics::Metrics;
+use edgeflow_engine::metrics::{labels, Metrics};
 use edgeflow_engine::runtime::{run, RunOptions};
 use ort::session::Session;
 
@@ -96,7 +96,7 @@ fn run_pipeline(yaml: &str, workers: usize) -> (f64, Arc<Metrics>) {
     let pipeline = load_str(yaml, "bench.yaml", &|_| None).unwrap_or_else(|problems| panic!("{problems}"));
     let metrics = Arc::new(Metrics::new());
     let options = RunOptions { workers, ..Default::default() };
-    let read = metrics.source_records.get_or_create(&vec![("source", "load".to_owned())]).clone();
+    let read = metrics.source_records.get_or_create(&labels::Source { source: "load".to_owned() }).clone();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let done = done.clone();
@@ -116,7 +116,7 @@ fn run_pipeline(yaml: &str, workers: usize) -> (f64, Arc<Metrics>) {
 
 /// Seconds the model thread of `model` (operator `infer`, worker 0) spent in model runs.
 fn model_busy_seconds(metrics: &Metrics, model: &str) -> f64 {
-    let labels = vec![("operator", "infer".to_owned()), ("model", model.to_owned()), ("worker", "0".to_owned())];
+    let labels = labels::ModelWorker { operator: "infer".to_owned(), model: model.to_owned(), worker: 0 };
     metrics.inference.busy_seconds.get_or_create(&labels).get()
 }
 
@@ -235,7 +235,7 @@ fn node_health_rate(heartbeats_minutes: u64, with_inference: bool, dir: &Path) -
     let watched = metrics.clone();
     // Watch the heartbeat count; once all are read and processed, stop the (endless) requests.
     let watcher = std::thread::spawn(move || {
-        let read = watched.source_records.get_or_create(&vec![("source", "fleet".to_owned())]).clone();
+        let read = watched.source_records.get_or_create(&labels::Source { source: "fleet".to_owned() }).clone();
         // The clock starts with the first heartbeat read, after the models have loaded.
         while read.get() == 0 {
             std::thread::sleep(Duration::from_micros(200));

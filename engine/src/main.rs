@@ -372,7 +372,7 @@ fn init_logging(format: &str) {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init();
     } else {
         builder.compact().init();
     }

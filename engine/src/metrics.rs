@@ -12,10 +12,126 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
-/// Label set: a list of `(name, value)` pairs.
-pub type Labels = Vec<(&'static str, String)>;
+/// Label sets of edgeflow's metrics, one struct per shape. A component builds its label
+/// sets once, when it starts, and keeps the metric handles; nothing is built per record.
+pub mod labels {
+    use prometheus_client::encoding::EncodeLabelSet;
 
-type HistogramFamily = Family<Labels, BatchHistogram, fn() -> BatchHistogram>;
+    /// `source`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Source {
+        /// The source's name.
+        pub source: String,
+    }
+
+    /// `source`, `worker`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct SourceWorker {
+        /// The source's name.
+        pub source: String,
+        /// The worker's index.
+        pub worker: usize,
+    }
+
+    /// `source`, `reason` (`malformed`, `late`, `future`).
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct SourceReason {
+        /// The source's name.
+        pub source: String,
+        /// Why records were dead-lettered.
+        pub reason: &'static str,
+    }
+
+    /// `source`, `policy` (the late policy).
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct SourcePolicy {
+        /// The source's name.
+        pub source: String,
+        /// The pipeline's late policy.
+        pub policy: &'static str,
+    }
+
+    /// `operator`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Operator {
+        /// The operator's name.
+        pub operator: String,
+    }
+
+    /// `operator`, `port`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct OperatorPort {
+        /// The operator's name.
+        pub operator: String,
+        /// The port (`input`, or an output's name).
+        pub port: &'static str,
+    }
+
+    /// `operator`, `status`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct OperatorStatus {
+        /// The operator's name.
+        pub operator: String,
+        /// An outcome, e.g. `assigned` or `unplaced`.
+        pub status: &'static str,
+    }
+
+    /// `operator`, `outcome`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct OperatorOutcome {
+        /// The operator's name.
+        pub operator: String,
+        /// An outcome, e.g. `accepted` or `rejected`.
+        pub outcome: &'static str,
+    }
+
+    /// `operator`, `model`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Model {
+        /// The inference operator's name.
+        pub operator: String,
+        /// The model's name.
+        pub model: String,
+    }
+
+    /// `operator`, `model`, `status`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ModelStatus {
+        /// The inference operator's name.
+        pub operator: String,
+        /// The model's name.
+        pub model: String,
+        /// The result's status.
+        pub status: &'static str,
+    }
+
+    /// `operator`, `model`, `worker`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct ModelWorker {
+        /// The inference operator's name.
+        pub operator: String,
+        /// The model's name.
+        pub model: String,
+        /// The worker's index.
+        pub worker: usize,
+    }
+
+    /// `sink`.
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Sink {
+        /// The sink's name.
+        pub sink: String,
+    }
+
+    /// `status` (a node health status).
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    pub struct Status {
+        /// The status.
+        pub status: &'static str,
+    }
+}
+
+type HistogramFamily<L> = Family<L, BatchHistogram, fn() -> BatchHistogram>;
 
 /// A Prometheus histogram that also takes a batch of observations under one lock.
 /// prometheus-client's `Histogram` takes a write lock per observation, which on the
@@ -88,25 +204,25 @@ impl prometheus_client::encoding::EncodeMetric for BatchHistogram {
 #[derive(Debug)]
 pub struct InferenceMetrics {
     /// Requests ended, per status (`ok`, `expired`, `rejected`, `failed`).
-    pub requests: Family<Labels, Counter>,
+    pub requests: Family<labels::ModelStatus, Counter>,
     /// Requests per model run.
-    pub batch_size: HistogramFamily,
+    pub batch_size: HistogramFamily<labels::Model>,
     /// Time from admission to the start of the run, seconds.
-    pub queue_seconds: HistogramFamily,
+    pub queue_seconds: HistogramFamily<labels::Model>,
     /// Model run time per batch, seconds.
-    pub compute_seconds: HistogramFamily,
+    pub compute_seconds: HistogramFamily<labels::Model>,
     /// Model run time, seconds in all: its rate is the model thread's busy fraction.
-    pub busy_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    pub busy_seconds: Family<labels::ModelWorker, Counter<f64, AtomicU64>>,
     /// Requests waiting, per operator, model and worker.
-    pub queue_depth: Family<Labels, Gauge>,
+    pub queue_depth: Family<labels::ModelWorker, Gauge>,
     /// Latest loaded version per model and worker.
-    pub model_version: Family<Labels, Gauge>,
+    pub model_version: Family<labels::ModelWorker, Gauge>,
     /// Versions found in the registry that failed to load, per model.
-    pub load_failures: Family<Labels, Counter>,
+    pub load_failures: Family<labels::Model, Counter>,
     /// Waiting requests sent back to their load balancer because their node went Offline.
-    pub rerouted: Family<Labels, Counter>,
+    pub rerouted: Family<labels::Operator, Counter>,
     /// Requests placed by each load balancer, per node.
-    pub placed: Family<Labels, Counter>,
+    pub placed: Family<labels::OperatorStatus, Counter>,
 }
 
 impl Default for InferenceMetrics {
@@ -156,13 +272,13 @@ impl InferenceMetrics {
 #[derive(Debug, Default)]
 pub struct FederatedMetrics {
     /// Last closed round.
-    pub round: Family<Labels, Gauge>,
+    pub round: Family<labels::Operator, Gauge>,
     /// Held-out accuracy of the global model after the last round.
-    pub test_accuracy: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub test_accuracy: Family<labels::Operator, Gauge<f64, AtomicU64>>,
     /// Privacy spent so far (central DP).
-    pub epsilon: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub epsilon: Family<labels::Operator, Gauge<f64, AtomicU64>>,
     /// Client updates, per outcome (`accepted`, `rejected`).
-    pub updates: Family<Labels, Counter>,
+    pub updates: Family<labels::OperatorOutcome, Counter>,
 }
 
 impl FederatedMetrics {
@@ -180,25 +296,25 @@ impl FederatedMetrics {
 pub struct Metrics {
     registry: Registry,
     /// Records read per source.
-    pub source_records: Family<Labels, Counter>,
+    pub source_records: Family<labels::Source, Counter>,
     /// Records in and out per operator and port.
-    pub operator_records: Family<Labels, Counter>,
+    pub operator_records: Family<labels::OperatorPort, Counter>,
     /// Records written per sink.
-    pub sink_records: Family<Labels, Counter>,
+    pub sink_records: Family<labels::Sink, Counter>,
     /// Dead-lettered records per source and reason kind (`malformed`, `late`).
-    pub dead_letters: Family<Labels, Counter>,
+    pub dead_letters: Family<labels::SourceReason, Counter>,
     /// Dead-lettered records per source, all reasons.
-    pub dead_letters_total: Family<Labels, Counter>,
+    pub dead_letters_total: Family<labels::Source, Counter>,
     /// Records behind the watermark per source and late policy.
-    pub late_records: Family<Labels, Counter>,
+    pub late_records: Family<labels::SourcePolicy, Counter>,
     /// Watermark per source and worker, seconds since the epoch.
-    pub watermark: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub watermark: Family<labels::SourceWorker, Gauge<f64, AtomicU64>>,
     /// Wall clock minus watermark per source and worker, seconds.
-    pub watermark_lag: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub watermark_lag: Family<labels::SourceWorker, Gauge<f64, AtomicU64>>,
     /// Nodes per health status (this process's share of the keys).
-    pub nodes: Family<Labels, Gauge>,
+    pub nodes: Family<labels::Status, Gauge>,
     /// Sink write failures.
-    pub sink_errors: Family<Labels, Counter>,
+    pub sink_errors: Family<labels::Sink, Counter>,
     /// Readiness: set once the dataflow runs, cleared when it stops.
     pub ready: AtomicBool,
     /// Total records read by all sources, for the status line.
@@ -210,6 +326,10 @@ pub struct Metrics {
     /// Federated training.
     pub federated: FederatedMetrics,
     node_counts: [AtomicI64; 4],
+    /// The node gauges, in [`HealthStatus::ALL`] order.
+    node_gauges: [Gauge; 4],
+    /// Every source driver's watermark-lag gauge, for the status line.
+    lag_gauges: std::sync::Mutex<Vec<Gauge<f64, AtomicU64>>>,
 }
 
 impl Default for Metrics {
@@ -239,6 +359,8 @@ impl Metrics {
             inference: InferenceMetrics::default(),
             federated: FederatedMetrics::default(),
             node_counts: Default::default(),
+            node_gauges: Default::default(),
+            lag_gauges: Default::default(),
             registry: Registry::default(),
         };
         registry.register("source_records", "Records read per source", metrics.source_records.clone());
@@ -279,16 +401,18 @@ impl Metrics {
         metrics.kafka.register(&mut registry);
         metrics.inference.register(&mut registry);
         metrics.federated.register(&mut registry);
-        for status in HealthStatus::ALL {
-            metrics.nodes.get_or_create(&vec![("status", status.as_str().to_owned())]).set(0);
-        }
-        Self { registry, ..metrics }
+        let node_gauges = HealthStatus::ALL.map(|status| {
+            let gauge = metrics.nodes.get_or_create(&labels::Status { status: status.as_str() }).clone();
+            gauge.set(0);
+            gauge
+        });
+        Self { registry, node_gauges, ..metrics }
     }
 
     /// Applies a change of `diff` nodes in `status`.
     pub fn add_nodes(&self, status: HealthStatus, diff: i64) {
         let count = self.node_counts[status.index()].fetch_add(diff, Ordering::Relaxed) + diff;
-        self.nodes.get_or_create(&vec![("status", status.as_str().to_owned())]).set(count);
+        self.node_gauges[status.index()].set(count);
     }
 
     /// Nodes per status, in [`HealthStatus::ALL`] order.
@@ -296,15 +420,18 @@ impl Metrics {
         std::array::from_fn(|i| self.node_counts[i].load(Ordering::Relaxed))
     }
 
+    /// The watermark-lag gauge of `source` on `worker`, kept for the status line too.
+    pub fn watermark_lag_of(&self, source: &str, worker: usize) -> Gauge<f64, AtomicU64> {
+        let gauge =
+            self.watermark_lag.get_or_create(&labels::SourceWorker { source: source.to_owned(), worker }).clone();
+        self.lag_gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(gauge.clone());
+        gauge
+    }
+
     /// The largest watermark lag over all sources and workers, ms.
     pub fn max_watermark_lag(&self) -> Option<i64> {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).ok()?;
-        text.lines()
-            .filter(|line| line.starts_with("edgeflow_watermark_lag_seconds{"))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|seconds| (seconds * 1000.0) as i64)
-            .max()
+        let gauges = self.lag_gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        gauges.iter().map(|gauge| (gauge.get() * 1000.0) as i64).max()
     }
 
     /// The OpenMetrics text exposition of every metric.

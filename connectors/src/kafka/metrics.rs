@@ -6,40 +6,61 @@
 
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// Label set: `(name, value)` pairs.
-pub type Labels = Vec<(&'static str, String)>;
+/// `topic`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Topic {
+    /// The topic.
+    pub topic: String,
+}
 
-type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+/// `topic`, `partition`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicPartition {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+}
+
+/// `group`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Group {
+    /// The consumer group (or transactional id).
+    pub group: String,
+}
+
+type HistogramFamily = Family<Group, Histogram, fn() -> Histogram>;
 
 /// Every Kafka metric; one instance per process, shared by all sources and sinks.
 #[derive(Debug)]
 pub struct KafkaMetrics {
     /// Messages behind the partition's high watermark, per topic and partition.
-    pub consumer_lag: Family<Labels, Gauge>,
+    pub consumer_lag: Family<TopicPartition, Gauge>,
     /// Messages consumed per topic.
-    pub messages_in: Family<Labels, Counter>,
+    pub messages_in: Family<Topic, Counter>,
     /// Value bytes consumed per topic.
-    pub bytes_in: Family<Labels, Counter>,
+    pub bytes_in: Family<Topic, Counter>,
     /// Messages acknowledged by the brokers per topic.
-    pub messages_out: Family<Labels, Counter>,
+    pub messages_out: Family<Topic, Counter>,
     /// Value bytes acknowledged per topic.
-    pub bytes_out: Family<Labels, Counter>,
+    pub bytes_out: Family<Topic, Counter>,
     /// Time from an offset commit (or transaction commit) to its acknowledgement, per group.
     pub commit_latency: HistogramFamily,
     /// Offset commits the broker refused, per group.
-    pub commit_failures: Family<Labels, Counter>,
+    pub commit_failures: Family<Group, Counter>,
     /// Messages whose delivery failed after librdkafka's retries, per topic.
-    pub producer_errors: Family<Labels, Counter>,
+    pub producer_errors: Family<Topic, Counter>,
     /// Produce requests retried, per topic's producer.
-    pub producer_retries: Family<Labels, Counter>,
+    pub producer_retries: Family<Topic, Counter>,
     /// Messages handed to the producer and not yet acknowledged, per topic.
-    pub producer_in_flight: Family<Labels, Gauge>,
+    pub producer_in_flight: Family<Topic, Gauge>,
 }
 
 impl Default for KafkaMetrics {
@@ -97,11 +118,11 @@ impl KafkaMetrics {
 
     /// Records a commit that took `elapsed`.
     pub(super) fn observe_commit(&self, group: &str, elapsed: Duration) {
-        self.commit_latency.get_or_create(&vec![("group", group.to_owned())]).observe(elapsed.as_secs_f64());
+        self.commit_latency.get_or_create(&Group { group: group.to_owned() }).observe(elapsed.as_secs_f64());
     }
 }
 
 /// A topic label.
-pub(super) fn topic(topic: &str) -> Labels {
-    vec![("topic", topic.to_owned())]
+pub(super) fn topic(topic: &str) -> Topic {
+    Topic { topic: topic.to_owned() }
 }

@@ -111,7 +111,7 @@ impl ClientContext for SourceContext {
                     lags.insert((topic.clone(), *partition), stats.consumer_lag);
                 }
                 if *partition >= 0 && stats.consumer_lag >= 0 && stats.fetch_state == "active" {
-                    let labels = vec![("topic", topic.clone()), ("partition", partition.to_string())];
+                    let labels = super::metrics::TopicPartition { topic: topic.clone(), partition: *partition };
                     self.metrics.consumer_lag.get_or_create(&labels).set(stats.consumer_lag);
                 }
             }
@@ -607,7 +607,7 @@ impl Committer {
         let (requests, incoming) = std::sync::mpsc::channel::<CommitRequest>();
         let group = group.to_owned();
         let source = name.to_owned();
-        let failures = metrics.commit_failures.get_or_create(&vec![("group", group.clone())]).clone();
+        let failures = metrics.commit_failures.get_or_create(&super::metrics::Group { group: group.clone() }).clone();
         std::thread::Builder::new()
             .name(format!("commit-{name}"))
             .spawn(move || {

@@ -196,15 +196,18 @@ pub fn build<'scope>(
     let mut groups: Vec<(SinkGroup, Vec<SinkStream<'scope>>)> = Vec::new();
     let Sinks { sinks, transaction, exactly_once, failure, stop } = sinks;
     if exactly_once {
+        let names: Vec<&str> = pipeline.sinks.iter().map(|sink| sink.name.as_str()).collect();
+        let span = tracing::info_span!("sinks", names = %names.join(","), r#type = "transaction");
         groups.push((
-            SinkGroup { sinks: Vec::new(), transaction, failure: failure.clone(), stop: stop.clone() },
+            SinkGroup { sinks: Vec::new(), transaction, failure: failure.clone(), stop: stop.clone(), span },
             checkpoint_streams,
         ));
     }
     for (spec, handle) in pipeline.sinks.iter().zip(sinks) {
         if !exactly_once {
+            let span = tracing::info_span!("sink", name = %spec.name, r#type = spec.kind.name());
             groups.push((
-                SinkGroup { sinks: Vec::new(), transaction: None, failure: failure.clone(), stop: stop.clone() },
+                SinkGroup { sinks: Vec::new(), transaction: None, failure: failure.clone(), stop: stop.clone(), span },
                 Vec::new(),
             ));
         }
@@ -331,7 +334,7 @@ impl<'scope> Build<'_, 'scope> {
         &self,
         collection: VecCollection<'scope, EventTime, Heartbeat>,
         operator: &str,
-        port: &str,
+        port: &'static str,
     ) -> VecCollection<'scope, EventTime, Heartbeat> {
         let counted = self.count_stream(collection.inner, operator, port);
         differential_dataflow::collection::AsCollection::as_collection(counted)
@@ -342,12 +345,12 @@ impl<'scope> Build<'_, 'scope> {
         &self,
         stream: StreamVec<'scope, EventTime, D>,
         operator: &str,
-        port: &str,
+        port: &'static str,
     ) -> StreamVec<'scope, EventTime, D> {
         let counter = self
             .metrics
             .operator_records
-            .get_or_create(&vec![("operator", operator.to_owned()), ("port", port.to_owned())])
+            .get_or_create(&crate::metrics::labels::OperatorPort { operator: operator.to_owned(), port })
             .clone();
         stream.inspect_core(move |event| {
             if let Ok((_, batch)) = event {

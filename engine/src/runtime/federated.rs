@@ -221,7 +221,9 @@ pub(crate) fn federated<'scope>(
             let mut held = (index == 0).then_some(cap);
             let mut pending: BTreeMap<EventTime, Vec<ClientMessage>> = BTreeMap::new();
             let mut started = false;
+            let span = tracing::info_span!("operator", name = %name, r#type = "federated", worker = index);
             move |(input, frontier), output| {
+                let _entered = span.enter();
                 let Some(cap) = held.as_mut() else {
                     // Training is over: whatever still arrives is a straggler (no round is open,
                     // so the coordinator refuses it).
@@ -392,8 +394,10 @@ fn simulated_clients<'scope>(
     let secure = config.secure_aggregation.clone();
     // Under central DP every client weighs the same (the noise is calibrated to one client).
     let equal_weights = config.dp.as_ref().is_some_and(|dp| dp.mode == DpMode::Central);
+    let span = tracing::info_span!("operator", name = %name, r#type = "federated");
     plans.broadcast().unary(Pipeline, &format!("FederatedClients({name})"), move |_, _| {
         move |input, output| {
+            let _entered = span.enter();
             input.for_each(|cap, data| {
                 let mut session = output.session(&cap);
                 for message in data.drain(..) {
@@ -873,15 +877,13 @@ struct FederatedGauges {
 
 impl FederatedGauges {
     fn new(metrics: &Metrics, operator: &str) -> Self {
-        let labels = vec![("operator", operator.to_owned())];
+        let labels = crate::metrics::labels::Operator { operator: operator.to_owned() };
         let f = &metrics.federated;
         // One family lookup per statement: a lookup's read guard lives to the statement's
         // end, and a second lookup that creates would wait on it forever.
-        let outcome = |outcome: &str| {
-            let counter = f
-                .updates
-                .get_or_create(&vec![("operator", operator.to_owned()), ("outcome", outcome.to_owned())])
-                .clone();
+        let outcome = |outcome| {
+            let labels = crate::metrics::labels::OperatorOutcome { operator: operator.to_owned(), outcome };
+            let counter = f.updates.get_or_create(&labels).clone();
             counter
         };
         let accepted = outcome("accepted");

@@ -31,7 +31,7 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, InputCapability, Operator};
 use timely::dataflow::StreamVec;
 
-use crate::metrics::{BatchHistogram, InferenceMetrics, Metrics};
+use crate::metrics::{labels, BatchHistogram, InferenceMetrics, Metrics};
 
 type Output<'a> = OutputBuilderSession<'a, EventTime, CapacityContainerBuilder<Vec<InferenceOut>>>;
 
@@ -81,11 +81,11 @@ impl StatusCounters {
         Self(ResultStatus::ALL.map(|status| {
             metrics
                 .requests
-                .get_or_create(&vec![
-                    ("operator", operator.to_owned()),
-                    ("model", model.to_owned()),
-                    ("status", status.as_str().to_owned()),
-                ])
+                .get_or_create(&labels::ModelStatus {
+                    operator: operator.to_owned(),
+                    model: model.to_owned(),
+                    status: status.as_str(),
+                })
                 .clone()
         }))
     }
@@ -154,7 +154,8 @@ pub(crate) fn inference<'scope>(
     #[allow(clippy::borrowed_box)]
     let pact =
         Exchange::new(|request: &Box<InferenceRequest>| route_hash(request.node.as_deref().unwrap_or(&request.id)));
-    let rerouted = metrics.inference.rerouted.get_or_create(&vec![("operator", operator.to_owned())]).clone();
+    let rerouted =
+        metrics.inference.rerouted.get_or_create(&labels::Operator { operator: operator.to_owned() }).clone();
     let changes = changes.broadcast();
     requests.binary_frontier(changes, pact, Pipeline, &format!("Inference({operator})"), move |_cap, info| {
         let activator = scope.activator_for(info.address.clone());
@@ -164,13 +165,10 @@ pub(crate) fn inference<'scope>(
         let mut start_error = None;
         for model in models {
             let model_name = model.name().to_owned();
-            let labels = |extra: Vec<(&'static str, String)>| {
-                let mut labels = vec![("operator", name.clone()), ("model", model_name.clone())];
-                labels.extend(extra);
-                labels
-            };
+            let model_labels = labels::Model { operator: name.clone(), model: model_name.clone() };
+            let worker_labels = labels::ModelWorker { operator: name.clone(), model: model_name.clone(), worker };
             let m = &metrics.inference;
-            let version = m.model_version.get_or_create(&labels(vec![("worker", worker.to_string())])).clone();
+            let version = m.model_version.get_or_create(&worker_labels).clone();
             version.set(model.latest().map_or(0, |v| v as i64));
             let wake = wake.clone();
             let notify = Box::new(move || {
@@ -184,16 +182,16 @@ pub(crate) fn inference<'scope>(
                             service,
                             queues: BTreeMap::new(),
                             counters: StatusCounters::new(m, &name, &model_name),
-                            batch_size: m.batch_size.get_or_create(&labels(vec![])).clone(),
-                            queue_seconds: m.queue_seconds.get_or_create(&labels(vec![])).clone(),
-                            compute_seconds: m.compute_seconds.get_or_create(&labels(vec![])).clone(),
+                            batch_size: m.batch_size.get_or_create(&model_labels).clone(),
+                            queue_seconds: m.queue_seconds.get_or_create(&model_labels).clone(),
+                            compute_seconds: m.compute_seconds.get_or_create(&model_labels).clone(),
                             busy_seconds: m
                                 .busy_seconds
-                                .get_or_create(&labels(vec![("worker", worker.to_string())]))
+                                .get_or_create(&worker_labels)
                                 .clone(),
-                            depth: m.queue_depth.get_or_create(&labels(vec![("worker", worker.to_string())])).clone(),
+                            depth: m.queue_depth.get_or_create(&worker_labels).clone(),
                             version,
-                            load_failures: m.load_failures.get_or_create(&labels(vec![])).clone(),
+                            load_failures: m.load_failures.get_or_create(&model_labels).clone(),
                         },
                     );
                 }
@@ -210,7 +208,9 @@ pub(crate) fn inference<'scope>(
         let mut running: HashMap<u64, Running> = HashMap::new();
         let mut next_job = 0u64;
 
+        let span = tracing::info_span!("operator", name = %name, r#type = "inference", worker);
         move |(input, frontier), (changes, _), output: &mut Output<'_>| {
+            let _entered = span.enter();
             // Waiting requests of nodes that went Offline go back to be placed again, and so do
             // requests that arrive for a node already known to be Offline.
             let mut lost = Vec::new();

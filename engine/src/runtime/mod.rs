@@ -145,6 +145,8 @@ type Shared = std::collections::HashMap<String, SharedSource>;
 /// One source on one worker: its connector, inputs and watermark.
 struct SourceDriver {
     name: String,
+    /// The span its log lines are in: the source's name and type.
+    span: tracing::Span,
     /// Exactly-once pipeline: records enter at processing time (the wall clock, strictly
     /// increasing per batch) and checkpoints go to the sinks' transaction.
     exactly_once: bool,
@@ -177,6 +179,8 @@ struct SourceDriver {
 impl SourceDriver {
     /// Polls once; returns the status, feeding records into the dataflow.
     fn poll(&mut self, policy: LatePolicy, metrics: &Metrics) -> anyhow::Result<SourceStatus> {
+        let span = self.span.clone();
+        let _entered = span.enter();
         let (Some(source), Some(inputs)) = (self.source.as_mut(), self.inputs.as_mut()) else {
             return Ok(SourceStatus::Exhausted);
         };
@@ -433,9 +437,10 @@ fn run_worker(
             exactly_once: transactional_id.is_some(),
         };
         let source = spec.component.open(&cx).with_context(|| format!("cannot open source `{}`", spec.name))?;
-        let labels = vec![("source", spec.name.clone()), ("worker", index.to_string())];
+        let labels = crate::metrics::labels::Source { source: spec.name.clone() };
         drivers.push(SourceDriver {
             name: spec.name.clone(),
+            span: tracing::info_span!("source", name = %spec.name, r#type = spec.kind.name(), worker = index),
             exactly_once: transactional_id.is_some(),
             source: Some(source),
             inputs: Some(inputs),
@@ -448,20 +453,23 @@ fn run_worker(
             watermark: 0,
             last_data: Instant::now(),
             items: Vec::with_capacity(BATCH),
-            records: metrics.source_records.get_or_create(&vec![("source", spec.name.clone())]).clone(),
-            dead: metrics.dead_letters_total.get_or_create(&vec![("source", spec.name.clone())]).clone(),
+            records: metrics.source_records.get_or_create(&labels).clone(),
+            dead: metrics.dead_letters_total.get_or_create(&labels).clone(),
             late: metrics
                 .late_records
-                .get_or_create(&vec![
-                    ("source", spec.name.clone()),
-                    ("policy", pipeline.late_policy.as_str().to_owned()),
-                ])
+                .get_or_create(&crate::metrics::labels::SourcePolicy {
+                    source: spec.name.clone(),
+                    policy: pipeline.late_policy.as_str(),
+                })
                 .clone(),
             malformed: None,
             late_dead: None,
             future_dead: None,
-            watermark_gauge: metrics.watermark.get_or_create(&labels).clone(),
-            lag_gauge: metrics.watermark_lag.get_or_create(&labels).clone(),
+            watermark_gauge: metrics
+                .watermark
+                .get_or_create(&crate::metrics::labels::SourceWorker { source: spec.name.clone(), worker: index })
+                .clone(),
+            lag_gauge: metrics.watermark_lag_of(&spec.name, index),
         });
     }
     metrics.ready.store(true, Ordering::Relaxed);
@@ -576,9 +584,15 @@ fn barrier(worker: &mut timely::worker::Worker, failed: &dyn Fn() -> bool) {
 }
 
 /// The dead-letter counter of `source` for `reason`, looked up once and then kept.
-fn reason_counter<'a>(slot: &'a mut Option<Counter>, metrics: &Metrics, source: &str, reason: &str) -> &'a Counter {
+fn reason_counter<'a>(
+    slot: &'a mut Option<Counter>,
+    metrics: &Metrics,
+    source: &str,
+    reason: &'static str,
+) -> &'a Counter {
     slot.get_or_insert_with(|| {
-        metrics.dead_letters.get_or_create(&vec![("source", source.to_owned()), ("reason", reason.to_owned())]).clone()
+        let labels = crate::metrics::labels::SourceReason { source: source.to_owned(), reason };
+        metrics.dead_letters.get_or_create(&labels).clone()
     })
 }
 

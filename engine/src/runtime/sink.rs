@@ -94,6 +94,8 @@ pub struct SinkGroup {
     pub failure: Failure,
     /// The run's stop flag: set when an output's reader goes away (standard output closed).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The span its log lines are in: the sink's name and type (or the transaction's sinks).
+    pub span: tracing::Span,
 }
 
 /// Records of one time waiting for the frontier, with the capability to hold for them.
@@ -110,7 +112,10 @@ pub fn sink_operator<'scope>(
 ) -> StreamVec<'scope, EventTime, ()> {
     let names: Vec<String> = group.sinks.iter().map(|(name, _)| name.clone()).collect();
     let counter = |family: &prometheus_client::metrics::family::Family<_, Counter>| -> Vec<Counter> {
-        names.iter().map(|name| family.get_or_create(&vec![("sink", name.clone())]).clone()).collect()
+        names
+            .iter()
+            .map(|name| family.get_or_create(&crate::metrics::labels::Sink { sink: name.clone() }).clone())
+            .collect()
     };
     let written = counter(&metrics.sink_records);
     let errors = counter(&metrics.sink_errors);
@@ -118,6 +123,7 @@ pub fn sink_operator<'scope>(
     let scope = items.scope();
     items.unary_frontier(Exchange::new(|_: &(EventTime, SinkItem)| 0), &format!("Sink({label})"), move |_cap, info| {
         let activator = scope.activator_for(info.address.clone());
+        let span = group.span.clone();
         let mut pending: BTreeMap<EventTime, Bucket> = BTreeMap::new();
         // Held until the next flush: the earliest time written since the last one.
         let mut unflushed: Option<Capability<EventTime>> = None;
@@ -132,6 +138,7 @@ pub fn sink_operator<'scope>(
             failure.get_or_insert_with(|| format!("sink `{sink}`: {err}"));
         };
         move |(input, frontier), output: &mut Empty<'_>| {
+            let _entered = span.enter();
             input.for_each(|cap, data| {
                 // A record is written once the frontier passes its key (its event time), or
                 // its message time if later; within a time, records are sorted.

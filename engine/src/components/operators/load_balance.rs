@@ -10,6 +10,7 @@ use timely::dataflow::operators::{Concatenate, Feedback};
 use super::inference::InferenceOperator;
 use crate::components::{BuildError, Component, Context, OperatorComponent, Ports, Wiring};
 use crate::config::{PortKind, PortRef};
+use crate::metrics::labels::OperatorStatus;
 use crate::runtime::{Balanced, Build, Port};
 
 /// A balancer with checked settings.
@@ -103,14 +104,18 @@ impl OperatorComponent for LoadBalanceOperator {
             }
         }
         let placements = load_balance(scope.concatenate(requests), scope.concatenate(updates), &self.0, name);
-        let family = cx.metrics.inference.placed.clone();
-        let operator = name.to_owned();
-        let placements = placements.inspect(move |placement| {
-            let status = match placement {
-                Placement::Assigned(_) => "assigned",
-                Placement::Unplaced(_) => "unplaced",
-            };
-            family.get_or_create(&vec![("operator", operator.clone()), ("status", status.to_owned())]).inc();
+        let placed = |status| {
+            let labels = OperatorStatus { operator: name.to_owned(), status };
+            cx.metrics.inference.placed.get_or_create(&labels).clone()
+        };
+        let (assigned, unassigned) = (placed("assigned"), placed("unplaced"));
+        let placements = placements.inspect(move |placement| match placement {
+            Placement::Assigned(_) => {
+                assigned.inc();
+            }
+            Placement::Unplaced(_) => {
+                unassigned.inc();
+            }
         });
         let placed = placements.clone().flat_map(|p| match p {
             Placement::Assigned(request) => Some(Box::new(request)),
