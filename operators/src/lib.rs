@@ -10,6 +10,7 @@ pub mod duration;
 pub mod federated;
 pub mod inference;
 pub mod load_balance;
+pub mod metrics;
 pub mod node_health;
 pub mod params;
 pub mod records;

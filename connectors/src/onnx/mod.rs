@@ -32,7 +32,7 @@ use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 use serde::{Deserialize, Serialize};
 
-pub use service::{InferenceService, Job, JobOutcome, ServiceOptions};
+pub use service::{InferenceService, Job, ServedModel, ServiceOptions};
 
 /// Element types of model inputs and outputs that edgeflow handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

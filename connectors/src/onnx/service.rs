@@ -5,9 +5,12 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
+use edgeflow_operators::inference::operator::{Model, ModelRunner, RunOutcome};
 use edgeflow_operators::Tensor;
 
-use super::{ModelInterface, OnnxModel};
+use super::{Batch, ModelInterface, OnnxModel};
 
 /// How the service runs.
 #[derive(Clone, Copy, Debug)]
@@ -28,39 +31,12 @@ pub struct Job {
     pub inputs: Vec<Tensor>,
 }
 
-/// What the service reports.
-#[derive(Debug)]
-pub enum JobOutcome {
-    /// A batch ran (or failed as a whole).
-    Done {
-        /// The job's id.
-        id: u64,
-        /// When its run started.
-        started: Instant,
-        /// How long the run took.
-        compute: Duration,
-        /// The version that ran and the stacked outputs (one per model output), or why the
-        /// batch failed.
-        result: Result<(u64, Vec<Tensor>), String>,
-    },
-    /// A new version was loaded and is now the latest (unless a higher one exists).
-    Loaded {
-        /// The version.
-        version: u64,
-    },
-    /// A version in the directory could not be loaded; the ones loaded keep serving.
-    LoadFailed {
-        /// Why.
-        reason: String,
-    },
-}
-
 /// The thread that owns one [`OnnxModel`].
 pub struct InferenceService {
     name: String,
     interface: ModelInterface,
     jobs: Option<mpsc::Sender<Job>>,
-    outcomes: mpsc::Receiver<JobOutcome>,
+    outcomes: mpsc::Receiver<RunOutcome>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -81,7 +57,7 @@ impl InferenceService {
         let thread = std::thread::Builder::new()
             .name(format!("onnx-{name}"))
             .spawn(move || {
-                let send = |outcome: JobOutcome| {
+                let send = |outcome: RunOutcome| {
                     let sent = outcome_tx.send(outcome).is_ok();
                     notify();
                     sent
@@ -103,12 +79,12 @@ impl InferenceService {
                         last_watch = Instant::now();
                         let (loaded, errors) = model.refresh();
                         for version in loaded {
-                            if !send(JobOutcome::Loaded { version }) {
+                            if !send(RunOutcome::Loaded { version }) {
                                 return;
                             }
                         }
                         for reason in errors {
-                            if !send(JobOutcome::LoadFailed { reason }) {
+                            if !send(RunOutcome::LoadFailed { reason }) {
                                 return;
                             }
                         }
@@ -127,7 +103,7 @@ impl InferenceService {
                         Err(format!("the model run panicked: {what}"))
                     });
                     let compute = started.elapsed();
-                    if !send(JobOutcome::Done { id: job.id, started, compute, result }) {
+                    if !send(RunOutcome::Done { id: job.id, started, compute, result }) {
                         return;
                     }
                 }
@@ -147,14 +123,9 @@ impl InferenceService {
     }
 
     /// Queues a batch.
-    pub fn submit(&self, job: Job) -> Result<(), String> {
+    pub fn queue(&self, job: Job) -> Result<(), String> {
         let jobs = self.jobs.as_ref().ok_or_else(|| format!("model `{}` is stopped", self.name))?;
         jobs.send(job).map_err(|_| format!("the thread of model `{}` has stopped", self.name))
-    }
-
-    /// The next outcome, if one is ready.
-    pub fn try_next(&self) -> Option<JobOutcome> {
-        self.outcomes.try_recv().ok()
     }
 }
 
@@ -164,5 +135,59 @@ impl Drop for InferenceService {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// An ONNX model to serve: started on its own thread by the inference operator.
+#[derive(Debug)]
+pub struct ServedModel {
+    /// The model.
+    pub model: OnnxModel,
+    /// How its thread runs.
+    pub options: ServiceOptions,
+}
+
+impl Model for ServedModel {
+    type Runner = InferenceService;
+
+    fn name(&self) -> &str {
+        self.model.name()
+    }
+
+    fn latest(&self) -> Option<u64> {
+        self.model.latest()
+    }
+
+    fn start(self, notify: Box<dyn Fn() + Send>) -> Result<InferenceService, String> {
+        InferenceService::start(self.model, self.options, notify)
+    }
+}
+
+impl ModelRunner for InferenceService {
+    type Split = Batch;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), String> {
+        self.interface.check(&self.name, inputs).map(drop)
+    }
+
+    /// Stacks the batch here, on the caller's thread, so only whole batches cross to the
+    /// model's thread.
+    fn submit(&self, id: u64, version: Option<u64>, batch: &[&BTreeMap<String, Tensor>]) -> Result<Batch, String> {
+        let mut stacked = Batch::stack(&self.interface, batch)?;
+        let inputs = std::mem::take(&mut stacked.inputs);
+        self.queue(Job { id, version, inputs })?;
+        Ok(stacked)
+    }
+
+    fn split(split: &Batch, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+        split.split(outputs)
+    }
+
+    fn try_next(&self) -> Option<RunOutcome> {
+        self.outcomes.try_recv().ok()
     }
 }

@@ -9,7 +9,6 @@
 
 mod dataflow;
 pub(crate) mod federated;
-pub(crate) mod inference;
 mod sink;
 
 pub use dataflow::{Balanced, Build, Port};

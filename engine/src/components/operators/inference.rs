@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use edgeflow_connectors::onnx::{ServedModel, ServiceOptions};
+use edgeflow_operators::inference::operator::{Inference, InferenceOut};
 use edgeflow_operators::inference::InferenceConfig;
 use edgeflow_operators::params::{Checked, ParamErrors};
 use timely::dataflow::operators::vec::Map;
@@ -10,7 +12,6 @@ use timely::dataflow::operators::Concatenate;
 
 use crate::components::{BuildError, Component, Context, OperatorComponent, Ports, Wiring};
 use crate::config::{PortKind, PortRef};
-use crate::runtime::inference::{inference, InferenceOut};
 use crate::runtime::{Build, Port};
 
 /// Inference with checked settings and an existing registry.
@@ -126,7 +127,11 @@ impl OperatorComponent for InferenceOperator {
         let requests = cx.count_stream(scope.concatenate(streams), name, "input");
         let balancer = balancer_name.and_then(|name| cx.balancers.get_mut(&name));
         let changes = balancer.as_ref().map_or_else(|| scope.concatenate(Vec::new()), |b| b.changes.clone());
-        let out = inference(requests, changes, name, config, models, cx.metrics);
+        // Each model runs on a thread of its own, which also watches for new versions.
+        let watch = (config.watch.as_millis() > 0).then(|| std::time::Duration::from_millis(config.watch.as_millis()));
+        let served: Vec<ServedModel> =
+            models.into_iter().map(|model| ServedModel { model, options: ServiceOptions { watch } }).collect();
+        let out = requests.inference(changes, name, config, served, &cx.metrics.inference);
         let mut results = out.clone().flat_map(|out| match out {
             InferenceOut::Result(result) => Some(result),
             InferenceOut::Reroute(_) => None,

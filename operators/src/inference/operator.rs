@@ -3,25 +3,83 @@
 //!
 //! Requests go to the worker that owns their edge node (`node`, set by `load_balance`), or
 //! are spread by id. Each worker keeps a [`Batcher`] per model and pinned version; a due
-//! batch is handed to the model's [`InferenceService`] thread, and the operator returns at
-//! once, so other operators on the worker keep running while ONNX Runtime computes. The
-//! thread wakes the operator when a batch is done. Until then the operator holds a
-//! capability for each waiting request's time, so downstream frontiers (and sinks) wait
-//! for every result. Every request gets exactly one result: `ok`, `expired` (deadline
+//! batch is handed to the model's runner (a [`Model`] started on its own thread), and the
+//! operator returns at once, so other operators on the worker keep running while the model
+//! computes. The runner wakes the operator when a batch is done. Until then the operator
+//! holds a capability for each waiting request's time, so downstream frontiers (and sinks)
+//! wait for every result. Every request gets exactly one result: `ok`, `expired` (deadline
 //! passed while queued), `rejected` (queue full, with the reason) or `failed` (a request
 //! that does not fit the model, an unknown model or version, a failed run).
+//!
+//! The models come from outside: `connectors` implements [`Model`] and [`ModelRunner`] with
+//! ONNX Runtime. The example below serves a model that doubles its input, run in place.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::sync::{Arc, Mutex};
+//! use edgeflow_operators::inference::operator::{Inference, InferenceOut, Model, ModelRunner, RunOutcome};
+//! use edgeflow_operators::inference::InferenceConfig;
+//! use edgeflow_operators::metrics::InferenceMetrics;
+//! use edgeflow_operators::{InferenceRequest, Tensor};
+//! use timely::dataflow::operators::capture::{Capture, Event};
+//! use timely::dataflow::operators::{Concatenate, ToStream};
+//!
+//! /// Doubles `x`, in the caller's thread.
+//! struct Double(Arc<Mutex<Vec<RunOutcome>>>);
+//! impl Model for Double {
+//!     type Runner = Double;
+//!     fn name(&self) -> &str { "double" }
+//!     fn latest(&self) -> Option<u64> { Some(1) }
+//!     fn start(self, _notify: Box<dyn Fn() + Send>) -> Result<Double, String> { Ok(self) }
+//! }
+//! impl ModelRunner for Double {
+//!     type Split = usize;
+//!     fn name(&self) -> &str { "double" }
+//!     fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), String> {
+//!         inputs.get("x").map(|_| ()).ok_or_else(|| "needs input `x`".to_owned())
+//!     }
+//!     fn submit(&self, id: u64, _version: Option<u64>, batch: &[&BTreeMap<String, Tensor>]) -> Result<usize, String> {
+//!         let doubled = batch.iter().map(|inputs| {
+//!             let x = &inputs["x"];
+//!             Tensor { shape: x.shape.clone(), data: x.data.iter().map(|v| v * 2.0).collect() }
+//!         }).collect();
+//!         let started = std::time::Instant::now();
+//!         let compute = std::time::Duration::ZERO;
+//!         self.0.lock().unwrap().push(RunOutcome::Done { id, started, compute, result: Ok((1, doubled)) });
+//!         Ok(batch.len())
+//!     }
+//!     fn split(_rows: &usize, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+//!         Ok(outputs.into_iter().map(|y| BTreeMap::from([("y".to_owned(), y)])).collect())
+//!     }
+//!     fn try_next(&self) -> Option<RunOutcome> { self.0.lock().unwrap().pop() }
+//! }
+//!
+//! let config: InferenceConfig = serde_json::from_value(serde_json::json!({
+//!     "registry": "unused", "models": ["double"], "max_queue_delay": "0s"
+//! })).unwrap();
+//! let results = timely::example(move |scope| {
+//!     let json = br#"{"id": "r1", "model": "double", "timestamp": 5,
+//!                     "inputs": {"x": {"shape": [1, 1], "data": [21.0]}}}"#;
+//!     let request = InferenceRequest::from_json(json).unwrap();
+//!     let requests = vec![Box::new(request)].to_stream(scope);
+//!     let changes = scope.concatenate(Vec::<timely::dataflow::StreamVec<_, _>>::new());
+//!     let models = vec![Double(Arc::default())];
+//!     requests.inference(changes, "infer", &config, models, &InferenceMetrics::default()).capture()
+//! });
+//! let out: Vec<InferenceOut> = results
+//!     .try_iter()
+//!     .flat_map(|event| match event {
+//!         Event::Messages(_, outs) => outs,
+//!         Event::Progress(_) => Vec::new(),
+//!     })
+//!     .collect();
+//! let InferenceOut::Result(result) = &out[0] else { panic!("a result") };
+//! assert_eq!(result.outputs["y"].data, vec![42.0]);
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgeflow_connectors::onnx::{Batch, InferenceService, Job, JobOutcome, OnnxModel, ServiceOptions};
-use edgeflow_connectors::wall_clock_ms;
-use edgeflow_operators::batcher::{Admission, Batcher};
-use edgeflow_operators::inference::InferenceConfig;
-use edgeflow_operators::{
-    route_hash, EventTime, HealthStatus, InferenceRequest, InferenceResult, ResultStatus, StatusChange,
-};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use timely::container::CapacityContainerBuilder;
@@ -31,14 +89,107 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Capability, InputCapability, Operator};
 use timely::dataflow::StreamVec;
 
-use crate::metrics::{labels, BatchHistogram, InferenceMetrics, Metrics};
+use super::InferenceConfig;
+use crate::batcher::{Admission, Batcher};
+use crate::metrics::{labels, BatchHistogram, InferenceMetrics};
+use crate::time::wall_clock_ms;
+use crate::{
+    route_hash, EventTime, HealthStatus, InferenceRequest, InferenceResult, ResultStatus, StatusChange, Tensor,
+};
+
+/// A model the operator can serve: started on a thread of its own when the operator is
+/// built (implemented with ONNX Runtime in `connectors`).
+pub trait Model: 'static {
+    /// The running model.
+    type Runner: ModelRunner;
+    /// Its name, as requests name it.
+    fn name(&self) -> &str;
+    /// Its latest version, if any is loaded.
+    fn latest(&self) -> Option<u64>;
+    /// Starts it; `notify` is called whenever an outcome is ready (it wakes the operator).
+    fn start(self, notify: Box<dyn Fn() + Send>) -> Result<Self::Runner, String>;
+}
+
+/// A running model: takes batches and reports their outcomes, without blocking the worker.
+pub trait ModelRunner {
+    /// How to split a batch's outputs per request.
+    type Split;
+    /// Its name.
+    fn name(&self) -> &str;
+    /// Checks one request's inputs against the model's interface.
+    fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), String>;
+    /// Stacks the inputs of a batch (on the caller's thread) and queues the batch as job
+    /// `id` of `version` (`None`: the latest).
+    fn submit(&self, id: u64, version: Option<u64>, batch: &[&BTreeMap<String, Tensor>])
+        -> Result<Self::Split, String>;
+    /// Splits a batch's stacked outputs (one per model output) per request.
+    fn split(split: &Self::Split, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String>;
+    /// The next outcome, if one is ready.
+    fn try_next(&self) -> Option<RunOutcome>;
+}
+
+/// What a model runner reports.
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// A batch ran (or failed as a whole).
+    Done {
+        /// The job's id.
+        id: u64,
+        /// When its run started.
+        started: Instant,
+        /// How long the run took.
+        compute: Duration,
+        /// The version that ran and the stacked outputs (one per model output), or why the
+        /// batch failed.
+        result: Result<(u64, Vec<Tensor>), String>,
+    },
+    /// A new version was loaded and is now the latest (unless a higher one exists).
+    Loaded {
+        /// The version.
+        version: u64,
+    },
+    /// A version could not be loaded; the ones loaded keep serving.
+    LoadFailed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Batched inference of requests on a stream of boxed requests.
+pub trait Inference<'scope> {
+    /// Runs every request through its model, in batches, and emits exactly one result per
+    /// request (or, for a request whose node went Offline in `changes` while it waited, a
+    /// re-route). `models` are this worker's models; `name` names the operator in metrics
+    /// and logs.
+    fn inference<M: Model>(
+        self,
+        changes: StreamVec<'scope, EventTime, StatusChange>,
+        name: &str,
+        config: &InferenceConfig,
+        models: Vec<M>,
+        metrics: &InferenceMetrics,
+    ) -> StreamVec<'scope, EventTime, InferenceOut>;
+}
+
+impl<'scope> Inference<'scope> for StreamVec<'scope, EventTime, Box<InferenceRequest>> {
+    fn inference<M: Model>(
+        self,
+        changes: StreamVec<'scope, EventTime, StatusChange>,
+        name: &str,
+        config: &InferenceConfig,
+        models: Vec<M>,
+        metrics: &InferenceMetrics,
+    ) -> StreamVec<'scope, EventTime, InferenceOut> {
+        inference_core(self, changes, name, config, models, metrics)
+    }
+}
 
 type Output<'a> = OutputBuilderSession<'a, EventTime, CapacityContainerBuilder<Vec<InferenceOut>>>;
 
 /// What the operator emits: results, and requests whose node went Offline while they
 /// waited (they go back to the load balancer that placed them).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub(crate) enum InferenceOut {
+pub enum InferenceOut {
     /// The one result of a request.
     Result(Box<InferenceResult>),
     /// A request to place again, with `node` still naming the lost node.
@@ -59,8 +210,8 @@ struct Waiting {
 }
 
 /// One served model on one worker.
-struct Lane {
-    service: InferenceService,
+struct Lane<R> {
+    service: R,
     /// A queue per pinned version (`None`: the latest).
     queues: BTreeMap<Option<u64>, Batcher<Waiting>>,
     counters: StatusCounters,
@@ -133,48 +284,46 @@ impl Held {
     }
 }
 
-/// Builds the operator on one worker; `models` are this worker's loaded models. `changes`
-/// are the status changes of the fleet the requests were placed on (load-balanced
-/// requests): a request still waiting when its node goes Offline leaves as a re-route.
-pub(crate) fn inference<'scope>(
+/// Builds the operator on one worker; `models` are this worker's models. `changes` are the
+/// status changes of the fleet the requests were placed on (load-balanced requests): a
+/// request still waiting when its node goes Offline leaves as a re-route.
+fn inference_core<'scope, M: Model>(
     requests: StreamVec<'scope, EventTime, Box<InferenceRequest>>,
     changes: StreamVec<'scope, EventTime, StatusChange>,
     operator: &str,
     config: &InferenceConfig,
-    models: Vec<OnnxModel>,
-    metrics: &Arc<Metrics>,
+    models: Vec<M>,
+    metrics: &InferenceMetrics,
 ) -> StreamVec<'scope, EventTime, InferenceOut> {
     let scope = requests.scope();
     let worker = scope.index();
     let name = operator.to_owned();
     let policy = config.policy();
-    let watch = (config.watch.as_millis() > 0).then(|| Duration::from_millis(config.watch.as_millis()));
-    let metrics = metrics.clone();
+
     // The stream's records are boxed requests: the closure takes what the stream holds.
     #[allow(clippy::borrowed_box)]
     let pact =
         Exchange::new(|request: &Box<InferenceRequest>| route_hash(request.node.as_deref().unwrap_or(&request.id)));
-    let rerouted =
-        metrics.inference.rerouted.get_or_create(&labels::Operator { operator: operator.to_owned() }).clone();
+    let rerouted = metrics.rerouted.get_or_create(&labels::Operator { operator: operator.to_owned() }).clone();
     let changes = changes.broadcast();
     requests.binary_frontier(changes, pact, Pipeline, &format!("Inference({operator})"), move |_cap, info| {
         let activator = scope.activator_for(info.address.clone());
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
         let served: Vec<String> = models.iter().map(|m| m.name().to_owned()).collect();
-        let mut lanes: BTreeMap<String, Lane> = BTreeMap::new();
+        let mut lanes: BTreeMap<String, Lane<M::Runner>> = BTreeMap::new();
         let mut start_error = None;
         for model in models {
             let model_name = model.name().to_owned();
             let model_labels = labels::Model { operator: name.clone(), model: model_name.clone() };
             let worker_labels = labels::ModelWorker { operator: name.clone(), model: model_name.clone(), worker };
-            let m = &metrics.inference;
+            let m = &metrics;
             let version = m.model_version.get_or_create(&worker_labels).clone();
             version.set(model.latest().map_or(0, |v| v as i64));
             let wake = wake.clone();
             let notify = Box::new(move || {
                 let _ = wake.activate();
             });
-            match InferenceService::start(model, ServiceOptions { watch }, notify) {
+            match model.start(notify) {
                 Ok(service) => {
                     lanes.insert(
                         model_name.clone(),
@@ -205,7 +354,7 @@ pub(crate) fn inference<'scope>(
         let mut offline: std::collections::HashSet<String> = std::collections::HashSet::new();
         // Batches in a model run: their requests, when each was admitted, and how to split
         // the outputs.
-        let mut running: HashMap<u64, Running> = HashMap::new();
+        let mut running: HashMap<u64, Running<<M::Runner as ModelRunner>::Split>> = HashMap::new();
         let mut next_job = 0u64;
 
         let span = tracing::info_span!("operator", name = %name, r#type = "inference", worker);
@@ -258,7 +407,7 @@ pub(crate) fn inference<'scope>(
                         answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
                     };
-                    if let Err(reason) = lane.service.interface().check(&request.model, &request.inputs) {
+                    if let Err(reason) = lane.service.check(&request.inputs) {
                         lane.counters.count(ResultStatus::Failed);
                         answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
                         continue;
@@ -296,10 +445,10 @@ pub(crate) fn inference<'scope>(
             for lane in lanes.values_mut() {
                 while let Some(outcome) = lane.service.try_next() {
                     match outcome {
-                        JobOutcome::Done { id, started, compute, result } => {
+                        RunOutcome::Done { id, started, compute, result } => {
                             let Some(batch) = running.remove(&id) else { continue };
                             let result = result.and_then(|(version, outputs)| {
-                                batch.stacked.split(outputs).map(|outputs| (version, outputs))
+                                M::Runner::split(&batch.stacked, outputs).map(|outputs| (version, outputs))
                             });
                             match result {
                                 Err(reason) if batch.waiting.len() > 1 => {
@@ -315,13 +464,13 @@ pub(crate) fn inference<'scope>(
                                 result => finish(lane, &mut held, output, batch.waiting, started, compute, result),
                             }
                         }
-                        JobOutcome::Loaded { version } => {
+                        RunOutcome::Loaded { version } => {
                             tracing::info!(operator = %name, model = lane.service.name(), version, worker, "model version loaded");
                             if version as i64 > lane.version.get() {
                                 lane.version.set(version as i64);
                             }
                         }
-                        JobOutcome::LoadFailed { reason } => {
+                        RunOutcome::LoadFailed { reason } => {
                             lane.load_failures.inc();
                             tracing::error!(operator = %name, model = lane.service.name(), %reason, "a model version failed to load; the loaded versions keep serving");
                         }
@@ -382,28 +531,28 @@ pub(crate) fn inference<'scope>(
 }
 
 /// A batch in a model run.
-struct Running {
+struct Running<S> {
     waiting: Vec<(Waiting, Instant)>,
-    stacked: Batch,
+    stacked: S,
     /// The version it asked for (`None`: the latest).
     version: Option<u64>,
 }
 
 /// A batch on its way to a model's thread.
-struct Submit<'a> {
-    service: &'a InferenceService,
+struct Submit<'a, R> {
+    service: &'a R,
     counters: &'a StatusCounters,
     id: u64,
     version: Option<u64>,
 }
 
-impl Submit<'_> {
+impl<R: ModelRunner> Submit<'_, R> {
     /// Stacks the batch's inputs here, on the worker, and hands the batch to the model's
     /// thread (so only whole batches cross threads); if that fails, every request fails.
     fn run(
         self,
         waiting: Vec<(Waiting, Instant)>,
-        running: &mut HashMap<u64, Running>,
+        running: &mut HashMap<u64, Running<R::Split>>,
         held: &mut Held,
         output: &mut Output<'_>,
     ) {
@@ -427,7 +576,7 @@ impl Submit<'_> {
     fn try_run(
         self,
         waiting: Vec<(Waiting, Instant)>,
-        running: &mut HashMap<u64, Running>,
+        running: &mut HashMap<u64, Running<R::Split>>,
     ) -> Result<(), Vec<(Waiting, Instant)>> {
         match self.submit(&waiting) {
             Ok(stacked) => {
@@ -441,32 +590,28 @@ impl Submit<'_> {
         }
     }
 
-    fn submit(&self, waiting: &[(Waiting, Instant)]) -> Result<Batch, String> {
-        let inputs: Vec<&BTreeMap<String, edgeflow_operators::Tensor>> =
-            waiting.iter().map(|(w, _)| &w.request.inputs).collect();
-        Batch::stack(self.service.interface(), &inputs).and_then(|mut stacked| {
-            let inputs = std::mem::take(&mut stacked.inputs);
-            self.service.submit(Job { id: self.id, version: self.version, inputs }).map(|()| stacked)
-        })
+    fn submit(&self, waiting: &[(Waiting, Instant)]) -> Result<R::Split, String> {
+        let inputs: Vec<&BTreeMap<String, Tensor>> = waiting.iter().map(|(w, _)| &w.request.inputs).collect();
+        self.service.submit(self.id, self.version, &inputs)
     }
 }
 
 /// Turns a finished run into one result per request.
-fn finish(
-    lane: &Lane,
+fn finish<R>(
+    lane: &Lane<R>,
     held: &mut Held,
     output: &mut Output<'_>,
     batch: Vec<(Waiting, Instant)>,
     started: Instant,
     compute: Duration,
-    result: Result<(u64, Vec<BTreeMap<String, edgeflow_operators::Tensor>>), String>,
+    result: Result<(u64, Vec<BTreeMap<String, Tensor>>), String>,
 ) {
     let compute_ms = compute.as_secs_f64() * 1000.0;
     lane.batch_size.observe(batch.len() as f64);
     lane.compute_seconds.observe(compute.as_secs_f64());
     lane.busy_seconds.inc_by(compute.as_secs_f64());
     let size = batch.len() as u32;
-    let finished_at = edgeflow_operators::records::wall_clock_ms_f64();
+    let finished_at = crate::records::wall_clock_ms_f64();
     let mut outs = Vec::with_capacity(batch.len());
     match result {
         Ok((version, outputs)) => {
@@ -528,7 +673,7 @@ fn finish(
 }
 
 /// Why a request's outputs cannot make an `ok` result: the first non-finite value, named.
-fn non_finite(outputs: &BTreeMap<String, edgeflow_operators::Tensor>) -> Option<String> {
+fn non_finite(outputs: &BTreeMap<String, Tensor>) -> Option<String> {
     outputs.iter().find_map(|(name, tensor)| {
         let index = tensor.data.iter().position(|value| !value.is_finite())?;
         Some(format!(

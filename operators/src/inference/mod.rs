@@ -1,6 +1,7 @@
-//! Configuration of the `inference` operator, and how heartbeats become inference requests
-//! (telemetry scoring). The operator itself runs in the engine, which owns the model
-//! threads; the batching rules are in [`crate::batcher`].
+//! The `inference` operator ([`operator`]), its configuration, and how heartbeats become
+//! inference requests (telemetry scoring); the batching rules are in [`crate::batcher`].
+
+pub mod operator;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
