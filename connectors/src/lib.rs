@@ -7,6 +7,7 @@
 //! running thing).
 
 pub mod dead_letter;
+pub mod federated;
 pub mod file;
 pub mod generator;
 #[cfg(feature = "kafka")]

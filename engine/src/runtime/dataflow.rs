@@ -43,9 +43,9 @@ pub enum Port<'scope> {
     /// Inference results.
     Results(StreamVec<'scope, EventTime, Box<InferenceResult>>),
     /// Federated round reports (time: the round).
-    Rounds(StreamVec<'scope, EventTime, super::federated::RoundReport>),
+    Rounds(StreamVec<'scope, EventTime, edgeflow_operators::federated::operator::RoundReport>),
     /// Global model versions (time: the round).
-    Models(StreamVec<'scope, EventTime, super::federated::GlobalModel>),
+    Models(StreamVec<'scope, EventTime, edgeflow_operators::federated::operator::GlobalModel>),
     /// Federated client updates.
     Updates(StreamVec<'scope, EventTime, ModelUpdate>),
     /// Federated round plans (time: the round before).

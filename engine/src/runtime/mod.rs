@@ -8,7 +8,6 @@
 //! and the run ends.
 
 mod dataflow;
-pub(crate) mod federated;
 mod sink;
 
 pub use dataflow::{Balanced, Build, Port};

@@ -7,6 +7,7 @@ pub mod config;
 pub mod coordinator;
 pub mod learn;
 pub mod onnx_export;
+pub mod operator;
 pub mod privacy;
 pub mod secure;
 pub mod secure_protocol;

@@ -1,14 +1,15 @@
 //! `type: federated`: federated training, round after round, over simulated clients or
 //! external ones whose updates are its input.
 
+use edgeflow_connectors::federated::{load, RoundFiles};
 use edgeflow_operators::federated::config::FederatedConfig;
+use edgeflow_operators::federated::operator::{ClientHealth, Federated};
 use edgeflow_operators::params::{Checked, ParamErrors};
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Concatenate;
 
 use crate::components::{BuildError, Component, Context, Input, OperatorComponent, Ports, Wiring};
 use crate::config::{PortKind, PortRef};
-use crate::runtime::federated::{federated, load, ClientHealth};
 use crate::runtime::{Build, Port};
 
 /// Federated training with checked settings and a dataset that exists.
@@ -92,10 +93,10 @@ impl OperatorComponent for FederatedOperator {
         inputs: &[PortRef],
         cx: &mut Build<'_, 'scope>,
     ) -> Result<Vec<Port<'scope>>, BuildError> {
-        let data = load(&self.0).map_err(|reason| BuildError {
+        let data = load(&self.0).map_err(|err| BuildError {
             operator: name.to_owned(),
             what: "cannot load its data",
-            reason,
+            reason: err.to_string(),
         })?;
         let scope = cx.scope;
         // External clients: their updates come from the operator's inputs.
@@ -121,7 +122,8 @@ impl OperatorComponent for FederatedOperator {
                 _ => None,
             })
             .collect();
-        let ports = federated(scope, name, &self.0, data, external, health, cx.metrics);
+        let files = RoundFiles::create(name, &self.0);
+        let ports = scope.federated(name, &self.0, data, external, health, &cx.metrics.federated, files);
         let rounds = cx.count_stream(ports.rounds, name, "rounds");
         Ok(vec![
             Port::Rounds(rounds),

@@ -18,22 +18,8 @@
 //! never hold back the sinks or the sources' flow control.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgeflow_connectors::wall_clock_ms;
-use edgeflow_operators::federated::config::{Export, FederatedConfig, SecureAggregation};
-use edgeflow_operators::federated::coordinator::DpMode;
-use edgeflow_operators::federated::coordinator::{
-    ClientInfo, Coordinator, PlanError, PlanRecord, RoundPlan, RoundSummary,
-};
-use edgeflow_operators::federated::learn::{Dataset, Softmax};
-use edgeflow_operators::federated::secure::{unmask, Announcement, MaskedUpdate, Reveal, SecureClient};
-use edgeflow_operators::federated::secure_protocol::{Advance, ClientStep, ServerRound, ServerStep};
-use edgeflow_operators::federated::simulate::SimulatedFleet;
-use edgeflow_operators::federated::update::{ModelUpdate, Payload};
-use edgeflow_operators::{route_hash, DeadLetter, EventTime, HealthStatus};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
@@ -41,7 +27,93 @@ use timely::dataflow::operators::vec::{Broadcast, Map};
 use timely::dataflow::operators::{Concatenate, ConnectLoop, Feedback, Operator};
 use timely::dataflow::{Scope, StreamVec};
 
-use crate::metrics::Metrics;
+use super::config::{FederatedConfig, SecureAggregation};
+use super::coordinator::DpMode;
+use super::coordinator::{ClientInfo, Coordinator, PlanError, PlanRecord, RoundPlan, RoundSummary};
+use super::learn::{Dataset, Softmax};
+use super::secure::{unmask, Announcement, MaskedUpdate, Reveal, SecureClient};
+use super::secure_protocol::{Advance, ClientStep, ServerRound, ServerStep};
+use super::simulate::SimulatedFleet;
+use super::update::{ModelUpdate, Payload};
+use crate::metrics::{labels, FederatedMetrics};
+use crate::time::wall_clock_ms;
+use crate::{route_hash, DeadLetter, EventTime, HealthStatus};
+
+/// Where a federated operator's rounds go besides its outputs: a CSV of the convergence and
+/// the trained model exported to a registry (implemented with files in `connectors`).
+pub trait RoundsOutput: 'static {
+    /// Round `summary.round` closed; the new global model measured `test_loss` and
+    /// `test_accuracy` on the held-out data.
+    fn round_closed(&mut self, summary: &RoundSummary, test_loss: f64, test_accuracy: f64);
+    /// Training is over: `coordinator` holds the final global model of shape `shape`.
+    fn finished(&mut self, shape: &Softmax, coordinator: &Coordinator);
+}
+
+/// Rounds go nowhere but the operator's outputs.
+impl RoundsOutput for () {
+    fn round_closed(&mut self, _summary: &RoundSummary, _test_loss: f64, _test_accuracy: f64) {}
+    fn finished(&mut self, _shape: &Softmax, _coordinator: &Coordinator) {}
+}
+
+/// Federated training in a scope.
+///
+/// Three rounds of FedAvg over ten simulated clients of a small two-class dataset:
+///
+/// ```
+/// use edgeflow_operators::federated::config::FederatedConfig;
+/// use edgeflow_operators::federated::learn::Dataset;
+/// use edgeflow_operators::federated::operator::{Federated, FederatedData};
+/// use edgeflow_operators::metrics::FederatedMetrics;
+/// use timely::dataflow::operators::capture::{Capture, Extract};
+/// use timely::dataflow::operators::vec::Map;
+///
+/// // Class 0 near (0, 0), class 1 near (1, 1).
+/// let csv: String = (0..200).map(|i| format!("{},{},{}\n", i % 2, (i % 2) as f32 + (i % 7) as f32 / 50.0, (i % 2) as f32)).collect();
+/// let config: FederatedConfig = serde_json::from_value(serde_json::json!({
+///     "dataset": "unused.csv", "clients": 10, "clients_per_round": 5, "rounds": 3,
+/// })).unwrap();
+/// let data = FederatedData::split(&Dataset::parse_csv(&csv, 1.0).unwrap(), &config);
+/// let rounds = timely::example(move |scope| {
+///     let ports = scope.federated("train", &config, data, None, Vec::new(), &FederatedMetrics::default(), ());
+///     ports.rounds.map(|report| report.round()).capture()
+/// });
+/// let rounds: Vec<u64> = rounds.extract().into_iter().flat_map(|(_, rounds)| rounds).collect();
+/// assert_eq!(rounds, vec![1, 2, 3]);
+/// ```
+pub trait Federated<'scope> {
+    /// Builds the training loop of operator `name`. With `external` updates (a source of
+    /// `model_updates`), the clients are outside: they read the `plans` output and a round
+    /// closes when every selected client has answered, on quorum if asked, or at its
+    /// wall-clock deadline. Without, the simulated fleet of `data` answers each plan within
+    /// the round's logical time. `health` is the clients' live node health; `output` gets
+    /// each closed round and the final model.
+    #[allow(clippy::too_many_arguments)]
+    fn federated<W: RoundsOutput>(
+        self,
+        name: &str,
+        config: &FederatedConfig,
+        data: FederatedData,
+        external: Option<StreamVec<'scope, EventTime, ModelUpdate>>,
+        health: Vec<StreamVec<'scope, EventTime, ClientHealth>>,
+        metrics: &FederatedMetrics,
+        output: W,
+    ) -> FederatedPorts<'scope>;
+}
+
+impl<'scope> Federated<'scope> for Scope<'scope, EventTime> {
+    fn federated<W: RoundsOutput>(
+        self,
+        name: &str,
+        config: &FederatedConfig,
+        data: FederatedData,
+        external: Option<StreamVec<'scope, EventTime, ModelUpdate>>,
+        health: Vec<StreamVec<'scope, EventTime, ClientHealth>>,
+        metrics: &FederatedMetrics,
+        output: W,
+    ) -> FederatedPorts<'scope> {
+        federated_core(self, name, config, data, external, health, metrics, Box::new(output))
+    }
+}
 
 /// One line of the `rounds` output (and of the CSV).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -116,11 +188,23 @@ struct PlanMessage {
 
 /// What the live node health says of a client (an edge node of the same id).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) enum ClientHealth {
+pub enum ClientHealth {
     /// Its status changed (from `node_health`'s changes).
-    Status { node: String, status: HealthStatus },
+    Status {
+        /// The node (and client) id.
+        node: String,
+        /// Its new status.
+        status: HealthStatus,
+    },
     /// Its latest resource use, percent (from its heartbeats).
-    Load { node: String, cpu: f64, memory: f64 },
+    Load {
+        /// The node (and client) id.
+        node: String,
+        /// CPU percent.
+        cpu: f64,
+        /// Memory percent.
+        memory: f64,
+    },
 }
 
 /// What clients send the coordinator.
@@ -148,42 +232,51 @@ enum CoordinatorOut {
 }
 
 /// The operator's outputs.
-pub(crate) struct FederatedPorts<'scope> {
+#[derive(Debug)]
+pub struct FederatedPorts<'scope> {
+    /// One report per round (time: the round).
     pub rounds: StreamVec<'scope, EventTime, RoundReport>,
+    /// Each global model version (time: the round).
     pub models: StreamVec<'scope, EventTime, GlobalModel>,
+    /// Each round's plan with the model to train from (time: the round before).
     pub plans: StreamVec<'scope, EventTime, PlanRecord>,
+    /// Refused updates with their reason.
     pub rejected: StreamVec<'scope, EventTime, (DeadLetter, EventTime)>,
 }
 
 /// The training data of a federated operator, loaded when the pipeline starts.
-pub(crate) struct FederatedData {
+#[derive(Debug)]
+pub struct FederatedData {
+    /// The simulated clients, each with its share of the training data.
     pub fleet: SimulatedFleet,
+    /// The held-out data the global model is measured on.
     pub test: Dataset,
 }
 
-/// Loads the dataset and splits it over the simulated clients.
-pub(crate) fn load(config: &FederatedConfig) -> Result<FederatedData, String> {
-    let text = std::fs::read_to_string(&config.dataset)
-        .map_err(|err| format!("cannot read the dataset `{}`: {err}", config.dataset.display()))?;
-    let data = Dataset::parse_csv(&text, config.feature_scale)
-        .map_err(|err| format!("dataset `{}`: {err}", config.dataset.display()))?;
-    let (train, test) = data.split(config.test_fraction, config.seed);
-    let fleet = SimulatedFleet::new(&train, config.clients, config.partition, config.seed);
-    Ok(FederatedData { fleet, test })
+impl FederatedData {
+    /// Splits `data` into held-out and training data, and the training data over the
+    /// simulated clients, as `config` says.
+    pub fn split(data: &Dataset, config: &FederatedConfig) -> Self {
+        let (train, test) = data.split(config.test_fraction, config.seed);
+        let fleet = SimulatedFleet::new(&train, config.clients, config.partition, config.seed);
+        FederatedData { fleet, test }
+    }
 }
 
 /// Builds the training loop in `scope`. With `external` updates (a source of
 /// `model_updates`), the clients are outside: they read the `plans` output and a round closes
 /// when every selected client has answered, on quorum if asked, or at its wall-clock deadline.
 /// Without, the simulated fleet answers each plan within the round's logical time.
-pub(crate) fn federated<'scope>(
+#[allow(clippy::too_many_arguments)]
+fn federated_core<'scope>(
     scope: Scope<'scope, EventTime>,
     name: &str,
     config: &FederatedConfig,
     data: FederatedData,
     external: Option<StreamVec<'scope, EventTime, ModelUpdate>>,
     health: Vec<StreamVec<'scope, EventTime, ClientHealth>>,
-    metrics: &Arc<Metrics>,
+    metrics: &FederatedMetrics,
+    output: Box<dyn RoundsOutput>,
 ) -> FederatedPorts<'scope> {
     let live_health = external.is_some() && !health.is_empty();
     let index = scope.index();
@@ -210,7 +303,8 @@ pub(crate) fn federated<'scope>(
         }
     };
 
-    let mut driver = Driver::new(config, data.test, model_shape, infos, name, metrics, is_external, live_health);
+    let mut driver =
+        Driver::new(config, data.test, model_shape, infos, name, metrics, output, is_external, live_health);
     let secure = config.secure_aggregation.clone();
     let out = updates.unary_frontier(
         Exchange::new(|_: &ClientMessage| 0),
@@ -431,7 +525,7 @@ fn simulated_clients<'scope>(
 }
 
 /// One round of secure aggregation among simulated clients (Bonawitz et al.; see
-/// `edgeflow_operators::federated::secure`). Every selected client announces its key and
+/// `crate::federated::secure`). Every selected client announces its key and
 /// shares its secrets; those that drop out (`dropout`) do so after sharing, so their masks
 /// must be recovered. The clients' secrets come from the operating system's generator; as
 /// the simulation runs every client in one place (worker 0) it protects nothing, and is
@@ -490,35 +584,19 @@ impl SecureRound<'_> {
     }
 }
 
-/// The CSV of per-round convergence, with its header; a file that cannot be created is
-/// logged and skipped.
-fn create_csv(path: &std::path::Path) -> Option<std::fs::File> {
-    match std::fs::File::create(path) {
-        Ok(mut file) => {
-            let _ = writeln!(
-                file,
-                "round,model_version,selected,accepted,rejected,quorum_met,client_loss,test_loss,test_accuracy,epsilon"
-            );
-            Some(file)
-        }
-        Err(err) => {
-            tracing::error!(path = %path.display(), %err, "cannot create the federated CSV");
-            None
-        }
-    }
-}
-
 /// The coordinator's side of the operator (worker 0): rounds opened, updates offered,
 /// rounds closed, reported and exported.
 struct Driver {
     coordinator: Coordinator,
-    csv: Option<std::fs::File>,
+    /// Where closed rounds and the final model go.
+    output: Box<dyn RoundsOutput>,
+    /// Whether the final model went to the output.
+    finished: bool,
     gauges: FederatedGauges,
     test: Dataset,
     model_shape: Softmax,
     infos: Vec<ClientInfo>,
     operator: String,
-    export: Option<Export>,
     rounds: u64,
     /// External clients: how long a round waits.
     timeout: Option<Duration>,
@@ -563,19 +641,20 @@ impl Driver {
         model_shape: Softmax,
         infos: Vec<ClientInfo>,
         name: &str,
-        metrics: &Metrics,
+        metrics: &FederatedMetrics,
+        output: Box<dyn RoundsOutput>,
         external: bool,
         live_health: bool,
     ) -> Self {
         Self {
             coordinator: Coordinator::new(config.coordinator(), vec![0.0; model_shape.parameters()]),
-            csv: config.csv.as_deref().and_then(create_csv),
+            output,
+            finished: false,
             gauges: FederatedGauges::new(metrics, name),
             test,
             model_shape,
             infos,
             operator: name.to_owned(),
-            export: config.export.clone(),
             rounds: config.rounds,
             timeout: external.then(|| Duration::from_millis(config.round_timeout.as_millis())),
             close_on_quorum: config.close_on_quorum,
@@ -664,7 +743,7 @@ impl Driver {
                     "update from `{}` for round {}: the rounds use secure aggregation; send its steps (payload format `{}`), not an update in the clear",
                     update.client_id,
                     update.round,
-                    edgeflow_operators::federated::secure_protocol::SECAGG_FORMAT
+                    crate::federated::secure_protocol::SECAGG_FORMAT
                 )),
             };
             return result.err().map(|reason| self.reject(update, reason));
@@ -808,22 +887,7 @@ impl Driver {
         let (test_loss, test_accuracy) = self.model_shape.evaluate(self.coordinator.model(), &self.test);
         self.gauges.observe(&summary, test_accuracy);
         tracing::info!(operator = %self.operator, round, accuracy = test_accuracy, accepted = summary.accepted, "federated round closed");
-        if let Some(file) = self.csv.as_mut() {
-            let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-            let _ = writeln!(
-                file,
-                "{},{},{},{},{},{},{},{test_loss:.6},{test_accuracy:.6},{}",
-                summary.round,
-                summary.model_version,
-                summary.selected,
-                summary.accepted,
-                summary.rejected,
-                summary.quorum_met,
-                opt(summary.client_loss),
-                opt(summary.epsilon)
-            );
-            let _ = file.flush();
-        }
+        self.output.round_closed(&summary, test_loss, test_accuracy);
         vec![
             CoordinatorOut::Model(GlobalModel {
                 round,
@@ -834,36 +898,12 @@ impl Driver {
         ]
     }
 
-    /// Training is over: exports the model if asked.
+    /// Training is over: the final model goes to the output (once).
     fn finish(&mut self) {
-        let Some(export) = self.export.take() else { return };
-        match write_onnx(&export, &self.model_shape, &self.coordinator) {
-            Ok(path) => {
-                tracing::info!(operator = %self.operator, path = %path.display(), "trained model exported to ONNX")
-            }
-            Err(err) => tracing::error!(operator = %self.operator, %err, "cannot export the trained model"),
+        if !std::mem::replace(&mut self.finished, true) {
+            self.output.finished(&self.model_shape, &self.coordinator);
         }
     }
-}
-
-/// Writes the global model as `REGISTRY/MODEL/VERSION/model.onnx`, beside and then renamed
-/// into place, so a registry being watched never shows a half-written version.
-fn write_onnx(export: &Export, shape: &Softmax, coordinator: &Coordinator) -> std::io::Result<std::path::PathBuf> {
-    let model_dir = export.registry.join(&export.model);
-    std::fs::create_dir_all(&model_dir)?;
-    let version = coordinator.version();
-    let staging = model_dir.join(format!(".staging-{version}"));
-    std::fs::create_dir_all(&staging)?;
-    let description = format!("softmax regression trained by federated rounds; global model version {version}");
-    let bytes =
-        edgeflow_operators::federated::onnx_export::softmax_onnx(shape, coordinator.model(), version, &description);
-    std::fs::write(staging.join("model.onnx"), bytes)?;
-    let target = model_dir.join(version.to_string());
-    if target.exists() {
-        std::fs::remove_dir_all(&target)?;
-    }
-    std::fs::rename(&staging, &target)?;
-    Ok(target.join("model.onnx"))
 }
 
 /// Prometheus view of the training.
@@ -876,13 +916,13 @@ struct FederatedGauges {
 }
 
 impl FederatedGauges {
-    fn new(metrics: &Metrics, operator: &str) -> Self {
-        let labels = crate::metrics::labels::Operator { operator: operator.to_owned() };
-        let f = &metrics.federated;
+    fn new(metrics: &FederatedMetrics, operator: &str) -> Self {
+        let labels = labels::Operator { operator: operator.to_owned() };
+        let f = metrics;
         // One family lookup per statement: a lookup's read guard lives to the statement's
         // end, and a second lookup that creates would wait on it forever.
         let outcome = |outcome| {
-            let labels = crate::metrics::labels::OperatorOutcome { operator: operator.to_owned(), outcome };
+            let labels = labels::OperatorOutcome { operator: operator.to_owned(), outcome };
             let counter = f.updates.get_or_create(&labels).clone();
             counter
         };
@@ -916,11 +956,13 @@ mod tests {
                 "close_on_quorum": close_on_quorum, "round_timeout": "1h",
             }))
             .unwrap();
-            let data = load(&config).unwrap();
+            let text = std::fs::read_to_string(&config.dataset).unwrap();
+            let data = FederatedData::split(&Dataset::parse_csv(&text, config.feature_scale).unwrap(), &config);
             let infos = data.fleet.infos();
-            let metrics = Metrics::new();
+            let metrics = FederatedMetrics::default();
             let shape = data.fleet.model;
-            let mut driver = Driver::new(&config, data.test, shape, infos, "train", &metrics, true, false);
+            let mut driver =
+                Driver::new(&config, data.test, shape, infos, "train", &metrics, Box::new(()), true, false);
             let Opened::Plan(CoordinatorOut::Plan(message)) = driver.open() else { panic!("no plan") };
             let mut send = |client: &String| {
                 let update = data.fleet.train(&message.plan, &message.model, client).unwrap();
