@@ -45,25 +45,134 @@ pub enum SourceStatus {
     Exhausted,
 }
 
-/// An error from the outside world that stops a source.
+/// Whose fault an error is: what the person reading it should look at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The user's: the pipeline's settings or the input (a wrong path, a bad dataset, a
+    /// topic that does not exist, a refused credential).
+    User,
+    /// The outside world's: a broker down, a disk full, a reader that went away.
+    External,
+    /// Ours: a bug in edgeflow (a thread that stopped, a state that cannot happen).
+    Internal,
+}
+
+impl Fault {
+    /// The name used in logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Fault::User => "user",
+            Fault::External => "external",
+            Fault::Internal => "internal",
+        }
+    }
+}
+
+/// An error that stops a source or a sink. [`ConnectorError::fault`] says whose fault it is
+/// and [`ConnectorError::retryable`] whether trying again can help.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
     /// A file could not be opened or read.
     #[error("cannot read `{path}`: {source}\nhint: check that the file exists and is readable")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A file could not be created or written.
     #[error("cannot write `{path}`: {source}\nhint: check that the directory exists and is writable")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A parameter that cannot work.
     #[error("invalid {connector} configuration: {reason}")]
-    Config { connector: &'static str, reason: String },
+    Config {
+        /// The connector.
+        connector: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Input that cannot be used at all (not a record that goes to the dead letters, but a
+    /// whole file, such as a dataset).
+    #[error("{what}: {reason}")]
+    Data {
+        /// What was read, e.g. ``dataset `digits.csv` ``.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The reader of an output went away (standard output closed, as by `| head`): not a
     /// failure, the run stops gracefully.
     #[error("{what} was closed by its reader")]
-    OutputClosed { what: String },
+    OutputClosed {
+        /// The output.
+        what: String,
+    },
     /// Kafka refused or failed an operation; librdkafka has already retried.
     #[error("kafka ({brokers}): {message}\nhint: check that the brokers are reachable from here and the topic exists")]
-    Kafka { brokers: String, message: String },
+    Kafka {
+        /// The brokers.
+        brokers: String,
+        /// What failed, and why.
+        message: String,
+        /// Whose fault it is.
+        fault: Fault,
+        /// Whether trying again can help.
+        retryable: bool,
+    },
+    /// A thread or channel of the connector stopped: a bug.
+    #[error("{what} has stopped (a bug in edgeflow)")]
+    Stopped {
+        /// What stopped.
+        what: String,
+    },
+}
+
+impl ConnectorError {
+    /// Whose fault the error is.
+    pub fn fault(&self) -> Fault {
+        match self {
+            ConnectorError::Read { source, .. } | ConnectorError::Write { source, .. } => io_fault(source.kind()),
+            ConnectorError::Config { .. } | ConnectorError::Data { .. } => Fault::User,
+            ConnectorError::OutputClosed { .. } => Fault::External,
+            ConnectorError::Kafka { fault, .. } => *fault,
+            ConnectorError::Stopped { .. } => Fault::Internal,
+        }
+    }
+
+    /// Whether trying the same operation again can help (a timeout, a broker that is
+    /// restarting), as opposed to a problem that stays until someone fixes it.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ConnectorError::Read { source, .. } | ConnectorError::Write { source, .. } => io_retryable(source.kind()),
+            ConnectorError::Kafka { retryable, .. } => *retryable,
+            ConnectorError::Config { .. }
+            | ConnectorError::Data { .. }
+            | ConnectorError::OutputClosed { .. }
+            | ConnectorError::Stopped { .. } => false,
+        }
+    }
+}
+
+/// A missing or forbidden path is the user's to fix; anything else the file system says is
+/// the outside world's.
+fn io_fault(kind: std::io::ErrorKind) -> Fault {
+    use std::io::ErrorKind::*;
+    match kind {
+        NotFound | PermissionDenied | AlreadyExists | InvalidInput | InvalidData | IsADirectory | NotADirectory
+        | InvalidFilename | ReadOnlyFilesystem => Fault::User,
+        _ => Fault::External,
+    }
+}
+
+/// Interruptions and timeouts pass; a full disk or a missing file does not by itself.
+fn io_retryable(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(kind, Interrupted | TimedOut | WouldBlock | ConnectionReset | ConnectionAborted | ResourceBusy)
 }
 
 /// Positions a source has read up to: `(topic, partition, next offset)`. The engine hands it
@@ -123,3 +232,30 @@ pub trait Transaction: Send {
 }
 
 pub use edgeflow_operators::time::wall_clock_ms;
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+
+    /// Each error says whose fault it is and whether a retry helps: a missing file is the
+    /// user's, an interrupted write passes, a full disk does not, a stopped thread is ours.
+    #[test]
+    fn errors_say_whose_fault_and_whether_a_retry_helps() {
+        let missing = std::fs::File::open("/nonexistent/edgeflow/heartbeats.jsonl").unwrap_err();
+        let read = ConnectorError::Read { path: "heartbeats.jsonl".into(), source: missing };
+        assert_eq!((read.fault(), read.retryable()), (Fault::User, false));
+        let interrupted = std::io::Error::from(std::io::ErrorKind::Interrupted);
+        let write = ConnectorError::Write { path: "out.jsonl".into(), source: interrupted };
+        assert_eq!((write.fault(), write.retryable()), (Fault::External, true));
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let write = ConnectorError::Write { path: "out.jsonl".into(), source: full };
+        assert_eq!((write.fault(), write.retryable()), (Fault::External, false));
+        let config = ConnectorError::Config { connector: "file", reason: "bad".into() };
+        assert_eq!((config.fault(), config.retryable()), (Fault::User, false));
+        let data = ConnectorError::Data { what: "dataset `d.csv`".into(), reason: "line 3: bad".into() };
+        assert_eq!((data.fault(), data.to_string().as_str()), (Fault::User, "dataset `d.csv`: line 3: bad"));
+        let stopped = ConnectorError::Stopped { what: "the committer".into() };
+        assert_eq!((stopped.fault(), stopped.retryable()), (Fault::Internal, false));
+        assert!(stopped.to_string().contains("a bug in edgeflow"), "{stopped}");
+    }
+}

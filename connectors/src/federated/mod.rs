@@ -16,10 +16,8 @@ pub fn load(config: &FederatedConfig) -> Result<FederatedData, ConnectorError> {
     let path = config.dataset.display().to_string();
     let text = std::fs::read_to_string(&config.dataset)
         .map_err(|source| ConnectorError::Read { path: path.clone(), source })?;
-    let data = Dataset::parse_csv(&text, config.feature_scale).map_err(|reason| ConnectorError::Config {
-        connector: "federated",
-        reason: format!("dataset `{path}`: {reason}"),
-    })?;
+    let data = Dataset::parse_csv(&text, config.feature_scale)
+        .map_err(|reason| ConnectorError::Data { what: format!("dataset `{path}`"), reason })?;
     Ok(FederatedData::split(&data, config))
 }
 

@@ -17,6 +17,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::config::{KafkaSinkConfig, SinkKey};
 use super::metrics::KafkaMetrics;
+use super::{kafka_error, kafka_failure};
+use crate::Fault;
 use crate::{Checkpoint, ConnectorError, Sink, Transaction};
 
 /// Per-topic delivery counters.
@@ -132,9 +134,12 @@ fn producer(
     }
     let deliveries = Arc::new(Deliveries::new(metrics));
     let producer: ThreadedProducer<SinkContext> =
-        client.create_with_context(SinkContext(deliveries.clone())).map_err(|err| ConnectorError::Kafka {
-            brokers: config.brokers.clone(),
-            message: format!("cannot create the producer for topic `{}`: {err}", config.topic),
+        client.create_with_context(SinkContext(deliveries.clone())).map_err(|err| {
+            kafka_error(
+                &config.brokers,
+                format!("cannot create the producer for topic `{}`: {err}", config.topic),
+                &err,
+            )
         })?;
     Ok((Arc::new(producer), deliveries))
 }
@@ -219,10 +224,7 @@ impl KafkaSink {
                     self.producer.poll(Duration::from_millis(10));
                 }
                 Err((err, _)) => {
-                    return Err(ConnectorError::Kafka {
-                        brokers: self.brokers.clone(),
-                        message: format!("cannot produce to `{}`: {err}", self.topic),
-                    })
+                    return Err(kafka_error(&self.brokers, format!("cannot produce to `{}`: {err}", self.topic), &err))
                 }
             }
         }
@@ -269,14 +271,15 @@ impl Sink for KafkaSink {
             let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
             while self.producer.in_flight_count() > 0 {
                 if std::time::Instant::now() > deadline {
-                    return Err(ConnectorError::Kafka {
-                        brokers: self.brokers.clone(),
-                        message: format!(
+                    return Err(kafka_failure(
+                        &self.brokers,
+                        format!(
                             "{} messages to `{}` not acknowledged within {FLUSH_TIMEOUT:?}",
                             self.producer.in_flight_count(),
                             self.topic
                         ),
-                    });
+                        Fault::External,
+                    ));
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -286,10 +289,11 @@ impl Sink for KafkaSink {
         }
         // In a transaction the commit flushes; failures seen so far still stop the pipeline.
         match self.deliveries.take_failure() {
-            Some(err) => Err(ConnectorError::Kafka {
-                brokers: self.brokers.clone(),
-                message: format!("delivery to `{}` failed after retries: {err}", self.topic),
-            }),
+            Some(err) => Err(kafka_failure(
+                &self.brokers,
+                format!("delivery to `{}` failed after retries: {err}", self.topic),
+                Fault::External,
+            )),
             None => Ok(()),
         }
     }
@@ -334,9 +338,8 @@ impl KafkaTransaction {
         let timeout = config.delivery_timeout.as_millis().to_string();
         let extra = [("transactional.id", transactional_id), ("transaction.timeout.ms", timeout.as_str())];
         let (producer, deliveries) = producer(config, metrics.clone(), &extra)?;
-        let fail = |what: &str, err: KafkaError| ConnectorError::Kafka {
-            brokers: config.brokers.clone(),
-            message: format!("transactional producer `{transactional_id}`: {what}: {err}"),
+        let fail = |what: &str, err: KafkaError| {
+            kafka_error(&config.brokers, format!("transactional producer `{transactional_id}`: {what}: {err}"), &err)
         };
         producer.init_transactions(TRANSACTION_TIMEOUT).map_err(|err| fail("cannot initialise transactions", err))?;
         producer.begin_transaction().map_err(|err| fail("cannot begin a transaction", err))?;
@@ -362,14 +365,16 @@ impl KafkaTransaction {
         self.groups
             .get(group)
             .and_then(|consumer| consumer.group_metadata())
-            .ok_or_else(|| self.error(&format!("no group metadata for `{group}`"), &"librdkafka returned none"))
+            .ok_or_else(|| self.failure(&format!("no group metadata for `{group}`"), &"librdkafka returned none"))
     }
 
-    fn error(&self, what: &str, err: &dyn std::fmt::Display) -> ConnectorError {
-        ConnectorError::Kafka {
-            brokers: self.brokers.clone(),
-            message: format!("transactional producer `{}`: {what}: {err}", self.transactional_id),
-        }
+    fn error(&self, what: &str, err: &KafkaError) -> ConnectorError {
+        kafka_error(&self.brokers, format!("transactional producer `{}`: {what}: {err}", self.transactional_id), err)
+    }
+
+    fn failure(&self, what: &str, detail: &dyn std::fmt::Display) -> ConnectorError {
+        let message = format!("transactional producer `{}`: {what}: {detail}", self.transactional_id);
+        kafka_failure(&self.brokers, message, Fault::External)
     }
 
     fn try_commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError> {
@@ -396,7 +401,7 @@ impl KafkaTransaction {
         }
         self.producer.commit_transaction(TRANSACTION_TIMEOUT).map_err(|err| self.error("commit failed", &err))?;
         if let Some(failure) = self.deliveries.take_failure() {
-            return Err(self.error("a message was not delivered", &failure));
+            return Err(self.failure("a message was not delivered", &failure));
         }
         for group in by_group.keys() {
             self.metrics.observe_commit(group, started.elapsed());

@@ -18,6 +18,8 @@ use rdkafka::statistics::Statistics;
 
 use super::config::{AutoOffsetReset, KafkaFormat, KafkaSourceConfig};
 use super::metrics::KafkaMetrics;
+use super::{kafka_error, kafka_failure};
+use crate::Fault;
 use crate::{Checkpoint, ConnectorError, Source, SourceItem, SourceStatus};
 
 /// What the source knows of one assigned partition.
@@ -213,9 +215,12 @@ impl KafkaSource {
         for (key, value) in &config.options {
             client.set(key, value);
         }
-        let fail = |err: KafkaError| ConnectorError::Kafka {
-            brokers: config.brokers.clone(),
-            message: format!("cannot create the consumer for group `{}`: {err}", config.group),
+        let fail = |err: KafkaError| {
+            kafka_error(
+                &config.brokers,
+                format!("cannot create the consumer for group `{}`: {err}", config.group),
+                &err,
+            )
         };
         let context = SourceContext::new(metrics.clone());
         let assigned = context.assigned.clone();
@@ -233,10 +238,11 @@ impl KafkaSource {
             all.extend(ids.into_iter().map(|id| ((*topic).to_owned(), id)));
         }
         if all.is_empty() {
-            return Err(ConnectorError::Kafka {
-                brokers: config.brokers.clone(),
-                message: format!("topics {:?} have no partitions; do they exist?", config.topics),
-            });
+            return Err(kafka_failure(
+                &config.brokers,
+                format!("topics {:?} have no partitions; do they exist?", config.topics),
+                Fault::User,
+            ));
         }
         let mine: Vec<(String, i32)> = match membership {
             Membership::Group => all,
@@ -634,19 +640,16 @@ impl Committer {
                     }
                 }
             })
-            .map_err(|err| ConnectorError::Kafka {
-                brokers: brokers.to_owned(),
-                message: format!("cannot start the offset committer: {err}"),
-            })?;
+            .map_err(|err| kafka_failure(brokers, format!("cannot start the offset committer: {err}"), Fault::External))?;
         Ok(Self { requests, brokers: brokers.to_owned() })
     }
 
     /// Queues `offsets`; with `wait`, returns once they (or later ones) are committed.
     fn commit(&self, offsets: TopicPartitionList, wait: bool) -> Result<(), ConnectorError> {
-        let fail = |message: String| ConnectorError::Kafka { brokers: self.brokers.clone(), message };
+        let stopped = || ConnectorError::Stopped { what: format!("the offset committer of `{}`", self.brokers) };
         let (done, outcome) = std::sync::mpsc::channel();
         let request = CommitRequest { offsets, done: wait.then_some(done) };
-        self.requests.send(request).map_err(|_| fail("the offset committer has stopped".into()))?;
+        self.requests.send(request).map_err(|_| stopped())?;
         if !wait {
             return Ok(());
         }
@@ -659,8 +662,8 @@ impl Committer {
                 tracing::warn!(brokers = %self.brokers, %err, "final offsets not committed: the group has rebalanced; the partitions' new owners reread them (at-least-once)");
                 Ok(())
             }
-            Ok(Err(err)) => Err(fail(format!("cannot commit offsets: {err}"))),
-            Err(_) => Err(fail("the offset committer has stopped".into())),
+            Ok(Err(err)) => Err(kafka_error(&self.brokers, format!("cannot commit offsets: {err}"), &err)),
+            Err(_) => Err(stopped()),
         }
     }
 }

@@ -182,7 +182,12 @@ impl SourceDriver {
         let (Some(source), Some(inputs)) = (self.source.as_mut(), self.inputs.as_mut()) else {
             return Ok(SourceStatus::Exhausted);
         };
-        let status = source.poll(&mut self.items, BATCH).with_context(|| format!("source `{}` failed", self.name))?;
+        let status = source
+            .poll(&mut self.items, BATCH)
+            .inspect_err(|err| {
+                tracing::error!(fault = err.fault().as_str(), retryable = err.retryable(), %err, "source failed");
+            })
+            .with_context(|| format!("source `{}` failed", self.name))?;
         if self.exactly_once {
             return self.poll_processing_time(status, metrics);
         }

@@ -131,9 +131,10 @@ pub fn sink_operator<'scope>(
         let mut offsets: Vec<Checkpoint> = Vec::new();
         let mut last_flush = Instant::now();
         let mut failed = false;
-        let fail = move |sink: &str, err: String, errors: &Counter, failure: &Failure| {
+        let fail = move |sink: &str, err: &ConnectorError, errors: &Counter, failure: &Failure| {
             errors.inc();
-            tracing::error!(%sink, %err, "sink failed; stopping the pipeline");
+            let (fault, retryable) = (err.fault().as_str(), err.retryable());
+            tracing::error!(%sink, fault, retryable, %err, "sink failed; stopping the pipeline");
             let mut failure = failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             failure.get_or_insert_with(|| format!("sink `{sink}`: {err}"));
         };
@@ -188,7 +189,7 @@ pub fn sink_operator<'scope>(
                             continue;
                         }
                         failed = true;
-                        fail(&names[index], err.to_string(), &errors[index], &group.failure);
+                        fail(&names[index], &err, &errors[index], &group.failure);
                         break;
                     }
                     written[index].inc();
@@ -201,7 +202,7 @@ pub fn sink_operator<'scope>(
                         if let Err((index, err)) = flush(&mut group, &offsets) {
                             if !closed(&mut group, index, &err) {
                                 failed = true;
-                                fail(&names[index], err.to_string(), &errors[index], &group.failure);
+                                fail(&names[index], &err, &errors[index], &group.failure);
                             }
                         }
                     }
