@@ -61,29 +61,81 @@ impl Follow {
     }
 }
 
+/// Why a client stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Its data could not be read.
+    #[error("cannot read the client's data `{path}`: {source}")]
+    ReadData {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its data do not parse.
+    #[error("the client's data `{path}`: {source}")]
+    Data {
+        /// The file.
+        path: String,
+        /// Why.
+        source: edgeflow_operators::federated::learn::CsvError,
+    },
+    /// A file of the exchange could not be read or written.
+    #[error("cannot {what} `{path}`: {source}")]
+    Io {
+        /// What was tried: `append to`, `write to`, `read`.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A plan's model does not decode.
+    #[error(transparent)]
+    Payload(#[from] edgeflow_operators::federated::update::PayloadError),
+    /// A plan's model does not fit the client's data.
+    #[error("the plan's model has {parameters} parameters, which does not fit {features} features")]
+    Shape {
+        /// The model's parameters.
+        parameters: usize,
+        /// The data's features.
+        features: usize,
+    },
+    /// A step of secure aggregation failed.
+    #[error(transparent)]
+    Secure(#[from] edgeflow_operators::federated::secure_protocol::ProtocolError),
+}
+
 /// Runs the client until its last round is answered, it drops out, or the plans go quiet.
-pub fn run(options: &ClientOptions) -> Result<(), String> {
+pub fn run(options: &ClientOptions) -> Result<(), ClientError> {
+    let shown = |path: &std::path::Path| path.display().to_string();
     let text = std::fs::read_to_string(&options.data)
-        .map_err(|err| format!("cannot read the client's data `{}`: {err}", options.data.display()))?;
+        .map_err(|source| ClientError::ReadData { path: shown(&options.data), source })?;
     let data = Dataset::parse_csv(&text, options.feature_scale)
-        .map_err(|err| format!("the client's data `{}`: {err}", options.data.display()))?;
+        .map_err(|source| ClientError::Data { path: shown(&options.data), source })?;
     let mut updates = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&options.updates)
-        .map_err(|err| format!("cannot append to `{}`: {err}", options.updates.display()))?;
-    let mut send = |update: ModelUpdate| -> Result<(), String> {
+        .map_err(|source| ClientError::Io { what: "append to", path: shown(&options.updates), source })?;
+    let mut send = |update: ModelUpdate| -> Result<(), ClientError> {
         // One write per line: appends of whole lines from several clients do not interleave.
-        let mut line = serde_json::to_vec(&update).map_err(|err| err.to_string())?;
+        // An update is plain data: it always serialises.
+        let mut line = serde_json::to_vec(&update).unwrap_or_default();
         line.push(b'\n');
-        updates.write_all(&line).map_err(|err| format!("cannot write to `{}`: {err}", options.updates.display()))
+        updates.write_all(&line).map_err(|source| ClientError::Io {
+            what: "write to",
+            path: shown(&options.updates),
+            source,
+        })
     };
     let mut plans = Follow { path: options.plans.clone(), offset: 0 };
     let mut secure: Option<(u64, ClientRound)> = None;
     let mut answered = 0u64;
     let mut last_plan = Instant::now();
     loop {
-        let lines = plans.lines().map_err(|err| format!("cannot read `{}`: {err}", options.plans.display()))?;
+        let lines =
+            plans.lines().map_err(|source| ClientError::Io { what: "read", path: shown(&options.plans), source })?;
         if lines.is_empty() {
             if last_plan.elapsed() >= options.idle_timeout {
                 tracing::info!(client = %options.id, "no new plan for a while; stopping");
@@ -155,15 +207,12 @@ pub fn run(options: &ClientOptions) -> Result<(), String> {
 
 /// Trains on `data` from the plan's model: the update (trained minus global, clipped to the
 /// plan's `clip_norm`) of `client`.
-pub fn train(record: &PlanRecord, data: &Dataset, client: &str) -> Result<ModelUpdate, String> {
+pub fn train(record: &PlanRecord, data: &Dataset, client: &str) -> Result<ModelUpdate, ClientError> {
     let global = record.model.decode()?;
     let features = data.dimension();
     let classes = global.len() / (features + 1);
     if classes * (features + 1) != global.len() {
-        return Err(format!(
-            "the plan's model has {} parameters, which does not fit {features} features",
-            global.len()
-        ));
+        return Err(ClientError::Shape { parameters: global.len(), features });
     }
     let model = Softmax { features, classes };
     let seed = edgeflow_operators::route_hash(client) ^ record.plan.round;

@@ -98,6 +98,16 @@ impl crate::params::Validate for LoadBalanceConfig {
 
 impl LoadBalanceConfig {}
 
+/// No node could take a request (the unplaced result's reason).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no Healthy or Degraded node to serve request `{request}` (fleet of {fleet} nodes)")]
+pub struct NoNode {
+    /// The request.
+    pub request: String,
+    /// Nodes the balancer knows.
+    pub fleet: usize,
+}
+
 /// What the balancer knows of one node.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeView {
@@ -226,7 +236,7 @@ impl Balancer {
     }
 
     /// Chooses the node for `request` at event time `time`, or says why there is none.
-    pub fn choose(&mut self, fleet: &Fleet, request: &InferenceRequest, time: EventTime) -> Result<String, String> {
+    pub fn choose(&mut self, fleet: &Fleet, request: &InferenceRequest, time: EventTime) -> Result<String, NoNode> {
         self.expire(time);
         let chosen = match self.config.strategy {
             Strategy::RoundRobin => self.round_robin(fleet),
@@ -235,13 +245,7 @@ impl Balancer {
             Strategy::GeoNearest => self.geo_nearest(fleet, request),
             Strategy::ConsistentHash => self.consistent_hash(fleet, request.routing_key()),
         };
-        let node = chosen.ok_or_else(|| {
-            format!(
-                "no Healthy or Degraded node to serve request `{}` (fleet of {} nodes)",
-                request.id,
-                fleet.nodes.len()
-            )
-        })?;
+        let node = chosen.ok_or_else(|| NoNode { request: request.id.clone(), fleet: fleet.nodes.len() })?;
         self.recent.push_back((time, node.clone()));
         *self.depth.entry(node.clone()).or_default() += 1;
         Ok(node)
@@ -435,6 +439,7 @@ pub fn load_balance<'scope>(
                             session.give(Placement::Assigned(request));
                         }
                         Err(reason) => {
+                            let reason = reason.to_string();
                             let result = InferenceResult::refused(&request, ResultStatus::Rejected, reason, 0.0);
                             session.give(Placement::Unplaced(result));
                         }
@@ -666,7 +671,7 @@ mod tests {
             Strategy::ConsistentHash,
         ] {
             let err = balancer(strategy).choose(&fleet, &request("r1", None, None), 0).unwrap_err();
-            assert_eq!(err, "no Healthy or Degraded node to serve request `r1` (fleet of 2 nodes)");
+            assert_eq!(err.to_string(), "no Healthy or Degraded node to serve request `r1` (fleet of 2 nodes)");
         }
     }
 }

@@ -13,14 +13,107 @@ use serde::{Deserialize, Serialize};
 use crate::federated::update::ModelUpdate;
 use crate::EventTime;
 
+/// Why a record was refused: a dead letter's reason. Every message names the record kind
+/// and, where there is one, the field.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    /// The JSON is an array, not an object.
+    #[error("invalid {what} JSON: expected an object, found an array")]
+    NotAnObject {
+        /// The record kind.
+        what: &'static str,
+    },
+    /// The JSON does not decode into the record.
+    #[error("invalid {what} JSON: {reason}")]
+    Json {
+        /// The record kind.
+        what: &'static str,
+        /// serde's message, with the line and column.
+        reason: String,
+    },
+    /// A value is out of its range.
+    #[error("invalid {what}: {problem}")]
+    Invalid {
+        /// The record, e.g. `heartbeat` or ``inference request `r1` ``.
+        what: String,
+        /// What is wrong, naming the field.
+        problem: String,
+    },
+    /// Its event time cannot be used.
+    #[error("invalid {what}: {source}")]
+    Time {
+        /// The record.
+        what: String,
+        /// Why.
+        source: crate::time::TimeError,
+    },
+    /// One of its tensors is malformed.
+    #[error("invalid {what}: {source}")]
+    Tensor {
+        /// The record.
+        what: String,
+        /// Why.
+        source: TensorError,
+    },
+}
+
+/// A tensor that cannot be used.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum TensorError {
+    /// More than [`Tensor::MAX_DIMENSIONS`] dimensions.
+    #[error("tensor `{name}` has {dimensions} dimensions; at most {max} are accepted", max = Tensor::MAX_DIMENSIONS)]
+    TooManyDimensions {
+        /// The tensor's name.
+        name: String,
+        /// Its dimensions.
+        dimensions: usize,
+    },
+    /// A dimension larger than a tensor may hold.
+    #[error("tensor `{name}` has shape {shape:?}: dimension {dimension} is more than the {max} values a tensor may hold", max = Tensor::MAX_VALUES)]
+    DimensionTooLarge {
+        /// The tensor's name.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The dimension.
+        dimension: usize,
+    },
+    /// More values in all than a tensor may hold.
+    #[error("tensor `{name}` has shape {shape:?}, more than the {max} values a tensor may hold", max = Tensor::MAX_VALUES)]
+    TooManyValues {
+        /// The tensor's name.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// The data do not fill the shape.
+    #[error("tensor `{name}` has shape {shape:?} ({expected} values) but {found} values")]
+    WrongLength {
+        /// The tensor's name.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Values the shape calls for.
+        expected: usize,
+        /// Values found.
+        found: usize,
+    },
+    /// A value that is not a finite number.
+    #[error("{message}")]
+    NotFinite {
+        /// What and where.
+        message: String,
+    },
+}
+
 /// Decodes one JSON object of type `T`, named `what` in errors. A record is always an
 /// object: serde would also accept an array of the fields in order (`["n1", ...]`), which
 /// no sender means, so an array is refused here (other non-objects fail in serde).
-pub fn decode_object<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+pub fn decode_object<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, RecordError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return Err(format!("invalid {what} JSON: expected an object, found an array"));
+        return Err(RecordError::NotAnObject { what });
     }
-    serde_json::from_slice(bytes).map_err(|err| format!("invalid {what} JSON: {err}"))
+    serde_json::from_slice(bytes).map_err(|err| RecordError::Json { what, reason: err.to_string() })
 }
 
 /// A total order on records with floats, so they can live in differential collections
@@ -108,19 +201,20 @@ fn default_capacity() -> f64 {
 impl Heartbeat {
     /// Decodes one JSON heartbeat and checks its values, with a reason on failure that names
     /// the offending field.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, RecordError> {
         let heartbeat: Heartbeat = decode_object(bytes, "heartbeat")?;
         heartbeat.validate()?;
         Ok(heartbeat)
     }
 
     /// Checks value ranges; the error names the field and the allowed range.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RecordError> {
+        let invalid = |problem: String| RecordError::Invalid { what: "heartbeat".into(), problem };
         if self.node_id.is_empty() {
-            return Err("invalid heartbeat: `node_id` is empty".into());
+            return Err(invalid("`node_id` is empty".into()));
         }
         crate::time::check_event_time("timestamp", self.timestamp)
-            .map_err(|reason| format!("invalid heartbeat: {reason}"))?;
+            .map_err(|source| RecordError::Time { what: "heartbeat".into(), source })?;
         let checks = [
             ("cpu", self.cpu, 0.0, 100.0),
             ("memory", self.memory, 0.0, 100.0),
@@ -131,7 +225,7 @@ impl Heartbeat {
         ];
         for (field, value, low, high) in checks {
             if !value.is_finite() || value < low || value > high {
-                return Err(format!("invalid heartbeat: `{field}` is {value}, expected a number in [{low}, {high}]"));
+                return Err(invalid(format!("`{field}` is {value}, expected a number in [{low}, {high}]")));
             }
         }
         Ok(())
@@ -332,20 +426,13 @@ impl Tensor {
     pub const MAX_DIMENSIONS: usize = 16;
 
     /// Checks that `data` holds exactly the number of values `shape` calls for.
-    pub fn validate(&self, name: &str) -> Result<(), String> {
+    pub fn validate(&self, name: &str) -> Result<(), TensorError> {
+        let name = || name.to_owned();
         if self.shape.len() > Self::MAX_DIMENSIONS {
-            return Err(format!(
-                "tensor `{name}` has {} dimensions; at most {} are accepted",
-                self.shape.len(),
-                Self::MAX_DIMENSIONS
-            ));
+            return Err(TensorError::TooManyDimensions { name: name(), dimensions: self.shape.len() });
         }
         if let Some(dim) = self.shape.iter().find(|dim| **dim > Self::MAX_VALUES) {
-            return Err(format!(
-                "tensor `{name}` has shape {:?}: dimension {dim} is more than the {} values a tensor may hold",
-                self.shape,
-                Self::MAX_VALUES
-            ));
+            return Err(TensorError::DimensionTooLarge { name: name(), shape: self.shape.clone(), dimension: *dim });
         }
         // Checked: a shape such as [2^62, 4] must not wrap around to a small product.
         let expected = self
@@ -353,22 +440,18 @@ impl Tensor {
             .iter()
             .try_fold(1usize, |product, dim| product.checked_mul(*dim))
             .filter(|values| *values <= Self::MAX_VALUES)
-            .ok_or_else(|| {
-                format!(
-                    "tensor `{name}` has shape {:?}, more than the {} values a tensor may hold",
-                    self.shape,
-                    Self::MAX_VALUES
-                )
-            })?;
+            .ok_or_else(|| TensorError::TooManyValues { name: name(), shape: self.shape.clone() })?;
         if expected != self.data.len() {
-            return Err(format!(
-                "tensor `{name}` has shape {:?} ({expected} values) but {} values",
-                self.shape,
-                self.data.len()
-            ));
+            return Err(TensorError::WrongLength {
+                name: name(),
+                shape: self.shape.clone(),
+                expected,
+                found: self.data.len(),
+            });
         }
         if let Some(position) = self.data.iter().position(|value| !value.is_finite()) {
-            return Err(format!("tensor `{name}` has a non-finite value at index {position}"));
+            let message = format!("tensor `{}` has a non-finite value at index {position}", name());
+            return Err(TensorError::NotFinite { message });
         }
         Ok(())
     }
@@ -475,34 +558,36 @@ pub struct InferenceRequest {
 
 impl InferenceRequest {
     /// Decodes one JSON request and checks its tensors.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, RecordError> {
         let request: InferenceRequest = decode_object(bytes, "inference request")?;
         request.validate()?;
         Ok(request)
     }
 
     /// Checks the id, model and tensors; the error names what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RecordError> {
         if self.id.is_empty() {
-            return Err("invalid inference request: `id` is empty".into());
+            return Err(RecordError::Invalid { what: "inference request".into(), problem: "`id` is empty".into() });
         }
+        let what = || format!("inference request `{}`", self.id);
+        let invalid = |problem: String| RecordError::Invalid { what: what(), problem };
         if self.model.is_empty() {
-            return Err(format!("invalid inference request `{}`: `model` is empty", self.id));
+            return Err(invalid("`model` is empty".into()));
         }
         if self.inputs.is_empty() {
-            return Err(format!("invalid inference request `{}`: `inputs` is empty", self.id));
+            return Err(invalid("`inputs` is empty".into()));
         }
         crate::time::check_event_time("timestamp", self.timestamp)
-            .map_err(|reason| format!("invalid inference request `{}`: {reason}", self.id))?;
+            .map_err(|source| RecordError::Time { what: what(), source })?;
         for (name, tensor) in &self.inputs {
-            tensor.validate(name).map_err(|reason| format!("invalid inference request `{}`: {reason}", self.id))?;
+            tensor.validate(name).map_err(|source| RecordError::Tensor { what: what(), source })?;
         }
         if let Some(location) = self.location {
             if !(-90.0..=90.0).contains(&location.lat) || !(-180.0..=180.0).contains(&location.lon) {
-                return Err(format!(
-                    "invalid inference request `{}`: location ({}, {}) is not a latitude/longitude",
-                    self.id, location.lat, location.lon
-                ));
+                return Err(invalid(format!(
+                    "location ({}, {}) is not a latitude/longitude",
+                    location.lat, location.lon
+                )));
             }
         }
         Ok(())
@@ -698,7 +783,7 @@ pub enum RecordKind {
 
 impl RecordKind {
     /// Decodes one JSON record of this kind.
-    pub fn decode(self, bytes: &[u8]) -> Result<Record, String> {
+    pub fn decode(self, bytes: &[u8]) -> Result<Record, RecordError> {
         match self {
             RecordKind::Heartbeats => Heartbeat::from_json(bytes).map(Record::Heartbeat),
             RecordKind::InferenceRequests => InferenceRequest::from_json(bytes).map(|r| Record::Request(Box::new(r))),
@@ -892,9 +977,9 @@ mod tests {
     #[test]
     fn rejects_out_of_range_with_field_name() {
         let bad = sample().replace("37.5", "137.5");
-        let err = Heartbeat::from_json(bad.as_bytes()).unwrap_err();
+        let err = Heartbeat::from_json(bad.as_bytes()).unwrap_err().to_string();
         assert!(err.contains("`cpu` is 137.5"), "{err}");
-        let err = Heartbeat::from_json(b"{\"node_id\":1}").unwrap_err();
+        let err = Heartbeat::from_json(b"{\"node_id\":1}").unwrap_err().to_string();
         assert!(err.starts_with("invalid heartbeat JSON"), "{err}");
     }
 

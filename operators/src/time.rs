@@ -14,13 +14,40 @@ pub const MAX_EVENT_TIME: EventTime = 253_402_300_799_999;
 /// Default of a source's `max_future`: how far ahead of the wall clock an event time may be.
 pub const DEFAULT_MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
 
+/// An event time a record may not carry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TimeError {
+    /// Past [`MAX_EVENT_TIME`].
+    #[error(
+        "`{field}` is {time}, past the latest event time {max} (9999-12-31T23:59:59.999Z); event time is milliseconds since the Unix epoch",
+        max = MAX_EVENT_TIME
+    )]
+    PastLatest {
+        /// The field that holds it.
+        field: &'static str,
+        /// The time.
+        time: EventTime,
+    },
+    /// Further ahead of the wall clock than a source's `max_future`.
+    #[error(
+        "event time {time} is {ahead} ms ahead of the wall clock {now}, more than max_future ({max_ahead} ms); hint: fix the sender's clock, or raise the source's `max_future`"
+    )]
+    Future {
+        /// The time.
+        time: EventTime,
+        /// How far ahead, ms.
+        ahead: u64,
+        /// The wall clock.
+        now: EventTime,
+        /// The source's `max_future`, ms.
+        max_ahead: u64,
+    },
+}
+
 /// Checks that `time` is a representable event time; the error says what was wrong.
-pub fn check_event_time(field: &str, time: EventTime) -> Result<(), String> {
+pub fn check_event_time(field: &'static str, time: EventTime) -> Result<(), TimeError> {
     if time > MAX_EVENT_TIME {
-        return Err(format!(
-            "`{field}` is {time}, past the latest event time {MAX_EVENT_TIME} (9999-12-31T23:59:59.999Z); \
-             event time is milliseconds since the Unix epoch"
-        ));
+        return Err(TimeError::PastLatest { field, time });
     }
     Ok(())
 }
@@ -64,17 +91,12 @@ impl FutureBound {
     }
 
     /// Checks one event time; the error is the dead letter's reason.
-    pub fn check(&self, time: EventTime) -> Result<(), String> {
+    pub fn check(&self, time: EventTime) -> Result<(), TimeError> {
         if time <= self.limit {
             return Ok(());
         }
         let now = self.limit - self.max_ahead;
-        Err(format!(
-            "event time {time} is {} ms ahead of the wall clock {now}, more than max_future ({} ms); \
-             hint: fix the sender's clock, or raise the source's `max_future`",
-            time - now,
-            self.max_ahead
-        ))
+        Err(TimeError::Future { time, ahead: time - now, now, max_ahead: self.max_ahead })
     }
 }
 
@@ -86,7 +108,7 @@ mod tests {
     fn future_bound_refuses_only_past_the_limit() {
         let bound = FutureBound::at(1_000, 5_000);
         assert!(bound.check(6_000).is_ok());
-        let err = bound.check(6_001).unwrap_err();
+        let err = bound.check(6_001).unwrap_err().to_string();
         assert!(err.starts_with("event time 6001 is 1001 ms ahead of the wall clock 5000"), "{err}");
         assert!(FutureBound::at(u64::MAX, 5).check(u64::MAX).is_ok(), "a saturated bound admits everything");
     }
@@ -94,7 +116,7 @@ mod tests {
     #[test]
     fn event_times_past_year_9999_are_refused() {
         assert!(check_event_time("timestamp", MAX_EVENT_TIME).is_ok());
-        let err = check_event_time("timestamp", u64::MAX).unwrap_err();
+        let err = check_event_time("timestamp", u64::MAX).unwrap_err().to_string();
         assert!(err.contains("past the latest event time"), "{err}");
     }
 }

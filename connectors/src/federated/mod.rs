@@ -17,7 +17,7 @@ pub fn load(config: &FederatedConfig) -> Result<FederatedData, ConnectorError> {
     let text = std::fs::read_to_string(&config.dataset)
         .map_err(|source| ConnectorError::Read { path: path.clone(), source })?;
     let data = Dataset::parse_csv(&text, config.feature_scale)
-        .map_err(|reason| ConnectorError::Data { what: format!("dataset `{path}`"), reason })?;
+        .map_err(|err| ConnectorError::Data { what: format!("dataset `{path}`"), reason: err.to_string() })?;
     Ok(FederatedData::split(&data, config))
 }
 

@@ -363,8 +363,8 @@ impl Source for FileSource {
                 let reason = format!("line is longer than {MAX_LINE_BYTES} bytes (its first {MAX_LINE_BYTES} kept)");
                 (SourceItem::Malformed { letter: letter(reason, text), clock: None }, None)
             } else {
-                let decoded = self.records.decode(text).map_err(|reason| (reason, false)).and_then(|record| {
-                    self.future.check(record.event_time()).map(|()| record).map_err(|reason| (reason, true))
+                let decoded = self.records.decode(text).map_err(|err| (err.to_string(), false)).and_then(|record| {
+                    self.future.check(record.event_time()).map(|()| record).map_err(|err| (err.to_string(), true))
                 });
                 match decoded {
                     Ok(record) => {

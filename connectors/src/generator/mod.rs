@@ -161,7 +161,7 @@ impl edgeflow_operators::params::Validate for GeneratorConfig {
     fn validate(&self, problems: &mut edgeflow_operators::params::ParamErrors) {
         if let Some(start) = self.start_time {
             if let Err(reason) = edgeflow_operators::time::check_event_time("start_time", start) {
-                problems.at_value("start_time", reason);
+                problems.at_value("start_time", reason.to_string());
             }
         }
         for (field, value) in [
@@ -427,7 +427,7 @@ impl Source for Generator {
                                 position: format!("node {} seq {}", pending.node, pending.seq),
                                 reason: edgeflow_operators::Heartbeat::from_json(&bytes)
                                     .err()
-                                    .unwrap_or_else(|| "malformed heartbeat".into()),
+                                    .map_or_else(|| "malformed heartbeat".into(), |err| err.to_string()),
                                 payload: bytes,
                             },
                             clock: Some(pending.emit_at),

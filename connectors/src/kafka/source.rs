@@ -418,8 +418,8 @@ impl KafkaSource {
             }))),
         };
         // A record too far ahead of the wall clock must not move the partition's clock.
-        let decoded = decoded.map_err(|reason| (reason, false)).and_then(|record| {
-            self.future.check(record.event_time()).map(|()| record).map_err(|reason| (reason, true))
+        let decoded = decoded.map_err(|err| (err.to_string(), false)).and_then(|record| {
+            self.future.check(record.event_time()).map(|()| record).map_err(|err| (err.to_string(), true))
         });
         // From a partition's own queue the key is known; no allocation per message.
         let owned;

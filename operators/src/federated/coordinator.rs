@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::aggregate::{RoundAggregate, ServerOptimizer, Strategy};
 use super::learn::LocalTraining;
 use super::privacy::{clip_l2, Accountant, AdaptiveClip, DiscreteNoise, Noise};
-use super::update::{ModelUpdate, RoundRules, UpdateCheck};
+use super::update::{ModelUpdate, RoundRules, UpdateCheck, UpdateError, UpdateProblem};
 use crate::records::HealthStatus;
 
 /// How clients are picked for a round.
@@ -265,6 +265,49 @@ impl std::fmt::Debug for Coordinator {
     }
 }
 
+/// Why the coordinator refused an update, a secure sum or a close.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RoundError {
+    /// An update the round refuses.
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+    /// No round is open.
+    #[error("no round is open")]
+    NoOpenRound,
+    /// A secure sum with a value that is not finite.
+    #[error("the secure sum has a non-finite value: a client sent a broken update")]
+    NonFiniteSum,
+    /// A secure sum longer than its clients' clipped updates can be.
+    #[error("the secure sum's norm {norm:.4} exceeds {bound:.4} (total weight {weight} times clip_norm {clip}): a client did not clip its update")]
+    SumTooLong {
+        /// Its norm.
+        norm: f64,
+        /// The most it can be.
+        bound: f64,
+        /// The clients' total weight.
+        weight: f64,
+        /// The round's clip norm.
+        clip: f64,
+    },
+    /// A secure sum over a client that was not selected.
+    #[error("secure sum includes `{client}`, who was not selected")]
+    NotSelected {
+        /// The client.
+        client: String,
+    },
+    /// The aggregate refused the values.
+    #[error(transparent)]
+    Aggregate(#[from] super::aggregate::AggregateError),
+    /// The round's aggregate could not be finished.
+    #[error("round {round}: {source}")]
+    Finish {
+        /// The round.
+        round: u64,
+        /// Why.
+        source: super::aggregate::AggregateError,
+    },
+}
+
 impl Coordinator {
     /// A coordinator starting from `model` (version 0).
     pub fn new(config: CoordinatorConfig, model: Vec<f32>) -> Self {
@@ -413,18 +456,17 @@ impl Coordinator {
     }
 
     /// Offers an update to the open round: folded in, or rejected with the reason.
-    pub fn offer(&mut self, update: &ModelUpdate) -> Result<(), String> {
+    pub fn offer(&mut self, update: &ModelUpdate) -> Result<(), RoundError> {
+        let closed = || UpdateError {
+            client: update.client_id.clone(),
+            round: update.round,
+            problem: UpdateProblem::Closed(update.round),
+        };
         let Some(open) = self.open.as_mut() else {
-            return Err(format!(
-                "update from `{}` for round {}: round {} is closed",
-                update.client_id, update.round, update.round
-            ));
+            return Err(closed().into());
         };
         if update.round < open.plan.round {
-            return Err(format!(
-                "update from `{}` for round {}: round {} is closed",
-                update.client_id, update.round, update.round
-            ));
+            return Err(closed().into());
         }
         if update.round == open.plan.round && open.plan.clients.contains(&update.client_id) {
             open.answered.insert(update.client_id.clone());
@@ -433,7 +475,7 @@ impl Coordinator {
             Ok(values) => values,
             Err(reason) => {
                 open.rejected += 1;
-                return Err(reason);
+                return Err(reason.into());
             }
         };
         if let Some(loss) = update.metrics.loss {
@@ -450,9 +492,9 @@ impl Coordinator {
                     *s += f64::from(*v);
                 }
                 // Counted for quorum; DP rounds aggregate with equal weights.
-                open.aggregate.add(&values, 1).map_err(|err| err.to_string())?;
+                open.aggregate.add(&values, 1)?;
             }
-            None => open.aggregate.add(&values, update.num_examples).map_err(|err| err.to_string())?,
+            None => open.aggregate.add(&values, update.num_examples)?,
         }
         Ok(())
     }
@@ -468,27 +510,25 @@ impl Coordinator {
         weight: f64,
         clients: &[String],
         loss: Option<f64>,
-    ) -> Result<(), String> {
-        let open = self.open.as_mut().ok_or("no round is open")?;
+    ) -> Result<(), RoundError> {
+        let open = self.open.as_mut().ok_or(RoundError::NoOpenRound)?;
         // The server cannot check one update, but it can check their sum: with clipping, each
         // client's weighted update is at most `weight * clip` long, so the sum is at most
         // `total weight * clip` (plus the fixed point's rounding). A longer or non-finite sum
         // means a client did not clip: the round keeps the model.
         if sum.iter().any(|v| !v.is_finite()) {
-            return Err("the secure sum has a non-finite value: a client sent a broken update".to_owned());
+            return Err(RoundError::NonFiniteSum);
         }
         if let Some(clip) = open.plan.clip_norm {
             let norm = super::privacy::l2_norm(sum);
             let bound = weight * clip * (1.0 + 1e-6) + 1e-3;
             if norm > bound {
-                return Err(format!(
-                    "the secure sum's norm {norm:.4} exceeds {bound:.4} (total weight {weight} times clip_norm {clip}): a client did not clip its update"
-                ));
+                return Err(RoundError::SumTooLong { norm, bound, weight, clip });
             }
         }
         for client in clients {
             if !open.plan.clients.contains(client) {
-                return Err(format!("secure sum includes `{client}`, who was not selected"));
+                return Err(RoundError::NotSelected { client: client.clone() });
             }
             open.answered.insert(client.clone());
         }
@@ -500,7 +540,7 @@ impl Coordinator {
                 *s += f64::from(*v);
             }
         }
-        open.aggregate.add_sum(sum, weight, clients.len()).map_err(|err| err.to_string())
+        Ok(open.aggregate.add_sum(sum, weight, clients.len())?)
     }
 
     /// Whether the open round has its quorum of updates.
@@ -522,8 +562,8 @@ impl Coordinator {
     }
 
     /// Closes the open round (on quorum or at its deadline) and moves the global model.
-    pub fn close(&mut self) -> Result<RoundSummary, String> {
-        let open = self.open.take().ok_or("no round is open")?;
+    pub fn close(&mut self) -> Result<RoundSummary, RoundError> {
+        let open = self.open.take().ok_or(RoundError::NoOpenRound)?;
         let round = open.plan.round;
         let accepted = open.aggregate.count();
         let needed = (self.config.quorum * open.plan.clients.len() as f64).ceil() as usize;
@@ -557,7 +597,7 @@ impl Coordinator {
                 let k = open.plan.clients.len() as f64;
                 noisy.iter().map(|v| (v / k) as f32).collect()
             }
-            _ => open.aggregate.finish().map_err(|err| format!("round {round}: {err}"))?,
+            _ => open.aggregate.finish().map_err(|source| RoundError::Finish { round, source })?,
         };
         if let Some(adaptive) = self.adaptive.as_mut() {
             adaptive.update(open.unclipped, accepted, &mut self.rng);

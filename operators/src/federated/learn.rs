@@ -20,10 +20,42 @@ pub struct Dataset {
     pub classes: usize,
 }
 
+/// A dataset that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CsvError {
+    /// A line without a label first.
+    #[error("line {line}: the first field must be a label (0, 1, ...)")]
+    Label {
+        /// The line, from 1.
+        line: usize,
+    },
+    /// A feature that is not a number.
+    #[error("line {line}: {reason}")]
+    Feature {
+        /// The line, from 1.
+        line: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A line with another number of features than the first.
+    #[error("line {line}: {found} features, earlier lines have {expected}")]
+    Width {
+        /// The line, from 1.
+        line: usize,
+        /// Its features.
+        found: usize,
+        /// The first line's.
+        expected: usize,
+    },
+    /// No example at all.
+    #[error("the dataset is empty")]
+    Empty,
+}
+
 impl Dataset {
     /// Parses `label,f0,f1,...` lines (`#` comments and blank lines skipped), dividing the
     /// features by `scale`.
-    pub fn parse_csv(text: &str, scale: f32) -> Result<Self, String> {
+    pub fn parse_csv(text: &str, scale: f32) -> Result<Self, CsvError> {
         let mut data = Dataset::default();
         for (number, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -31,22 +63,15 @@ impl Dataset {
                 continue;
             }
             let mut fields = line.split(',');
-            let label: usize = fields
-                .next()
-                .and_then(|f| f.trim().parse().ok())
-                .ok_or_else(|| format!("line {}: the first field must be a label (0, 1, ...)", number + 1))?;
+            let label: usize =
+                fields.next().and_then(|f| f.trim().parse().ok()).ok_or(CsvError::Label { line: number + 1 })?;
             let features = fields
                 .map(|f| f.trim().parse::<f32>().map(|v| v / scale))
                 .collect::<Result<Vec<f32>, _>>()
-                .map_err(|err| format!("line {}: {err}", number + 1))?;
+                .map_err(|err| CsvError::Feature { line: number + 1, reason: err.to_string() })?;
             if let Some(first) = data.features.first() {
                 if first.len() != features.len() {
-                    return Err(format!(
-                        "line {}: {} features, earlier lines have {}",
-                        number + 1,
-                        features.len(),
-                        first.len()
-                    ));
+                    return Err(CsvError::Width { line: number + 1, found: features.len(), expected: first.len() });
                 }
             }
             data.classes = data.classes.max(label + 1);
@@ -54,7 +79,7 @@ impl Dataset {
             data.labels.push(label);
         }
         if data.labels.is_empty() {
-            return Err("the dataset is empty".into());
+            return Err(CsvError::Empty);
         }
         Ok(data)
     }
@@ -311,7 +336,7 @@ mod tests {
     fn the_shipped_digits_load() {
         let data = digits();
         assert_eq!((data.len(), data.dimension(), data.classes), (1797, 64, 10));
-        assert!(Dataset::parse_csv("1,2,3\n2,3\n", 1.0).unwrap_err().starts_with("line 2: 1 features"));
+        assert!(Dataset::parse_csv("1,2,3\n2,3\n", 1.0).unwrap_err().to_string().starts_with("line 2: 1 features"));
     }
 
     #[test]

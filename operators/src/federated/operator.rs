@@ -733,7 +733,9 @@ impl Driver {
         if self.secure.is_some() {
             let open = self.coordinator.open_round();
             let result = match (ClientStep::from_update(update), self.secure_round.as_mut()) {
-                (Some(Ok(step)), Some(round)) if open == Some(update.round) => round.receive(&update.client_id, step),
+                (Some(Ok(step)), Some(round)) if open == Some(update.round) => {
+                    round.receive(&update.client_id, step).map_err(|err| err.to_string())
+                }
                 (Some(Ok(_)), _) => Err(format!(
                     "secure-aggregation step from `{}` for round {}: that round is not open",
                     update.client_id, update.round
@@ -753,7 +755,7 @@ impl Driver {
                 self.gauges.accepted.inc();
                 None
             }
-            Err(reason) => Some(self.reject(update, reason)),
+            Err(reason) => Some(self.reject(update, reason.to_string())),
         }
     }
 
@@ -785,11 +787,13 @@ impl Driver {
         clients.sort();
         let threshold = secure.shares_needed(announced.len());
         let round = self.coordinator.open_round().unwrap_or_default();
-        let result = unmask(round, &announced, &masked, &reveals, threshold).and_then(|mut sum| {
-            let loss = sum.pop().map(|total| f64::from(total) / clients.len() as f64);
-            let weight = sum.pop().map_or(0.0, f64::from);
-            self.coordinator.offer_secure_sum(&sum, weight, &clients, loss)
-        });
+        let result = unmask(round, &announced, &masked, &reveals, threshold).map_err(|err| err.to_string()).and_then(
+            |mut sum| {
+                let loss = sum.pop().map(|total| f64::from(total) / clients.len() as f64);
+                let weight = sum.pop().map_or(0.0, f64::from);
+                self.coordinator.offer_secure_sum(&sum, weight, &clients, loss).map_err(|err| err.to_string())
+            },
+        );
         match result {
             Ok(()) => {
                 self.gauges.accepted.inc_by(clients.len() as u64);
@@ -830,10 +834,13 @@ impl Driver {
                 }
                 Advance::Done(result) => {
                     self.secure_round = None;
-                    let result = result.and_then(|(mut sum, clients)| {
+                    let result = result.map_err(|err| err.to_string()).and_then(|(mut sum, clients)| {
                         let loss = sum.pop().map(|total| f64::from(total) / clients.len().max(1) as f64);
                         let weight = sum.pop().map_or(0.0, f64::from);
-                        self.coordinator.offer_secure_sum(&sum, weight, &clients, loss).map(|()| clients.len())
+                        self.coordinator
+                            .offer_secure_sum(&sum, weight, &clients, loss)
+                            .map(|()| clients.len())
+                            .map_err(|err| err.to_string())
                     });
                     match result {
                         Ok(clients) => {

@@ -168,15 +168,10 @@ impl Accountant {
 
     /// Accounts one pure ε-DP round (the Laplace mechanism, without credit for sampling) if
     /// the total stays within the budget.
-    pub fn spend_pure(&mut self, round_epsilon: f64) -> Result<f64, String> {
+    pub fn spend_pure(&mut self, round_epsilon: f64) -> Result<f64, BudgetError> {
         let total = epsilon(&self.orders, &self.rdp, self.delta).0 + self.pure + round_epsilon;
         if total > self.budget + 1e-12 {
-            return Err(format!(
-                "round {} would spend epsilon {total:.4} > budget {} (spent so far {:.4})",
-                self.rounds + 1,
-                self.budget,
-                self.spent()
-            ));
+            return Err(BudgetError::Pure { round: self.rounds + 1, total, budget: self.budget, spent: self.spent() });
         }
         self.pure += round_epsilon;
         self.rounds += 1;
@@ -190,23 +185,56 @@ impl Accountant {
 
     /// Accounts one round of sampling rate `q` and noise multiplier `sigma` if the total stays
     /// within the budget; returns the new ε, or why the round is refused.
-    pub fn spend(&mut self, q: f64, sigma: f64) -> Result<f64, String> {
+    pub fn spend(&mut self, q: f64, sigma: f64) -> Result<f64, BudgetError> {
         let next: Vec<f64> =
             self.orders.iter().zip(&self.rdp).map(|(&a, &r)| r + rdp_subsampled_gaussian(q, sigma, a)).collect();
         let eps = epsilon(&self.orders, &next, self.delta).0 + self.pure;
         if eps > self.budget {
-            return Err(format!(
-                "round {} would spend epsilon {eps:.4} > budget {} at delta {} (spent so far {:.4})",
-                self.rounds + 1,
-                self.budget,
-                self.delta,
-                self.spent()
-            ));
+            return Err(BudgetError::Approximate {
+                round: self.rounds + 1,
+                total: eps,
+                budget: self.budget,
+                delta: self.delta,
+                spent: self.spent(),
+            });
         }
         self.rdp = next;
         self.rounds += 1;
         Ok(eps)
     }
+}
+
+/// A round the privacy budget refuses.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BudgetError {
+    /// Pure ε-DP (Laplace noise).
+    #[error("round {round} would spend epsilon {total:.4} > budget {budget} (spent so far {spent:.4})")]
+    Pure {
+        /// The round.
+        round: u64,
+        /// ε after it.
+        total: f64,
+        /// The budget.
+        budget: f64,
+        /// ε before it.
+        spent: f64,
+    },
+    /// (ε, δ)-DP (Gaussian noise, Rényi accounting).
+    #[error(
+        "round {round} would spend epsilon {total:.4} > budget {budget} at delta {delta} (spent so far {spent:.4})"
+    )]
+    Approximate {
+        /// The round.
+        round: u64,
+        /// ε after it.
+        total: f64,
+        /// The budget.
+        budget: f64,
+        /// δ.
+        delta: f64,
+        /// ε before it.
+        spent: f64,
+    },
 }
 
 /// The L2 norm of `values`.
@@ -488,7 +516,7 @@ mod tests {
                     assert!(eps <= 1.0);
                     rounds += 1;
                 }
-                Err(err) => break err,
+                Err(err) => break err.to_string(),
             }
         };
         assert!(rounds > 10, "{rounds}");

@@ -47,6 +47,53 @@ const SCALE: f64 = (1u64 << 24) as f64;
 /// HKDF salt of every key of the protocol (its version).
 const SALT: &[u8] = b"edgeflow-secagg-v1";
 
+/// Why a secure-aggregation round could not be unmasked, or a client refused shares.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UnmaskError {
+    /// Shares that do not authenticate (altered, replayed, or sealed by someone else).
+    #[error("client {client} refused shares that do not authenticate, from {from}")]
+    Unauthenticated {
+        /// The client that received them.
+        client: u8,
+        /// Their senders.
+        from: String,
+    },
+    /// Fewer survivors than the threshold.
+    #[error("secure aggregation failed: {masked} of {clients} clients sent masked updates and {reveals} answered the unmasking; {threshold} are needed")]
+    TooFew {
+        /// Masked updates received.
+        masked: usize,
+        /// Clients announced.
+        clients: usize,
+        /// Unmasking answers received.
+        reveals: usize,
+        /// Needed.
+        threshold: usize,
+    },
+    /// A masked update of another length than the others.
+    #[error("secure aggregation failed: client {client}'s masked update has another length")]
+    Length {
+        /// The client.
+        client: u8,
+    },
+    /// Too few shares of a client's secret.
+    #[error("secure aggregation failed: only {shares} shares of client {owner}'s secret; {threshold} are needed")]
+    TooFewShares {
+        /// Whose secret.
+        owner: u8,
+        /// Shares received.
+        shares: usize,
+        /// Needed.
+        threshold: usize,
+    },
+    /// A masked update altered on its way.
+    #[error("secure aggregation failed: client {client}'s masked update does not match its tag (altered on its way): refused")]
+    Tag {
+        /// The client.
+        client: u8,
+    },
+}
+
 /// A client's public announcement for the round.
 #[derive(Clone, Debug)]
 pub struct Announcement {
@@ -269,7 +316,7 @@ impl SecureClient {
     /// Receives the shares addressed to this client. A share that does not authenticate
     /// (altered, replayed from another round or pair, or sealed by someone else) is refused,
     /// and the error names its sender; the other shares are kept.
-    pub fn receive(&mut self, announced: &[Announcement], shares: &[SealedShare]) -> Result<(), String> {
+    pub fn receive(&mut self, announced: &[Announcement], shares: &[SealedShare]) -> Result<(), UnmaskError> {
         let mut refused = Vec::new();
         for sealed in shares.iter().filter(|s| s.to == self.index) {
             let Some(sender) = announced.iter().find(|a| a.client == sealed.from) else {
@@ -294,7 +341,7 @@ impl SecureClient {
         if refused.is_empty() {
             Ok(())
         } else {
-            Err(format!("client {} refused shares that do not authenticate, from {}", self.index, refused.join(", ")))
+            Err(UnmaskError::Unauthenticated { client: self.index, from: refused.join(", ") })
         }
     }
 
@@ -354,18 +401,14 @@ pub fn unmask(
     masked: &BTreeMap<u8, MaskedUpdate>,
     reveals: &[Reveal],
     threshold: usize,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, UnmaskError> {
     let n = announced.len();
     if masked.len() < threshold || reveals.len() < threshold {
-        return Err(format!(
-            "secure aggregation failed: {} of {n} clients sent masked updates and {} answered the unmasking; {threshold} are needed",
-            masked.len(),
-            reveals.len()
-        ));
+        return Err(UnmaskError::TooFew { masked: masked.len(), clients: n, reveals: reveals.len(), threshold });
     }
     let len = masked.values().next().map_or(0, |m| m.values.len());
     if let Some((client, _)) = masked.iter().find(|(_, m)| m.values.len() != len) {
-        return Err(format!("secure aggregation failed: client {client}'s masked update has another length"));
+        return Err(UnmaskError::Length { client: *client });
     }
     let mut sum = vec![0u64; len];
     for update in masked.values() {
@@ -373,14 +416,11 @@ pub fn unmask(
             *s = s.wrapping_add(*v);
         }
     }
-    let shares_of = |owner: u8, pick: &dyn Fn(&Reveal) -> Option<[u8; 32]>| -> Result<[u8; 32], String> {
+    let shares_of = |owner: u8, pick: &dyn Fn(&Reveal) -> Option<[u8; 32]>| -> Result<[u8; 32], UnmaskError> {
         let shares: Vec<(u8, [u8; 32])> =
             reveals.iter().filter_map(|r| pick(r).map(|s| (r.from, s))).take(threshold).collect();
         if shares.len() < threshold {
-            return Err(format!(
-                "secure aggregation failed: only {} shares of client {owner}'s secret; {threshold} are needed",
-                shares.len()
-            ));
+            return Err(UnmaskError::TooFewShares { owner, shares: shares.len(), threshold });
         }
         Ok(combine(&shares))
     };
@@ -388,9 +428,7 @@ pub fn unmask(
         let seed = shares_of(client, &|r: &Reveal| r.seeds.get(&client).copied())?;
         let expected = masked_tag(&seed, round, client, &update.values);
         if !constant_time_eq(&expected, &update.tag) {
-            return Err(format!(
-                "secure aggregation failed: client {client}'s masked update does not match its tag (altered on its way): refused"
-            ));
+            return Err(UnmaskError::Tag { client });
         }
         for (s, m) in sum.iter_mut().zip(prg_mask(&seed, len)) {
             *s = s.wrapping_sub(m);
@@ -458,7 +496,7 @@ mod tests {
             .collect()
     }
 
-    fn finish(round: &Round, threshold: usize) -> Result<Vec<f32>, String> {
+    fn finish(round: &Round, threshold: usize) -> Result<Vec<f32>, UnmaskError> {
         let survivors: BTreeSet<u8> = round.masked.keys().copied().collect();
         let dropped: BTreeSet<u8> =
             round.announced.iter().map(|a| a.client).filter(|c| !survivors.contains(c)).collect();
@@ -493,7 +531,7 @@ mod tests {
     #[test]
     fn too_many_dropouts_fail_the_round_with_the_reason() {
         let round = round(10, 6, &[1, 2, 3, 4, 5], 10);
-        let err = finish(&round, 6).unwrap_err();
+        let err = finish(&round, 6).unwrap_err().to_string();
         assert_eq!(
             err,
             "secure aggregation failed: 5 of 10 clients sent masked updates and 5 answered the unmasking; 6 are needed"
@@ -519,7 +557,7 @@ mod tests {
         // The relaying server flips one bit of client 2's share for client 1.
         let target = shares.iter_mut().find(|s| s.from == 2 && s.to == 1).unwrap();
         target.ciphertext[5] ^= 0x01;
-        let err = clients[0].receive(&announced, &shares).unwrap_err();
+        let err = clients[0].receive(&announced, &shares).unwrap_err().to_string();
         assert_eq!(err, "client 1 refused shares that do not authenticate, from client 2");
         assert!(!clients[0].held.contains_key(&2) && clients[0].held.contains_key(&3), "the good share is kept");
         // A share replayed into another round does not open either.
@@ -541,7 +579,7 @@ mod tests {
     fn a_tampered_masked_update_is_refused() {
         let mut round = round(5, 3, &[], 50);
         round.masked.get_mut(&3).unwrap().values[10] ^= 1 << 40;
-        let err = finish(&round, 3).unwrap_err();
+        let err = finish(&round, 3).unwrap_err().to_string();
         assert_eq!(
             err,
             "secure aggregation failed: client 3's masked update does not match its tag (altered on its way): refused"

@@ -32,7 +32,7 @@ use base64::Engine as _;
 use rand::SeedableRng as _;
 use serde::{Deserialize, Serialize};
 
-use super::secure::{unmask, Announcement, MaskedUpdate, Reveal, SealedShare, SecureClient};
+use super::secure::{unmask, Announcement, MaskedUpdate, Reveal, SealedShare, SecureClient, UnmaskError};
 use super::update::{ModelUpdate, Payload};
 
 /// The payload format of a client's secure-aggregation step.
@@ -42,11 +42,143 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn unb64<const N: usize>(text: &str, what: &str) -> Result<[u8; N], String> {
+/// A step of the secure-aggregation protocol that cannot be used: the dead letter's reason
+/// on the coordinator's side, or why a client stops.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// A value that is not base64.
+    #[error("{what} is not valid base64: {reason}")]
+    Base64 {
+        /// What it is, e.g. `the tag` or `a share from client 2`.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// A value of the wrong size.
+    #[error("{what} has {found} bytes, expected {expected}")]
+    Bytes {
+        /// What it is.
+        what: String,
+        /// Bytes found.
+        found: usize,
+        /// Bytes expected.
+        expected: usize,
+    },
+    /// A step that is not JSON of a step.
+    #[error("secure-aggregation step is not valid: {reason}")]
+    Step {
+        /// Why.
+        reason: String,
+    },
+    /// A share index that is not a number.
+    #[error("`{0}` is not a client index")]
+    Index(String),
+    /// A client's step the round refuses.
+    #[error("secure aggregation, round {round}, client `{client}`: {problem}")]
+    Client {
+        /// The round.
+        round: u64,
+        /// The client.
+        client: String,
+        /// What is wrong.
+        problem: Box<ClientProblem>,
+    },
+    /// Fewer clients took a step than the threshold.
+    #[error("secure aggregation failed in round {round}: {got} of {of} clients {did}; {needed} are needed")]
+    TooFew {
+        /// The round.
+        round: u64,
+        /// Clients that did.
+        got: usize,
+        /// Clients that could have.
+        of: usize,
+        /// What they did, e.g. `announced a key`.
+        did: &'static str,
+        /// Needed.
+        needed: usize,
+    },
+    /// The sum could not be unmasked.
+    #[error("round {round}: {source}")]
+    Unmask {
+        /// The round.
+        round: u64,
+        /// Why.
+        source: UnmaskError,
+    },
+    /// Shares that do not authenticate.
+    #[error(transparent)]
+    Shares(#[from] UnmaskError),
+    /// The operating system's random number generator failed.
+    #[error("{0}")]
+    Random(String),
+}
+
+/// What a client's step does wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientProblem {
+    /// It was not selected.
+    #[error("not selected for the round")]
+    NotSelected,
+    /// It announced twice.
+    #[error("announced twice")]
+    AnnouncedTwice,
+    /// Shares before a key.
+    #[error("shares without an announced key")]
+    SharesWithoutKey,
+    /// Shares of someone else, or to someone not announced.
+    #[error("shares must be from the client and to announced clients")]
+    Misaddressed,
+    /// It shared twice.
+    #[error("shared twice")]
+    SharedTwice,
+    /// A masked update without shares.
+    #[error("a masked update from a client that did not share")]
+    MaskedWithoutShares,
+    /// Masked values that are not base64.
+    #[error("masked values are not valid base64: {reason}")]
+    MaskedBase64 {
+        /// Why.
+        reason: String,
+    },
+    /// A masked update of the wrong size.
+    #[error("a masked update of {bytes} bytes, expected {parameters} values of 8 bytes")]
+    MaskedSize {
+        /// Bytes found.
+        bytes: usize,
+        /// Values expected.
+        parameters: usize,
+    },
+    /// It masked twice.
+    #[error("masked twice")]
+    MaskedTwice,
+    /// Reveals without a masked update.
+    #[error("reveals from a client without a masked update")]
+    RevealsWithoutMasked,
+    /// It revealed twice.
+    #[error("revealed twice")]
+    RevealedTwice,
+    /// A step the round is not at.
+    #[error("a `{step}` step out of turn (the round is at its {phase} step)")]
+    OutOfTurn {
+        /// The step sent.
+        step: &'static str,
+        /// The round's step.
+        phase: String,
+    },
+    /// A value that does not decode.
+    #[error(transparent)]
+    Decode(ProtocolError),
+}
+
+fn unb64<const N: usize>(text: &str, what: &str) -> Result<[u8; N], ProtocolError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text)
-        .map_err(|err| format!("{what} is not valid base64: {err}"))?;
-    bytes.try_into().map_err(|bytes: Vec<u8>| format!("{what} has {} bytes, expected {N}", bytes.len()))
+        .map_err(|err| ProtocolError::Base64 { what: what.to_owned(), reason: err.to_string() })?;
+    bytes.try_into().map_err(|bytes: Vec<u8>| ProtocolError::Bytes {
+        what: what.to_owned(),
+        found: bytes.len(),
+        expected: N,
+    })
 }
 
 /// A sealed share as it travels (ciphertext in base64).
@@ -92,15 +224,15 @@ impl ClientStep {
     }
 
     /// The step in `update`, if its payload is one.
-    pub fn from_update(update: &ModelUpdate) -> Option<Result<Self, String>> {
+    pub fn from_update(update: &ModelUpdate) -> Option<Result<Self, ProtocolError>> {
         if update.payload.format != SECAGG_FORMAT {
             return None;
         }
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(&update.payload.data)
-            .map_err(|err| format!("secure-aggregation step is not valid base64: {err}"))
+            .map_err(|err| ProtocolError::Base64 { what: "secure-aggregation step".into(), reason: err.to_string() })
             .and_then(|json| {
-                serde_json::from_slice(&json).map_err(|err| format!("secure-aggregation step is not valid: {err}"))
+                serde_json::from_slice(&json).map_err(|err| ProtocolError::Step { reason: err.to_string() })
             });
         Some(decoded)
     }
@@ -150,7 +282,7 @@ pub enum Advance {
     Publish(ServerStep),
     /// The round is over: the unmasked sum (`[Σw·Δ.., Σw, Σloss]`) and the clients in it, or
     /// why it failed.
-    Done(Result<(Vec<f32>, Vec<String>), String>),
+    Done(Result<(Vec<f32>, Vec<String>), ProtocolError>),
 }
 
 /// The coordinator's side of one round.
@@ -213,69 +345,70 @@ impl ServerRound {
     }
 
     /// Takes one client step; the error (for the dead-letter output) says why it is refused.
-    pub fn receive(&mut self, client: &str, step: ClientStep) -> Result<(), String> {
-        let who = format!("secure aggregation, round {}, client `{client}`", self.round);
+    pub fn receive(&mut self, client: &str, step: ClientStep) -> Result<(), ProtocolError> {
+        let round = self.round;
+        let refuse = |problem: ClientProblem| ProtocolError::Client {
+            round,
+            client: client.to_owned(),
+            problem: Box::new(problem),
+        };
         let Some(&index) = self.indices.get(client) else {
-            return Err(format!("{who}: not selected for the round"));
+            return Err(refuse(ClientProblem::NotSelected));
         };
         match (self.phase, step) {
             (Phase::Announce, ClientStep::Announce { public }) => {
-                let key = unb64::<32>(&public, "the public key").map_err(|e| format!("{who}: {e}"))?;
+                let key = unb64::<32>(&public, "the public key").map_err(|e| refuse(ClientProblem::Decode(e)))?;
                 if self.keys.insert(index, key).is_some() {
-                    return Err(format!("{who}: announced twice"));
+                    return Err(refuse(ClientProblem::AnnouncedTwice));
                 }
             }
             (Phase::Share, ClientStep::Shares { shares }) => {
                 if !self.keys.contains_key(&index) {
-                    return Err(format!("{who}: shares without an announced key"));
+                    return Err(refuse(ClientProblem::SharesWithoutKey));
                 }
                 if shares.iter().any(|s| s.from != index || !self.keys.contains_key(&s.to)) {
-                    return Err(format!("{who}: shares must be from the client and to announced clients"));
+                    return Err(refuse(ClientProblem::Misaddressed));
                 }
                 if self.shares.insert(index, shares).is_some() {
-                    return Err(format!("{who}: shared twice"));
+                    return Err(refuse(ClientProblem::SharedTwice));
                 }
             }
             (Phase::Mask, ClientStep::Masked { values, tag }) => {
                 if !self.members.contains(&index) {
-                    return Err(format!("{who}: a masked update from a client that did not share"));
+                    return Err(refuse(ClientProblem::MaskedWithoutShares));
                 }
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(&values)
-                    .map_err(|err| format!("{who}: masked values are not valid base64: {err}"))?;
+                    .map_err(|err| refuse(ClientProblem::MaskedBase64 { reason: err.to_string() }))?;
                 if bytes.len() != self.parameters * 8 {
-                    return Err(format!(
-                        "{who}: a masked update of {} bytes, expected {} values of 8 bytes",
-                        bytes.len(),
-                        self.parameters
-                    ));
+                    return Err(refuse(ClientProblem::MaskedSize { bytes: bytes.len(), parameters: self.parameters }));
                 }
                 let values =
                     bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-                let tag = unb64::<16>(&tag, "the tag").map_err(|e| format!("{who}: {e}"))?;
+                let tag = unb64::<16>(&tag, "the tag").map_err(|e| refuse(ClientProblem::Decode(e)))?;
                 if self.masked.insert(index, MaskedUpdate { values, tag }).is_some() {
-                    return Err(format!("{who}: masked twice"));
+                    return Err(refuse(ClientProblem::MaskedTwice));
                 }
             }
             (Phase::Reveal, ClientStep::Reveal { keys, seeds }) => {
                 if !self.masked.contains_key(&index) {
-                    return Err(format!("{who}: reveals from a client without a masked update"));
+                    return Err(refuse(ClientProblem::RevealsWithoutMasked));
                 }
-                let decode = |map: BTreeMap<String, String>| -> Result<BTreeMap<u8, [u8; 32]>, String> {
+                let decode = |map: BTreeMap<String, String>| -> Result<BTreeMap<u8, [u8; 32]>, ProtocolError> {
                     map.into_iter()
                         .map(|(owner, share)| {
-                            let owner = owner.parse::<u8>().map_err(|_| format!("`{owner}` is not a client index"))?;
+                            let owner = owner.parse::<u8>().map_err(|_| ProtocolError::Index(owner.clone()))?;
                             Ok((owner, unb64::<32>(&share, "a share")?))
                         })
                         .collect()
                 };
                 let reveal = Reveal {
                     from: index,
-                    keys: decode(keys).map_err(|e| format!("{who}: {e}"))?,
-                    seeds: decode(seeds).map_err(|e| format!("{who}: {e}"))?,
+                    keys: decode(keys).map_err(|e| refuse(ClientProblem::Decode(e)))?,
+                    seeds: decode(seeds).map_err(|e| refuse(ClientProblem::Decode(e)))?,
                 };
                 if self.reveals.insert(index, reveal).is_some() {
-                    return Err(format!("{who}: revealed twice"));
+                    return Err(refuse(ClientProblem::RevealedTwice));
                 }
             }
             (phase, step) => {
@@ -285,15 +418,15 @@ impl ServerRound {
                     ClientStep::Masked { .. } => "masked",
                     ClientStep::Reveal { .. } => "reveal",
                 };
-                return Err(format!("{who}: a `{name}` step out of turn (the round is at its {phase:?} step)"));
+                return Err(refuse(ClientProblem::OutOfTurn { step: name, phase: format!("{phase:?}") }));
             }
         }
         Ok(())
     }
 
-    fn fail(&mut self, reason: String) -> Advance {
+    fn fail(&mut self, got: usize, of: usize, did: &'static str) -> Advance {
         self.phase = Phase::Done;
-        Advance::Done(Err(format!("secure aggregation failed in round {}: {reason}", self.round)))
+        Advance::Done(Err(ProtocolError::TooFew { round: self.round, got, of, did, needed: self.threshold }))
     }
 
     fn next_step(&mut self, phase: Phase) {
@@ -309,11 +442,7 @@ impl ServerRound {
         match self.phase {
             Phase::Announce if self.keys.len() == self.indices.len() || timed_out => {
                 if self.keys.len() < t {
-                    return self.fail(format!(
-                        "{} of {} clients announced a key; {t} are needed",
-                        self.keys.len(),
-                        self.indices.len()
-                    ));
+                    return self.fail(self.keys.len(), self.indices.len(), "announced a key");
                 }
                 self.next_step(Phase::Share);
                 let keys = self.keys.iter().map(|(index, key)| KeyRecord { index: *index, public: b64(key) }).collect();
@@ -321,11 +450,7 @@ impl ServerRound {
             }
             Phase::Share if self.shares.len() == self.keys.len() || timed_out => {
                 if self.shares.len() < t {
-                    return self.fail(format!(
-                        "{} of {} clients sent their shares; {t} are needed",
-                        self.shares.len(),
-                        self.keys.len()
-                    ));
+                    return self.fail(self.shares.len(), self.keys.len(), "sent their shares");
                 }
                 self.members = self.shares.keys().copied().collect();
                 let members = &self.members;
@@ -336,11 +461,7 @@ impl ServerRound {
             }
             Phase::Mask if self.masked.len() == self.members.len() || timed_out => {
                 if self.masked.len() < t {
-                    return self.fail(format!(
-                        "{} of {} clients sent masked updates; {t} are needed",
-                        self.masked.len(),
-                        self.members.len()
-                    ));
+                    return self.fail(self.masked.len(), self.members.len(), "sent masked updates");
                 }
                 let survivors: Vec<u8> = self.masked.keys().copied().collect();
                 let dropped: Vec<u8> = self.members.iter().filter(|m| !self.masked.contains_key(m)).copied().collect();
@@ -363,7 +484,7 @@ impl ServerRound {
                 });
                 match result {
                     Ok(done) => Advance::Done(Ok(done)),
-                    Err(reason) => Advance::Done(Err(format!("round {}: {reason}", self.round))),
+                    Err(source) => Advance::Done(Err(ProtocolError::Unmask { round: self.round, source })),
                 }
             }
             _ => Advance::Wait,
@@ -396,18 +517,19 @@ impl ClientRound {
     }
 
     /// Its answer to a later step (none when it has nothing to say in it).
-    pub fn answer(&mut self, step: &ServerStep) -> Result<Option<ClientStep>, String> {
+    pub fn answer(&mut self, step: &ServerStep) -> Result<Option<ClientStep>, ProtocolError> {
         match step {
             ServerStep::Plan { .. } => Ok(None),
             ServerStep::Keys { keys } => {
                 self.announced = keys
                     .iter()
                     .map(|k| Ok(Announcement::from_bytes(k.index, unb64::<32>(&k.public, "a public key")?)))
-                    .collect::<Result<_, String>>()?;
+                    .collect::<Result<_, ProtocolError>>()?;
                 if !self.announced.iter().any(|a| a.client == self.index) {
                     return Ok(None);
                 }
-                let mut rng = rand_chacha::ChaCha20Rng::from_rng(rand::rngs::OsRng).map_err(|e| e.to_string())?;
+                let mut rng = rand_chacha::ChaCha20Rng::from_rng(rand::rngs::OsRng)
+                    .map_err(|e| ProtocolError::Random(e.to_string()))?;
                 let shares = self
                     .party
                     .share(&self.announced, self.threshold, &mut rng)
@@ -425,12 +547,16 @@ impl ClientRound {
                     .iter()
                     .filter(|s| s.to == self.index)
                     .map(|s| {
-                        let ciphertext = base64::engine::general_purpose::STANDARD
-                            .decode(&s.ciphertext)
-                            .map_err(|err| format!("a share from client {} is not valid base64: {err}", s.from))?;
+                        let ciphertext =
+                            base64::engine::general_purpose::STANDARD.decode(&s.ciphertext).map_err(|err| {
+                                ProtocolError::Base64 {
+                                    what: format!("a share from client {}", s.from),
+                                    reason: err.to_string(),
+                                }
+                            })?;
                         Ok(SealedShare { from: s.from, to: s.to, ciphertext })
                     })
-                    .collect::<Result<_, String>>()?;
+                    .collect::<Result<_, ProtocolError>>()?;
                 // A share that does not authenticate is refused: the round cannot go on safely.
                 self.party.receive(&self.announced, &sealed)?;
                 self.announced.retain(|a| members.contains(&a.client));
@@ -547,6 +673,7 @@ mod tests {
     #[test]
     fn a_share_altered_by_the_relay_is_refused_by_its_recipient() {
         let Advance::Done(Err(reason)) = run(4, &[], true) else { panic!("the round must fail") };
+        let reason = reason.to_string();
         assert!(reason.contains("refused shares that do not authenticate, from client 1"), "{reason}");
     }
 
@@ -554,11 +681,14 @@ mod tests {
     fn steps_out_of_turn_and_strangers_are_refused() {
         let clients = vec!["a".to_owned(), "b".to_owned()];
         let mut server = ServerRound::new(1, &clients, 2, 1, false, Duration::from_secs(1));
-        let err = server.receive("z", ClientStep::Announce { public: b64(&[0; 32]) }).unwrap_err();
+        let err = server.receive("z", ClientStep::Announce { public: b64(&[0; 32]) }).unwrap_err().to_string();
         assert!(err.ends_with("not selected for the round"), "{err}");
-        let err = server.receive("a", ClientStep::Masked { values: String::new(), tag: String::new() }).unwrap_err();
+        let err = server
+            .receive("a", ClientStep::Masked { values: String::new(), tag: String::new() })
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("a `masked` step out of turn"), "{err}");
-        let err = server.receive("a", ClientStep::Announce { public: b64(&[0; 31]) }).unwrap_err();
+        let err = server.receive("a", ClientStep::Announce { public: b64(&[0; 31]) }).unwrap_err().to_string();
         assert!(err.contains("has 31 bytes, expected 32"), "{err}");
     }
 }

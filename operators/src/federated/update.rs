@@ -58,28 +58,129 @@ impl Payload {
     }
 
     /// Decodes the values, or says what is wrong with the payload.
-    pub fn decode(&self) -> Result<Vec<f32>, String> {
+    pub fn decode(&self) -> Result<Vec<f32>, PayloadError> {
         if self.format != PAYLOAD_FORMAT {
-            return Err(format!("payload format `{}` is not supported (expected `{PAYLOAD_FORMAT}`)", self.format));
+            return Err(PayloadError::Format { format: self.format.clone() });
         }
         let compressed = base64::engine::general_purpose::STANDARD
             .decode(&self.data)
-            .map_err(|err| format!("payload is not valid base64: {err}"))?;
+            .map_err(|err| PayloadError::Base64 { reason: err.to_string() })?;
         // Checked, and capped: the decompression buffer is allocated up front.
         let expected = usize::try_from(self.parameters)
             .ok()
             .and_then(|parameters| parameters.checked_mul(4))
             .filter(|bytes| *bytes <= MAX_PAYLOAD_BYTES)
-            .ok_or_else(|| {
-                format!("payload claims {} parameters, more than {} bytes of f32", self.parameters, MAX_PAYLOAD_BYTES)
-            })?;
+            .ok_or(PayloadError::TooLarge { parameters: self.parameters })?;
         let raw = zstd::bulk::decompress(&compressed, expected + 1)
-            .map_err(|err| format!("payload is not valid zstd data: {err}"))?;
+            .map_err(|err| PayloadError::Zstd { reason: err.to_string() })?;
         if raw.len() != expected {
-            return Err(format!("payload holds {} bytes, {} parameters need {expected}", raw.len(), self.parameters));
+            return Err(PayloadError::Length { bytes: raw.len(), parameters: self.parameters, expected });
         }
         Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
+}
+
+/// A payload that does not decode.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    /// Not the encoding this version reads.
+    #[error("payload format `{format}` is not supported (expected `{expected}`)", expected = PAYLOAD_FORMAT)]
+    Format {
+        /// The format it names.
+        format: String,
+    },
+    /// Not base64.
+    #[error("payload is not valid base64: {reason}")]
+    Base64 {
+        /// Why.
+        reason: String,
+    },
+    /// More parameters than a payload may carry.
+    #[error("payload claims {parameters} parameters, more than {max} bytes of f32", max = MAX_PAYLOAD_BYTES)]
+    TooLarge {
+        /// The parameters it claims.
+        parameters: u64,
+    },
+    /// Not zstd.
+    #[error("payload is not valid zstd data: {reason}")]
+    Zstd {
+        /// Why.
+        reason: String,
+    },
+    /// Fewer or more bytes than its parameters need.
+    #[error("payload holds {bytes} bytes, {parameters} parameters need {expected}")]
+    Length {
+        /// Bytes found.
+        bytes: usize,
+        /// Parameters claimed.
+        parameters: u64,
+        /// Bytes they need.
+        expected: usize,
+    },
+}
+
+/// Why a round refuses an update (the `rejected` output's reason).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("update from `{client}` for round {round}: {problem}")]
+pub struct UpdateError {
+    /// The client.
+    pub client: String,
+    /// The round it was for.
+    pub round: u64,
+    /// What is wrong with it.
+    pub problem: UpdateProblem,
+}
+
+/// What is wrong with an update.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum UpdateProblem {
+    /// Its round is over.
+    #[error("round {0} is closed")]
+    Closed(u64),
+    /// Another round is open.
+    #[error("the open round is {0}")]
+    OtherRound(u64),
+    /// The client was not selected.
+    #[error("the client was not selected for this round")]
+    NotSelected,
+    /// The client already sent one.
+    #[error("the client already sent an update this round")]
+    Duplicate,
+    /// It trained another model version.
+    #[error("based on model version {base}, the round trains version {expected}")]
+    Version {
+        /// Its base version.
+        base: u64,
+        /// The round's.
+        expected: u64,
+    },
+    /// It has another number of parameters.
+    #[error("has {got} parameters, the model has {expected}")]
+    Parameters {
+        /// Its parameters.
+        got: u64,
+        /// The model's.
+        expected: usize,
+    },
+    /// Its payload does not decode.
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    /// A value is not finite.
+    #[error("parameter {index} is {value}")]
+    NotFinite {
+        /// Where.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// Longer than the round's bound.
+    #[error("L2 norm {norm:.4} exceeds the bound {bound}")]
+    Norm {
+        /// Its norm.
+        norm: f64,
+        /// The bound.
+        bound: f64,
+    },
 }
 
 /// What a client reports of its local training.
@@ -141,10 +242,11 @@ impl Ord for ModelUpdate {
 
 impl ModelUpdate {
     /// Decodes one JSON update.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, crate::records::RecordError> {
         let update: Self = crate::records::decode_object(bytes, "model update")?;
-        crate::time::check_event_time("timestamp", update.timestamp)
-            .map_err(|reason| format!("invalid model update from `{}`: {reason}", update.client_id))?;
+        crate::time::check_event_time("timestamp", update.timestamp).map_err(|source| {
+            crate::records::RecordError::Time { what: format!("model update from `{}`", update.client_id), source }
+        })?;
         Ok(update)
     }
 }
@@ -179,38 +281,35 @@ impl UpdateCheck {
 
     /// The decoded update if it is acceptable, else the reason it is rejected. An accepted
     /// client cannot send a second update this round.
-    pub fn accept(&mut self, update: &ModelUpdate) -> Result<Vec<f32>, String> {
+    pub fn accept(&mut self, update: &ModelUpdate) -> Result<Vec<f32>, UpdateError> {
         let rules = &self.rules;
-        let who = format!("update from `{}` for round {}", update.client_id, update.round);
+        let refuse = |problem| Err(UpdateError { client: update.client_id.clone(), round: update.round, problem });
         if update.round != rules.round {
-            return Err(format!("{who}: the open round is {}", rules.round));
+            return refuse(UpdateProblem::OtherRound(rules.round));
         }
         if !rules.selected.contains(&update.client_id) {
-            return Err(format!("{who}: the client was not selected for this round"));
+            return refuse(UpdateProblem::NotSelected);
         }
         if self.seen.contains(&update.client_id) {
-            return Err(format!("{who}: the client already sent an update this round"));
+            return refuse(UpdateProblem::Duplicate);
         }
         if update.base_version != rules.base_version {
-            return Err(format!(
-                "{who}: based on model version {}, the round trains version {}",
-                update.base_version, rules.base_version
-            ));
+            return refuse(UpdateProblem::Version { base: update.base_version, expected: rules.base_version });
         }
         if update.payload.parameters != rules.parameters as u64 {
-            return Err(format!(
-                "{who}: has {} parameters, the model has {}",
-                update.payload.parameters, rules.parameters
-            ));
+            return refuse(UpdateProblem::Parameters { got: update.payload.parameters, expected: rules.parameters });
         }
-        let values = update.payload.decode().map_err(|reason| format!("{who}: {reason}"))?;
+        let values = match update.payload.decode() {
+            Ok(values) => values,
+            Err(err) => return refuse(err.into()),
+        };
         if let Some(index) = values.iter().position(|v| !v.is_finite()) {
-            return Err(format!("{who}: parameter {index} is {}", values[index]));
+            return refuse(UpdateProblem::NotFinite { index, value: values[index] });
         }
         if let Some(bound) = rules.max_norm {
             let norm = l2_norm(&values);
             if norm > bound {
-                return Err(format!("{who}: L2 norm {norm:.4} exceeds the bound {bound}"));
+                return refuse(UpdateProblem::Norm { norm, bound });
             }
         }
         self.seen.insert(update.client_id.clone());
@@ -277,17 +376,17 @@ mod tests {
             (update("b", 5, &[10.0, 2.0, 3.0]), "update from `b` for round 5: L2 norm 10.6301 exceeds the bound 10"),
         ];
         for (bad, reason) in reasons {
-            assert_eq!(check.accept(&bad).unwrap_err(), reason);
+            assert_eq!(check.accept(&bad).unwrap_err().to_string(), reason);
         }
         let mut stale = update("b", 5, &[1.0, 2.0, 3.0]);
         stale.base_version = 3;
         assert_eq!(
-            check.accept(&stale).unwrap_err(),
+            check.accept(&stale).unwrap_err().to_string(),
             "update from `b` for round 5: based on model version 3, the round trains version 4"
         );
         let mut garbled = update("b", 5, &[1.0, 2.0, 3.0]);
         garbled.payload.data = "not base64!".into();
-        assert!(check.accept(&garbled).unwrap_err().contains("payload is not valid base64"));
+        assert!(check.accept(&garbled).unwrap_err().to_string().contains("payload is not valid base64"));
         // After all the rejections, b may still send its one good update.
         assert!(check.accept(&update("b", 5, &[0.0, 0.0, 1.0])).is_ok());
     }
