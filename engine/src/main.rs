@@ -191,7 +191,7 @@ enum ModelCommand {
     },
 }
 
-fn model_command(command: ModelCommand) -> Result<(), String> {
+fn model_command(command: ModelCommand) -> Result<(), edgeflow_engine::model_cli::ModelCliError> {
     use edgeflow_connectors::onnx::SessionOptions;
     use edgeflow_engine::model_cli;
     match command {

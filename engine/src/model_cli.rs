@@ -6,21 +6,45 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use edgeflow_connectors::onnx::{OnnxModel, SessionOptions};
+use edgeflow_connectors::onnx::{ModelError, OnnxModel, SessionOptions};
 use edgeflow_operators::Tensor;
 use rand::{Rng, SeedableRng};
 
+/// Why `edgeflow model` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelCliError {
+    /// The path is neither a model directory nor a file.
+    #[error("`{0}` is neither a model directory nor an .onnx file\nhint: pass a registry entry such as pipelines/models/anomaly, or a model.onnx")]
+    NotAModel(String),
+    /// The model did not load or run.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A batch size of 0.
+    #[error("--batch must be at least 1")]
+    EmptyBatch,
+    /// An input with a dynamic dimension after the first.
+    #[error("dimension {index} of input `{input}` is dynamic ({shape:?}); only the first may be")]
+    Dynamic {
+        /// The dimension.
+        index: usize,
+        /// The input.
+        input: String,
+        /// Its shape.
+        shape: Vec<i64>,
+    },
+    /// No version loaded.
+    #[error("the model has no version")]
+    NoVersion,
+}
+
 /// Loads a model directory of a registry (`models/anomaly`) or a single `.onnx` file.
-pub fn load(path: &Path, options: SessionOptions) -> Result<OnnxModel, String> {
+pub fn load(path: &Path, options: SessionOptions) -> Result<OnnxModel, ModelCliError> {
     if path.is_file() {
-        OnnxModel::from_file(path, options)
+        Ok(OnnxModel::from_file(path, options)?)
     } else if path.is_dir() {
-        OnnxModel::load(path, options)
+        Ok(OnnxModel::load(path, options)?)
     } else {
-        Err(format!(
-            "`{}` is neither a model directory nor an .onnx file\nhint: pass a registry entry such as pipelines/models/anomaly, or a model.onnx",
-            path.display()
-        ))
+        Err(ModelCliError::NotAModel(path.display().to_string()))
     }
 }
 
@@ -84,27 +108,26 @@ pub struct BenchReport {
 
 /// Runs the latest version on random inputs of `batch` rows (seeded) for `duration`, after
 /// a short warm-up.
-pub fn bench(model: &mut OnnxModel, batch: usize, duration: Duration) -> Result<BenchReport, String> {
+pub fn bench(model: &mut OnnxModel, batch: usize, duration: Duration) -> Result<BenchReport, ModelCliError> {
     if batch == 0 {
-        return Err("--batch must be at least 1".into());
+        return Err(ModelCliError::EmptyBatch);
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut inputs = BTreeMap::new();
     for spec in &model.interface().inputs {
         let mut shape = vec![batch];
         for (index, dim) in spec.shape.iter().enumerate().skip(1) {
-            let dim = usize::try_from(*dim).map_err(|_| {
-                format!(
-                    "dimension {index} of input `{}` is dynamic ({:?}); only the first may be",
-                    spec.name, spec.shape
-                )
+            let dim = usize::try_from(*dim).map_err(|_| ModelCliError::Dynamic {
+                index,
+                input: spec.name.clone(),
+                shape: spec.shape.clone(),
             })?;
             shape.push(dim);
         }
         let data = (0..shape.iter().product::<usize>()).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
         inputs.insert(spec.name.clone(), Tensor { shape, data });
     }
-    let version = model.latest().ok_or("the model has no version")?;
+    let version = model.latest().ok_or(ModelCliError::NoVersion)?;
     for _ in 0..3 {
         model.run(Some(version), &[&inputs])?;
     }

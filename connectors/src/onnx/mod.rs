@@ -99,36 +99,79 @@ pub struct ModelInterface {
     pub outputs: Vec<TensorSpec>,
 }
 
+/// Why a model could not be loaded or run, by whose fault it is; the message names the
+/// model, file or input.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    /// A request's inputs, or the version it pins, do not fit the model (the sender's).
+    #[error("{0}")]
+    Request(String),
+    /// The registry, a model's directory or files are not as they must be (the user's).
+    #[error("{0}")]
+    Registry(String),
+    /// ONNX Runtime could not load or run a model, or its outputs do not fit.
+    #[error("{0}")]
+    Runtime(String),
+    /// The ONNX Runtime library is missing or cannot start (the setup's).
+    #[error("{0}")]
+    Library(String),
+    /// A model's thread stopped (a bug).
+    #[error("{0}")]
+    Stopped(String),
+}
+
+impl ModelError {
+    /// Whose fault the error is.
+    pub fn fault(&self) -> crate::Fault {
+        match self {
+            ModelError::Request(_) | ModelError::Registry(_) | ModelError::Library(_) => crate::Fault::User,
+            ModelError::Runtime(_) => crate::Fault::External,
+            ModelError::Stopped(_) => crate::Fault::Internal,
+        }
+    }
+
+    /// Whether trying again can help: none of these pass by themselves.
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
 impl ModelInterface {
     /// Checks that a request's tensors fit: every input present (and no other), float32
     /// values whose dimensions after the first match, and the same number of rows in each.
-    pub fn check(&self, model: &str, inputs: &BTreeMap<String, Tensor>) -> Result<usize, String> {
+    pub fn check(&self, model: &str, inputs: &BTreeMap<String, Tensor>) -> Result<usize, ModelError> {
         let mut rows = None;
         for spec in &self.inputs {
             let Some(tensor) = inputs.get(&spec.name) else {
-                return Err(format!("model `{model}` needs input `{}` ({spec}); the request has none", spec.name));
+                return Err(ModelError::Request(format!(
+                    "model `{model}` needs input `{}` ({spec}); the request has none",
+                    spec.name
+                )));
             };
             let fits = tensor.shape.len() == spec.shape.len()
                 && tensor.shape.iter().zip(&spec.shape).skip(1).all(|(d, s)| *s < 0 || *d as i64 == *s);
             if !fits || tensor.rows() == 0 {
-                return Err(format!(
+                return Err(ModelError::Request(format!(
                     "input `{}` has shape {:?}; model `{model}` expects {:?} (-1: any size, at least 1 row)",
                     spec.name, tensor.shape, spec.shape
-                ));
+                )));
             }
             match rows {
                 Some(rows) if rows != tensor.rows() => {
-                    return Err(format!(
+                    return Err(ModelError::Request(format!(
                         "inputs of model `{model}` have different row counts ({rows} and {})",
                         tensor.rows()
-                    ))
+                    )))
                 }
                 _ => rows = Some(tensor.rows()),
             }
         }
         if let Some(extra) = inputs.keys().find(|name| !self.inputs.iter().any(|s| &s.name == *name)) {
             let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
-            return Err(format!("model `{model}` has no input `{extra}` (inputs: {})", known.join(", ")));
+            return Err(ModelError::Request(format!(
+                "model `{model}` has no input `{extra}` (inputs: {})",
+                known.join(", ")
+            )));
         }
         Ok(rows.unwrap_or(1))
     }
@@ -206,32 +249,38 @@ impl OnnxModel {
     /// Loads every version of the model in `dir` (named after the directory), checking
     /// each against the declared interface. Fails if any version cannot be loaded, so a
     /// broken registry is found at start.
-    pub fn load(dir: &Path, options: SessionOptions) -> Result<Self, String> {
+    pub fn load(dir: &Path, options: SessionOptions) -> Result<Self, ModelError> {
         let name = dir
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| format!("`{}` is not a model directory", dir.display()))?
+            .ok_or_else(|| ModelError::Registry(format!("`{}` is not a model directory", dir.display())))?
             .to_owned();
         if !dir.is_dir() {
-            return Err(format!("model `{name}`: `{}` is not a directory", dir.display()));
+            return Err(ModelError::Registry(format!("model `{name}`: `{}` is not a directory", dir.display())));
         }
         let json_path = dir.join("model.json");
         let json: ModelJson = match std::fs::read(&json_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|err| format!("`{}`: {err}", json_path.display()))?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|err| ModelError::Registry(format!("`{}`: {err}", json_path.display())))?,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => ModelJson::default(),
-            Err(err) => return Err(format!("cannot read `{}`: {err}", json_path.display())),
+            Err(err) => return Err(ModelError::Registry(format!("cannot read `{}`: {err}", json_path.display()))),
         };
         let declared = match (json.inputs, json.outputs) {
             (Some(inputs), Some(outputs)) => Some(ModelInterface { inputs, outputs }),
             (None, None) => None,
-            _ => return Err(format!("`{}` must declare both `inputs` and `outputs`, or neither", json_path.display())),
+            _ => {
+                return Err(ModelError::Registry(format!(
+                    "`{}` must declare both `inputs` and `outputs`, or neither",
+                    json_path.display()
+                )))
+            }
         };
         let found = version_dirs(dir)?;
         if found.is_empty() {
-            return Err(format!(
+            return Err(ModelError::Registry(format!(
                 "model `{name}` has no versions: expected `{}/1/model.onnx` (one numbered directory per version)",
                 dir.display()
-            ));
+            )));
         }
         let mut model = OnnxModel {
             name,
@@ -251,9 +300,9 @@ impl OnnxModel {
 
     /// Loads one `.onnx` file as a model of one version (the number of its directory, else
     /// 1), named after the file; its interface is the file's own.
-    pub fn from_file(path: &Path, options: SessionOptions) -> Result<Self, String> {
+    pub fn from_file(path: &Path, options: SessionOptions) -> Result<Self, ModelError> {
         if !path.is_file() {
-            return Err(format!("`{}` is not a file", path.display()));
+            return Err(ModelError::Registry(format!("`{}` is not a file", path.display())));
         }
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let numbered: Option<u64> = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok());
@@ -315,7 +364,7 @@ impl OnnxModel {
         let (mut loaded, mut errors) = (Vec::new(), Vec::new());
         let found = match version_dirs(&self.dir) {
             Ok(found) => found,
-            Err(err) => return (loaded, vec![err]),
+            Err(err) => return (loaded, vec![err.to_string()]),
         };
         for (version, path) in found {
             if self.versions.contains_key(&version) {
@@ -331,20 +380,26 @@ impl OnnxModel {
                     loaded.push(version);
                 }
                 Err(err) => {
-                    self.failed.insert(version, (modified, err.clone()));
-                    errors.push(err);
+                    self.failed.insert(version, (modified, err.to_string()));
+                    errors.push(err.to_string());
                 }
             }
         }
         (loaded, errors)
     }
 
-    fn load_version(&mut self, version: u64, path: &Path) -> Result<(), String> {
+    fn load_version(&mut self, version: u64, path: &Path) -> Result<(), ModelError> {
         let environment = runtime::environment()?;
         if !path.is_file() {
-            return Err(format!("model `{}` version {version}: `{}` is missing", self.name, path.display()));
+            return Err(ModelError::Registry(format!(
+                "model `{}` version {version}: `{}` is missing",
+                self.name,
+                path.display()
+            )));
         }
-        let cannot = |err: ort::Error| format!("cannot load model `{}` from `{}`: {err}", self.name, path.display());
+        let cannot = |err: ort::Error| {
+            ModelError::Runtime(format!("cannot load model `{}` from `{}`: {err}", self.name, path.display()))
+        };
         let mut builder = Session::builder(environment).map_err(cannot)?;
         if self.options.intra_op_threads > 0 {
             builder = builder.with_intra_threads(self.options.intra_op_threads).map_err(|e| cannot(e.into()))?;
@@ -354,8 +409,10 @@ impl OnnxModel {
         }
         let session = builder.commit_from_file(path).map_err(cannot)?;
         let interface = ModelInterface {
-            inputs: specs(&session.inputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, true)?,
-            outputs: specs(&session.outputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, false)?,
+            inputs: specs(&session.inputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, true)
+                .map_err(ModelError::Registry)?,
+            outputs: specs(&session.outputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, false)
+                .map_err(ModelError::Registry)?,
         };
         let expected = self.declared.as_ref().or_else(|| self.versions.is_empty().then_some(&interface));
         if let Some(expected) = expected {
@@ -364,9 +421,10 @@ impl OnnxModel {
                 &interface,
                 path,
                 if self.declared.is_some() { "model.json" } else { "the first version" },
-            )?;
+            )
+            .map_err(ModelError::Registry)?;
         } else {
-            compare(&self.interface, &interface, path, "the first version")?;
+            compare(&self.interface, &interface, path, "the first version").map_err(ModelError::Registry)?;
         }
         if self.versions.is_empty() && self.declared.is_none() {
             self.interface = interface;
@@ -383,7 +441,7 @@ impl OnnxModel {
         &mut self,
         version: Option<u64>,
         batch: &[&BTreeMap<String, Tensor>],
-    ) -> Result<(u64, Vec<BTreeMap<String, Tensor>>), String> {
+    ) -> Result<(u64, Vec<BTreeMap<String, Tensor>>), ModelError> {
         let stacked = Batch::stack(&self.interface, batch)?;
         let (version, outputs) = self.run_stacked(version, &stacked.inputs)?;
         Ok((version, stacked.split(outputs)?))
@@ -391,10 +449,12 @@ impl OnnxModel {
 
     /// Runs `version` (the latest if `None`) on stacked inputs (one tensor per model input,
     /// in interface order); returns the version that ran and one stacked tensor per output.
-    pub fn run_stacked(&mut self, version: Option<u64>, inputs: &[Tensor]) -> Result<(u64, Vec<Tensor>), String> {
+    pub fn run_stacked(&mut self, version: Option<u64>, inputs: &[Tensor]) -> Result<(u64, Vec<Tensor>), ModelError> {
         let version = match version {
             Some(version) => version,
-            None => self.latest().ok_or_else(|| format!("model `{}` has no loaded version", self.name))?,
+            None => self
+                .latest()
+                .ok_or_else(|| ModelError::Runtime(format!("model `{}` has no loaded version", self.name)))?,
         };
         let Some(loaded) = self.versions.get_mut(&version) else {
             let have: Vec<String> = self.versions.keys().map(u64::to_string).collect();
@@ -402,23 +462,29 @@ impl OnnxModel {
                 Some((_, reason)) => format!("; it failed to load: {reason}"),
                 None => String::new(),
             };
-            return Err(format!("model `{}` has no version {version} (loaded: {}){why}", self.name, have.join(", ")));
+            return Err(ModelError::Request(format!(
+                "model `{}` has no version {version} (loaded: {}){why}",
+                self.name,
+                have.join(", ")
+            )));
         };
         let mut values: Vec<(&str, ort::value::TensorRef<'_, f32>)> = Vec::with_capacity(inputs.len());
         for (spec, tensor) in self.interface.inputs.iter().zip(inputs) {
             let value = ort::value::TensorRef::from_array_view((tensor.shape.clone(), tensor.data.as_slice()))
-                .map_err(|err| format!("input `{}`: {err}", spec.name))?;
+                .map_err(|err| ModelError::Request(format!("input `{}`: {err}", spec.name)))?;
             values.push((spec.name.as_str(), value));
         }
         let outputs = loaded
             .session
             .run(values)
-            .map_err(|err| format!("model `{}` version {version} failed: {err}", self.name))?;
+            .map_err(|err| ModelError::Runtime(format!("model `{}` version {version} failed: {err}", self.name)))?;
         let mut stacked = Vec::with_capacity(self.interface.outputs.len());
         for spec in &self.interface.outputs {
-            let value = outputs.get(&spec.name).ok_or_else(|| format!("output `{}` missing", spec.name))?;
-            let (shape, data) =
-                extract_f32(value, spec.element).map_err(|err| format!("output `{}`: {err}", spec.name))?;
+            let value = outputs
+                .get(&spec.name)
+                .ok_or_else(|| ModelError::Runtime(format!("output `{}` missing", spec.name)))?;
+            let (shape, data) = extract_f32(value, spec.element)
+                .map_err(|err| ModelError::Runtime(format!("output `{}`: {err}", spec.name)))?;
             stacked.push(Tensor { shape, data });
         }
         Ok((version, stacked))
@@ -439,18 +505,20 @@ pub struct Batch {
 
 impl Batch {
     /// Stacks the inputs of `batch` (each checked with [`ModelInterface::check`]).
-    pub fn stack(interface: &ModelInterface, batch: &[&BTreeMap<String, Tensor>]) -> Result<Self, String> {
+    pub fn stack(interface: &ModelInterface, batch: &[&BTreeMap<String, Tensor>]) -> Result<Self, ModelError> {
         let rows: Vec<usize> = batch.iter().map(|inputs| inputs.values().next().map_or(1, Tensor::rows)).collect();
         let total = rows
             .iter()
             .try_fold(0usize, |total, rows| total.checked_add(*rows))
-            .ok_or_else(|| format!("the batch's row counts {rows:?} overflow"))?;
+            .ok_or_else(|| ModelError::Request(format!("the batch's row counts {rows:?} overflow")))?;
         let mut stacked = Vec::with_capacity(interface.inputs.len());
         for spec in &interface.inputs {
             let mut shape = Vec::new();
             let mut data = Vec::new();
             for inputs in batch {
-                let tensor = inputs.get(&spec.name).ok_or_else(|| format!("input `{}` missing", spec.name))?;
+                let tensor = inputs
+                    .get(&spec.name)
+                    .ok_or_else(|| ModelError::Request(format!("input `{}` missing", spec.name)))?;
                 if shape.is_empty() {
                     shape = tensor.shape.clone();
                     let per_row = tensor.data.len() / tensor.rows().max(1);
@@ -468,14 +536,23 @@ impl Batch {
     }
 
     /// Splits stacked outputs (one per model output, in interface order) per request.
-    pub fn split(&self, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+    pub fn split(&self, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, ModelError> {
         let total = self.rows.iter().try_fold(0usize, |total, rows| total.checked_add(*rows));
         let mut results: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); self.rows.len()];
         for (name, output) in self.output_names.iter().zip(outputs) {
             if total.is_none() || output.shape.first().copied() != total {
-                return Err(format!("output `{name}` has shape {:?}, not {total:?} rows", output.shape));
+                return Err(ModelError::Runtime(format!(
+                    "output `{name}` has shape {:?}, not {total:?} rows",
+                    output.shape
+                )));
             }
-            let mismatch = || format!("output `{name}` has shape {:?} but {} values", output.shape, output.data.len());
+            let mismatch = || {
+                ModelError::Runtime(format!(
+                    "output `{name}` has shape {:?} but {} values",
+                    output.shape,
+                    output.data.len()
+                ))
+            };
             let per_row = output
                 .shape
                 .iter()
@@ -513,9 +590,9 @@ fn extract_f32(value: &ort::value::DynValue, element: ElementType) -> Result<(Ve
 }
 
 /// Numbered version directories of a model, ascending, with their `model.onnx` path.
-pub fn version_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|err| format!("cannot read model directory `{}`: {err}", dir.display()))?;
+pub fn version_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, ModelError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|err| ModelError::Registry(format!("cannot read model directory `{}`: {err}", dir.display())))?;
     let mut found: Vec<(u64, PathBuf)> = entries
         .flatten()
         .filter(|e| e.path().is_dir())
@@ -617,9 +694,9 @@ fn metadata(session: &Session) -> BTreeMap<String, String> {
 }
 
 /// Loads the models named in `names` from the registry directory `root`.
-pub fn load_registry(root: &Path, names: &[String], options: SessionOptions) -> Result<Vec<OnnxModel>, String> {
+pub fn load_registry(root: &Path, names: &[String], options: SessionOptions) -> Result<Vec<OnnxModel>, ModelError> {
     if !root.is_dir() {
-        return Err(format!("model registry `{}` is not a directory", root.display()));
+        return Err(ModelError::Registry(format!("model registry `{}` is not a directory", root.display())));
     }
     names.iter().map(|name| OnnxModel::load(&root.join(name), options)).collect()
 }

@@ -17,10 +17,10 @@ pub const ORT_VERSION: &str = "1.31.1";
 static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
 /// The process's ONNX Runtime environment, loading the library on first use.
-pub fn environment() -> Result<&'static ort::environment::Environment, String> {
+pub fn environment() -> Result<&'static ort::environment::Environment, super::ModelError> {
     match ENVIRONMENT.get_or_init(load) {
         Ok((_, environment)) => Ok(environment),
-        Err(reason) => Err(reason.clone()),
+        Err(reason) => Err(super::ModelError::Library(reason.clone())),
     }
 }
 

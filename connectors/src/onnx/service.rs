@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use edgeflow_operators::inference::operator::{Model, ModelRunner, RunOutcome};
 use edgeflow_operators::Tensor;
 
-use super::{Batch, ModelInterface, OnnxModel};
+use super::{Batch, ModelError, ModelInterface, OnnxModel};
 
 /// How the service runs.
 #[derive(Clone, Copy, Debug)]
@@ -49,7 +49,11 @@ impl std::fmt::Debug for InferenceService {
 impl InferenceService {
     /// Starts the model's thread; `notify` is called after each outcome is queued (to wake
     /// the dataflow operator that reads them).
-    pub fn start(mut model: OnnxModel, options: ServiceOptions, notify: Box<dyn Fn() + Send>) -> Result<Self, String> {
+    pub fn start(
+        mut model: OnnxModel,
+        options: ServiceOptions,
+        notify: Box<dyn Fn() + Send>,
+    ) -> Result<Self, ModelError> {
         let (jobs, job_rx) = mpsc::channel::<Job>();
         let (outcome_tx, outcomes) = mpsc::channel();
         let name = model.name().to_owned();
@@ -100,15 +104,17 @@ impl InferenceService {
                             .map(|s| (*s).to_owned())
                             .or_else(|| panic.downcast_ref::<String>().cloned())
                             .unwrap_or_else(|| "unknown panic".to_owned());
-                        Err(format!("the model run panicked: {what}"))
+                        Err(ModelError::Runtime(format!("the model run panicked: {what}")))
                     });
+                    // The outcome carries the reason, for the requests' results.
+                    let result = result.map_err(|err| err.to_string());
                     let compute = started.elapsed();
                     if !send(RunOutcome::Done { id: job.id, started, compute, result }) {
                         return;
                     }
                 }
             })
-            .map_err(|err| format!("cannot start the thread of model `{name}`: {err}"))?;
+            .map_err(|err| ModelError::Runtime(format!("cannot start the thread of model `{name}`: {err}")))?;
         Ok(Self { name, interface, jobs: Some(jobs), outcomes, thread: Some(thread) })
     }
 
@@ -123,9 +129,10 @@ impl InferenceService {
     }
 
     /// Queues a batch.
-    pub fn queue(&self, job: Job) -> Result<(), String> {
-        let jobs = self.jobs.as_ref().ok_or_else(|| format!("model `{}` is stopped", self.name))?;
-        jobs.send(job).map_err(|_| format!("the thread of model `{}` has stopped", self.name))
+    pub fn queue(&self, job: Job) -> Result<(), ModelError> {
+        let jobs =
+            self.jobs.as_ref().ok_or_else(|| ModelError::Stopped(format!("model `{}` is stopped", self.name)))?;
+        jobs.send(job).map_err(|_| ModelError::Stopped(format!("the thread of model `{}` has stopped", self.name)))
     }
 }
 
@@ -158,32 +165,33 @@ impl Model for ServedModel {
         self.model.latest()
     }
 
-    fn start(self, notify: Box<dyn Fn() + Send>) -> Result<InferenceService, String> {
+    fn start(self, notify: Box<dyn Fn() + Send>) -> Result<InferenceService, ModelError> {
         InferenceService::start(self.model, self.options, notify)
     }
 }
 
 impl ModelRunner for InferenceService {
     type Split = Batch;
+    type Error = ModelError;
 
     fn name(&self) -> &str {
         &self.name
     }
 
-    fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), String> {
+    fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
         self.interface.check(&self.name, inputs).map(drop)
     }
 
     /// Stacks the batch here, on the caller's thread, so only whole batches cross to the
     /// model's thread.
-    fn submit(&self, id: u64, version: Option<u64>, batch: &[&BTreeMap<String, Tensor>]) -> Result<Batch, String> {
+    fn submit(&self, id: u64, version: Option<u64>, batch: &[&BTreeMap<String, Tensor>]) -> Result<Batch, ModelError> {
         let mut stacked = Batch::stack(&self.interface, batch)?;
         let inputs = std::mem::take(&mut stacked.inputs);
         self.queue(Job { id, version, inputs })?;
         Ok(stacked)
     }
 
-    fn split(split: &Batch, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String> {
+    fn split(split: &Batch, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, ModelError> {
         split.split(outputs)
     }
 

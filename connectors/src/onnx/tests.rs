@@ -63,7 +63,7 @@ fn a_batch_gives_each_request_what_it_gets_alone() {
     assert_eq!(together[1]["y"].shape, vec![2, 3]);
     let (_, v1) = model.run(Some(1), &[&a]).unwrap();
     assert_ne!(v1[0], alone_a[0], "versions 1 and 2 have different weights");
-    let err = model.run(Some(7), &[&a]).unwrap_err();
+    let err = model.run(Some(7), &[&a]).unwrap_err().to_string();
     assert_eq!(err, "model `linear` has no version 7 (loaded: 1, 2)");
 }
 
@@ -74,18 +74,18 @@ fn requests_are_checked_against_the_interface() {
     assert_eq!(interface.check("linear", &x(&[[0.0; 4], [1.0; 4]])), Ok(2));
     let wrong = BTreeMap::from([("x".to_owned(), Tensor { shape: vec![1, 5], data: vec![0.0; 5] })]);
     assert_eq!(
-        interface.check("linear", &wrong).unwrap_err(),
+        interface.check("linear", &wrong).unwrap_err().to_string(),
         "input `x` has shape [1, 5]; model `linear` expects [-1, 4] (-1: any size, at least 1 row)"
     );
     let missing = BTreeMap::from([("z".to_owned(), Tensor { shape: vec![1, 4], data: vec![0.0; 4] })]);
-    assert!(interface.check("linear", &missing).unwrap_err().starts_with("model `linear` needs input `x`"));
+    assert!(interface.check("linear", &missing).unwrap_err().to_string().starts_with("model `linear` needs input `x`"));
 }
 
 #[test]
 fn a_corrupt_file_or_a_mismatch_is_a_clear_error() {
     let (_dir, model) = linear_copy(&[1]);
     std::fs::write(model.join("1/model.onnx"), b"not a model").unwrap();
-    let err = OnnxModel::load(&model, SessionOptions::default()).unwrap_err();
+    let err = OnnxModel::load(&model, SessionOptions::default()).unwrap_err().to_string();
     assert!(err.starts_with("cannot load model `linear` from `"), "{err}");
     assert!(err.contains("1/model.onnx"), "{err}");
 
@@ -94,12 +94,12 @@ fn a_corrupt_file_or_a_mismatch_is_a_clear_error() {
         serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
     json["inputs"][0]["shape"] = serde_json::json!([-1, 5]);
     std::fs::write(model.join("model.json"), json.to_string()).unwrap();
-    let err = OnnxModel::load(&model, SessionOptions::default()).unwrap_err();
+    let err = OnnxModel::load(&model, SessionOptions::default()).unwrap_err().to_string();
     assert!(err.contains("input `x` is float32 [-1, 4], model.json declares float32 [-1, 5]"), "{err}");
 
     let empty = tempfile::tempdir().unwrap();
     std::fs::create_dir(empty.path().join("nothing")).unwrap();
-    let err = OnnxModel::load(&empty.path().join("nothing"), SessionOptions::default()).unwrap_err();
+    let err = OnnxModel::load(&empty.path().join("nothing"), SessionOptions::default()).unwrap_err().to_string();
     assert!(err.starts_with("model `nothing` has no versions"), "{err}");
 }
 

@@ -22,9 +22,9 @@ pub fn load_file(path: &Path) -> Result<Pipeline, Problems> {
     let file = path.display().to_string();
     match read_pipeline_file(path) {
         Ok(text) => load_str(&text, &file, &|name| std::env::var(name).ok()),
-        Err(message) => Err(Problems {
+        Err(err) => Err(Problems {
             file: file.clone(),
-            problems: vec![Problem { path: String::new(), mark: Mark { line: 0, col: 0 }, message }],
+            problems: vec![Problem { path: String::new(), mark: Mark { line: 0, col: 0 }, message: err.to_string() }],
         }),
     }
 }
@@ -34,30 +34,56 @@ pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
 
 /// Reads a pipeline file: a regular file (not a device or FIFO, which may never end) of at
 /// most [`MAX_PIPELINE_BYTES`], in UTF-8, a byte-order mark at its start ignored.
-fn read_pipeline_file(path: &Path) -> Result<String, String> {
+fn read_pipeline_file(path: &Path) -> Result<String, PipelineFileError> {
     use std::io::Read;
-    let shown = path.display();
-    let hint = format!("hint: check the path `{shown}`");
+    let shown = || path.display().to_string();
+    let io = |source| PipelineFileError::Io { path: shown(), source };
     // Checked before opening: opening a FIFO blocks until someone writes to it.
-    let metadata = std::fs::metadata(path).map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
+    let metadata = std::fs::metadata(path).map_err(io)?;
     if !metadata.is_file() {
-        return Err(format!(
-            "cannot read the pipeline file: `{shown}` is not a regular file (a directory, device or FIFO)\n{hint}"
-        ));
+        return Err(PipelineFileError::NotAFile { path: shown() });
     }
-    let file = std::fs::File::open(path).map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
+    let file = std::fs::File::open(path).map_err(io)?;
     let mut bytes = Vec::new();
-    file.take(MAX_PIPELINE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|err| format!("cannot read the pipeline file: {err}\n{hint}"))?;
+    file.take(MAX_PIPELINE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() as u64 > MAX_PIPELINE_BYTES {
-        return Err(format!(
-            "cannot read the pipeline file: `{shown}` is larger than {MAX_PIPELINE_BYTES} bytes; a pipeline is a few kilobytes\n{hint}"
-        ));
+        return Err(PipelineFileError::TooLarge { path: shown() });
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|err| format!("cannot read the pipeline file: it is not UTF-8 ({err})\n{hint}"))?;
+    let text = String::from_utf8(bytes).map_err(|source| PipelineFileError::NotUtf8 { path: shown(), source })?;
     Ok(text.strip_prefix('\u{feff}').map(str::to_owned).unwrap_or(text))
+}
+
+/// A pipeline file that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineFileError {
+    /// The file system refused.
+    #[error("cannot read the pipeline file: {source}\nhint: check the path `{path}`")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A directory, device or FIFO.
+    #[error("cannot read the pipeline file: `{path}` is not a regular file (a directory, device or FIFO)\nhint: check the path `{path}`")]
+    NotAFile {
+        /// The path.
+        path: String,
+    },
+    /// Larger than a pipeline can be.
+    #[error("cannot read the pipeline file: `{path}` is larger than {max} bytes; a pipeline is a few kilobytes\nhint: check the path `{path}`", max = MAX_PIPELINE_BYTES)]
+    TooLarge {
+        /// The file.
+        path: String,
+    },
+    /// Not UTF-8.
+    #[error("cannot read the pipeline file: it is not UTF-8 ({source})\nhint: check the path `{path}`")]
+    NotUtf8 {
+        /// The file.
+        path: String,
+        /// Where it stops being UTF-8.
+        source: std::string::FromUtf8Error,
+    },
 }
 
 /// Loads and validates pipeline `text` (named `file` in messages), reading environment
@@ -95,7 +121,7 @@ fn substitute_env(node: &mut Node, path: &str, lookup: &dyn Fn(&str) -> Option<S
     match &mut node.value {
         Value::Scalar { text, .. } => match env::substitute(text, lookup) {
             Ok(replaced) => *text = replaced,
-            Err(message) => checker.problem(path, mark, message),
+            Err(err) => checker.problem(path, mark, err.to_string()),
         },
         Value::Seq(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -172,7 +198,7 @@ impl Checker {
         };
         if let Err(message) = metrics.socket_addr() {
             let node = root.get("metrics").map_or(root, |m| m.locate("address"));
-            self.problem("metrics.address", node.mark, message);
+            self.problem("metrics.address", node.mark, message.to_string());
         }
 
         let sources = self.section(root, "sources", SOURCES);

@@ -73,12 +73,17 @@ impl Default for MetricsConfig {
 
 impl MetricsConfig {
     /// The parsed listen address.
-    pub fn socket_addr(&self) -> Result<SocketAddr, String> {
-        self.address
-            .parse()
-            .map_err(|_| format!("`{}` is not a socket address; write for example `127.0.0.1:9898`", self.address))
+    pub fn socket_addr(&self) -> Result<SocketAddr, AddressError> {
+        self.address.parse().map_err(|_| AddressError(self.address.clone()))
     }
 }
+
+/// A listen address that is not `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a socket address; write for example `127.0.0.1:9898`")]
+pub struct AddressError(pub String);
+
+impl MetricsConfig {}
 
 /// The kind of records a port carries; inputs are type-checked against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

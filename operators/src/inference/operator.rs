@@ -34,6 +34,7 @@
 //! }
 //! impl ModelRunner for Double {
 //!     type Split = usize;
+//!     type Error = String;
 //!     fn name(&self) -> &str { "double" }
 //!     fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), String> {
 //!         inputs.get("x").map(|_| ()).ok_or_else(|| "needs input `x`".to_owned())
@@ -107,23 +108,29 @@ pub trait Model: 'static {
     /// Its latest version, if any is loaded.
     fn latest(&self) -> Option<u64>;
     /// Starts it; `notify` is called whenever an outcome is ready (it wakes the operator).
-    fn start(self, notify: Box<dyn Fn() + Send>) -> Result<Self::Runner, String>;
+    fn start(self, notify: Box<dyn Fn() + Send>) -> Result<Self::Runner, <Self::Runner as ModelRunner>::Error>;
 }
 
 /// A running model: takes batches and reports their outcomes, without blocking the worker.
 pub trait ModelRunner {
     /// How to split a batch's outputs per request.
     type Split;
+    /// Why a request or a batch cannot run (its text becomes the results' reason).
+    type Error: std::fmt::Display;
     /// Its name.
     fn name(&self) -> &str;
     /// Checks one request's inputs against the model's interface.
-    fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), String>;
+    fn check(&self, inputs: &BTreeMap<String, Tensor>) -> Result<(), Self::Error>;
     /// Stacks the inputs of a batch (on the caller's thread) and queues the batch as job
     /// `id` of `version` (`None`: the latest).
-    fn submit(&self, id: u64, version: Option<u64>, batch: &[&BTreeMap<String, Tensor>])
-        -> Result<Self::Split, String>;
+    fn submit(
+        &self,
+        id: u64,
+        version: Option<u64>,
+        batch: &[&BTreeMap<String, Tensor>],
+    ) -> Result<Self::Split, Self::Error>;
     /// Splits a batch's stacked outputs (one per model output) per request.
-    fn split(split: &Self::Split, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, String>;
+    fn split(split: &Self::Split, outputs: Vec<Tensor>) -> Result<Vec<BTreeMap<String, Tensor>>, Self::Error>;
     /// The next outcome, if one is ready.
     fn try_next(&self) -> Option<RunOutcome>;
 }
@@ -404,12 +411,12 @@ fn inference_core<'scope, M: Model>(
                             request.model,
                             served.join(", ")
                         );
-                        answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
+                        answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason.to_string(), 0.0)));
                         continue;
                     };
                     if let Err(reason) = lane.service.check(&request.inputs) {
                         lane.counters.count(ResultStatus::Failed);
-                        answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason, 0.0)));
+                        answered.push(InferenceOut::result(InferenceResult::refused(&request, ResultStatus::Failed, reason.to_string(), 0.0)));
                         continue;
                     }
                     if let Some(deadline) = request.deadline.filter(|d| *d <= now_ms) {
@@ -448,7 +455,9 @@ fn inference_core<'scope, M: Model>(
                         RunOutcome::Done { id, started, compute, result } => {
                             let Some(batch) = running.remove(&id) else { continue };
                             let result = result.and_then(|(version, outputs)| {
-                                M::Runner::split(&batch.stacked, outputs).map(|outputs| (version, outputs))
+                                M::Runner::split(&batch.stacked, outputs)
+                                    .map(|outputs| (version, outputs))
+                                    .map_err(|err| err.to_string())
                             });
                             match result {
                                 Err(reason) if batch.waiting.len() > 1 => {
@@ -592,7 +601,7 @@ impl<R: ModelRunner> Submit<'_, R> {
 
     fn submit(&self, waiting: &[(Waiting, Instant)]) -> Result<R::Split, String> {
         let inputs: Vec<&BTreeMap<String, Tensor>> = waiting.iter().map(|(w, _)| &w.request.inputs).collect();
-        self.service.submit(self.id, self.version, &inputs)
+        self.service.submit(self.id, self.version, &inputs).map_err(|err| err.to_string())
     }
 }
 

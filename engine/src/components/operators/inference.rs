@@ -99,8 +99,10 @@ impl OperatorComponent for InferenceOperator {
             intra_op_threads: config.intra_op_threads,
             inter_op_threads: config.inter_op_threads,
         };
-        let models = edgeflow_connectors::onnx::load_registry(&config.registry, &config.models, options)
-            .map_err(|reason| BuildError { operator: name.to_owned(), what: "cannot load its models", reason })?;
+        let models =
+            edgeflow_connectors::onnx::load_registry(&config.registry, &config.models, options).map_err(|err| {
+                BuildError { operator: name.to_owned(), what: "cannot load its models", reason: err.to_string() }
+            })?;
         // Heartbeats are scored with the first model, through its only input.
         let input = models.first().and_then(|m| m.interface().inputs.first()).map(|s| s.name.clone());
         let mut streams = Vec::new();
