@@ -409,10 +409,8 @@ impl OnnxModel {
         }
         let session = builder.commit_from_file(path).map_err(cannot)?;
         let interface = ModelInterface {
-            inputs: specs(&session.inputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, true)
-                .map_err(ModelError::Registry)?,
-            outputs: specs(&session.outputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, false)
-                .map_err(ModelError::Registry)?,
+            inputs: specs(&session.inputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, true)?,
+            outputs: specs(&session.outputs().iter().map(|o| (o.name(), o.dtype())).collect::<Vec<_>>(), path, false)?,
         };
         let expected = self.declared.as_ref().or_else(|| self.versions.is_empty().then_some(&interface));
         if let Some(expected) = expected {
@@ -421,10 +419,9 @@ impl OnnxModel {
                 &interface,
                 path,
                 if self.declared.is_some() { "model.json" } else { "the first version" },
-            )
-            .map_err(ModelError::Registry)?;
+            )?;
         } else {
-            compare(&self.interface, &interface, path, "the first version").map_err(ModelError::Registry)?;
+            compare(&self.interface, &interface, path, "the first version")?;
         }
         if self.versions.is_empty() && self.declared.is_none() {
             self.interface = interface;
@@ -605,47 +602,47 @@ pub fn version_dirs(dir: &Path) -> Result<Vec<(u64, PathBuf)>, ModelError> {
     Ok(found)
 }
 
-fn specs(outlets: &[(&str, &ValueType)], path: &Path, input: bool) -> Result<Vec<TensorSpec>, String> {
+fn specs(outlets: &[(&str, &ValueType)], path: &Path, input: bool) -> Result<Vec<TensorSpec>, ModelError> {
     let what = if input { "input" } else { "output" };
     outlets
         .iter()
         .map(|(name, dtype)| {
             let ValueType::Tensor { ty, shape, .. } = dtype else {
-                return Err(format!("`{}`: {what} `{name}` is not a tensor ({dtype:?}); edgeflow serves tensor models", path.display()));
+                return Err(ModelError::Registry(format!("`{}`: {what} `{name}` is not a tensor ({dtype:?}); edgeflow serves tensor models", path.display())));
             };
             let element = ElementType::from_ort(*ty).filter(|e| !input || *e == ElementType::Float32).ok_or_else(|| {
-                format!(
+                ModelError::Registry(format!(
                     "`{}`: {what} `{name}` has element type {ty}; edgeflow feeds float32 inputs and reads float32, float64, int64 or int32 outputs",
                     path.display()
-                )
+                ))
             })?;
             let shape: Vec<i64> = shape.iter().copied().collect();
             if shape.first().is_none_or(|first| *first >= 0) {
-                return Err(format!(
+                return Err(ModelError::Registry(format!(
                     "`{}`: {what} `{name}` has shape {shape:?}; edgeflow batches along a dynamic first dimension: export the model with a dynamic batch axis",
                     path.display()
-                ));
+                )));
             }
             Ok(TensorSpec { name: (*name).to_owned(), element, shape })
         })
         .collect()
 }
 
-fn compare(expected: &ModelInterface, found: &ModelInterface, path: &Path, against: &str) -> Result<(), String> {
+fn compare(expected: &ModelInterface, found: &ModelInterface, path: &Path, against: &str) -> Result<(), ModelError> {
     for (what, expected, found) in
         [("input", &expected.inputs, &found.inputs), ("output", &expected.outputs, &found.outputs)]
     {
         for spec in expected {
             match found.iter().find(|f| f.name == spec.name) {
                 None => {
-                    return Err(format!(
+                    return Err(ModelError::Registry(format!(
                         "`{}` has no {what} `{}` ({against} declares {spec})",
                         path.display(),
                         spec.name
-                    ))
+                    )))
                 }
                 Some(f) if f != spec => {
-                    return Err(format!(
+                    return Err(ModelError::Registry(format!(
                         "`{}`: {what} `{}` is {} {:?}, {against} declares {} {:?}",
                         path.display(),
                         spec.name,
@@ -653,13 +650,17 @@ fn compare(expected: &ModelInterface, found: &ModelInterface, path: &Path, again
                         f.shape,
                         spec.element,
                         spec.shape
-                    ))
+                    )))
                 }
                 Some(_) => {}
             }
         }
         if let Some(extra) = found.iter().find(|f| !expected.iter().any(|s| s.name == f.name)) {
-            return Err(format!("`{}` has an {what} `{}` that {against} does not declare", path.display(), extra.name));
+            return Err(ModelError::Registry(format!(
+                "`{}` has an {what} `{}` that {against} does not declare",
+                path.display(),
+                extra.name
+            )));
         }
     }
     Ok(())

@@ -8,19 +8,20 @@
 //!    libonnxruntime.so*` under the working directory or any directory above the `edgeflow`
 //!    executable (`scripts/setup.sh` installs PyPI `onnxruntime==1.31.1` there).
 
+use super::ModelError;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The ONNX Runtime release `ort` 2.0.0-rc.15 is written against.
 pub const ORT_VERSION: &str = "1.31.1";
 
-static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), ModelError>> = OnceLock::new();
 
 /// The process's ONNX Runtime environment, loading the library on first use.
-pub fn environment() -> Result<&'static ort::environment::Environment, super::ModelError> {
+pub fn environment() -> Result<&'static ort::environment::Environment, ModelError> {
     match ENVIRONMENT.get_or_init(load) {
         Ok((_, environment)) => Ok(environment),
-        Err(reason) => Err(super::ModelError::Library(reason.clone())),
+        Err(err) => Err(err.clone()),
     }
 }
 
@@ -32,25 +33,30 @@ pub fn library_path() -> Option<&'static Path> {
     }
 }
 
-fn load() -> Result<(PathBuf, ort::environment::Environment), String> {
+fn load() -> Result<(PathBuf, ort::environment::Environment), ModelError> {
     let path = find_library()?;
-    let builder = ort::init_from(&path)
-        .map_err(|err| format!("cannot load the ONNX Runtime library `{}`: {err}", path.display()))?;
+    let builder = ort::init_from(&path).map_err(|err| {
+        ModelError::Library(format!("cannot load the ONNX Runtime library `{}`: {err}", path.display()))
+    })?;
     let environment = builder
         .with_name("edgeflow")
         .build()
-        .map_err(|err| format!("cannot start ONNX Runtime from `{}`: {err}", path.display()))?;
+        .map_err(|err| ModelError::Library(format!("cannot start ONNX Runtime from `{}`: {err}", path.display())))?;
     tracing::info!(library = %path.display(), "ONNX Runtime loaded");
     Ok((path, environment))
 }
 
-fn find_library() -> Result<PathBuf, String> {
+fn find_library() -> Result<PathBuf, ModelError> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         let path = PathBuf::from(path);
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(format!("ORT_DYLIB_PATH is `{}`, which is not a file\n{}", path.display(), how_to_get()))
+            Err(ModelError::Library(format!(
+                "ORT_DYLIB_PATH is `{}`, which is not a file\n{}",
+                path.display(),
+                how_to_get()
+            )))
         };
     }
     let mut roots: Vec<PathBuf> = Vec::new();
@@ -65,7 +71,7 @@ fn find_library() -> Result<PathBuf, String> {
             return Ok(found);
         }
     }
-    Err(format!("the ONNX Runtime library (libonnxruntime.so) was not found\n{}", how_to_get()))
+    Err(ModelError::Library(format!("the ONNX Runtime library (libonnxruntime.so) was not found\n{}", how_to_get())))
 }
 
 fn in_virtualenv(venv: &Path) -> Option<PathBuf> {

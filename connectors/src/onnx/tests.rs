@@ -157,3 +157,19 @@ fn a_federated_softmax_export_runs_in_onnx_runtime_as_in_rust() {
         assert_eq!(outputs[0]["label"].data[row], best as f32);
     }
 }
+
+/// Each model error says whose fault it is: a missing registry is the user's, a request that
+/// does not fit the model is its sender's, a stopped model thread is ours.
+#[test]
+fn model_errors_say_whose_fault_they_are() {
+    let err =
+        load_registry(Path::new("/nonexistent/registry"), &["m".to_owned()], SessionOptions::default()).unwrap_err();
+    assert!(matches!(err, ModelError::Registry(_)), "{err:?}");
+    assert_eq!((err.fault(), err.retryable()), (crate::Fault::User, false));
+    let interface = ModelInterface { inputs: Vec::new(), outputs: Vec::new() };
+    let stray = BTreeMap::from([("x".to_owned(), Tensor { shape: vec![1], data: vec![0.0] })]);
+    let err = interface.check("m", &stray).unwrap_err();
+    assert!(matches!(err, ModelError::Request(_)), "{err:?}");
+    assert_eq!(err.to_string(), "model `m` has no input `x` (inputs: )");
+    assert_eq!(ModelError::Stopped("the thread of model `m` has stopped".into()).fault(), crate::Fault::Internal);
+}
