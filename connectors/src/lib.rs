@@ -4,7 +4,10 @@
 //! records together with the source's event clock, or dead letters for input it could not
 //! decode. A [`Sink`] receives encoded lines on one worker and writes them out.
 //! Each connector is one directory: its `<Name>Config` (the YAML shape) and `<Name>` (the
-//! running thing).
+//! running thing). Besides sources and sinks, the outside I/O of operators lives here: ONNX
+//! Runtime behind the inference operator's `Model` trait ([`onnx`]), and the dataset, CSV and
+//! model export of federated training ([`federated`]). Errors are [`ConnectorError`]s that say
+//! whose fault they are ([`Fault`]) and whether a retry can help.
 
 pub mod dead_letter;
 pub mod federated;

@@ -1,9 +1,15 @@
 //! Domain operators of edgeflow: node health over differential collections, event-time
-//! windows, and the record types every other crate shares.
+//! windows, load balancing, batched inference, federated training, and the record types
+//! every other crate shares.
 //!
-//! Nothing here does I/O. Operators are extension traits on timely streams or differential
-//! collections; each validates its parameters in a `try_new` builder so a running operator
-//! never meets a bad one.
+//! Nothing here does I/O. Operators are extension traits on timely streams, scopes or
+//! differential collections ([`node_health::NodeHealth`], [`window_aggregate`],
+//! [`load_balance`], [`inference::operator::Inference`], [`federated::operator::Federated`]);
+//! what they need from outside is a trait implemented in `connectors` (a
+//! [`inference::operator::Model`] run by ONNX Runtime, a [`federated::operator::RoundsOutput`]
+//! that writes files). Parameters are checked once by a `try_new` builder ([`params`]), so a
+//! running operator never meets a bad one; errors are `thiserror` enums per module; metrics
+//! an operator keeps itself are prometheus-client families ([`metrics`]).
 
 pub mod batcher;
 pub mod duration;

@@ -269,11 +269,13 @@ pub struct OpenSink<'a> {
     pub transaction: Option<&'a edgeflow_connectors::kafka::KafkaTransaction>,
 }
 
-/// An operator could not be built on a worker (its models or data did not load).
+/// A component could not be built on a worker (an operator's models or data did not load).
 #[derive(Debug, thiserror::Error)]
-#[error("operator `{operator}` {what}: {reason}")]
+#[error("{role} `{operator}` {what}: {reason}")]
 pub struct BuildError {
-    /// The operator.
+    /// `operator`, `source` or `sink`.
+    pub role: &'static str,
+    /// The component.
     pub operator: String,
     /// What failed, e.g. `cannot load its models`.
     pub what: &'static str,

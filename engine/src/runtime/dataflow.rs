@@ -151,6 +151,7 @@ pub fn build<'scope>(
             Some(PortKind::ModelUpdates) => Port::Updates(update_stream),
             other => {
                 return Err(BuildError {
+                    role: "source",
                     operator: source.name.clone(),
                     what: "is a source of an unknown kind",
                     reason: format!("{other:?} (a bug: sources yield records)"),
@@ -170,10 +171,16 @@ pub fn build<'scope>(
     for operator in &pipeline.operators {
         let span = tracing::info_span!("operator", name = %operator.name, r#type = operator.kind.name());
         let _entered = span.enter();
+        // Validation resolved every input; one that does not resolve here is a bug, never a
+        // reason to build the operator without it.
+        if let Some(missing) = operator.inputs.iter().find(|r| !ports.contains_key(&r.to_string())) {
+            return Err(unresolved("operator", &operator.name, missing));
+        }
         let mut cx = Build { scope, ports: &ports, metrics, balancers: &mut balancers };
         let outputs = operator.component.build(&operator.name, &operator.inputs, &mut cx)?;
         if outputs.len() != operator.ports.outputs.len() {
             return Err(BuildError {
+                role: "operator",
                 operator: operator.name.clone(),
                 what: "built the wrong number of outputs",
                 reason: format!("{} instead of {} (a bug)", outputs.len(), operator.ports.outputs.len()),
@@ -227,6 +234,7 @@ pub fn build<'scope>(
         let takes_results = spec.component.takes_results();
         for reference in references {
             match ports.get(&reference.to_string()) {
+                None => return Err(unresolved("sink", &spec.name, &reference)),
                 // Raw messages keep their bytes up to the sink.
                 Some(Port::Raw(stream)) => {
                     streams.push(stream.clone().map(move |message| (message.timestamp, SinkItem::Raw(index, message))));
@@ -242,7 +250,6 @@ pub fn build<'scope>(
                 Some(port) => {
                     streams.push(encode(port.clone()).map(move |(key, line)| (key, SinkItem::Line(index, line))));
                 }
-                None => {}
             }
         }
     }
@@ -251,6 +258,17 @@ pub fn build<'scope>(
         sink_operator(merged, group, metrics.clone()).probe_with(&probe);
     }
     Ok((inputs, Probes { inputs: input_probe, sinks: probe, processed }))
+}
+
+/// The error for an input that names no stream: validation resolves every input, so this is
+/// a bug, reported rather than building the component without the input.
+fn unresolved(role: &'static str, component: &str, reference: &PortRef) -> BuildError {
+    BuildError {
+        role,
+        operator: component.to_owned(),
+        what: "reads an output that was not built",
+        reason: format!("`{reference}` (a bug in edgeflow: validation accepted it)"),
+    }
 }
 
 /// The records of a source's collection as a stream whose message times are the records'

@@ -94,6 +94,7 @@ impl OperatorComponent for FederatedOperator {
         cx: &mut Build<'_, 'scope>,
     ) -> Result<Vec<Port<'scope>>, BuildError> {
         let data = load(&self.0).map_err(|err| BuildError {
+            role: "operator",
             operator: name.to_owned(),
             what: "cannot load its data",
             reason: err.to_string(),

@@ -101,7 +101,12 @@ impl OperatorComponent for InferenceOperator {
         };
         let models =
             edgeflow_connectors::onnx::load_registry(&config.registry, &config.models, options).map_err(|err| {
-                BuildError { operator: name.to_owned(), what: "cannot load its models", reason: err.to_string() }
+                BuildError {
+                    role: "operator",
+                    operator: name.to_owned(),
+                    what: "cannot load its models",
+                    reason: err.to_string(),
+                }
             })?;
         // Heartbeats are scored with the first model, through its only input.
         let input = models.first().and_then(|m| m.interface().inputs.first()).map(|s| s.name.clone());
