@@ -366,6 +366,7 @@ where
     let key = std::rc::Rc::new(key);
     let route = key.clone();
     let pact = Exchange::new(move |update: &(D, EventTime, isize)| route_hash(&route(&update.0)));
+    let span = tracing::info_span!("operator", name = %name, r#type = "window_aggregate");
     stream.unary_frontier(pact, name, move |_, _| {
         let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<String, Accumulator>)> = BTreeMap::new();
         let mut closed: BTreeMap<EventTime, ClosedWindow> = BTreeMap::new();
@@ -375,6 +376,7 @@ where
         let mut emitted_up_to: EventTime = 0;
         let mut beyond_lateness: u64 = 0;
         move |(input, frontier), output| {
+            let _entered = span.enter();
             input.for_each(|cap, data| {
                 let message_time = cap.least().copied().unwrap_or_default();
                 for (record, time, diff) in data.drain(..) {
@@ -425,11 +427,7 @@ where
                 closed.insert(end, ClosedWindow { accumulators, revisions: HashMap::new() });
             }
             if beyond_lateness > 0 {
-                tracing::warn!(
-                    operator = "window_aggregate",
-                    records = beyond_lateness,
-                    "late records beyond allowed_lateness were not applied"
-                );
+                tracing::warn!(records = beyond_lateness, "late records beyond allowed_lateness were not applied");
                 beyond_lateness = 0;
             }
             // Forget windows beyond the allowed lateness.
