@@ -7,9 +7,7 @@ use edgeflow_operators::params::Place;
 use serde::de::DeserializeOwned;
 
 use super::yaml::{self, Mark, Node, Value};
-use super::{
-    env, LatePolicy, MetricsConfig, OperatorSpec, Pipeline, PortKind, PortRef, Problem, Problems, SinkSpec, SourceSpec,
-};
+use super::{env, LatePolicy, MetricsConfig, Pipeline, PortKind, PortRef, Problem, Problems, Spec};
 use crate::components::{
     find, join, names, ComponentType, Context, Declared, Input, OperatorComponent, PortKinds, SinkComponent,
     SourceComponent, Wiring, OPERATORS, SINKS, SOURCES,
@@ -157,6 +155,25 @@ impl<R: ?Sized + 'static> Written<'_, R> {
     fn refs(&self) -> Vec<PortRef> {
         self.inputs.iter().map(|(reference, _, _)| reference.clone()).collect()
     }
+}
+
+/// The checked components of a section whose every component was declared without a
+/// problem.
+fn checked<R: ?Sized + 'static>(written: &[Written<'_, R>], declared: Vec<Option<Declared<R>>>) -> Vec<Spec<R>> {
+    written
+        .iter()
+        .zip(declared)
+        .filter_map(|(written, declared)| {
+            let declared = declared?;
+            Some(Spec {
+                name: written.name.clone(),
+                kind: written.kind,
+                ports: declared.ports,
+                inputs: written.refs(),
+                component: declared.component.ok()?,
+            })
+        })
+        .collect()
 }
 
 /// The kind of the port `reference` names, if it is known.
@@ -345,47 +362,9 @@ impl Checker {
             return None;
         }
         // No problem was found, so every component was declared and checked.
-        let sources = sources
-            .iter()
-            .zip(declared_sources)
-            .filter_map(|(written, declared)| {
-                let declared = declared?;
-                Some(SourceSpec {
-                    name: written.name.clone(),
-                    kind: written.kind,
-                    ports: declared.ports,
-                    component: declared.component.ok()?,
-                })
-            })
-            .collect();
-        let mut typed_operators: Vec<OperatorSpec> = operators
-            .iter()
-            .zip(declared_operators)
-            .filter_map(|(written, declared)| {
-                let declared = declared?;
-                Some(OperatorSpec {
-                    name: written.name.clone(),
-                    kind: written.kind,
-                    ports: declared.ports,
-                    inputs: written.refs(),
-                    component: declared.component.ok()?,
-                })
-            })
-            .collect();
-        let sinks = sinks
-            .iter()
-            .zip(declared_sinks)
-            .filter_map(|(written, declared)| {
-                let declared = declared?;
-                Some(SinkSpec {
-                    name: written.name.clone(),
-                    kind: written.kind,
-                    ports: declared.ports,
-                    inputs: written.refs(),
-                    component: declared.component.ok()?,
-                })
-            })
-            .collect();
+        let sources = checked(&sources, declared_sources);
+        let mut typed_operators = checked(&operators, declared_operators);
+        let sinks = checked(&sinks, declared_sinks);
         let position: HashMap<String, usize> = order.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
         typed_operators.sort_by_key(|operator| position.get(&operator.name).copied().unwrap_or(usize::MAX));
         Some(Pipeline { name, late_policy, metrics, sources, operators: typed_operators, sinks })

@@ -165,48 +165,40 @@ impl fmt::Display for PortRef {
     }
 }
 
-/// A named source.
-#[derive(Clone, Debug)]
-pub struct SourceSpec {
+/// A named component of a pipeline, checked: its type in the registry, its ports, what it
+/// reads (empty for sources) and the component. `R` is the role's trait object.
+#[derive(Debug)]
+pub struct Spec<R: ?Sized + 'static> {
     /// Its name.
     pub name: String,
     /// Its type in the registry.
-    pub kind: &'static crate::components::SourceType,
-    /// Its ports.
-    pub ports: Ports,
-    /// The checked source.
-    pub component: Arc<dyn SourceComponent>,
-}
-
-/// A named operator and its inputs.
-#[derive(Clone, Debug)]
-pub struct OperatorSpec {
-    /// Its name.
-    pub name: String,
-    /// Its type in the registry.
-    pub kind: &'static crate::components::OperatorType,
+    pub kind: &'static dyn crate::components::ComponentType<R>,
     /// Its ports.
     pub ports: Ports,
     /// What it reads.
     pub inputs: Vec<PortRef>,
-    /// The checked operator.
-    pub component: Arc<dyn OperatorComponent>,
+    /// The checked component.
+    pub component: Arc<R>,
 }
 
-/// A named sink and its inputs.
-#[derive(Clone, Debug)]
-pub struct SinkSpec {
-    /// Its name.
-    pub name: String,
-    /// Its type in the registry.
-    pub kind: &'static crate::components::SinkType,
-    /// Its ports.
-    pub ports: Ports,
-    /// What it writes.
-    pub inputs: Vec<PortRef>,
-    /// The checked sink.
-    pub component: Arc<dyn SinkComponent>,
+impl<R: ?Sized + 'static> Clone for Spec<R> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            kind: self.kind,
+            ports: self.ports,
+            inputs: self.inputs.clone(),
+            component: self.component.clone(),
+        }
+    }
 }
+
+/// A named source.
+pub type SourceSpec = Spec<dyn SourceComponent>;
+/// A named operator and its inputs.
+pub type OperatorSpec = Spec<dyn OperatorComponent>;
+/// A named sink and its inputs.
+pub type SinkSpec = Spec<dyn SinkComponent>;
 
 impl Pipeline {
     /// The transactional id when the pipeline runs exactly once (a Kafka sink asks for it;
