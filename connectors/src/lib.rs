@@ -9,6 +9,7 @@
 //! model export of federated training ([`federated`]). Errors are [`ConnectorError`]s that say
 //! whose fault they are ([`Fault`]) and whether a retry can help.
 
+pub mod checkpoint;
 pub mod dead_letter;
 pub mod federated;
 pub mod file;
