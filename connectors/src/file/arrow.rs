@@ -11,7 +11,7 @@
 //! | `id`, `model`, `status` | Utf8 | no |
 //! | `version` | UInt64 | when no model ran |
 //! | `error`, `node` | Utf8 | when absent |
-//! | `outputs` | Map<Utf8, Struct<shape: List<UInt64>, data: List<Float32>>> | no (empty unless `ok`) |
+//! | `outputs` | `Map<Utf8, Struct<shape: List<UInt64>, data: List<Float32>>>` | no (empty unless `ok`) |
 //! | `timestamp` | Timestamp(ms, UTC) | no |
 //! | `queue_ms`, `compute_ms`, `finished_at` | Float64 | no |
 //! | `batch_size` | UInt32 | no |

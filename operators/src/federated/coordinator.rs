@@ -168,7 +168,7 @@ pub struct RoundPlan {
 /// ```
 ///
 /// A selected client trains from `model` (the global model of version `model_version`, in
-/// the update payload format) and sends a [`ModelUpdate`](super::update::ModelUpdate) for
+/// the update payload format) and sends a [`ModelUpdate`] for
 /// `round` with `base_version` = `model_version` before `deadline` (ms since the epoch; null
 /// for simulated clients, which answer within the round's logical time).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
