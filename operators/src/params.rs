@@ -138,6 +138,15 @@ impl<C: Validate> Checked<C> {
         config.validate(&mut problems);
         problems.into_result(Checked(config))
     }
+
+    /// Like [`Checked::try_new`], with the problems `more` finds that need more than the
+    /// config (files it names, how it is wired) added after the config's own.
+    pub fn try_new_with(config: C, more: impl FnOnce(&C, &mut ParamErrors)) -> Result<Self, ParamErrors> {
+        let mut problems = ParamErrors::default();
+        config.validate(&mut problems);
+        more(&config, &mut problems);
+        problems.into_result(Checked(config))
+    }
 }
 
 impl<C> Checked<C> {

@@ -50,28 +50,25 @@ impl Component for FederatedOperator {
         if let Some(export) = config.export.as_mut() {
             export.registry = cx.resolve(&export.registry);
         }
-        let mut problems = match Checked::try_new(config.clone()) {
-            Ok(_) => ParamErrors::default(),
-            Err(problems) => problems,
-        };
-        if !config.dataset.is_file() {
-            problems.at_value("dataset", format!("dataset `{}` is not a file", config.dataset.display()));
-        }
-        // With an input the clients are external: settings of simulated clients, and of
-        // external ones without it, would have no effect.
-        let external = cx.has_inputs;
-        let misplaced: &[&str] =
-            if external { &["dropout"] } else { &["client_ids", "round_timeout", "close_on_quorum"] };
-        for field in misplaced.iter().filter(|field| cx.is_set(field)) {
-            let why = if external {
-                "applies to simulated clients only, and this operator reads external clients' updates from its input"
-            } else {
-                "applies to external clients only (an operator with an `input` of model updates)"
-            };
-            problems.at_value(*field, format!("`{field}` {why}"));
-        }
-        problems.into_result(())?;
-        Checked::try_new(config).map(Self)
+        Checked::try_new_with(config, |config, problems| {
+            if !config.dataset.is_file() {
+                problems.at_value("dataset", format!("dataset `{}` is not a file", config.dataset.display()));
+            }
+            // With an input the clients are external: settings of simulated clients, and of
+            // external ones without it, would have no effect.
+            let external = cx.has_inputs;
+            let misplaced: &[&str] =
+                if external { &["dropout"] } else { &["client_ids", "round_timeout", "close_on_quorum"] };
+            for field in misplaced.iter().filter(|field| cx.is_set(field)) {
+                let why = if external {
+                    "applies to simulated clients only, and this operator reads external clients' updates from its input"
+                } else {
+                    "applies to external clients only (an operator with an `input` of model updates)"
+                };
+                problems.at_value(*field, format!("`{field}` {why}"));
+            }
+        })
+        .map(Self)
     }
 
     /// With inputs its clients are external: their updates must be among the inputs (health

@@ -35,13 +35,7 @@ impl Component for InferenceOperator {
 
     fn try_new(mut config: InferenceConfig, cx: &Context<'_>) -> Result<Self, ParamErrors> {
         config.registry = cx.resolve(&config.registry);
-        let mut problems = match Checked::try_new(config.clone()) {
-            Ok(_) => ParamErrors::default(),
-            Err(problems) => problems,
-        };
-        check_registry(&mut problems, &config);
-        problems.into_result(())?;
-        Checked::try_new(config).map(Self)
+        Checked::try_new_with(config, |config, problems| check_registry(problems, config)).map(Self)
     }
 
     /// `features` turn heartbeats into requests: needed with a heartbeat input,

@@ -3,7 +3,7 @@
 use edgeflow_connectors::dead_letter::DeadLetterSinkConfig;
 use edgeflow_connectors::kafka::{KafkaSink, KafkaSinkConfig};
 use edgeflow_connectors::{ConnectorError, Sink};
-use edgeflow_operators::params::{Checked, ParamErrors, Validate};
+use edgeflow_operators::params::{Checked, ParamErrors};
 
 use crate::components::{check_kafka, Component, Context, Input, OpenSink, Ports, SinkComponent};
 use crate::config::PortKind;
@@ -27,13 +27,12 @@ impl Component for DeadLetterSink {
     }
 
     fn try_new(config: DeadLetterSinkConfig, _cx: &Context<'_>) -> Result<Self, ParamErrors> {
-        let mut problems = ParamErrors::default();
-        config.validate(&mut problems);
-        if let Some(kafka) = &config.kafka {
-            check_kafka(&mut problems, "kafka", &kafka.brokers, [&kafka.topic]);
-        }
-        problems.into_result(())?;
-        Checked::try_new(config).map(Self)
+        Checked::try_new_with(config, |config, problems| {
+            if let Some(kafka) = &config.kafka {
+                check_kafka(problems, "kafka", &kafka.brokers, [&kafka.topic]);
+            }
+        })
+        .map(Self)
     }
 }
 
