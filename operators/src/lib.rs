@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod node_health;
 pub mod params;
 pub mod records;
+pub mod state;
 pub mod time;
 pub mod window_aggregate;
 

@@ -18,6 +18,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::StreamVec;
 
 use crate::records::{Gauge, HealthStatus, Heartbeat, NodeState, RegionRollup, StatusChange};
+use crate::state::{Entry, StateHandle, WorkerState};
 use crate::window_aggregate::{from_micros, to_micros};
 use crate::{route_hash, DurationMs, EventTime};
 
@@ -246,15 +247,50 @@ impl std::fmt::Debug for NodeHealthStreams<'_> {
 pub trait NodeHealth<'scope> {
     /// Node health under `params`; see the module documentation for the semantics.
     fn node_health(self, params: &NodeHealthParams) -> NodeHealthStreams<'scope>;
+
+    /// Node health that takes part in checkpoints through `state` as `name` (its parts are
+    /// `NAME/status`, `NAME/changes`, `NAME/readings` and `NAME/rollups`): it saves each
+    /// node's latest heartbeat and status, the open rollup windows and the last reported
+    /// rollups, and after a restore carries on as if it had never stopped. The restored
+    /// nodes' states are stated again on the `status` collection at the checkpoint's time
+    /// (a snapshot, as a live collection's new reader gets); `changes` and `rollups` go on
+    /// exactly as an uninterrupted run's.
+    fn node_health_checkpointed(
+        self,
+        params: &NodeHealthParams,
+        state: &WorkerState,
+        name: &str,
+    ) -> NodeHealthStreams<'scope>;
 }
 
 impl<'scope> NodeHealth<'scope> for VecCollection<'scope, EventTime, Heartbeat> {
     fn node_health(self, params: &NodeHealthParams) -> NodeHealthStreams<'scope> {
-        let status = status_machine(self.clone(), params);
-        let changes = status_changes(status.clone());
-        let rollups = region_rollups(status.clone(), self, params);
+        self.node_health_checkpointed(params, &WorkerState::default(), "node_health")
+    }
+
+    fn node_health_checkpointed(
+        self,
+        params: &NodeHealthParams,
+        state: &WorkerState,
+        name: &str,
+    ) -> NodeHealthStreams<'scope> {
+        let handle = |part: &str| state.handle(&format!("{name}/{part}"));
+        let status = status_machine(self.clone(), params, handle("status"));
+        let changes = status_changes(status.clone(), handle("changes"));
+        let rollups = region_rollups(status.clone(), self, params, handle("readings"), handle("rollups"));
         NodeHealthStreams { status, changes, rollups }
     }
+}
+
+/// What a checkpoint keeps of one node in the status machine.
+#[derive(Serialize, Deserialize)]
+struct SavedNode {
+    node_id: String,
+    region: String,
+    /// Data time and readings of the latest heartbeat.
+    latest: (EventTime, Gauge, Gauge, Gauge),
+    /// The status in the collection.
+    status: Option<HealthStatus>,
 }
 
 /// A heartbeat waiting for the frontier: node key, cpu/memory/disk, and the node's id and
@@ -274,6 +310,7 @@ type PendingBeat = (NodeKey, [Gauge; 3], Option<(String, String)>);
 fn status_machine<'scope>(
     heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
     params: &NodeHealthParams,
+    state: StateHandle,
 ) -> VecCollection<'scope, EventTime, (NodeKey, NodeState)> {
     type Update = (Heartbeat, EventTime, isize);
     struct Node {
@@ -287,7 +324,7 @@ fn status_machine<'scope>(
     let pact = Exchange::new(|update: &Update| route_hash(&update.0.node_id));
     heartbeats
         .inner
-        .unary_frontier(pact, "NodeHealth", move |_, _| {
+        .unary_frontier(pact, "NodeHealth", move |initial, _| {
             let mut nodes: HashMap<NodeKey, Node> = HashMap::new();
             // Heartbeats waiting for the frontier, reduced to what the state machine needs; the
             // id and region travel along only for nodes this worker has not seen yet.
@@ -296,7 +333,43 @@ fn status_machine<'scope>(
             let mut held: Option<Capability<EventTime>> = None;
             let mut touched: Vec<NodeKey> = Vec::new();
             let mut changed: Vec<((NodeKey, NodeState), EventTime, isize)> = Vec::new();
+            // Restored nodes: their deadlines still ahead go back on the timer heap, and their
+            // states are stated again at the checkpoint's time (downstream starts empty).
+            let mut restated: Option<(Capability<EventTime>, Vec<((NodeKey, NodeState), EventTime, isize)>)> = None;
+            if let Some((at, entries)) = state.restored() {
+                let mut states = Vec::new();
+                for entry in entries {
+                    let Ok(saved) = entry.value::<SavedNode>() else {
+                        tracing::error!(part = state.name(), "a saved node does not decode; it is left out");
+                        continue;
+                    };
+                    let key = entry.route;
+                    let (t, ..) = saved.latest;
+                    for deadline in [t.saturating_add(params.unhealthy_after), t.saturating_add(params.timeout)] {
+                        if deadline >= at {
+                            timers.push(Reverse((deadline, key)));
+                        }
+                    }
+                    let node_state = saved.status.map(|status| NodeState {
+                        node_id: saved.node_id.clone(),
+                        region: saved.region.clone(),
+                        status,
+                    });
+                    if let Some(node_state) = &node_state {
+                        states.push(((key, node_state.clone()), at, 1));
+                    }
+                    nodes.insert(
+                        key,
+                        Node { state: node_state, node_id: saved.node_id, region: saved.region, latest: saved.latest },
+                    );
+                }
+                held = Some(initial.delayed(&at));
+                restated = Some((initial.delayed(&at), states));
+            }
             move |(input, frontier), output| {
+                if let Some((cap, mut states)) = restated.take() {
+                    output.session(&cap).give_iterator(states.drain(..));
+                }
                 input.for_each(|cap, data| {
                     let time = cap.least().copied().unwrap_or_default();
                     if held.as_ref().is_none_or(|h| time < *h.time()) {
@@ -314,12 +387,28 @@ fn status_machine<'scope>(
                         }
                     }
                 });
+                let save = |nodes: &HashMap<NodeKey, Node>| {
+                    let entries = nodes.iter().map(|(key, node)| {
+                        let status = node.state.as_ref().map(|state| state.status);
+                        let saved = SavedNode {
+                            node_id: node.node_id.clone(),
+                            region: node.region.clone(),
+                            latest: node.latest,
+                            status,
+                        };
+                        Entry::new(*key, &saved)
+                    });
+                    state.save(entries.collect());
+                };
                 loop {
                     let next_beat = pending.first_key_value().map(|(t, _)| *t);
                     let next_timer = timers.peek().map(|Reverse((t, _))| *t);
                     let Some(now) = next_beat.into_iter().chain(next_timer).min() else { break };
                     if frontier.less_equal(&now) {
                         break;
+                    }
+                    if state.due_at(frontier).is_some_and(|at| now >= at) {
+                        save(&nodes);
                     }
                     let Some(cap) = held.as_ref() else { break };
                     touched.clear();
@@ -374,6 +463,9 @@ fn status_machine<'scope>(
                         let at = cap.delayed(&now);
                         output.session(&at).give_iterator(changed.drain(..));
                     }
+                }
+                if state.due_at(frontier).is_some() {
+                    save(&nodes);
                 }
                 let next = pending
                     .first_key_value()
@@ -459,38 +551,60 @@ pub fn status_differential<'scope>(
 }
 
 /// Node states that became current at one time, with the capability to report them.
-type PendingStates = (Capability<EventTime>, Vec<NodeState>);
+type PendingStates = (Capability<EventTime>, Vec<(NodeState, isize)>);
 
 /// Turns the status collection's updates into one `StatusChange` per node whose status
 /// differs from its previous one, once the time is final.
 fn status_changes<'scope>(
     status: VecCollection<'scope, EventTime, (NodeKey, NodeState)>,
+    saved: StateHandle,
 ) -> StreamVec<'scope, EventTime, StatusChange> {
     type Update = ((NodeKey, NodeState), EventTime, isize);
     let pact = Exchange::new(|update: &Update| (update.0).0);
-    status.inner.unary_frontier(pact, "NodeHealthChanges", |_, _| {
+    status.inner.unary_frontier(pact, "NodeHealthChanges", move |_, _| {
         let mut pending: BTreeMap<EventTime, PendingStates> = BTreeMap::new();
         let mut current: HashMap<String, HealthStatus> = HashMap::new();
+        if let Some((_, entries)) = saved.restored() {
+            for entry in entries {
+                match entry.value::<(String, HealthStatus)>() {
+                    Ok((node_id, status)) => {
+                        current.insert(node_id, status);
+                    }
+                    Err(err) => tracing::error!(part = saved.name(), %err, "a saved status is left out"),
+                }
+            }
+        }
+        let saver = saved.clone();
+        let save = move |current: &HashMap<String, HealthStatus>| {
+            let entries = current.iter().map(|(node_id, status)| Entry::new(route_hash(node_id), &(node_id, status)));
+            saver.save(entries.collect());
+        };
         move |(input, frontier), output| {
             input.for_each(|cap, data| {
                 for ((_, state), time, diff) in data.drain(..) {
-                    if diff > 0 {
-                        pending
-                            .entry(time)
-                            .or_insert_with(|| (cap.delayed(&time, output.output_index()), Vec::new()))
-                            .1
-                            .push(state);
-                    }
+                    pending
+                        .entry(time)
+                        .or_insert_with(|| (cap.delayed(&time, output.output_index()), Vec::new()))
+                        .1
+                        .push((state, diff));
                 }
             });
             while let Some(entry) = pending.first_entry() {
                 if frontier.less_equal(entry.key()) {
                     break;
                 }
-                let (time, (cap, mut states)) = entry.remove_entry();
-                states.sort();
+                if saved.due_at(frontier).is_some_and(|at| *entry.key() >= at) {
+                    save(&current);
+                }
+                let (time, (cap, mut updates)) = entry.remove_entry();
+                // A time's updates, consolidated: a state restated after a restore and
+                // replaced at the same time cancels out, as it never happened.
+                differential_dataflow::consolidation::consolidate(&mut updates);
                 let mut session = output.session(&cap);
-                for state in states {
+                for (state, diff) in updates {
+                    if diff <= 0 {
+                        continue;
+                    }
                     let previous = current.insert(state.node_id.clone(), state.status);
                     if previous != Some(state.status) {
                         session.give(StatusChange {
@@ -502,6 +616,9 @@ fn status_changes<'scope>(
                         });
                     }
                 }
+            }
+            if saved.due_at(frontier).is_some() {
+                save(&current);
             }
         }
     })
@@ -558,47 +675,106 @@ impl Readings {
 
 /// Each worker sums its heartbeats' readings per region and rollup window, and states each
 /// sum once, present from the window's end until the next window's end, instead of every
-/// heartbeat entering the rollup reduction on its own.
+/// heartbeat entering the rollup reduction on its own. Heartbeats are summed once their time
+/// is complete, so that a checkpoint's open windows hold exactly the heartbeats before it.
 fn window_readings<'scope>(
     heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
     params: &NodeHealthParams,
+    saved: StateHandle,
 ) -> VecCollection<'scope, EventTime, (String, RegionEvidence)> {
     let params = params.clone();
     let window = params.rollup_window;
     heartbeats
         .inner
-        .unary_frontier(timely::dataflow::channels::pact::Pipeline, "RegionReadings", move |_, _| {
-            let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<String, Readings>)> = BTreeMap::new();
+        .unary_frontier(timely::dataflow::channels::pact::Pipeline, "RegionReadings", move |initial, _| {
+            // Heartbeats waiting for their time to complete: region, cpu and memory.
+            let mut pending: BTreeMap<EventTime, Vec<(String, f64, f64)>> = BTreeMap::new();
+            // Held at the earliest pending time, or open window end.
+            let mut held: Option<Capability<EventTime>> = None;
+            let mut open: BTreeMap<EventTime, HashMap<String, Readings>> = BTreeMap::new();
+            if let Some((at, entries)) = saved.restored() {
+                for entry in entries {
+                    match entry.value::<(EventTime, String, Readings)>() {
+                        Ok((end, region, readings)) => {
+                            open.entry(end).or_default().entry(region).or_default().merge(&readings, 1);
+                        }
+                        Err(err) => tracing::error!(part = saved.name(), %err, "saved readings are left out"),
+                    }
+                }
+                held = Some(initial.delayed(&at));
+            }
+            let saver = saved.clone();
+            let save = move |open: &BTreeMap<EventTime, HashMap<String, Readings>>| {
+                let entries = open.iter().flat_map(|(end, regions)| {
+                    regions
+                        .iter()
+                        .map(move |(region, readings)| Entry::new(route_hash(region), &(end, region, readings)))
+                });
+                saver.save(entries.collect());
+            };
             move |(input, frontier), output| {
                 input.for_each(|cap, data| {
+                    let time = cap.least().copied().unwrap_or_default();
+                    if held.as_ref().is_none_or(|h| time < *h.time()) {
+                        held = cap.retain_least(output.output_index());
+                    }
                     for (hb, t, diff) in data.drain(..) {
-                        if diff <= 0 {
-                            continue;
-                        }
-                        let end = params.window_end(t);
-                        let (_, regions) = open
-                            .entry(end)
-                            .or_insert_with(|| (cap.delayed(&end, output.output_index()), HashMap::new()));
-                        match regions.get_mut(&hb.region) {
-                            Some(readings) => readings.add(hb.cpu, hb.memory),
-                            None => {
-                                let mut readings = Readings::default();
-                                readings.add(hb.cpu, hb.memory);
-                                regions.insert(hb.region, readings);
-                            }
+                        if diff > 0 {
+                            pending.entry(t).or_default().push((hb.region, hb.cpu, hb.memory));
                         }
                     }
                 });
-                while let Some(entry) = open.first_entry() {
-                    if frontier.less_equal(entry.key()) {
+                while let Some(cap) = held.as_mut() {
+                    let next_beat = pending.first_key_value().map(|(t, _)| *t);
+                    let next_end = open.first_key_value().map(|(end, _)| *end);
+                    let Some(now) = next_beat.into_iter().chain(next_end).min() else { break };
+                    if frontier.less_equal(&now) {
                         break;
                     }
-                    let (end, (cap, regions)) = entry.remove_entry();
-                    let mut session = output.session(&cap);
-                    for (region, readings) in regions {
-                        session.give(((region.clone(), RegionEvidence::Readings(readings)), end, 1));
-                        session.give(((region, RegionEvidence::Readings(readings)), end.saturating_add(window), -1));
+                    if saved.due_at(frontier).is_some_and(|at| now >= at) {
+                        save(&open);
                     }
+                    if next_beat == Some(now) {
+                        let end = params.window_end(now);
+                        let regions = open.entry(end).or_default();
+                        for (region, cpu, memory) in pending.pop_first().map(|(_, beats)| beats).unwrap_or_default() {
+                            match regions.get_mut(&region) {
+                                Some(readings) => readings.add(cpu, memory),
+                                None => {
+                                    let mut readings = Readings::default();
+                                    readings.add(cpu, memory);
+                                    regions.insert(region, readings);
+                                }
+                            }
+                        }
+                    }
+                    // A window closes once its end is complete (its end belongs to it).
+                    if next_end == Some(now) && pending.first_key_value().is_none_or(|(t, _)| *t > now) {
+                        let regions = open.pop_first().map(|(_, regions)| regions).unwrap_or_default();
+                        let at = cap.delayed(&now);
+                        let mut session = output.session(&at);
+                        for (region, readings) in regions {
+                            session.give(((region.clone(), RegionEvidence::Readings(readings)), now, 1));
+                            session.give((
+                                (region, RegionEvidence::Readings(readings)),
+                                now.saturating_add(window),
+                                -1,
+                            ));
+                        }
+                    }
+                }
+                if saved.due_at(frontier).is_some() {
+                    save(&open);
+                }
+                let next = pending
+                    .first_key_value()
+                    .map(|(t, _)| *t)
+                    .into_iter()
+                    .chain(open.first_key_value().map(|(end, _)| *end))
+                    .min();
+                match (next, held.as_mut()) {
+                    (Some(next), Some(cap)) => cap.downgrade(&next),
+                    _ => held = None,
                 }
             }
         })
@@ -609,11 +785,13 @@ fn region_rollups<'scope>(
     status: VecCollection<'scope, EventTime, (NodeKey, NodeState)>,
     heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
     params: &NodeHealthParams,
+    readings_state: StateHandle,
+    saved: StateHandle,
 ) -> StreamVec<'scope, EventTime, RegionRollup> {
     let window = params.rollup_window;
     let snap = params.clone();
     let statuses = status.map(|(_, state)| (state.region, RegionEvidence::Status(state.status)));
-    let readings = window_readings(heartbeats, params);
+    let readings = window_readings(heartbeats, params, readings_state);
     let aggregates = statuses.delay(move |time| snap.window_end(*time)).concat(readings).reduce_named(
         "RegionRollup",
         |_region, values, output| {
@@ -642,7 +820,26 @@ fn region_rollups<'scope>(
     let pact = Exchange::new(|update: &Update| route_hash(&(update.0).0));
     aggregates.inner.unary_frontier(pact, "RegionRollupWindows", move |_, _| {
         let mut pending: BTreeMap<EventTime, Vec<(String, RegionAggregate, isize)>> = BTreeMap::new();
+        // The last aggregate reported per region. After a restore the reduction states every
+        // region's aggregate anew (it starts empty): an aggregate equal to this one is no
+        // change, as in the run that never stopped.
         let mut current: BTreeMap<String, RegionAggregate> = BTreeMap::new();
+        if let Some((_, entries)) = saved.restored() {
+            for entry in entries {
+                match entry.value::<(String, RegionAggregate)>() {
+                    Ok((region, aggregate)) => {
+                        current.insert(region, aggregate);
+                    }
+                    Err(err) => tracing::error!(part = saved.name(), %err, "a saved rollup is left out"),
+                }
+            }
+        }
+        let saver = saved.clone();
+        let save = move |current: &BTreeMap<String, RegionAggregate>| {
+            let entries =
+                current.iter().map(|(region, aggregate)| Entry::new(route_hash(region), &(region, aggregate)));
+            saver.save(entries.collect());
+        };
         // Capability at the next window end to report.
         let mut next: Option<Capability<EventTime>> = None;
         let mut changed: HashSet<String> = HashSet::new();
@@ -664,6 +861,9 @@ fn region_rollups<'scope>(
                 if frontier.less_equal(&end) {
                     break;
                 }
+                if saved.due_at(frontier).is_some_and(|at| end >= at) {
+                    save(&current);
+                }
                 changed.clear();
                 if let Some(mut updates) = pending.remove(&end) {
                     // Retractions first, so that a region's new aggregate replaces the old.
@@ -674,7 +874,7 @@ fn region_rollups<'scope>(
                                 current.remove(&region);
                             }
                             changed.insert(region);
-                        } else {
+                        } else if current.get(&region) != Some(&aggregate) {
                             changed.insert(region.clone());
                             current.insert(region, aggregate);
                         }
@@ -713,6 +913,9 @@ fn region_rollups<'scope>(
                     Some(time) if time > end => cap.downgrade(&time),
                     _ => next = None,
                 }
+            }
+            if saved.due_at(frontier).is_some() {
+                save(&current);
             }
         }
     })
