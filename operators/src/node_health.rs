@@ -293,6 +293,9 @@ struct SavedNode {
     status: Option<HealthStatus>,
 }
 
+/// An update of the status collection.
+type StatusUpdate = ((NodeKey, NodeState), EventTime, isize);
+
 /// A heartbeat waiting for the frontier: node key, cpu/memory/disk, and the node's id and
 /// region when the worker has not seen the node before.
 type PendingBeat = (NodeKey, [Gauge; 3], Option<(String, String)>);
@@ -332,10 +335,10 @@ fn status_machine<'scope>(
             let mut timers: BinaryHeap<Reverse<(EventTime, NodeKey)>> = BinaryHeap::new();
             let mut held: Option<Capability<EventTime>> = None;
             let mut touched: Vec<NodeKey> = Vec::new();
-            let mut changed: Vec<((NodeKey, NodeState), EventTime, isize)> = Vec::new();
+            let mut changed: Vec<StatusUpdate> = Vec::new();
             // Restored nodes: their deadlines still ahead go back on the timer heap, and their
             // states are stated again at the checkpoint's time (downstream starts empty).
-            let mut restated: Option<(Capability<EventTime>, Vec<((NodeKey, NodeState), EventTime, isize)>)> = None;
+            let mut restated: Option<(Capability<EventTime>, Vec<StatusUpdate>)> = None;
             if let Some((at, entries)) = state.restored() {
                 let mut states = Vec::new();
                 for entry in entries {
