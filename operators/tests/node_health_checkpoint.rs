@@ -132,7 +132,6 @@ fn run(plan: Plan) -> Run {
                 for (part, entries) in saved {
                     result.saved.entry(part).or_default().extend(entries);
                 }
-                return;
             }
         }
     })
