@@ -190,10 +190,53 @@ pub struct Checkpoint {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
+/// Where one worker's source has read up to, as a checkpoint keeps it: a source resumes
+/// from the positions of every worker of the checkpointed run (so a run with a different
+/// number of workers resumes too, where the source can).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Position {
+    /// Kafka: the next offset of each partition the worker read.
+    Kafka(Checkpoint),
+    /// A file: the byte offset and 1-based number of the next line, of a worker reading
+    /// blocks of lines `index` modulo `peers`.
+    File {
+        /// Byte offset of the next line.
+        offset: u64,
+        /// Its 1-based number.
+        line: u64,
+        /// The reader's index.
+        index: u64,
+        /// Readers of the file.
+        peers: u64,
+    },
+    /// A generator: how many items the worker's generator has produced.
+    Generated {
+        /// Items produced.
+        items: u64,
+        /// The generator's index.
+        index: u64,
+        /// Generators of the run.
+        peers: u64,
+    },
+}
+
 /// A source of records (heartbeats or inference requests), one instance per worker.
 pub trait Source: Send {
     /// Appends at most `max` items to `out`.
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError>;
+
+    /// Where the source has read up to, for a checkpoint; `None` for a source that cannot
+    /// resume (it starts afresh after a restore, as a live simulation does).
+    fn position(&mut self) -> Option<Position> {
+        None
+    }
+
+    /// Goes on from `saved`, the positions of every worker of the checkpointed run (read
+    /// before the first poll). A source takes the positions that concern it; an error says
+    /// why it cannot resume from them.
+    fn resume(&mut self, _saved: &[Position]) -> Result<(), ConnectorError> {
+        Ok(())
+    }
 
     /// Where the source has read up to, for sources that can resume (Kafka).
     fn checkpoint(&mut self) -> Option<Checkpoint> {
@@ -214,6 +257,20 @@ pub trait Sink: Send {
     /// Makes everything written so far durable or visible.
     fn flush(&mut self) -> Result<(), ConnectorError>;
 
+    /// For a checkpoint: makes everything written so far durable and returns what the sink
+    /// needs to go back to exactly this output on a restore (a file: its length), or `None`
+    /// for a sink whose output cannot be taken back (what it wrote after the checkpoint is
+    /// written again after a restore: at-least-once).
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>, ConnectorError> {
+        self.flush()?;
+        Ok(None)
+    }
+
+    /// Goes back to the output of a checkpoint, from what [`Sink::checkpoint`] returned.
+    fn restore(&mut self, _state: &[u8]) -> Result<(), ConnectorError> {
+        Ok(())
+    }
+
     /// Writes one raw message (`format: raw`): its key and value as they were where the sink
     /// can carry bytes (Kafka), else its JSON line.
     fn write_raw(&mut self, message: &edgeflow_operators::RawMessage) -> Result<(), ConnectorError> {
@@ -227,12 +284,13 @@ pub trait Sink: Send {
     }
 }
 
-/// The transaction that the sinks of an exactly-once pipeline write into.
+/// The transaction that the sinks of an exactly-once pipeline write into: one per
+/// checkpoint interval, committed once the checkpoint that covers it is durable.
 pub trait Transaction: Send {
-    /// Commits everything the sinks wrote since the last commit together with the source
-    /// positions `offsets` (the latest per group, topic and partition), and opens the next
-    /// transaction. On error the open transaction is aborted and the pipeline must stop.
-    fn commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError>;
+    /// Commits everything the sinks wrote since the last commit, marked as checkpoint
+    /// `epoch`'s output (so that a restart can tell whether it was committed), and opens the
+    /// next transaction. On error the open transaction is aborted and the pipeline must stop.
+    fn commit(&mut self, epoch: u64) -> Result<(), ConnectorError>;
 }
 
 pub use edgeflow_operators::time::wall_clock_ms;

@@ -66,6 +66,11 @@ enum Command {
         /// File with one host:port per process (for --processes > 1).
         #[arg(long)]
         hostfile: Option<PathBuf>,
+        /// Restore even though the checkpoint has state of this component that no longer
+        /// fits the pipeline (removed, or now of another type): its state is dropped.
+        /// Repeat for several.
+        #[arg(long = "allow-state-drop", value_name = "NAME")]
+        allow_state_drop: Vec<String>,
         /// Override the metrics address of the pipeline (`host:port`; port 0 picks one).
         #[arg(long, env = "EDGEFLOW_METRICS_ADDR")]
         metrics_addr: Option<String>,
@@ -296,13 +301,23 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { pipeline, workers, processes, process, hostfile, metrics_addr, no_metrics, no_status } => {
+        Command::Run {
+            pipeline,
+            workers,
+            processes,
+            process,
+            hostfile,
+            allow_state_drop,
+            metrics_addr,
+            no_metrics,
+            no_status,
+        } => {
             let loaded = match load(&pipeline) {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
             let stop = Arc::new(AtomicBool::new(false));
-            let options = RunOptions { workers, processes, process, hostfile, stop: stop.clone() };
+            let options = RunOptions { workers, processes, process, hostfile, stop: stop.clone(), allow_state_drop };
             match run(&loaded, &options, metrics_addr, no_metrics, no_status) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

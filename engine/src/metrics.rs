@@ -80,6 +80,70 @@ pub mod labels {
 
 pub use edgeflow_operators::metrics::{BatchHistogram, FederatedMetrics, InferenceMetrics};
 
+/// Checkpoints: how many, how long, how large, how old.
+#[derive(Debug)]
+pub struct CheckpointMetrics {
+    /// Checkpoints completed.
+    pub completed: Counter,
+    /// Damaged or incomplete checkpoints passed over when restoring.
+    pub skipped: Counter,
+    /// Seconds from a checkpoint's start to its manifest being durable.
+    pub duration: prometheus_client::metrics::histogram::Histogram,
+    /// Bytes of the last complete checkpoint.
+    pub bytes: Gauge,
+    /// Seconds since the last complete checkpoint.
+    pub age: Gauge<f64, AtomicU64>,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Default for CheckpointMetrics {
+    fn default() -> Self {
+        let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        Self {
+            completed: Counter::default(),
+            skipped: Counter::default(),
+            duration: prometheus_client::metrics::histogram::Histogram::new(buckets),
+            bytes: Gauge::default(),
+            age: Gauge::default(),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl CheckpointMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("checkpoints_completed", "Checkpoints completed", self.completed.clone());
+        registry.register(
+            "checkpoints_skipped",
+            "Damaged or incomplete checkpoints passed over when restoring",
+            self.skipped.clone(),
+        );
+        registry.register(
+            "checkpoint_duration_seconds",
+            "Time from a checkpoint's start to its manifest being durable",
+            self.duration.clone(),
+        );
+        registry.register("checkpoint_bytes", "Bytes of the last complete checkpoint", self.bytes.clone());
+        registry.register("checkpoint_age_seconds", "Seconds since the last complete checkpoint", self.age.clone());
+    }
+
+    /// A checkpoint completed after `took`, of `bytes`.
+    pub fn completed(&self, took: std::time::Duration, bytes: u64) {
+        self.completed.inc();
+        self.duration.observe(took.as_secs_f64());
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+        self.age.set(0.0);
+    }
+
+    /// Updates the age gauge.
+    pub fn observe_age(&self) {
+        if let Some(last) = *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            self.age.set(last.elapsed().as_secs_f64());
+        }
+    }
+}
+
 /// Every metric edgeflow exports. Cheap to clone handles out of; shared by all workers.
 #[derive(Debug)]
 pub struct Metrics {
@@ -114,6 +178,8 @@ pub struct Metrics {
     pub inference: InferenceMetrics,
     /// Federated training.
     pub federated: FederatedMetrics,
+    /// Checkpoints.
+    pub checkpoints: CheckpointMetrics,
     node_counts: [AtomicI64; 4],
     /// The node gauges, in [`HealthStatus::ALL`] order.
     node_gauges: [Gauge; 4],
@@ -147,6 +213,7 @@ impl Metrics {
             kafka: Arc::default(),
             inference: InferenceMetrics::default(),
             federated: FederatedMetrics::default(),
+            checkpoints: CheckpointMetrics::default(),
             node_counts: Default::default(),
             node_gauges: Default::default(),
             lag_gauges: Default::default(),
@@ -190,6 +257,7 @@ impl Metrics {
         metrics.kafka.register(&mut registry);
         metrics.inference.register(&mut registry);
         metrics.federated.register(&mut registry);
+        metrics.checkpoints.register(&mut registry);
         let node_gauges = HealthStatus::ALL.map(|status| {
             let gauge = metrics.nodes.get_or_create(&labels::Status { status: status.as_str() }).clone();
             gauge.set(0);

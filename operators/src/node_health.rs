@@ -325,9 +325,11 @@ fn status_machine<'scope>(
     }
     let params = params.clone();
     let pact = Exchange::new(|update: &Update| route_hash(&update.0.node_id));
+    let scope = heartbeats.scope();
     heartbeats
         .inner
-        .unary_frontier(pact, "NodeHealth", move |initial, _| {
+        .unary_frontier(pact, "NodeHealth", move |initial, info| {
+            state.activate_with(scope.activator_for(info.address));
             let mut nodes: HashMap<NodeKey, Node> = HashMap::new();
             // Heartbeats waiting for the frontier, reduced to what the state machine needs; the
             // id and region travel along only for nodes this worker has not seen yet.
@@ -564,7 +566,9 @@ fn status_changes<'scope>(
 ) -> StreamVec<'scope, EventTime, StatusChange> {
     type Update = ((NodeKey, NodeState), EventTime, isize);
     let pact = Exchange::new(|update: &Update| (update.0).0);
-    status.inner.unary_frontier(pact, "NodeHealthChanges", move |_, _| {
+    let scope = status.scope();
+    status.inner.unary_frontier(pact, "NodeHealthChanges", move |_, info| {
+        saved.activate_with(scope.activator_for(info.address));
         let mut pending: BTreeMap<EventTime, PendingStates> = BTreeMap::new();
         let mut current: HashMap<String, HealthStatus> = HashMap::new();
         if let Some((_, entries)) = saved.restored() {
@@ -687,9 +691,11 @@ fn window_readings<'scope>(
 ) -> VecCollection<'scope, EventTime, (String, RegionEvidence)> {
     let params = params.clone();
     let window = params.rollup_window;
+    let scope = heartbeats.scope();
     heartbeats
         .inner
-        .unary_frontier(timely::dataflow::channels::pact::Pipeline, "RegionReadings", move |initial, _| {
+        .unary_frontier(timely::dataflow::channels::pact::Pipeline, "RegionReadings", move |initial, info| {
+            saved.activate_with(scope.activator_for(info.address));
             // Heartbeats waiting for their time to complete: region, cpu and memory.
             let mut pending: BTreeMap<EventTime, Vec<(String, f64, f64)>> = BTreeMap::new();
             // Held at the earliest pending time, or open window end.
@@ -821,7 +827,9 @@ fn region_rollups<'scope>(
 
     type Update = ((String, RegionAggregate), EventTime, isize);
     let pact = Exchange::new(|update: &Update| route_hash(&(update.0).0));
-    aggregates.inner.unary_frontier(pact, "RegionRollupWindows", move |_, _| {
+    let scope = aggregates.scope();
+    aggregates.inner.unary_frontier(pact, "RegionRollupWindows", move |_, info| {
+        saved.activate_with(scope.activator_for(info.address));
         let mut pending: BTreeMap<EventTime, Vec<(String, RegionAggregate, isize)>> = BTreeMap::new();
         // The last aggregate reported per region. After a restore the reduction states every
         // region's aggregate anew (it starts empty): an aggregate equal to this one is no

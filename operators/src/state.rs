@@ -72,7 +72,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StateError> {
 #[derive(Clone, Debug, Default)]
 pub struct WorkerState(Rc<RefCell<Inner>>);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Inner {
     index: usize,
     peers: usize,
@@ -84,8 +84,22 @@ struct Inner {
     saved: BTreeMap<String, Vec<Entry>>,
     /// Entries to restore, by participant (all workers' entries, filtered on take).
     restore: BTreeMap<String, Vec<Entry>>,
+    /// The newest checkpoint known to be complete (its manifest durable).
+    committed: u64,
     /// The time of the checkpoint restored from.
     restored_at: Option<EventTime>,
+    /// How to wake each participant when a checkpoint starts (its frontier may already have
+    /// reached the time, and nothing else would schedule it).
+    activators: Vec<timely::scheduling::Activator>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerState")
+            .field("due", &self.due)
+            .field("participants", &self.participants)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkerState {
@@ -115,6 +129,9 @@ impl WorkerState {
         for saved in inner.participants.values_mut() {
             *saved = false;
         }
+        for activator in &inner.activators {
+            activator.activate();
+        }
     }
 
     /// The checkpoint being taken, once every participant has saved it: its epoch, time and
@@ -127,6 +144,17 @@ impl WorkerState {
         }
         inner.due = None;
         Some((epoch, time, std::mem::take(&mut inner.saved)))
+    }
+
+    /// Notes that checkpoint `epoch` is complete (durable): output held for it may go out.
+    pub fn set_committed(&self, epoch: u64) {
+        let mut inner = self.0.borrow_mut();
+        inner.committed = inner.committed.max(epoch);
+    }
+
+    /// The newest complete checkpoint (0: none yet).
+    pub fn committed(&self) -> u64 {
+        self.0.borrow().committed
     }
 
     /// Participants that have not saved the checkpoint being taken (for logs).
@@ -183,6 +211,19 @@ impl StateHandle {
         (!frontier.less_than(&time)).then_some(time)
     }
 
+    /// The number and time of the checkpoint to save, once one is agreed and this
+    /// participant has not saved it yet.
+    pub fn due_checkpoint(&self) -> Option<(u64, EventTime)> {
+        let inner = self.worker.0.borrow();
+        let due = inner.due?;
+        (!inner.participants.get(&self.name).copied().unwrap_or(true)).then_some(due)
+    }
+
+    /// The newest complete checkpoint (0: none yet).
+    pub fn committed(&self) -> u64 {
+        self.worker.committed()
+    }
+
     /// Saves this participant's state for the checkpoint being taken.
     pub fn save(&self, entries: Vec<Entry>) {
         let mut inner = self.worker.0.borrow_mut();
@@ -190,6 +231,11 @@ impl StateHandle {
             *saved = true;
         }
         inner.saved.insert(self.name.clone(), entries);
+    }
+
+    /// Wakes `activator` (the participant's operator) whenever a checkpoint starts.
+    pub fn activate_with(&self, activator: timely::scheduling::Activator) {
+        self.worker.0.borrow_mut().activators.push(activator);
     }
 
     /// The participant's name.

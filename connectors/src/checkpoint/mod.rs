@@ -169,6 +169,22 @@ impl CheckpointStore {
         Ok(None)
     }
 
+    /// Checkpoint `epoch`, read and verified; the error says what is wrong with it.
+    pub fn load_epoch(&self, epoch: u64) -> Result<Loaded, String> {
+        let (time, parts) = self.load(epoch)?;
+        Ok(Loaded { epoch, time, parts, skipped: Vec::new() })
+    }
+
+    /// Removes every checkpoint newer than `epoch` (complete or not): their output was never
+    /// committed, so they must not be restored later.
+    pub fn discard_after(&self, epoch: u64) -> Result<(), ConnectorError> {
+        for newer in self.epochs()?.into_iter().filter(|e| *e > epoch) {
+            let dir = self.checkpoint_dir(newer);
+            std::fs::remove_dir_all(&dir).map_err(|source| write_error(&dir, source))?;
+        }
+        sync_dir(&self.dir)
+    }
+
     /// Reads and verifies checkpoint `epoch`; the error says what is wrong with it.
     fn load(&self, epoch: u64) -> Result<(EventTime, BTreeMap<String, Vec<Entry>>), String> {
         let dir = self.checkpoint_dir(epoch);

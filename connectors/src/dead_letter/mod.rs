@@ -67,6 +67,13 @@ impl DeadLetterSink {
         let path = config.path.clone().unwrap_or_default();
         Ok(Self { inner: Box::new(FileSink::create(&path, config.append)?) })
     }
+
+    /// Opens the dead-letter file as it is, to be cut back to a checkpoint's length by
+    /// [`Sink::restore`].
+    pub fn reopen(config: &Checked<DeadLetterSinkConfig>) -> Result<Self, ConnectorError> {
+        let path = config.path.clone().unwrap_or_default();
+        Ok(Self { inner: Box::new(FileSink::create(&path, true)?) })
+    }
 }
 
 impl Sink for DeadLetterSink {
@@ -76,5 +83,13 @@ impl Sink for DeadLetterSink {
 
     fn flush(&mut self) -> Result<(), ConnectorError> {
         self.inner.flush()
+    }
+
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>, ConnectorError> {
+        self.inner.checkpoint()
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), ConnectorError> {
+        self.inner.restore(state)
     }
 }

@@ -51,6 +51,21 @@ impl FileSink {
         })
     }
 
+    /// Opens the sink's file as it is, to be cut back to a checkpoint's length by
+    /// [`Sink::restore`] (`jsonl` only: an Arrow stream is rewritten whole).
+    pub fn reopen(config: &Checked<FileSinkConfig>) -> Result<Box<dyn Sink>, ConnectorError> {
+        if config.format == FileFormat::Arrow {
+            return Err(ConnectorError::Config {
+                connector: "file",
+                reason: format!(
+                    "`{}` (format: arrow) cannot go back to a checkpoint: an Arrow IPC stream is written whole\nhint: write `format: jsonl` in a checkpointed pipeline, or start without the checkpoint",
+                    config.path.display()
+                ),
+            });
+        }
+        Ok(Box::new(Self::create(&config.path, true)?))
+    }
+
     /// Creates (or appends to) `path`.
     pub fn create(path: &Path, append: bool) -> Result<Self, ConnectorError> {
         let shown = path.display().to_string();
@@ -74,6 +89,41 @@ impl Sink for FileSink {
 
     fn flush(&mut self) -> Result<(), ConnectorError> {
         self.out.flush().map_err(|source| ConnectorError::Write { path: self.path.clone(), source })
+    }
+
+    /// The file's length, once everything written is flushed and fsynced.
+    fn checkpoint(&mut self) -> Result<Option<Vec<u8>>, ConnectorError> {
+        let fail = |source| ConnectorError::Write { path: self.path.clone(), source };
+        self.out.flush().map_err(fail)?;
+        let file = self.out.get_mut();
+        file.sync_data().map_err(fail)?;
+        let length = file.metadata().map_err(fail)?.len();
+        Ok(Some(length.to_le_bytes().to_vec()))
+    }
+
+    /// Cuts the file back to the checkpoint's length: what was written after it is written
+    /// again by the restored run.
+    fn restore(&mut self, state: &[u8]) -> Result<(), ConnectorError> {
+        let fail = |source| ConnectorError::Write { path: self.path.clone(), source };
+        let length = state.try_into().map(u64::from_le_bytes).map_err(|_| ConnectorError::Config {
+            connector: "file",
+            reason: format!("the checkpoint's state of `{}` is not a length", self.path),
+        })?;
+        self.out.flush().map_err(fail)?;
+        let file = self.out.get_mut();
+        let now = file.metadata().map_err(fail)?.len();
+        if now < length {
+            return Err(ConnectorError::Data {
+                what: format!("`{}`", self.path),
+                reason: format!(
+                    "it is {now} bytes, shorter than the {length} bytes the checkpoint wrote: it was changed since"
+                ),
+            });
+        }
+        file.set_len(length).map_err(fail)?;
+        file.sync_data().map_err(fail)?;
+        tracing::info!(path = %self.path, length, cut = now - length, "file cut back to the checkpoint");
+        Ok(())
     }
 }
 

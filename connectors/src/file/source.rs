@@ -6,7 +6,7 @@ use edgeflow_operators::time::FutureBound;
 use edgeflow_operators::{DeadLetter, DurationMs, EventTime, RecordKind};
 use serde::{Deserialize, Serialize};
 
-use crate::{ConnectorError, Source, SourceItem, SourceStatus};
+use crate::{ConnectorError, Position, Source, SourceItem, SourceStatus};
 
 /// YAML configuration of the `file` source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -143,6 +143,23 @@ pub struct FileSource {
 impl FileSource {
     /// The part of `config.path` that worker `index` of `peers` reads.
     pub fn open(name: &str, config: &FileSourceConfig, index: usize, peers: usize) -> Result<Self, ConnectorError> {
+        Self::open_core(name, config, index, peers, false)
+    }
+
+    /// The whole of `config.path` on worker 0 (the other workers read nothing): one reader,
+    /// whose position is one byte offset, so that a checkpointed run resumes from it on any
+    /// number of workers.
+    pub fn open_single(name: &str, config: &FileSourceConfig, index: usize) -> Result<Self, ConnectorError> {
+        Self::open_core(name, config, index, 1, true)
+    }
+
+    fn open_core(
+        name: &str,
+        config: &FileSourceConfig,
+        index: usize,
+        peers: usize,
+        single: bool,
+    ) -> Result<Self, ConnectorError> {
         let shown = config.path.display().to_string();
         let read_error = |source| ConnectorError::Read { path: shown.clone(), source };
         let file = File::open(&config.path).map_err(read_error)?;
@@ -161,7 +178,7 @@ impl FileSource {
             future: FutureBound::new(config.max_future.as_millis()),
             shared: None,
         };
-        if config.follow {
+        if config.follow || single {
             // One reader follows the whole file; the other workers have nothing to read.
             if index != 0 {
                 return Ok(source);
@@ -291,6 +308,37 @@ impl FileSource {
 }
 
 impl Source for FileSource {
+    fn position(&mut self) -> Option<Position> {
+        // Only one reader has a position (see `open_single`); decoded blocks waiting for a
+        // shared clock are not read as far as a checkpoint is concerned.
+        (self.peers == 1 && self.shared.is_none()).then_some(Position::File {
+            offset: self.offset,
+            line: self.line,
+            index: self.index,
+            peers: self.peers,
+        })
+    }
+
+    fn resume(&mut self, saved: &[Position]) -> Result<(), ConnectorError> {
+        let Some(reader) = self.reader.as_mut() else { return Ok(()) };
+        let found = saved.iter().find_map(|position| match position {
+            Position::File { offset, line, peers: 1, .. } => Some((*offset, *line)),
+            _ => None,
+        });
+        let Some((offset, line)) = found else {
+            return Err(ConnectorError::Config {
+                connector: "file",
+                reason: format!("source `{}`: the checkpoint has no position of a single file reader", self.name),
+            });
+        };
+        reader
+            .seek(SeekFrom::Start(offset))
+            .map_err(|source| ConnectorError::Read { path: self.shown.clone(), source })?;
+        (self.offset, self.line) = (offset, line);
+        tracing::info!(source = %self.name, offset, line, "resumed from the checkpoint's position");
+        Ok(())
+    }
+
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
         self.emit_ready(out);
         if self.reader.is_none() {

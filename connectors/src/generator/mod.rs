@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::{wall_clock_ms, ConnectorError, Source, SourceItem, SourceStatus};
+use crate::{wall_clock_ms, ConnectorError, Position, Source, SourceItem, SourceStatus};
 
 mod requests;
 pub use requests::{RequestGenerator, RequestGeneratorConfig};
@@ -256,6 +256,10 @@ pub struct Generator {
     end: EventTime,
     /// Wall clock minus event time, for realtime pacing.
     realtime: bool,
+    /// Items produced so far, and this generator's share of the fleet (its position).
+    produced: u64,
+    index: u64,
+    peers: u64,
 }
 
 impl Generator {
@@ -267,6 +271,7 @@ impl Generator {
         peers: usize,
     ) -> Result<Self, ConnectorError> {
         let realtime = config.speed == Speed::Realtime;
+        let (share, generators) = (index as u64, peers.max(1) as u64);
         let start = config.start_time.unwrap_or(if realtime { wall_clock_ms() } else { 1_700_000_000_000 });
         let end = config.duration.map_or(EventTime::MAX, |d| start.saturating_add(d.as_millis()));
         let interval = config.heartbeat_interval.as_millis();
@@ -308,6 +313,9 @@ impl Generator {
             free: Vec::new(),
             end,
             realtime,
+            produced: 0,
+            index: share,
+            peers: generators,
         })
     }
 
@@ -401,6 +409,49 @@ fn corrupt(heartbeat: &Heartbeat, seq: u64) -> Vec<u8> {
 }
 
 impl Source for Generator {
+    /// A generator at full speed is a function of its seed: its position is how many items
+    /// it produced. A realtime one simulates the fleet live and has none.
+    fn position(&mut self) -> Option<Position> {
+        (!self.realtime).then_some(Position::Generated { items: self.produced, index: self.index, peers: self.peers })
+    }
+
+    /// Produces again, and drops, the items produced before the checkpoint. A realtime
+    /// generator goes on from the wall clock.
+    fn resume(&mut self, saved: &[Position]) -> Result<(), ConnectorError> {
+        if self.realtime {
+            return Ok(());
+        }
+        let (index, peers) = (self.index, self.peers);
+        let items = saved.iter().find_map(|position| match position {
+            Position::Generated { items, index: i, peers: p } if (*i, *p) == (index, peers) => Some(*items),
+            _ => None,
+        });
+        let Some(items) = items else {
+            let then = saved.iter().find_map(|position| match position {
+                Position::Generated { peers, .. } => Some(*peers),
+                _ => None,
+            });
+            return Err(ConnectorError::Config {
+                connector: "generator",
+                reason: format!(
+                    "source `{}` cannot resume: the checkpoint was taken with {} generators, this run has {peers}\nhint: a generator's fleet is split by worker; resume on the same number of workers",
+                    self.name,
+                    then.map_or_else(|| "no".to_owned(), |p| p.to_string()),
+                ),
+            });
+        };
+        let mut scratch = Vec::with_capacity(1024);
+        while self.produced < items {
+            scratch.clear();
+            let max = (items - self.produced).min(1024) as usize;
+            if self.poll(&mut scratch, max)? == SourceStatus::Exhausted {
+                break;
+            }
+        }
+        tracing::info!(source = %self.name, items, "resumed: skipped the items produced before the checkpoint");
+        Ok(())
+    }
+
     fn poll(&mut self, out: &mut Vec<SourceItem>, max: usize) -> Result<SourceStatus, ConnectorError> {
         let now = if self.realtime { wall_clock_ms() } else { EventTime::MAX };
         let mut produced = 0;
@@ -417,6 +468,7 @@ impl Source for Generator {
                     let Some(payload) = self.payloads[pending.slot].take() else { continue };
                     self.free.push(pending.slot);
                     produced += 1;
+                    self.produced += 1;
                     out.push(match payload {
                         Payload::Beat(heartbeat) => {
                             SourceItem::Record { record: Record::Heartbeat(heartbeat), clock: pending.emit_at }

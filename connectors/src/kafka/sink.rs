@@ -19,7 +19,7 @@ use super::config::{KafkaSinkConfig, SinkKey};
 use super::metrics::KafkaMetrics;
 use super::{kafka_error, kafka_failure};
 use crate::Fault;
-use crate::{Checkpoint, ConnectorError, Sink, Transaction};
+use crate::{ConnectorError, Sink, Transaction};
 
 /// Per-topic delivery counters.
 #[derive(Debug)]
@@ -311,6 +311,8 @@ pub struct KafkaTransaction {
     /// `send_offsets_to_transaction` needs (generation -1: no member fencing; the
     /// transactional id fences a crashed instance).
     groups: std::collections::HashMap<String, BaseConsumer>,
+    /// The topic whose partition 0 carries the checkpoint marker's offset.
+    marker_topic: String,
 }
 
 impl std::fmt::Debug for KafkaTransaction {
@@ -350,6 +352,7 @@ impl KafkaTransaction {
             transactional_id: transactional_id.to_owned(),
             metrics: metrics.clone(),
             groups: std::collections::HashMap::new(),
+            marker_topic: config.topic.clone(),
         })
     }
 
@@ -377,48 +380,60 @@ impl KafkaTransaction {
         kafka_failure(&self.brokers, message, Fault::External)
     }
 
-    fn try_commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError> {
+    /// The consumer group whose committed offset marks, inside each transaction, the
+    /// checkpoint it belongs to.
+    pub fn marker_group(transactional_id: &str) -> String {
+        format!("{transactional_id}.checkpoints")
+    }
+
+    fn try_commit(&mut self, epoch: u64) -> Result<(), ConnectorError> {
         let started = std::time::Instant::now();
-        let mut by_group: std::collections::BTreeMap<&str, std::collections::BTreeMap<(&str, i32), i64>> =
-            std::collections::BTreeMap::new();
-        for checkpoint in offsets {
-            let group = by_group.entry(checkpoint.group.as_str()).or_default();
-            for (topic, partition, offset) in &checkpoint.offsets {
-                let next = group.entry((topic.as_str(), *partition)).or_insert(*offset);
-                *next = (*next).max(*offset);
-            }
-        }
-        for (group, positions) in &by_group {
-            let mut list = TopicPartitionList::new();
-            for ((topic, partition), offset) in positions {
-                list.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-                    .map_err(|err| self.error("invalid offset", &err))?;
-            }
-            let metadata = self.group_metadata(group)?;
-            self.producer
-                .send_offsets_to_transaction(&list, &metadata, TRANSACTION_TIMEOUT)
-                .map_err(|err| self.error(&format!("cannot add the offsets of group `{group}`"), &err))?;
-        }
+        let group = Self::marker_group(&self.transactional_id);
+        let mut list = TopicPartitionList::new();
+        let epoch_offset = i64::try_from(epoch).unwrap_or(i64::MAX);
+        list.add_partition_offset(&self.marker_topic, 0, Offset::Offset(epoch_offset))
+            .map_err(|err| self.error("invalid checkpoint marker", &err))?;
+        let metadata = self.group_metadata(&group)?;
+        self.producer
+            .send_offsets_to_transaction(&list, &metadata, TRANSACTION_TIMEOUT)
+            .map_err(|err| self.error(&format!("cannot add the checkpoint marker of group `{group}`"), &err))?;
         self.producer.commit_transaction(TRANSACTION_TIMEOUT).map_err(|err| self.error("commit failed", &err))?;
         if let Some(failure) = self.deliveries.take_failure() {
             return Err(self.failure("a message was not delivered", &failure));
         }
-        for group in by_group.keys() {
-            self.metrics.observe_commit(group, started.elapsed());
-        }
+        self.metrics.observe_commit(&group, started.elapsed());
         self.deliveries.each_topic(|counters| {
             counters.in_flight.set(0);
         });
         self.producer.begin_transaction().map_err(|err| self.error("cannot begin a transaction", &err))
     }
+
+    /// The last checkpoint whose transaction `transactional_id` committed, read from the
+    /// marker group's committed offset (`None`: none ever committed).
+    pub fn committed_epoch(config: &KafkaSinkConfig, transactional_id: &str) -> Result<Option<u64>, ConnectorError> {
+        let group = Self::marker_group(transactional_id);
+        let mut client = super::client_config(&config.brokers, &config.security, &config.options);
+        client.set("group.id", &group).set("enable.auto.commit", "false").set("isolation.level", "read_committed");
+        let fail = |err: KafkaError| {
+            kafka_error(&config.brokers, format!("cannot read the checkpoint marker of group `{group}`: {err}"), &err)
+        };
+        let consumer: BaseConsumer = client.create().map_err(fail)?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&config.topic, 0);
+        let committed = consumer.committed_offsets(list, TRANSACTION_TIMEOUT).map_err(fail)?;
+        Ok(committed.elements().first().and_then(|element| match element.offset() {
+            Offset::Offset(epoch) => u64::try_from(epoch).ok(),
+            _ => None,
+        }))
+    }
 }
 
 impl Transaction for KafkaTransaction {
-    fn commit(&mut self, offsets: &[Checkpoint]) -> Result<(), ConnectorError> {
-        let result = self.try_commit(offsets);
+    fn commit(&mut self, epoch: u64) -> Result<(), ConnectorError> {
+        let result = self.try_commit(epoch);
         if result.is_err() {
             // Nothing of the open transaction becomes visible; the restarted pipeline
-            // rereads from the offsets of the last committed one.
+            // restores the last checkpoint whose transaction committed.
             let _ = self.producer.abort_transaction(TRANSACTION_TIMEOUT);
         }
         result

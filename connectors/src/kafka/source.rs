@@ -20,7 +20,7 @@ use super::config::{AutoOffsetReset, KafkaFormat, KafkaSourceConfig};
 use super::metrics::KafkaMetrics;
 use super::{kafka_error, kafka_failure};
 use crate::Fault;
-use crate::{Checkpoint, ConnectorError, Source, SourceItem, SourceStatus};
+use crate::{Checkpoint, ConnectorError, Position, Source, SourceItem, SourceStatus};
 
 /// What the source knows of one assigned partition.
 #[derive(Debug)]
@@ -171,6 +171,8 @@ pub struct KafkaSource {
     counters: HashMap<String, (Counter, Counter)>,
     /// Records too far ahead of the wall clock are refused (`max_future`).
     future: edgeflow_operators::time::FutureBound,
+    /// The positions this worker's partitions were resumed from.
+    resumed: Vec<(String, i32, i64)>,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -295,6 +297,7 @@ impl KafkaSource {
             group: config.group.clone(),
             counters: HashMap::new(),
             future: edgeflow_operators::time::FutureBound::new(config.max_future.as_millis()),
+            resumed: Vec::new(),
         })
     }
 
@@ -568,6 +571,58 @@ impl Source for KafkaSource {
             .map(|((topic, partition), state)| (topic.clone(), *partition, state.next_offset))
             .collect();
         (!offsets.is_empty()).then(|| Checkpoint { group: self.group.clone(), offsets })
+    }
+
+    fn position(&mut self) -> Option<Position> {
+        let mut offsets = self.checkpoint().map(|checkpoint| checkpoint.offsets).unwrap_or_default();
+        // Partitions assigned but not read yet keep the positions they were resumed from.
+        for (topic, partition, offset) in &self.resumed {
+            if !offsets.iter().any(|(t, p, _)| t == topic && p == partition) {
+                offsets.push((topic.clone(), *partition, *offset));
+            }
+        }
+        offsets.sort();
+        Some(Position::Kafka(Checkpoint { group: self.group.clone(), offsets }))
+    }
+
+    /// Seeks the partitions this worker reads to the checkpoint's next offsets; partitions
+    /// the checkpoint does not know (added since) start from the group's committed offset,
+    /// else `auto_offset_reset`.
+    fn resume(&mut self, saved: &[Position]) -> Result<(), ConnectorError> {
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        for position in saved {
+            let Position::Kafka(checkpoint) = position else {
+                return Err(ConnectorError::Config {
+                    connector: "kafka",
+                    reason: format!(
+                        "source `{}` cannot resume from a position of another kind: {position:?}",
+                        self.name
+                    ),
+                });
+            };
+            for (topic, partition, offset) in &checkpoint.offsets {
+                next.insert((topic.clone(), *partition), *offset);
+            }
+        }
+        let assignment = self.consumer.assignment().unwrap_or_default();
+        let mut list = TopicPartitionList::new();
+        let fail =
+            |err: KafkaError| kafka_error(&self.brokers, format!("cannot seek source `{}`: {err}", self.name), &err);
+        self.resumed.clear();
+        for element in assignment.elements() {
+            let key = (element.topic().to_owned(), element.partition());
+            let offset = match next.get(&key) {
+                Some(offset) => {
+                    self.resumed.push((key.0.clone(), key.1, *offset));
+                    Offset::Offset(*offset)
+                }
+                None => Offset::Stored,
+            };
+            list.add_partition_offset(&key.0, key.1, offset).map_err(fail)?;
+        }
+        self.consumer.assign(&list).map_err(fail)?;
+        tracing::info!(source = %self.name, partitions = self.resumed.len(), "resumed from the checkpoint's offsets");
+        Ok(())
     }
 
     fn commit(&mut self, checkpoint: &Checkpoint, wait: bool) -> Result<(), ConnectorError> {

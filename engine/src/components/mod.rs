@@ -111,10 +111,6 @@ pub trait SourceComponent: Send + Sync + fmt::Debug {
     fn max_out_of_orderness(&self) -> u64;
     /// How long without data before its watermark follows the wall clock, ms.
     fn idle_timeout(&self) -> u64;
-    /// Whether its positions can be committed inside a Kafka transaction (exactly-once).
-    fn transactional(&self) -> bool {
-        false
-    }
     /// Opens its share on one worker.
     fn open(&self, cx: &OpenSource<'_>) -> Result<Box<dyn Source>, ConnectorError>;
 }
@@ -129,6 +125,11 @@ pub trait OperatorComponent: Send + Sync + fmt::Debug {
         inputs: &[PortRef],
         cx: &mut Build<'_, 'scope>,
     ) -> Result<Vec<Port<'scope>>, BuildError>;
+
+    /// Whether it saves its state in checkpoints (through [`Build::state`]).
+    fn checkpointed(&self) -> bool {
+        false
+    }
 }
 
 /// A sink, checked and ready to open (on worker 0).
@@ -151,6 +152,11 @@ pub trait SinkComponent: Send + Sync + fmt::Debug {
     /// pipeline's name, for the default).
     fn exactly_once(&self, _pipeline: &str) -> Option<String> {
         None
+    }
+    /// Whether a restore can take back what it wrote after the checkpoint (a `jsonl` file
+    /// is cut back to the checkpoint's length), so that it is exactly-once too.
+    fn rewinds(&self) -> bool {
+        false
     }
     /// Opens it; inside `transaction` when the pipeline runs exactly once.
     fn open(&self, cx: &OpenSink<'_>) -> Result<Box<dyn Sink>, ConnectorError>;
@@ -257,8 +263,9 @@ pub struct OpenSource<'a> {
     pub shared: Option<&'a SharedSource>,
     /// The run's metrics.
     pub metrics: &'a Metrics,
-    /// Whether the pipeline runs exactly once.
-    pub exactly_once: bool,
+    /// Whether the pipeline takes checkpoints: a source then reads a fixed share (Kafka: its
+    /// partitions by worker index; a file: one reader) so that it can resume from positions.
+    pub checkpointed: bool,
 }
 
 /// What a sink needs to open.
@@ -267,6 +274,9 @@ pub struct OpenSink<'a> {
     pub metrics: &'a Metrics,
     /// The transaction of an exactly-once pipeline.
     pub transaction: Option<&'a edgeflow_connectors::kafka::KafkaTransaction>,
+    /// What it saved at the checkpoint being restored, if anything: it goes back to that
+    /// output.
+    pub resume: Option<&'a [u8]>,
 }
 
 /// A component could not be built on a worker (an operator's models or data did not load).

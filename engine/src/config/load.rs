@@ -7,13 +7,16 @@ use edgeflow_operators::params::Place;
 use serde::de::DeserializeOwned;
 
 use super::yaml::{self, Mark, Node, Value};
-use super::{env, LatePolicy, MetricsConfig, Pipeline, PortKind, PortRef, Problem, Problems, Spec};
+use super::{
+    env, CheckpointConfig, Checkpointing, LatePolicy, MetricsConfig, Pipeline, PortKind, PortRef, Problem, Problems,
+    Spec,
+};
 use crate::components::{
-    find, join, names, ComponentType, Context, Declared, Input, OperatorComponent, PortKinds, SinkComponent,
-    SourceComponent, Wiring, OPERATORS, SINKS, SOURCES,
+    find, join, names, ComponentType, Context, Declared, Input, OperatorComponent, PortKinds, SinkComponent, Wiring,
+    OPERATORS, SINKS, SOURCES,
 };
 
-const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "sources", "operators", "sinks"];
+const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "checkpoint", "sources", "operators", "sinks"];
 
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
 pub fn load_file(path: &Path) -> Result<Pipeline, Problems> {
@@ -218,6 +221,8 @@ impl Checker {
             self.problem("metrics.address", node.mark, message.to_string());
         }
 
+        let checkpoint = self.checkpoint(root);
+
         let sources = self.section(root, "sources", SOURCES);
         let operators = self.section(root, "operators", OPERATORS);
         let sinks = self.section(root, "sinks", SINKS);
@@ -341,7 +346,10 @@ impl Checker {
             );
         }
         let order = self.operator_order(&operators);
-        self.check_exactly_once(&sources, &declared_sources, &operators, &sinks, &declared_sinks);
+        self.check_exactly_once(checkpoint.is_some(), &sinks, &declared_sinks);
+        if checkpoint.is_some() {
+            self.check_checkpointed(&operators, &declared_operators);
+        }
 
         for (section, name, name_mark) in
             sources.iter().map(Written::header).chain(operators.iter().map(Written::header))
@@ -367,7 +375,39 @@ impl Checker {
         let sinks = checked(&sinks, declared_sinks);
         let position: HashMap<String, usize> = order.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
         typed_operators.sort_by_key(|operator| position.get(&operator.name).copied().unwrap_or(usize::MAX));
-        Some(Pipeline { name, late_policy, metrics, sources, operators: typed_operators, sinks })
+        Some(Pipeline { name, late_policy, metrics, sources, operators: typed_operators, sinks, checkpoint })
+    }
+
+    /// The `checkpoint` section: on when `dir` is set; an interval of at least 100ms and at
+    /// least two checkpoints kept (the one before the newest is the fallback).
+    fn checkpoint(&mut self, root: &Node) -> Option<Checkpointing> {
+        let node = root.get("checkpoint")?;
+        let config = self.typed::<CheckpointConfig>(node, "checkpoint")?;
+        if config.interval.as_millis() < 100 {
+            self.problem(
+                "checkpoint.interval",
+                node.locate("interval").mark,
+                format!("`interval` is {}; checkpoints need at least 100ms between them", config.interval),
+            );
+        }
+        if config.keep < 2 {
+            self.problem(
+                "checkpoint.keep",
+                node.locate("keep").mark,
+                format!("`keep` is {}; at least 2 checkpoints are kept (the older one is the fallback when the newest is damaged)", config.keep),
+            );
+        }
+        let dir = config.dir?;
+        if dir.as_os_str().is_empty() {
+            self.problem("checkpoint.dir", node.locate("dir").mark, "`dir` is empty; name a directory");
+            return None;
+        }
+        let dir = if dir.is_relative() { self.base.join(dir) } else { dir };
+        Some(Checkpointing {
+            dir,
+            interval: std::time::Duration::from_millis(config.interval.as_millis()),
+            keep: config.keep,
+        })
     }
 
     fn check_duplicate_keys(&mut self, node: &Node, path: &str) {
@@ -645,15 +685,13 @@ impl Checker {
         Some(declared)
     }
 
-    /// `exactly_once` on a Kafka sink puts the whole pipeline in transactions: every source
-    /// must be Kafka (its offsets are committed in the transaction), no operator may keep
-    /// state (it is not checkpointed, so a restart would rebuild it differently), and every
-    /// sink must write to Kafka on the same brokers through the one transactional producer.
+    /// `exactly_once` on a Kafka sink puts the pipeline's output in transactions, one per
+    /// checkpoint: the pipeline needs checkpoints, and every sink must write either to Kafka
+    /// on the same brokers through the one transactional producer, or where a restore can
+    /// take back what was written after the checkpoint (a `jsonl` file, cut back to its length).
     fn check_exactly_once(
         &mut self,
-        sources: &[Written<'_, dyn SourceComponent>],
-        declared_sources: &[Option<Declared<dyn SourceComponent>>],
-        operators: &[Written<'_, dyn OperatorComponent>],
+        checkpointed: bool,
         sinks: &[Written<'_, dyn SinkComponent>],
         declared_sinks: &[Option<Declared<dyn SinkComponent>>],
     ) {
@@ -668,29 +706,11 @@ impl Checker {
             return;
         };
         let why = format!("sink `{}` sets `exactly_once`", asking.name);
-        for (written, declared) in sources.iter().zip(declared_sources) {
-            let Some(Ok(source)) = declared.as_ref().map(|d| &d.component) else { continue };
-            if !source.transactional() {
-                self.problem(
-                    &format!("sources.{}", written.name),
-                    written.name_mark,
-                    format!(
-                        "{why}, but source `{}` is a `{}` source: exactly-once delivery commits the consumed Kafka offsets inside the sinks' transaction, so every source must be Kafka",
-                        written.name,
-                        written.kind.name()
-                    ),
-                );
-            }
-        }
-        for written in operators {
+        if !checkpointed {
             self.problem(
-                &format!("operators.{}", written.name),
-                written.name_mark,
-                format!(
-                    "{why}, but operator `{}` ({}) keeps state that is not checkpointed: after a restart it would be rebuilt from the committed offsets and its outputs could differ\nhint: exactly-once covers Kafka-to-Kafka pipelines that carry records through; remove `exactly_once` for at-least-once",
-                    written.name,
-                    written.kind.name()
-                ),
+                &format!("sinks.{}", asking.name),
+                asking.name_mark,
+                format!("{why}, but the pipeline takes no checkpoints: exactly-once output is committed with each checkpoint, and a restart goes back to the last one\nhint: add `checkpoint: {{dir: checkpoints}}`"),
             );
         }
         for (written, declared) in sinks.iter().zip(declared_sinks) {
@@ -702,14 +722,38 @@ impl Checker {
                     written.name, config.brokers
                 )),
                 (_, Some(_)) => None,
+                (_, None) if sink.rewinds() => None,
                 (_, None) => Some(format!(
-                    "sink `{}` is a `{}` sink, outside the Kafka transaction: after a crash it would keep the records of the aborted transaction and write them again after the restart\nhint: write it to a Kafka topic (a `kafka` sink, or `dead_letter` with `kafka:`)",
+                    "sink `{}` is a `{}` sink, which cannot take back what it wrote after the last checkpoint: after a crash it would write those records again\nhint: write it to a Kafka topic (a `kafka` sink, or `dead_letter` with `kafka:`) or to a `jsonl` file",
                     written.name,
                     written.kind.name()
                 )),
             };
             if let Some(problem) = problem {
                 self.problem(&format!("sinks.{}", written.name), written.name_mark, format!("{why}, but {problem}"));
+            }
+        }
+    }
+
+    /// In a checkpointed pipeline every operator must save its state: one that does not would
+    /// come back empty after a restore while its sources resume where they were.
+    fn check_checkpointed(
+        &mut self,
+        operators: &[Written<'_, dyn OperatorComponent>],
+        declared: &[Option<Declared<dyn OperatorComponent>>],
+    ) {
+        for (written, declared) in operators.iter().zip(declared) {
+            let Some(Ok(operator)) = declared.as_ref().map(|d| &d.component) else { continue };
+            if !operator.checkpointed() {
+                self.problem(
+                    &format!("operators.{}", written.name),
+                    written.name_mark,
+                    format!(
+                        "operator `{}` ({}) does not save its state in checkpoints yet: after a restore it would start empty while its sources resume where they were\nhint: remove `checkpoint` from this pipeline, or the operator",
+                        written.name,
+                        written.kind.name()
+                    ),
+                );
             }
         }
     }

@@ -9,6 +9,7 @@ pub mod yaml;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use edgeflow_connectors::file::FileFormat;
@@ -84,6 +85,40 @@ impl MetricsConfig {
 pub struct AddressError(pub String);
 
 impl MetricsConfig {}
+
+/// `checkpoint:`: where and how often the pipeline's state is saved. Checkpoints are on when
+/// `dir` is set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory of the checkpoints, relative to the pipeline file; created if missing. Every
+    /// process of a cluster must see the same directory.
+    pub dir: Option<PathBuf>,
+    /// Time between the starts of two checkpoints (default 10s).
+    #[serde(default = "default_checkpoint_interval")]
+    pub interval: edgeflow_operators::DurationMs,
+    /// Complete checkpoints kept; older ones are pruned (default 3, at least 2).
+    #[serde(default = "default_checkpoint_keep")]
+    pub keep: usize,
+}
+
+fn default_checkpoint_interval() -> edgeflow_operators::DurationMs {
+    edgeflow_operators::DurationMs::from_secs(10)
+}
+fn default_checkpoint_keep() -> usize {
+    3
+}
+
+/// Checkpoints of a pipeline, checked: on, in `dir`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpointing {
+    /// Directory of the checkpoints (resolved against the pipeline file).
+    pub dir: PathBuf,
+    /// Time between the starts of two checkpoints.
+    pub interval: std::time::Duration,
+    /// Complete checkpoints kept.
+    pub keep: usize,
+}
 
 /// The kind of records a port carries; inputs are type-checked against it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -223,6 +258,8 @@ pub struct Pipeline {
     pub operators: Vec<OperatorSpec>,
     /// Sinks, in written order.
     pub sinks: Vec<SinkSpec>,
+    /// Checkpoints, when on.
+    pub checkpoint: Option<Checkpointing>,
 }
 
 /// One problem found in a pipeline file.

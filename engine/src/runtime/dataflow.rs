@@ -66,9 +66,6 @@ pub struct SourceInputs {
     pub raw: InputSession<EventTime, RawMessage, isize>,
     /// Dead letters, at the watermark when they were found.
     pub dead_letters: InputSession<EventTime, DeadLetter, isize>,
-    /// Source positions, at the time of the last record they cover; they travel to the
-    /// sinks' transaction in an exactly-once pipeline (and nowhere otherwise).
-    pub checkpoints: InputSession<EventTime, edgeflow_connectors::Checkpoint, isize>,
 }
 
 impl SourceInputs {
@@ -93,8 +90,11 @@ pub struct Sinks {
     /// The transaction of an exactly-once pipeline (worker 0 only).
     pub transaction: Option<Box<dyn edgeflow_connectors::Transaction>>,
     /// Whether the pipeline runs exactly once: then one sink operator writes all sinks
-    /// inside the transaction, with the sources' checkpoints.
+    /// inside the transaction, committed with each checkpoint.
     pub exactly_once: bool,
+    /// The worker's checkpointed state, when the pipeline takes checkpoints: each sink
+    /// saves how far its output goes.
+    pub state: Option<edgeflow_operators::state::WorkerState>,
     /// Where a sink reports a failure.
     pub failure: Failure,
     /// The run's stop flag (a sink whose reader went away stops the run).
@@ -119,25 +119,17 @@ pub fn build<'scope>(
     pipeline: &Pipeline,
     sinks: Sinks,
     metrics: &Arc<Metrics>,
+    state: &edgeflow_operators::state::WorkerState,
 ) -> Result<(Vec<SourceInputs>, Probes), BuildError> {
     let mut ports: BTreeMap<String, Port<'scope>> = BTreeMap::new();
     let mut inputs = Vec::new();
     let input_probe = ProbeHandle::new();
-    let mut checkpoint_streams = Vec::new();
     for source in &pipeline.sources {
         let mut heartbeats = InputSession::new();
         let mut requests: InputSession<EventTime, Box<InferenceRequest>, isize> = InputSession::new();
         let mut updates: InputSession<EventTime, ModelUpdate, isize> = InputSession::new();
         let mut raw: InputSession<EventTime, RawMessage, isize> = InputSession::new();
         let mut dead_letters = InputSession::new();
-        let mut checkpoints = InputSession::new();
-        checkpoint_streams.push(
-            checkpoints
-                .to_collection(scope)
-                .inner
-                .probe_with(&input_probe)
-                .map(|(checkpoint, time, _)| (time, SinkItem::Offsets(checkpoint))),
-        );
         let collection = heartbeats.to_collection(scope);
         let collection =
             differential_dataflow::collection::AsCollection::as_collection(collection.inner.probe_with(&input_probe));
@@ -162,7 +154,7 @@ pub fn build<'scope>(
         let letters =
             dead_letters.to_collection(scope).inner.probe_with(&input_probe).map(|(letter, time, _)| (letter, time));
         ports.insert(format!("{}.dead_letters", source.name), Port::DeadLetters(letters));
-        inputs.push(SourceInputs { heartbeats, requests, updates, raw, dead_letters, checkpoints });
+        inputs.push(SourceInputs { heartbeats, requests, updates, raw, dead_letters });
     }
 
     // Load balancers by name: the status changes they place on, the feedback edge their
@@ -176,7 +168,7 @@ pub fn build<'scope>(
         if let Some(missing) = operator.inputs.iter().find(|r| !ports.contains_key(&r.to_string())) {
             return Err(unresolved("operator", &operator.name, missing));
         }
-        let mut cx = Build { scope, ports: &ports, metrics, balancers: &mut balancers };
+        let mut cx = Build { scope, ports: &ports, metrics, balancers: &mut balancers, state };
         let outputs = operator.component.build(&operator.name, &operator.inputs, &mut cx)?;
         if outputs.len() != operator.ports.outputs.len() {
             return Err(BuildError {
@@ -201,26 +193,31 @@ pub fn build<'scope>(
     let probe = ProbeHandle::new();
     let processed = ProbeHandle::new();
     let mut groups: Vec<(SinkGroup, Vec<SinkStream<'scope>>)> = Vec::new();
-    let Sinks { sinks, transaction, exactly_once, failure, stop } = sinks;
+    let Sinks { sinks, transaction, exactly_once, failure, stop, state: saved } = sinks;
+    let group = |span, transaction| SinkGroup {
+        sinks: Vec::new(),
+        transaction,
+        failure: failure.clone(),
+        stop: stop.clone(),
+        span,
+        saves: Vec::new(),
+    };
     if exactly_once {
         let names: Vec<&str> = pipeline.sinks.iter().map(|sink| sink.name.as_str()).collect();
         let span = tracing::info_span!("sinks", names = %names.join(","), r#type = "transaction");
-        groups.push((
-            SinkGroup { sinks: Vec::new(), transaction, failure: failure.clone(), stop: stop.clone(), span },
-            checkpoint_streams,
-        ));
+        groups.push((group(span, transaction), Vec::new()));
     }
     for (spec, handle) in pipeline.sinks.iter().zip(sinks) {
         if !exactly_once {
             let span = tracing::info_span!("sink", name = %spec.name, r#type = spec.kind.name());
-            groups.push((
-                SinkGroup { sinks: Vec::new(), transaction: None, failure: failure.clone(), stop: stop.clone(), span },
-                Vec::new(),
-            ));
+            groups.push((group(span, None), Vec::new()));
         }
         let Some((group, streams)) = groups.last_mut() else { continue };
         let index = group.sinks.len();
         group.sinks.push(handle);
+        if let Some(saved) = &saved {
+            group.saves.push(saved.handle(&format!("sink/{}", spec.name)));
+        }
         let references: Vec<PortRef> = if spec.inputs.is_empty() {
             // A dead_letter sink without inputs takes every source's dead letters.
             pipeline
@@ -327,6 +324,9 @@ pub struct Build<'a, 'scope> {
     pub metrics: &'a Arc<Metrics>,
     /// Load balancers built so far, by name.
     pub balancers: &'a mut BTreeMap<String, Balanced<'scope>>,
+    /// The worker's checkpointed state: an operator that saves its state takes part through
+    /// it (see [`edgeflow_operators::state`]).
+    pub state: &'a edgeflow_operators::state::WorkerState,
 }
 
 impl<'scope> Build<'_, 'scope> {

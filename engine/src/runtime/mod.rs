@@ -7,10 +7,14 @@
 //! requested (SIGINT/SIGTERM): then in-flight records drain up to the watermark, sinks flush,
 //! and the run ends.
 
+mod checkpoint;
 mod dataflow;
+mod saving;
 mod sink;
 
+pub use checkpoint::{Restore, StateMismatch};
 pub use dataflow::{Balanced, Build, Port};
+use saving::{Buffered, Saving};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,11 +29,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::AtomicU64;
 
+use self::checkpoint::Checkpointer;
 use self::dataflow::SourceInputs;
 use self::sink::Failure;
 use crate::components::{OpenSink, OpenSource};
 use crate::config::{LatePolicy, Pipeline};
 use crate::metrics::Metrics;
+use edgeflow_operators::state::WorkerState;
 use timely::dataflow::ProbeHandle;
 
 /// How to run a pipeline.
@@ -45,11 +51,21 @@ pub struct RunOptions {
     pub hostfile: Option<PathBuf>,
     /// Set to stop the run gracefully.
     pub stop: Arc<AtomicBool>,
+    /// Components whose state in the checkpoint may be dropped when they no longer fit the
+    /// pipeline (removed, or of another type).
+    pub allow_state_drop: Vec<String>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { workers: 1, processes: 1, process: 0, hostfile: None, stop: Arc::new(AtomicBool::new(false)) }
+        Self {
+            workers: 1,
+            processes: 1,
+            process: 0,
+            hostfile: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            allow_state_drop: Vec::new(),
+        }
     }
 }
 
@@ -74,8 +90,34 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> 
             (s.name.clone(), SharedSource { finished: Default::default(), file_clock })
         })
         .collect();
+    // Exactly once: the transaction opens first, which fences a crashed run's producer and
+    // aborts its open transaction; then Kafka tells which checkpoint's output it committed,
+    // and the run restores that checkpoint.
+    let transactional_id = pipeline.exactly_once();
+    let transaction = match (&transactional_id, options.process) {
+        (Some(id), 0) => {
+            let config = kafka_sink_config(&pipeline)?;
+            Some(KafkaTransaction::open(config, id, &metrics.kafka).context("cannot start the Kafka transaction")?)
+        }
+        _ => None,
+    };
+    let committed = match &transactional_id {
+        Some(id) => Some(
+            KafkaTransaction::committed_epoch(kafka_sink_config(&pipeline)?, id)
+                .context("cannot read which checkpoint's output Kafka committed")?,
+        ),
+        None => None,
+    };
+    let restore = match &pipeline.checkpoint {
+        Some(settings) => checkpoint::load(&pipeline, settings, committed, &options.allow_state_drop, &metrics)?,
+        None => None,
+    };
+    let restore = restore.map(Arc::new);
+    let transaction = Arc::new(Mutex::new(transaction));
     let guards = timely::execute(config, move |worker| {
-        let result = run_worker(worker, &pipeline, &metrics, &stop, &worker_failure, &shared);
+        let transaction = if worker.index() == 0 { transaction.lock().ok().and_then(|mut t| t.take()) } else { None };
+        let result =
+            run_worker(worker, &pipeline, &metrics, (&stop, &worker_failure), &shared, restore.as_deref(), transaction);
         if let Err(err) = &result {
             let mut failure = worker_failure.lock().unwrap_or_else(|p| p.into_inner());
             failure.get_or_insert_with(|| format!("{err:#}"));
@@ -91,6 +133,16 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> 
         Some(message) => Err(anyhow!(message)),
         None => Ok(()),
     }
+}
+
+/// The Kafka settings of an exactly-once pipeline's transactional producer: its first Kafka
+/// sink's (validation made every Kafka sink share the brokers).
+fn kafka_sink_config(pipeline: &Pipeline) -> anyhow::Result<&edgeflow_connectors::kafka::KafkaSinkConfig> {
+    pipeline
+        .sinks
+        .iter()
+        .find_map(|s| s.component.kafka())
+        .ok_or_else(|| anyhow!("exactly_once needs a Kafka sink (the pipeline was validated; this is a bug)"))
 }
 
 fn timely_config(options: &RunOptions) -> anyhow::Result<timely::Config> {
@@ -145,9 +197,6 @@ struct SourceDriver {
     name: String,
     /// The span its log lines are in: the source's name and type.
     span: tracing::Span,
-    /// Exactly-once pipeline: records enter at processing time (the wall clock, strictly
-    /// increasing per batch) and checkpoints go to the sinks' transaction.
-    exactly_once: bool,
     source: Option<Box<dyn Source>>,
     inputs: Option<SourceInputs>,
     max_out_of_orderness: u64,
@@ -158,6 +207,10 @@ struct SourceDriver {
     max_time: EventTime,
     /// Checkpoints waiting for the sinks: committed once the sinks pass their time.
     checkpoints: std::collections::VecDeque<(EventTime, edgeflow_connectors::Checkpoint)>,
+    /// With checkpoints: its part in them.
+    saving: Option<Saving>,
+    /// Ended, its inputs at the end of time (with checkpoints, until the last one).
+    ended: bool,
     last_commit: Instant,
     /// Current watermark: the inputs' time.
     watermark: EventTime,
@@ -188,9 +241,6 @@ impl SourceDriver {
                 tracing::error!(fault = err.fault().as_str(), retryable = err.retryable(), %err, "source failed");
             })
             .with_context(|| format!("source `{}` failed", self.name))?;
-        if self.exactly_once {
-            return self.poll_processing_time(status, metrics);
-        }
         let mut records = 0u64;
         for item in self.items.drain(..) {
             records += 1;
@@ -211,6 +261,9 @@ impl SourceDriver {
                 let (slot, reason) =
                     if future { (&mut self.future_dead, "future") } else { (&mut self.malformed, "malformed") };
                 reason_counter(slot, metrics, &self.name, reason).inc();
+                if let Some(saving) = self.saving.as_mut() {
+                    saving.keep(watermark, || Buffered::DeadLetter(letter.clone()));
+                }
                 inputs.dead_letters.update_at(letter, watermark, 1);
                 continue;
             }
@@ -219,13 +272,21 @@ impl SourceDriver {
             let event_time = record.event_time();
             if event_time >= watermark {
                 self.max_time = self.max_time.max(event_time);
+                if let Some(saving) = self.saving.as_mut() {
+                    saving.keep(event_time, || Buffered::of(&record));
+                }
                 inputs.insert(record, event_time);
                 continue;
             }
             self.late.inc();
             match policy {
                 LatePolicy::Drop => {}
-                LatePolicy::Update => inputs.insert(record, watermark),
+                LatePolicy::Update => {
+                    if let Some(saving) = self.saving.as_mut() {
+                        saving.keep(watermark, || Buffered::of(&record));
+                    }
+                    inputs.insert(record, watermark)
+                }
                 LatePolicy::DeadLetter => {
                     self.dead.inc();
                     reason_counter(&mut self.late_dead, metrics, &self.name, "late").inc();
@@ -235,13 +296,18 @@ impl SourceDriver {
                     );
                     let (payload, position) = (record.to_json(), record.position());
                     let letter = DeadLetter { source: self.name.clone(), position, reason, payload };
+                    if let Some(saving) = self.saving.as_mut() {
+                        saving.keep(watermark, || Buffered::DeadLetter(letter.clone()));
+                    }
                     inputs.dead_letters.update_at(letter, watermark, 1);
                 }
             }
         }
         if records > 0 {
-            if let Some(checkpoint) = source.checkpoint() {
-                self.checkpoints.push_back((self.max_time, checkpoint));
+            if self.saving.is_none() {
+                if let Some(checkpoint) = source.checkpoint() {
+                    self.checkpoints.push_back((self.max_time, checkpoint));
+                }
             }
             self.records.inc_by(records);
             metrics.records_total.inc_by(records);
@@ -256,52 +322,9 @@ impl SourceDriver {
         }
         self.advance(target);
         if status == SourceStatus::Exhausted {
-            self.close();
+            self.end();
         }
-        Ok(status)
-    }
-
-    /// The exactly-once path of [`Self::poll`]: the batch enters at one processing time,
-    /// followed by the source's checkpoint at that time, and the inputs move past it, so a
-    /// time's checkpoint covers exactly the records at or before it. Lateness does not
-    /// apply; there are no windows or timers in an exactly-once pipeline.
-    fn poll_processing_time(&mut self, status: SourceStatus, metrics: &Metrics) -> anyhow::Result<SourceStatus> {
-        let (Some(source), Some(inputs)) = (self.source.as_mut(), self.inputs.as_mut()) else {
-            return Ok(SourceStatus::Exhausted);
-        };
-        let time = wall_clock_ms().max(self.watermark);
-        let records = self.items.len() as u64;
-        for item in self.items.drain(..) {
-            match item {
-                SourceItem::Record { record, .. } => inputs.insert(record, time),
-                SourceItem::Malformed { letter, .. } => {
-                    self.dead.inc();
-                    reason_counter(&mut self.malformed, metrics, &self.name, "malformed").inc();
-                    inputs.dead_letters.update_at(letter, time, 1);
-                }
-                SourceItem::Future { letter, .. } => {
-                    self.dead.inc();
-                    reason_counter(&mut self.future_dead, metrics, &self.name, "future").inc();
-                    inputs.dead_letters.update_at(letter, time, 1);
-                }
-            }
-        }
-        let next = if records > 0 {
-            if let Some(checkpoint) = source.checkpoint() {
-                inputs.checkpoints.update_at(checkpoint, time, 1);
-            }
-            self.records.inc_by(records);
-            metrics.records_total.inc_by(records);
-            self.last_data = Instant::now();
-            self.max_time = time;
-            time + 1
-        } else {
-            time
-        };
-        self.advance(next);
-        if status == SourceStatus::Exhausted {
-            self.close();
-        }
+        self.try_save();
         Ok(status)
     }
 
@@ -314,13 +337,14 @@ impl SourceDriver {
                 inputs.updates.advance_to(target);
                 inputs.raw.advance_to(target);
                 inputs.dead_letters.advance_to(target);
-                inputs.checkpoints.advance_to(target);
                 inputs.heartbeats.flush();
                 inputs.requests.flush();
                 inputs.updates.flush();
                 inputs.raw.flush();
                 inputs.dead_letters.flush();
-                inputs.checkpoints.flush();
+            }
+            if let Some(saving) = self.saving.as_mut() {
+                saving.prune(target);
             }
             self.watermark_gauge.set(target as f64 / 1000.0);
         }
@@ -350,6 +374,61 @@ impl SourceDriver {
         Ok(())
     }
 
+    /// Saves its part of the checkpoint being taken once its watermark has reached the
+    /// checkpoint's time (or its inputs have closed).
+    fn try_save(&mut self) {
+        let Some(saving) = self.saving.as_mut() else { return };
+        let source = &mut self.source;
+        let ended = self.inputs.is_none() || self.ended;
+        saving.try_save(self.watermark, ended, self.clock, || source.as_mut().and_then(|source| source.position()));
+    }
+
+    /// Goes on from a checkpoint: the source resumes from the saved positions, the clock is
+    /// the one this worker saved (or the least saved, on another number of workers), the
+    /// inputs move to the checkpoint's time and the records handed in at or after it (by the
+    /// workers whose share this worker takes) are handed in again.
+    fn restore(
+        &mut self,
+        time: EventTime,
+        saved: Vec<saving::SavedSource>,
+        index: usize,
+        peers: usize,
+    ) -> anyhow::Result<()> {
+        let positions: Vec<edgeflow_connectors::Position> = saved.iter().filter_map(|s| s.position.clone()).collect();
+        if let Some(source) = self.source.as_mut() {
+            if !positions.is_empty() {
+                source.resume(&positions).with_context(|| format!("source `{}` cannot resume", self.name))?;
+            }
+        }
+        let own = saved.iter().find(|s| s.index == index && s.peers == peers);
+        self.clock = match own {
+            Some(own) => own.clock,
+            None => saved.iter().filter_map(|s| s.clock).min(),
+        };
+        self.advance(time);
+        let Some(inputs) = self.inputs.as_mut() else { return Ok(()) };
+        let mut again = 0usize;
+        for part in saved.into_iter().filter(|s| s.index % peers == index) {
+            for (at, item) in part.items {
+                let at = at.max(time);
+                if let Some(saving) = self.saving.as_mut() {
+                    saving.keep(at, || item.clone());
+                }
+                again += 1;
+                self.max_time = self.max_time.max(at);
+                match item {
+                    saving::Buffered::Heartbeat(heartbeat) => inputs.heartbeats.update_at(heartbeat, at, 1),
+                    saving::Buffered::Request(request) => inputs.requests.update_at(request, at, 1),
+                    saving::Buffered::Update(update) => inputs.updates.update_at(*update, at, 1),
+                    saving::Buffered::Raw(message) => inputs.raw.update_at(*message, at, 1),
+                    saving::Buffered::DeadLetter(letter) => inputs.dead_letters.update_at(letter, at, 1),
+                }
+            }
+        }
+        tracing::info!(source = %self.name, time, again, "source restored from the checkpoint");
+        Ok(())
+    }
+
     fn flush(&mut self) {
         if let Some(inputs) = self.inputs.as_mut() {
             inputs.heartbeats.flush();
@@ -357,7 +436,6 @@ impl SourceDriver {
             inputs.updates.flush();
             inputs.raw.flush();
             inputs.dead_letters.flush();
-            inputs.checkpoints.flush();
         }
     }
 
@@ -365,6 +443,23 @@ impl SourceDriver {
     /// last checkpoints once the sinks have written them.
     fn close(&mut self) {
         self.inputs = None;
+    }
+
+    /// The source has ended. Without checkpoints its inputs close. With checkpoints they
+    /// move to the end of time instead, and close only after the last checkpoint: operators
+    /// whose inputs close are retired, and could not save their state in it.
+    fn end(&mut self) {
+        if self.saving.is_some() {
+            self.advance(EventTime::MAX);
+            self.ended = true;
+        } else {
+            self.close();
+        }
+    }
+
+    /// Whether it has nothing more to read.
+    fn done(&self) -> bool {
+        self.inputs.is_none() || self.ended
     }
 }
 
@@ -387,31 +482,22 @@ fn run_worker(
     worker: &mut timely::worker::Worker,
     pipeline: &Pipeline,
     metrics: &Arc<Metrics>,
-    stop: &Arc<AtomicBool>,
-    failure: &Failure,
+    (stop, failure): (&Arc<AtomicBool>, &Failure),
     shared: &Shared,
+    restore: Option<&Restore>,
+    transaction: Option<KafkaTransaction>,
 ) -> anyhow::Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
-    let transactional_id = pipeline.exactly_once();
-    // Exactly once: one transactional producer on worker 0, shared by every sink.
-    let transaction = match (&transactional_id, index) {
-        (Some(id), 0) => {
-            let config = pipeline.sinks.iter().find_map(|s| s.component.kafka()).ok_or_else(|| {
-                anyhow!("exactly_once needs a Kafka sink (the pipeline was validated; this is a bug)")
-            })?;
-            Some(KafkaTransaction::open(config, id, &metrics.kafka).context("cannot start the Kafka transaction")?)
-        }
-        _ => None,
-    };
-    if transactional_id.is_some() {
-        // The transaction's start fences the crashed run's producer and settles its open
-        // transaction; no source may read its committed offsets before that.
-        barrier(worker, &|| failure.lock().map(|f| f.is_some()).unwrap_or(true));
-    }
+    let state = WorkerState::new(index, peers, restore.map(|r| (r.time, r.participants.clone())));
+    let checkpointed = pipeline.checkpoint.is_some();
     let mut handles = Vec::new();
     for spec in &pipeline.sinks {
         let sink = if index == 0 {
-            let cx = OpenSink { metrics, transaction: transaction.as_ref() };
+            let resume = match restore {
+                Some(restore) => sink_resume(restore, &spec.name)?,
+                None => None,
+            };
+            let cx = OpenSink { metrics, transaction: transaction.as_ref(), resume: resume.as_deref() };
             Some(spec.component.open(&cx).with_context(|| format!("cannot open sink `{}`", spec.name))?)
         } else {
             None
@@ -420,31 +506,28 @@ fn run_worker(
     }
     let sinks = dataflow::Sinks {
         sinks: handles,
+        exactly_once: pipeline.exactly_once().is_some(),
         transaction: transaction.map(|t| Box::new(t) as Box<dyn edgeflow_connectors::Transaction>),
-        exactly_once: transactional_id.is_some(),
         failure: failure.clone(),
         stop: stop.clone(),
+        state: checkpointed.then(|| state.clone()),
     };
     let dataflow_index = worker.next_dataflow_index();
     let (inputs, probes) =
-        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, metrics))?;
+        worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, metrics, &state))?;
+    let mut checkpointer = match &pipeline.checkpoint {
+        Some(settings) => Some(Checkpointer::new(worker, pipeline, settings, state.clone(), restore, metrics.clone())?),
+        None => None,
+    };
 
     let mut drivers = Vec::new();
     for (spec, inputs) in pipeline.sources.iter().zip(inputs) {
-        let cx = OpenSource {
-            name: &spec.name,
-            index,
-            peers,
-            shared: shared.get(&spec.name),
-            metrics,
-            exactly_once: transactional_id.is_some(),
-        };
+        let cx = OpenSource { name: &spec.name, index, peers, shared: shared.get(&spec.name), metrics, checkpointed };
         let source = spec.component.open(&cx).with_context(|| format!("cannot open source `{}`", spec.name))?;
         let labels = crate::metrics::labels::Source { source: spec.name.clone() };
-        drivers.push(SourceDriver {
+        let mut driver = SourceDriver {
             name: spec.name.clone(),
             span: tracing::info_span!("source", name = %spec.name, r#type = spec.kind.name(), worker = index),
-            exactly_once: transactional_id.is_some(),
             source: Some(source),
             inputs: Some(inputs),
             max_out_of_orderness: spec.component.max_out_of_orderness(),
@@ -452,6 +535,8 @@ fn run_worker(
             clock: None,
             max_time: 0,
             checkpoints: std::collections::VecDeque::new(),
+            saving: checkpointed.then(|| Saving::new(state.handle(&format!("source/{}", spec.name)), index, peers)),
+            ended: false,
             last_commit: Instant::now(),
             watermark: 0,
             last_data: Instant::now(),
@@ -473,7 +558,12 @@ fn run_worker(
                 .get_or_create(&crate::metrics::labels::SourceWorker { source: spec.name.clone(), worker: index })
                 .clone(),
             lag_gauge: metrics.watermark_lag_of(&spec.name, index),
-        });
+        };
+        if let Some(restore) = restore {
+            let saved = saving::saved_sources(restore.of(&format!("source/{}", spec.name)))?;
+            driver.restore(restore.time, saved, index, peers)?;
+        }
+        drivers.push(driver);
     }
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!(worker = index, peers, sources = drivers.len(), "worker started");
@@ -484,20 +574,30 @@ fn run_worker(
         if stop.load(Ordering::Relaxed) || failed() {
             break;
         }
+        if let Some(checkpointer) = checkpointer.as_mut() {
+            checkpointer.step(&mut Drivers(&mut drivers))?;
+            if checkpointer.paused() {
+                // A checkpoint's time is being agreed: one round trip of the control dataflow.
+                worker.step_or_park(Some(Duration::from_millis(1)));
+                continue;
+            }
+        }
         let mut active = false;
         let mut ready = false;
         let mut wait_ms = 200u64;
         for driver in &mut drivers {
-            if driver.inputs.is_none() {
+            if driver.done() {
                 continue;
             }
-            driver.commit_written(&probes.sinks, false)?;
+            if driver.saving.is_none() {
+                driver.commit_written(&probes.sinks, false)?;
+            }
             match driver.poll(pipeline.late_policy, metrics)? {
                 SourceStatus::Ready => ready = true,
                 SourceStatus::Idle { retry_in_ms } => wait_ms = wait_ms.min(retry_in_ms.max(1)),
                 SourceStatus::Exhausted => {}
             }
-            active |= driver.inputs.is_some();
+            active |= !driver.done();
         }
         if !active {
             break;
@@ -505,12 +605,16 @@ fn run_worker(
         if ready {
             worker.step();
             // Flow control: do not run more than MAX_IN_FLIGHT batches ahead of the sinks.
-            let low = drivers.iter().filter(|d| d.inputs.is_some()).map(|d| d.watermark).min().unwrap_or(0);
+            let low = drivers.iter().filter(|d| !d.done()).map(|d| d.watermark).min().unwrap_or(0);
             in_flight.push_back(low);
             if in_flight.len() > MAX_IN_FLIGHT {
                 let target = in_flight.pop_front().unwrap_or(0);
                 while probes.processed.less_than(&target) && !failed() && !stop.load(Ordering::Relaxed) {
                     worker.step_or_park(Some(Duration::from_millis(1)));
+                    // Other workers may wait for this one's answer in a checkpoint.
+                    if let Some(checkpointer) = checkpointer.as_mut() {
+                        checkpointer.step(&mut Drivers(&mut drivers))?;
+                    }
                 }
             }
         } else {
@@ -521,7 +625,7 @@ fn run_worker(
         }
     }
 
-    if stop.load(Ordering::Relaxed) && drivers.iter().any(|d| d.inputs.is_some()) {
+    if stop.load(Ordering::Relaxed) && drivers.iter().any(|d| !d.done()) {
         // Graceful stop: drain what is in flight up to the inputs' frontier (over all
         // workers), let sinks flush, and leave without pretending the sources ended (which
         // would expire every node).
@@ -543,11 +647,27 @@ fn run_worker(
         return Ok(());
     }
     for driver in &mut drivers {
-        driver.close();
+        driver.end();
     }
-    // Sources exhausted: run the dataflow to completion, unless a stop is requested while
-    // other workers' sources still run: then drain with them, as they do.
-    while !probes.sinks.done() {
+    // Sources exhausted: run the dataflow to completion, with a last checkpoint at the end of
+    // time once every worker's sources have ended (so that a restart has nothing left to
+    // do), unless a stop is requested while other workers' sources still run: then drain
+    // with them, as they do.
+    loop {
+        if let Some(checkpointer) = checkpointer.as_mut() {
+            if !probes.inputs.less_than(&EventTime::MAX) {
+                checkpointer.finish();
+            }
+            checkpointer.step(&mut Drivers(&mut drivers))?;
+            if checkpointer.finished() {
+                for driver in &mut drivers {
+                    driver.close();
+                }
+            }
+        }
+        if probes.sinks.done() && checkpointer.as_ref().is_none_or(Checkpointer::finished) {
+            break;
+        }
         if failed() {
             worker.drop_dataflow(dataflow_index);
             break;
@@ -570,19 +690,48 @@ fn run_worker(
     Ok(())
 }
 
-/// Returns once every worker of every process has called it (or `failed`): a frontier
-/// barrier through a small dataflow that carries no data.
-fn barrier(worker: &mut timely::worker::Worker, failed: &dyn Fn() -> bool) {
-    use timely::dataflow::operators::{Input, Probe};
-    let probe = ProbeHandle::new();
-    let mut input = worker.dataflow::<EventTime, _, _>(|scope| {
-        let (input, stream) = scope.new_input::<Vec<()>>();
-        stream.probe_with(&probe);
-        input
-    });
-    input.advance_to(1);
-    while probe.less_than(&1) && !failed() {
-        worker.step_or_park(Some(Duration::from_millis(1)));
+/// What a sink saved at the checkpoint being restored (`None`: nothing to go back to).
+fn sink_resume(restore: &Restore, sink: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(entry) = restore.of(&format!("sink/{sink}")).first() else { return Ok(None) };
+    entry.value::<Option<Vec<u8>>>().with_context(|| format!("the checkpoint's state of sink `{sink}`"))
+}
+
+/// A worker's source drivers, as the checkpoint protocol sees them.
+struct Drivers<'a>(&'a mut Vec<SourceDriver>);
+
+impl checkpoint::Sources for Drivers<'_> {
+    fn watermark(&self) -> EventTime {
+        self.0.iter().filter(|d| !d.done()).map(|d| d.watermark).max().unwrap_or(0)
+    }
+
+    fn hold(&mut self) {
+        for driver in self.0.iter_mut() {
+            let watermark = driver.watermark;
+            if let Some(saving) = driver.saving.as_mut() {
+                saving.hold(watermark);
+            }
+        }
+    }
+
+    fn begin(&mut self, epoch: u64, time: EventTime) {
+        for driver in self.0.iter_mut() {
+            if let Some(saving) = driver.saving.as_mut() {
+                saving.begin(epoch, time);
+            }
+            driver.try_save();
+        }
+    }
+
+    fn committed(&mut self, epoch: u64) -> anyhow::Result<()> {
+        for driver in self.0.iter_mut() {
+            let (Some(saving), Some(source)) = (driver.saving.as_mut(), driver.source.as_mut()) else { continue };
+            if let Some(offsets) = saving.committed(epoch) {
+                source
+                    .commit(&offsets, false)
+                    .with_context(|| format!("source `{}` failed to commit its group offsets", driver.name))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -7,16 +7,19 @@
 //! everything before it is flushed: durable in a file, acknowledged by Kafka. Source offsets
 //! are committed on that probe, which makes delivery at-least-once.
 //!
-//! In an exactly-once pipeline one operator writes all sinks into one [`Transaction`], and
-//! the sources' checkpoints travel through the dataflow to it as [`SinkItem::Offsets`] at the
-//! time of the last record they cover: a flush commits the transaction with the offsets of
-//! exactly the records written into it.
+//! In a checkpointed pipeline each sink saves how far its output goes when its frontier
+//! reaches a checkpoint's time (a file: its length, after an fsync), before it writes any
+//! later time. In an exactly-once pipeline one operator writes all sinks into one
+//! [`Transaction`]: at a checkpoint it flushes them (the transaction's first phase), writes
+//! nothing later until the checkpoint is complete, then commits the transaction marked with
+//! the checkpoint's number and opens the next.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgeflow_connectors::{Checkpoint, ConnectorError, Sink, Transaction};
+use edgeflow_connectors::{ConnectorError, Sink, Transaction};
+use edgeflow_operators::state::{Entry, StateHandle};
 use edgeflow_operators::{EventTime, InferenceResult};
 use prometheus_client::metrics::counter::Counter;
 use timely::container::CapacityContainerBuilder;
@@ -38,8 +41,6 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub enum SinkItem {
     /// An encoded record for the operator's sink number `.0`.
     Line(usize, String),
-    /// A source's positions, covering every record up to its time (exactly-once only).
-    Offsets(Checkpoint),
     /// A raw message for the operator's sink number `.0`.
     Raw(usize, edgeflow_operators::RawMessage),
     /// An inference result for the operator's sink number `.0`, which has a format of its
@@ -96,6 +97,30 @@ pub struct SinkGroup {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// The span its log lines are in: the sink's name and type (or the transaction's sinks).
     pub span: tracing::Span,
+    /// Each sink's part in checkpoints (empty without checkpoints).
+    pub saves: Vec<StateHandle>,
+}
+
+impl SinkGroup {
+    /// Saves each sink's output state for the checkpoint being taken (sinks are on worker 0;
+    /// the operator elsewhere saves nothing).
+    fn save(&mut self) -> Result<(), (usize, ConnectorError)> {
+        for (index, handle) in self.saves.iter().enumerate() {
+            let entries = match self.sinks.get_mut(index).and_then(|(_, sink)| sink.as_mut()) {
+                Some(sink) => vec![Entry::new(0, &sink.checkpoint().map_err(|err| (index, err))?)],
+                None => Vec::new(),
+            };
+            handle.save(entries);
+        }
+        Ok(())
+    }
+
+    /// The checkpoint due at `frontier`, if its time has been reached.
+    fn due(&self, frontier: &timely::progress::frontier::MutableAntichain<EventTime>) -> Option<(u64, EventTime)> {
+        let handle = self.saves.first()?;
+        handle.due_at(frontier)?;
+        handle.due_checkpoint()
+    }
 }
 
 /// Records of one time waiting for the frontier, with the capability to hold for them.
@@ -123,12 +148,19 @@ pub fn sink_operator<'scope>(
     let scope = items.scope();
     items.unary_frontier(Exchange::new(|_: &(EventTime, SinkItem)| 0), &format!("Sink({label})"), move |_cap, info| {
         let activator = scope.activator_for(info.address.clone());
+        for handle in &group.saves {
+            handle.activate_with(scope.activator_for(info.address.clone()));
+        }
         let span = group.span.clone();
         let mut pending: BTreeMap<EventTime, Bucket> = BTreeMap::new();
         // Held until the next flush: the earliest time written since the last one.
         let mut unflushed: Option<Capability<EventTime>> = None;
-        // Source positions covered by what was written since the last flush.
-        let mut offsets: Vec<Checkpoint> = Vec::new();
+        // Exactly once: a checkpoint saved whose transaction waits for it to be complete, and
+        // a capability that follows the frontier so that the run does not end before the
+        // last transaction commits.
+        let mut awaiting: Option<u64> = None;
+        let mut reserve = group.transaction.is_some().then_some(_cap);
+        let (mut saved_last, mut last_committed) = (false, false);
         let mut last_flush = Instant::now();
         let mut failed = false;
         let fail = move |sink: &str, err: &ConnectorError, errors: &Counter, failure: &Failure| {
@@ -153,7 +185,39 @@ pub fn sink_operator<'scope>(
                         .push((key, item));
                 }
             });
-            while let Some(entry) = pending.first_entry() {
+            if let Some(epoch) = awaiting {
+                if group.saves.first().is_some_and(|h| h.committed() < epoch) {
+                    activator.activate_after(Duration::from_millis(2));
+                    return;
+                }
+                awaiting = None;
+                if let Some(transaction) = group.transaction.as_mut() {
+                    if let Err(err) = transaction.commit(epoch) {
+                        failed = true;
+                        fail(&names[0], &err, &errors[0], &group.failure);
+                    }
+                }
+                last_committed |= saved_last;
+            }
+            loop {
+                let next = pending.first_key_value().map(|(time, _)| *time);
+                if let Some((epoch, at)) = group.due(frontier) {
+                    if next.is_none_or(|time| time >= at) {
+                        // Everything before the checkpoint is written: save (and, exactly
+                        // once, flush the transaction and hold what comes after it).
+                        if let Err((index, err)) = group.save() {
+                            failed = true;
+                            fail(&names[index], &err, &errors[index], &group.failure);
+                        }
+                        if group.transaction.is_some() {
+                            saved_last = at == EventTime::MAX;
+                            awaiting = Some(epoch);
+                            activator.activate_after(Duration::from_millis(2));
+                            break;
+                        }
+                    }
+                }
+                let Some(entry) = pending.first_entry() else { break };
                 if frontier.less_equal(entry.key()) {
                     break;
                 }
@@ -167,10 +231,6 @@ pub fn sink_operator<'scope>(
                 }
                 for (_, item) in items {
                     let (index, result) = match item {
-                        SinkItem::Offsets(checkpoint) => {
-                            offsets.push(checkpoint);
-                            continue;
-                        }
                         SinkItem::Line(index, line) => {
                             let Some((_, Some(sink))) = group.sinks.get_mut(index) else { continue };
                             (index, sink.write(line.as_bytes()))
@@ -199,34 +259,40 @@ pub fn sink_operator<'scope>(
                 let due = last_flush.elapsed() >= FLUSH_INTERVAL || frontier.is_empty();
                 if due {
                     if !failed {
-                        if let Err((index, err)) = flush(&mut group, &offsets) {
+                        if let Err((index, err)) = flush(&mut group) {
                             if !closed(&mut group, index, &err) {
                                 failed = true;
                                 fail(&names[index], &err, &errors[index], &group.failure);
                             }
                         }
                     }
-                    offsets.clear();
                     last_flush = Instant::now();
                     unflushed = None;
                 } else {
                     activator.activate_after(FLUSH_INTERVAL.saturating_sub(last_flush.elapsed()));
                 }
             }
+            if let Some(cap) = reserve.as_mut() {
+                match frontier.frontier().iter().min() {
+                    Some(low) if cap.time() < low => cap.downgrade(low),
+                    Some(_) => {}
+                    // The input has ended: the reserve goes once the last checkpoint (at the
+                    // end of time) has committed its transaction, or on failure.
+                    None if failed || (awaiting.is_none() && last_committed) => reserve = None,
+                    None => {}
+                }
+            }
         }
     })
 }
 
-/// Flushes every sink, then commits the transaction (if any) with `offsets`; on failure, the
-/// index of the sink to blame (the first, for the transaction) and the error.
-fn flush(group: &mut SinkGroup, offsets: &[Checkpoint]) -> Result<(), (usize, ConnectorError)> {
+/// Flushes every sink (inside the open transaction, if any, which commits with the next
+/// checkpoint); on failure, the index of the sink to blame and the error.
+fn flush(group: &mut SinkGroup) -> Result<(), (usize, ConnectorError)> {
     for (index, (_, sink)) in group.sinks.iter_mut().enumerate() {
         if let Some(sink) = sink {
             sink.flush().map_err(|err| (index, err))?;
         }
-    }
-    if let Some(transaction) = group.transaction.as_mut() {
-        transaction.commit(offsets).map_err(|err| (0, err))?;
     }
     Ok(())
 }

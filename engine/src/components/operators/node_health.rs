@@ -42,7 +42,7 @@ impl OperatorComponent for NodeHealthOperator {
         cx: &mut Build<'_, 'scope>,
     ) -> Result<Vec<Port<'scope>>, BuildError> {
         let heartbeats = cx.count(cx.heartbeats(inputs), name, "input");
-        let streams = heartbeats.node_health(&self.0);
+        let streams = heartbeats.node_health_checkpointed(&self.0, cx.state, name);
         let nodes = cx.metrics.clone();
         let status = streams.status.inner.inspect(move |((_, state), _, diff)| {
             nodes.add_nodes(state.status, *diff as i64);
@@ -51,5 +51,9 @@ impl OperatorComponent for NodeHealthOperator {
         let changes = cx.count_stream(streams.changes, name, "changes");
         let rollups = cx.count_stream(streams.rollups, name, "rollups");
         Ok(vec![Port::Changes(changes), Port::Status(status), Port::Rollups(rollups)])
+    }
+
+    fn checkpointed(&self) -> bool {
+        true
     }
 }

@@ -40,9 +40,17 @@ impl SinkComponent for DeadLetterSink {
     fn kafka(&self) -> Option<&KafkaSinkConfig> {
         self.0.kafka.as_ref()
     }
+    fn rewinds(&self) -> bool {
+        self.0.kafka.is_none()
+    }
     fn open(&self, cx: &OpenSink<'_>) -> Result<Box<dyn Sink>, ConnectorError> {
         match (&self.0.kafka, cx.transaction) {
             (Some(kafka), Some(transaction)) => Ok(Box::new(KafkaSink::in_transaction(kafka, transaction, true))),
+            (None, _) if cx.resume.is_some() => {
+                let mut sink = edgeflow_connectors::dead_letter::DeadLetterSink::reopen(&self.0)?;
+                sink.restore(cx.resume.unwrap_or_default())?;
+                Ok(Box::new(sink))
+            }
             _ => Ok(Box::new(edgeflow_connectors::dead_letter::DeadLetterSink::open(&self.0, &cx.metrics.kafka)?)),
         }
     }

@@ -36,7 +36,17 @@ impl SinkComponent for FileSink {
     fn takes_results(&self) -> bool {
         self.0.format == FileFormat::Arrow
     }
-    fn open(&self, _cx: &OpenSink<'_>) -> Result<Box<dyn Sink>, ConnectorError> {
-        edgeflow_connectors::file::FileSink::open(&self.0)
+    fn rewinds(&self) -> bool {
+        self.0.format == edgeflow_connectors::file::FileFormat::Jsonl
+    }
+    fn open(&self, cx: &OpenSink<'_>) -> Result<Box<dyn Sink>, ConnectorError> {
+        match cx.resume {
+            Some(state) => {
+                let mut sink = edgeflow_connectors::file::FileSink::reopen(&self.0)?;
+                sink.restore(state)?;
+                Ok(sink)
+            }
+            None => edgeflow_connectors::file::FileSink::open(&self.0),
+        }
     }
 }

@@ -33,6 +33,9 @@ impl SourceComponent for FileSource {
         self.0.idle_timeout.as_millis()
     }
     fn open(&self, cx: &OpenSource<'_>) -> Result<Box<dyn Source>, ConnectorError> {
+        if cx.checkpointed {
+            return Ok(Box::new(edgeflow_connectors::file::FileSource::open_single(cx.name, &self.0, cx.index)?));
+        }
         let source = edgeflow_connectors::file::FileSource::open(cx.name, &self.0, cx.index, cx.peers)?;
         // Workers of one process read the file on one event clock (see `FileClock`).
         Ok(match cx.shared.and_then(|shared| shared.file_clock.as_ref()) {

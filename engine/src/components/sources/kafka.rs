@@ -45,13 +45,10 @@ impl SourceComponent for KafkaSource {
     fn idle_timeout(&self) -> u64 {
         self.0.idle_timeout.as_millis()
     }
-    fn transactional(&self) -> bool {
-        true
-    }
     fn open(&self, cx: &OpenSource<'_>) -> Result<Box<dyn Source>, ConnectorError> {
         let finished = cx.shared.map(|shared| shared.finished.clone()).unwrap_or_default();
         let membership =
-            if cx.exactly_once { Membership::Static { index: cx.index, peers: cx.peers } } else { Membership::Group };
+            if cx.checkpointed { Membership::Static { index: cx.index, peers: cx.peers } } else { Membership::Group };
         Ok(Box::new(edgeflow_connectors::kafka::KafkaSource::open(
             cx.name,
             &self.0,
