@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::Serialize;
 
-use super::{LatePolicy, MetricsConfig};
+use super::{CheckpointConfig, LatePolicy, MetricsConfig};
 use crate::components::{ComponentType, OPERATORS, SINKS, SOURCES};
 
 /// Where an operator or sink reads from: `input: NAME` or `inputs: [NAME, ...]`, where NAME
@@ -116,6 +116,9 @@ struct PipelineFile {
     late_policy: Option<LatePolicy>,
     /// The metrics and health endpoints.
     metrics: Option<MetricsConfig>,
+    /// Checkpoints of every operator's state and every source's position (on when `dir` is
+    /// set); a restart goes on from the last one.
+    checkpoint: Option<CheckpointConfig>,
     /// Sources by name.
     sources: BTreeMap<String, Source>,
     /// Operators by name.
@@ -140,6 +143,8 @@ pub fn pipeline_reference_markdown() -> String {
     render_properties(&mut out, &schema, defs, &[]);
     let _ = writeln!(out, "\n`metrics`:\n");
     render_properties(&mut out, &defs["MetricsConfig"], defs, &[]);
+    let _ = writeln!(out, "\n`checkpoint`:\n");
+    render_properties(&mut out, &defs["CheckpointConfig"], defs, &[]);
     for (section, def, what) in
         [("sources", "Source", "source"), ("operators", "Operator", "operator"), ("sinks", "Sink", "sink")]
     {

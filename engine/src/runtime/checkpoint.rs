@@ -314,8 +314,17 @@ impl Checkpointer {
     pub fn finish(&mut self) {
         if self.index == 0 && !self.last_requested && self.phase == Phase::Idle {
             self.last_requested = true;
-            self.send(Control::Request { epoch: self.next_epoch, last: true });
+            self.request(self.next_epoch, true);
         }
+    }
+
+    /// Worker 0 starts checkpoint `epoch`: the other workers' answers may reach it before
+    /// its own request does, so what it gathers is reset here, not when it hears the request.
+    fn request(&mut self, epoch: u64, last: bool) {
+        self.proposals.clear();
+        self.parts.clear();
+        self.started = Instant::now();
+        self.send(Control::Request { epoch, last });
     }
 
     fn send(&mut self, message: Control) {
@@ -331,7 +340,7 @@ impl Checkpointer {
             self.metrics.checkpoints.observe_age();
             if self.phase == Phase::Idle && !self.last_requested && self.last_started.elapsed() >= self.interval {
                 self.last_started = Instant::now();
-                self.send(Control::Request { epoch: self.next_epoch, last: false });
+                self.request(self.next_epoch, false);
             }
         }
         loop {
@@ -360,20 +369,16 @@ impl Checkpointer {
     }
 
     fn handle(&mut self, message: Control, sources: &mut dyn Sources) -> anyhow::Result<()> {
+        tracing::trace!(worker = self.index, phase = ?self.phase, ?message, "checkpoint protocol");
         match message {
             Control::Request { epoch, last } => {
                 self.last_requested |= last;
                 self.phase = Phase::Holding { epoch };
                 sources.hold();
                 let watermark = if last { EventTime::MAX } else { sources.watermark() };
-                if self.index == 0 {
-                    self.proposals.clear();
-                    self.parts.clear();
-                    self.started = Instant::now();
-                }
                 self.send(Control::Proposal { epoch, watermark });
             }
-            Control::Proposal { epoch, watermark } if self.index == 0 => {
+            Control::Proposal { epoch, watermark } if self.index == 0 && epoch == self.next_epoch => {
                 self.proposals.push(watermark);
                 if self.proposals.len() == self.peers {
                     let highest = self.proposals.iter().copied().max().unwrap_or(0);
@@ -388,10 +393,11 @@ impl Checkpointer {
                 self.phase = Phase::Saving { epoch, time };
                 tracing::debug!(epoch, time, "checkpoint started");
             }
-            Control::Part { epoch, part } if self.index == 0 => {
+            Control::Part { epoch, part } if self.index == 0 && epoch == self.next_epoch => {
                 self.parts.push(part);
                 if self.parts.len() == self.peers {
                     let time = self.time;
+                    pause_for_tests(epoch);
                     self.parts.sort_by(|a, b| a.name.cmp(&b.name));
                     self.store
                         .commit(epoch, time, &self.parts)
@@ -427,5 +433,19 @@ impl Checkpointer {
 impl std::fmt::Debug for Checkpointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpointer").field("phase", &self.phase).finish_non_exhaustive()
+    }
+}
+
+/// For tests only: `EDGEFLOW_TEST_PAUSE_BEFORE_MANIFEST=EPOCH:MS` makes worker 0 wait `MS`
+/// milliseconds between the parts of checkpoint `EPOCH` and its manifest, so that a test can
+/// kill the engine while a checkpoint is half written.
+fn pause_for_tests(epoch: u64) {
+    let Ok(setting) = std::env::var("EDGEFLOW_TEST_PAUSE_BEFORE_MANIFEST") else { return };
+    let Some((at, ms)) = setting.split_once(':') else { return };
+    if at.parse() == Ok(epoch) {
+        if let Ok(ms) = ms.parse() {
+            tracing::warn!(epoch, ms, "pausing before the manifest (EDGEFLOW_TEST_PAUSE_BEFORE_MANIFEST)");
+            std::thread::sleep(Duration::from_millis(ms));
+        }
     }
 }
