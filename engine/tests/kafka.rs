@@ -645,8 +645,9 @@ fn kill_9_and_restart_exactly_once() {
         dir.path(),
         "copy.yaml",
         format!(
-            "name: copy-eos\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: copy-eos\n    stop_at_end: true\nsinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n    exactly_once: true\n  rejected:\n    type: dead_letter\n    kafka:\n      brokers: {b}\n      topic: rejected\n",
-        b = broker.address
+            "name: copy-eos\ncheckpoint:\n  dir: {d}\n  interval: 1s\nsources:\n  in:\n    type: kafka\n    brokers: {b}\n    topics: [in]\n    group: copy-eos\n    stop_at_end: true\nsinks:\n  out:\n    type: kafka\n    brokers: {b}\n    topic: out\n    input: in\n    exactly_once: true\n  rejected:\n    type: dead_letter\n    kafka:\n      brokers: {b}\n      topic: rejected\n",
+            b = broker.address,
+            d = dir.path().join("ckpt").display()
         ),
     );
     kill_9_part_way_and_restart(&broker, &pipeline, 200_000);
@@ -660,6 +661,182 @@ fn kill_9_and_restart_exactly_once() {
     assert_eq!(letters[0].1, b"not a heartbeat");
     // The offsets committed in the transactions reach the end of the input.
     assert_eq!(broker.committed("copy-eos", "in", 4), total as i64 + 1);
+}
+
+/// Produces `total` heartbeats of 2,000 nodes, one per node every 10 s of event time, keyed
+/// by node, in time order: every 9th node falls silent for 3 minutes in every 15 and CPU
+/// load moves through the degraded range, so that statuses change in every way.
+fn produce_fleet(broker: &Broker, topic: &str, total: usize) {
+    let producer: ThreadedProducer<Acknowledged> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "1000000")
+        .create_with_context(Acknowledged::default())
+        .unwrap();
+    let (mut produced, mut step) = (0usize, 0u64);
+    while produced < total {
+        for node in 0..2000u64 {
+            if produced == total {
+                break;
+            }
+            if node % 9 == 0 && (60..78).contains(&(step % 90)) {
+                continue;
+            }
+            let time = 1_700_000_000_000u64 + step * 10_000 + node * 3;
+            let payload = format!(
+                r#"{{"node_id":"n{node}","region":"r{}","lat":1,"lon":2,"timestamp":{time},"cpu":{},"memory":40,"disk":30}}"#,
+                node % 5,
+                (node * 7 + step * 3) % 100
+            );
+            let key = format!("n{node}");
+            loop {
+                match producer.send(BaseRecord::to(topic).key(&key).payload(&payload)) {
+                    Ok(()) => break,
+                    Err(_) => producer.poll(Duration::from_millis(5)),
+                }
+            }
+            produced += 1;
+        }
+        step += 1;
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    assert_eq!(producer.context().delivered.load(std::sync::atomic::Ordering::Relaxed), total as u64);
+}
+
+/// Complete checkpoints in `dir`.
+fn complete_checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.join("MANIFEST.json").exists()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Exactly-once with state: 1,000,000 heartbeats from Kafka through node_health to a Kafka
+/// topic written exactly once, the engine killed with SIGKILL at 10 random points (each
+/// after a new checkpoint) and restarted each time: a `read_committed` consumer sees every
+/// status change exactly once, the same changes as an uninterrupted run's.
+#[test]
+fn kill_9_at_10_points_node_health_exactly_once() {
+    use rand::Rng;
+    let broker = Broker::apache();
+    broker.create_topic("beats", 4);
+    broker.create_topic("changes", 4);
+    let total = 1_000_000usize;
+    produce_fleet(&broker, "beats", total);
+    let dir = tempfile::tempdir().unwrap();
+    let source = |group: &str| {
+        format!(
+            "sources:\n  beats:\n    type: kafka\n    brokers: {}\n    topics: [beats]\n    group: {group}\n    stop_at_end: true\n    max_out_of_orderness: 5s\noperators:\n  health:\n    type: node_health\n    input: beats\n",
+            broker.address
+        )
+    };
+    let reference = write_pipeline(
+        dir.path(),
+        "reference.yaml",
+        format!(
+            "name: reference\n{}sinks:\n  changes:\n    type: file\n    input: health.changes\n    path: {}\n",
+            source("reference"),
+            dir.path().join("reference.jsonl").display()
+        ),
+    );
+    // One worker: the group's first assignment is final (with two, the second member's
+    // join moves partitions after a session timeout, and the worker without partitions in
+    // the meantime goes idle and its watermark follows the wall clock).
+    run(&reference, 1);
+    let checkpoints = dir.path().join("ckpt");
+    let pipeline = write_pipeline(
+        dir.path(),
+        "eos.yaml",
+        format!(
+            "name: health-eos\ncheckpoint:\n  dir: {}\n  interval: 500ms\n{}sinks:\n  changes:\n    type: kafka\n    brokers: {}\n    topic: changes\n    input: health.changes\n    key: node_id\n    exactly_once: true\n",
+            checkpoints.display(),
+            source("eos"),
+            broker.address
+        ),
+    );
+    let mut rng = rand::thread_rng();
+    for kill in 1..=10 {
+        let seen = complete_checkpoints(&checkpoints);
+        let log = std::fs::File::create(dir.path().join(format!("run-{kill}.log"))).unwrap();
+        let mut engine = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+            .arg("run")
+            .arg(&pipeline)
+            .args(["--no-metrics", "--workers", "2", "--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while complete_checkpoints(&checkpoints).iter().all(|c| seen.contains(c)) {
+            assert!(engine.try_wait().unwrap().is_none(), "the run ended before kill {kill}");
+            assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint in 120 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..200)));
+        assert!(engine.try_wait().unwrap().is_none(), "the run ended before kill {kill}");
+        engine.kill().unwrap(); // SIGKILL
+        engine.wait().unwrap();
+    }
+    run(&pipeline, 2);
+    let mut expected: Vec<String> =
+        std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap().lines().map(str::to_owned).collect();
+    assert!(expected.len() > 10_000, "the fleet changes status often: {}", expected.len());
+    let mut committed = committed_payloads(&broker, "changes", 4);
+    expected.sort();
+    committed.sort();
+    let duplicates = committed.windows(2).filter(|pair| pair[0] == pair[1]).count();
+    eprintln!("{} status changes committed, {} expected, {duplicates} duplicates", committed.len(), expected.len());
+    if committed != expected {
+        if let Ok(debug) = std::env::var("EDGEFLOW_TEST_DEBUG_DIR") {
+            std::fs::write(format!("{debug}/committed.txt"), committed.join("\n")).unwrap();
+            std::fs::write(format!("{debug}/expected.txt"), expected.join("\n")).unwrap();
+        }
+        for kill in 1..=10 {
+            let log = std::fs::read_to_string(dir.path().join(format!("run-{kill}.log"))).unwrap_or_default();
+            for line in log.lines().filter(|l| {
+                l.contains("restor") || l.contains("exactly once") || l.contains("afresh") || l.contains("ERROR")
+            }) {
+                eprintln!("run {kill}: {line}");
+            }
+        }
+    }
+    assert_eq!(duplicates, 0, "a status change was committed twice");
+    assert!(committed == expected, "the committed changes differ from the uninterrupted run's");
+}
+
+/// Every committed message of `topic` (a `read_committed` reader to the end of each partition).
+fn committed_payloads(broker: &Broker, topic: &str, partitions: i32) -> Vec<String> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .set("group.id", format!("committed-{topic}"))
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+    }
+    reader.assign(&assignment).unwrap();
+    let mut payloads = Vec::new();
+    let mut at_end = std::collections::HashSet::new();
+    let start = Instant::now();
+    while at_end.len() < partitions as usize {
+        assert!(start.elapsed() < Duration::from_secs(300), "reading `{topic}` back timed out");
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                at_end.remove(&message.partition());
+                payloads.push(String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned());
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
+                at_end.insert(partition);
+            }
+            _ => {}
+        }
+    }
+    payloads
 }
 
 /// Whether the broker hides the records of an aborted transaction from a `read_committed`

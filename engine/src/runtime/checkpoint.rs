@@ -113,6 +113,9 @@ pub fn load(
         return Ok(None);
     };
     metrics.checkpoints.skipped.inc_by(loaded.skipped.len() as u64);
+    if let Some(committed) = committed {
+        tracing::info!(newest = loaded.epoch, committed = ?committed, "exactly once: the newest checkpoint on disk, and the last whose transaction Kafka committed");
+    }
     let loaded = match committed {
         Some(committed) if committed < Some(loaded.epoch) => {
             // The newest checkpoint's transaction never committed (the run stopped between
@@ -206,8 +209,9 @@ pub trait Sources {
     fn hold(&mut self);
     /// Starts saving checkpoint `epoch` at `time`.
     fn begin(&mut self, epoch: u64, time: EventTime);
-    /// Checkpoint `epoch` is complete: commit what was held for it (consumer-group offsets).
-    fn committed(&mut self, epoch: u64) -> anyhow::Result<()>;
+    /// Checkpoint `epoch` is complete: commit what was held for it (consumer-group offsets,
+    /// waiting for the broker when it is the `last`).
+    fn committed(&mut self, epoch: u64, last: bool) -> anyhow::Result<()>;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -416,7 +420,7 @@ impl Checkpointer {
             }
             Control::Committed { epoch, time } => {
                 self.state.set_committed(epoch);
-                sources.committed(epoch)?;
+                sources.committed(epoch, self.last_requested)?;
                 self.next_epoch = epoch + 1;
                 self.last_time = time;
                 self.phase = Phase::Idle;

@@ -722,12 +722,12 @@ impl checkpoint::Sources for Drivers<'_> {
         }
     }
 
-    fn committed(&mut self, epoch: u64) -> anyhow::Result<()> {
+    fn committed(&mut self, epoch: u64, last: bool) -> anyhow::Result<()> {
         for driver in self.0.iter_mut() {
             let (Some(saving), Some(source)) = (driver.saving.as_mut(), driver.source.as_mut()) else { continue };
             if let Some(offsets) = saving.committed(epoch) {
                 source
-                    .commit(&offsets, false)
+                    .commit(&offsets, last)
                     .with_context(|| format!("source `{}` failed to commit its group offsets", driver.name))?;
             }
         }
