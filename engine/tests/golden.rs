@@ -71,13 +71,17 @@ fn valid_pipelines_produce_expected_output() {
         let data = case.parent().unwrap().join("data");
         let out = dir.path().to_owned();
         let text = std::fs::read_to_string(&case).expect("readable case");
-        let lookup = |name: &str| match name {
-            "DATA" => Some(data.display().to_string()),
-            "OUT" => Some(out.display().to_string()),
-            _ => None,
+        let load = |state: &std::path::Path| {
+            let lookup = |name: &str| match name {
+                "DATA" => Some(data.display().to_string()),
+                "OUT" => Some(out.display().to_string()),
+                // Checkpoints, outside OUT: each worker count's run starts afresh.
+                "STATE" => Some(state.display().to_string()),
+                _ => None,
+            };
+            load_str(&text, &case.display().to_string(), &lookup)
+                .unwrap_or_else(|problems| panic!("{} should be valid:\n{problems}", case.display()))
         };
-        let pipeline = load_str(&text, &case.display().to_string(), &lookup)
-            .unwrap_or_else(|problems| panic!("{} should be valid:\n{problems}", case.display()));
         // A case may restrict the worker counts it runs on: `# golden-workers: 1`.
         let workers_list: Vec<usize> = text
             .lines()
@@ -85,6 +89,8 @@ fn valid_pipelines_produce_expected_output() {
             .map(|list| list.split(',').filter_map(|w| w.trim().parse().ok()).collect())
             .unwrap_or_else(|| vec![1, 3]);
         for workers in workers_list {
+            let state = tempfile::tempdir().expect("temp dir");
+            let pipeline = load(state.path());
             let metrics = std::sync::Arc::new(Metrics::new());
             run(&pipeline, &RunOptions { workers, ..RunOptions::default() }, metrics.clone())
                 .unwrap_or_else(|err| panic!("{} failed: {err:#}", case.display()));

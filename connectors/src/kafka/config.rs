@@ -165,11 +165,12 @@ pub struct KafkaSinkConfig {
     /// fails (default 2m).
     #[serde(default = "default_delivery_timeout")]
     pub delivery_timeout: DurationMs,
-    /// Write inside Kafka transactions that also commit the consumed offsets, so that a
-    /// `read_committed` consumer sees every record exactly once, across crashes and restarts
-    /// (default false: at-least-once). For Kafka-to-Kafka pipelines without operators: every
-    /// source is Kafka and every sink is a Kafka sink with `exactly_once: true` or a Kafka
-    /// dead-letter sink, all on the same brokers, sharing one transactional producer.
+    /// Write inside Kafka transactions, one per checkpoint, each committed once its
+    /// checkpoint is durable, so that a `read_committed` consumer sees every record exactly
+    /// once across crashes and restarts (default false: at-least-once). Needs `checkpoint`;
+    /// every Kafka sink of the pipeline sets it too, on the same brokers, sharing one
+    /// transactional producer; other sinks must be able to go back to a checkpoint (`jsonl`
+    /// files). `delivery_timeout` is the transaction timeout: at least twice the interval.
     #[serde(default)]
     pub exactly_once: bool,
     /// The producer's `transactional.id` with `exactly_once` (default

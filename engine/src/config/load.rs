@@ -346,7 +346,7 @@ impl Checker {
             );
         }
         let order = self.operator_order(&operators);
-        self.check_exactly_once(checkpoint.is_some(), &sinks, &declared_sinks);
+        self.check_exactly_once(checkpoint.as_ref(), &sinks, &declared_sinks);
         if checkpoint.is_some() {
             self.check_checkpointed(&operators, &declared_operators);
         }
@@ -691,7 +691,7 @@ impl Checker {
     /// take back what was written after the checkpoint (a `jsonl` file, cut back to its length).
     fn check_exactly_once(
         &mut self,
-        checkpointed: bool,
+        checkpoint: Option<&Checkpointing>,
         sinks: &[Written<'_, dyn SinkComponent>],
         declared_sinks: &[Option<Declared<dyn SinkComponent>>],
     ) {
@@ -706,7 +706,7 @@ impl Checker {
             return;
         };
         let why = format!("sink `{}` sets `exactly_once`", asking.name);
-        if !checkpointed {
+        if checkpoint.is_none() {
             self.problem(
                 &format!("sinks.{}", asking.name),
                 asking.name_mark,
@@ -721,6 +721,20 @@ impl Checker {
                     "sink `{}` writes to brokers `{}`, not `{brokers}`: one transaction cannot span two clusters",
                     written.name, config.brokers
                 )),
+                // A transaction stays open for an interval and the checkpoint after it; the
+                // broker aborts one that outlives `transaction.timeout.ms`.
+                (_, Some(config))
+                    if checkpoint.is_some_and(|c| {
+                        u128::from(config.delivery_timeout.as_millis()) < 2 * c.interval.as_millis()
+                    }) =>
+                {
+                    Some(format!(
+                        "sink `{}` has `delivery_timeout: {}`, the transaction timeout, shorter than twice the checkpoint interval ({} ms): the broker would abort a transaction before its checkpoint completes\nhint: raise `delivery_timeout` or shorten `checkpoint.interval`",
+                        written.name,
+                        config.delivery_timeout,
+                        checkpoint.map_or(0, |c| c.interval.as_millis())
+                    ))
+                }
                 (_, Some(_)) => None,
                 (_, None) if sink.rewinds() => None,
                 (_, None) => Some(format!(
