@@ -6,12 +6,14 @@
 //! handed in at or after `T` (they are handed in again after a restore). Worker 0 starts one
 //! every `interval`, over a small control dataflow that every worker hears:
 //!
-//! 1. `Request`: each worker stops polling its sources and answers with its highest
-//!    watermark (`Proposal`);
-//! 2. `Decide`: worker 0 picks `T`, the highest proposal (so that no input is past it yet),
-//!    and every worker tells its operators ([`WorkerState::start`]) and goes on polling. Each
-//!    operator saves its state when its input frontier reaches `T`, before it processes any
-//!    later time; each source saves its position once its watermark has reached `T`;
+//! 1. `Request`: each worker stops polling its sources and answers with a time past every
+//!    record its sources have handed in and at or past their watermarks (`Proposal`);
+//! 2. `Decide`: worker 0 picks `T`, the highest proposal: no input has reached it, and no
+//!    record handed in so far is at or after it. Every worker tells its operators
+//!    ([`WorkerState::start`]) and goes on polling. Each operator saves its state when its
+//!    input frontier reaches `T`, before it processes any later time; each source keeps a
+//!    copy of the records it hands in at or after `T` from now on, and saves them with its
+//!    position once its watermark has reached `T`;
 //! 3. `Part`: each worker writes its part of the checkpoint durably once all its operators
 //!    and sources have saved, and tells worker 0;
 //! 4. `Committed`: worker 0 writes the manifest (the checkpoint is complete) and tells every
@@ -202,11 +204,9 @@ fn restore_of(loaded: &Loaded) -> anyhow::Result<Restore> {
 
 /// What the checkpoint protocol needs of a worker's sources.
 pub trait Sources {
-    /// The highest watermark over the sources still open (0 if none).
-    fn watermark(&self) -> EventTime;
-    /// Holds back pruning of re-sendable records at the current watermarks (a checkpoint at
-    /// or after them is being agreed).
-    fn hold(&mut self);
+    /// A time past every input the open sources have handed in: one past the highest, over
+    /// them, of their watermark and the latest time of a record they handed in (0 if none).
+    fn horizon(&self) -> EventTime;
     /// Starts saving checkpoint `epoch` at `time`.
     fn begin(&mut self, epoch: u64, time: EventTime);
     /// Checkpoint `epoch` is complete: commit what was held for it (consumer-group offsets,
@@ -378,8 +378,7 @@ impl Checkpointer {
             Control::Request { epoch, last } => {
                 self.last_requested |= last;
                 self.phase = Phase::Holding { epoch };
-                sources.hold();
-                let watermark = if last { EventTime::MAX } else { sources.watermark() };
+                let watermark = if last { EventTime::MAX } else { sources.horizon() };
                 self.send(Control::Proposal { epoch, watermark });
             }
             Control::Proposal { epoch, watermark } if self.index == 0 && epoch == self.next_epoch => {

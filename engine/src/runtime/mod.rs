@@ -343,9 +343,6 @@ impl SourceDriver {
                 inputs.raw.flush();
                 inputs.dead_letters.flush();
             }
-            if let Some(saving) = self.saving.as_mut() {
-                saving.prune(target);
-            }
             self.watermark_gauge.set(target as f64 / 1000.0);
         }
         let lag_ms = wall_clock_ms() as f64 - self.watermark as f64;
@@ -700,17 +697,10 @@ fn sink_resume(restore: &Restore, sink: &str) -> anyhow::Result<Option<Vec<u8>>>
 struct Drivers<'a>(&'a mut Vec<SourceDriver>);
 
 impl checkpoint::Sources for Drivers<'_> {
-    fn watermark(&self) -> EventTime {
-        self.0.iter().filter(|d| !d.done()).map(|d| d.watermark).max().unwrap_or(0)
-    }
-
-    fn hold(&mut self) {
-        for driver in self.0.iter_mut() {
-            let watermark = driver.watermark;
-            if let Some(saving) = driver.saving.as_mut() {
-                saving.hold(watermark);
-            }
-        }
+    fn horizon(&self) -> EventTime {
+        let open = self.0.iter().filter(|d| !d.done());
+        // Records and dead letters enter at their time or at the watermark: past both.
+        open.map(|d| d.watermark.max(d.max_time).saturating_add(1)).max().unwrap_or(0)
     }
 
     fn begin(&mut self, epoch: u64, time: EventTime) {

@@ -2,8 +2,6 @@
 //! has handed to the dataflow at or after the checkpoint's time (which the operators have
 //! not yet taken into their state, so a restore hands them in again).
 
-use std::collections::BTreeMap;
-
 use edgeflow_connectors::{Checkpoint, Position};
 use edgeflow_operators::federated::update::ModelUpdate;
 use edgeflow_operators::state::{Entry, StateHandle};
@@ -53,15 +51,18 @@ pub struct SavedSource {
 }
 
 /// A driver's part in checkpoints.
+///
+/// A checkpoint's time `T` is past every event time any source had handed in when it was
+/// agreed (see [`crate::runtime`]'s checkpoint protocol), so only records handed in after
+/// that, at or after `T`, need keeping: from the agreement until the source's watermark
+/// reaches `T`. Outside that window nothing is copied.
 #[derive(Debug)]
 pub struct Saving {
     handle: StateHandle,
     index: usize,
     peers: usize,
-    /// What the driver handed to the dataflow at or after the prune floor, by time.
-    buffer: BTreeMap<EventTime, Vec<Buffered>>,
-    /// Kept at the watermark of a checkpoint being agreed: its time is at or after it.
-    hold: Option<EventTime>,
+    /// What the driver handed to the dataflow at or after the due checkpoint's time.
+    buffer: Vec<(EventTime, Buffered)>,
     /// The checkpoint to save once the watermark reaches its time.
     due: Option<(u64, EventTime)>,
     /// Consumer-group offsets to commit once a checkpoint is complete.
@@ -71,30 +72,21 @@ pub struct Saving {
 impl Saving {
     /// The part of worker `index` of `peers`, saving through `handle`.
     pub fn new(handle: StateHandle, index: usize, peers: usize) -> Self {
-        Self { handle, index, peers, buffer: BTreeMap::new(), hold: None, due: None, to_commit: None }
+        Self { handle, index, peers, buffer: Vec::new(), due: None, to_commit: None }
     }
 
-    /// Keeps a copy of what was handed in at `time` (made only when it is needed).
+    /// Keeps a copy of what was handed in at `time` if a checkpoint is due at or before it
+    /// (the copy is made only then).
     pub fn keep(&mut self, time: EventTime, item: impl FnOnce() -> Buffered) {
-        self.buffer.entry(time).or_default().push(item());
-    }
-
-    /// Forgets what was handed in before `watermark` (and before a held watermark).
-    pub fn prune(&mut self, watermark: EventTime) {
-        let floor = self.hold.map_or(watermark, |hold| hold.min(watermark));
-        if self.buffer.first_key_value().is_some_and(|(time, _)| *time < floor) {
-            self.buffer = self.buffer.split_off(&floor);
+        if self.due.is_some_and(|(_, due)| time >= due) {
+            self.buffer.push((time, item()));
         }
-    }
-
-    /// Holds pruning at `watermark`.
-    pub fn hold(&mut self, watermark: EventTime) {
-        self.hold = Some(watermark);
     }
 
     /// Checkpoint `epoch` at `time` is to be saved.
     pub fn begin(&mut self, epoch: u64, time: EventTime) {
         self.due = Some((epoch, time));
+        self.buffer.clear();
     }
 
     /// Saves the checkpoint if it is due and the source's watermark has reached its time (or
@@ -111,11 +103,7 @@ impl Saving {
             return;
         }
         let position = position();
-        let items: Vec<(EventTime, Buffered)> = self
-            .buffer
-            .range(time..)
-            .flat_map(|(at, items)| items.iter().map(move |item| (*at, item.clone())))
-            .collect();
+        let items = std::mem::take(&mut self.buffer);
         let saved = SavedSource { index: self.index, peers: self.peers, position: position.clone(), clock, items };
         // Records serialise to JSON without fail; JSON keeps their own encodings exact.
         let bytes = serde_json::to_vec(&saved).unwrap_or_default();
@@ -124,7 +112,6 @@ impl Saving {
             self.to_commit = Some((epoch, offsets));
         }
         self.due = None;
-        self.hold = None;
     }
 
     /// The consumer-group offsets saved with checkpoint `epoch`, once it is complete.
