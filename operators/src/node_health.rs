@@ -682,13 +682,28 @@ impl Readings {
 
 /// Each worker sums its heartbeats' readings per region and rollup window, and states each
 /// sum once, present from the window's end until the next window's end, instead of every
-/// heartbeat entering the rollup reduction on its own. Heartbeats are summed once their time
-/// is complete, so that a checkpoint's open windows hold exactly the heartbeats before it.
+/// heartbeat entering the rollup reduction on its own.
+///
+/// Its input comes from this worker's sources only, which hand in nothing at or after a
+/// checkpoint's time before the checkpoint is agreed: while one is due, readings at or after
+/// its time are summed apart, so that the open windows saved hold exactly the heartbeats
+/// before it.
 fn window_readings<'scope>(
     heartbeats: VecCollection<'scope, EventTime, Heartbeat>,
     params: &NodeHealthParams,
     saved: StateHandle,
 ) -> VecCollection<'scope, EventTime, (String, RegionEvidence)> {
+    type Windows = BTreeMap<EventTime, HashMap<String, Readings>>;
+    fn add(windows: &mut HashMap<String, Readings>, region: String, cpu: f64, memory: f64) {
+        match windows.get_mut(&region) {
+            Some(readings) => readings.add(cpu, memory),
+            None => {
+                let mut readings = Readings::default();
+                readings.add(cpu, memory);
+                windows.insert(region, readings);
+            }
+        }
+    }
     let params = params.clone();
     let window = params.rollup_window;
     let scope = heartbeats.scope();
@@ -696,94 +711,71 @@ fn window_readings<'scope>(
         .inner
         .unary_frontier(timely::dataflow::channels::pact::Pipeline, "RegionReadings", move |initial, info| {
             saved.activate_with(scope.activator_for(info.address));
-            // Heartbeats waiting for their time to complete: region, cpu and memory.
-            let mut pending: BTreeMap<EventTime, Vec<(String, f64, f64)>> = BTreeMap::new();
-            // Held at the earliest pending time, or open window end.
-            let mut held: Option<Capability<EventTime>> = None;
-            let mut open: BTreeMap<EventTime, HashMap<String, Readings>> = BTreeMap::new();
-            if let Some((at, entries)) = saved.restored() {
+            let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<String, Readings>)> = BTreeMap::new();
+            // Readings at or after the time of a checkpoint being taken, until it is saved.
+            let mut after: Windows = BTreeMap::new();
+            if let Some((_, entries)) = saved.restored() {
                 for entry in entries {
                     match entry.value::<(EventTime, String, Readings)>() {
                         Ok((end, region, readings)) => {
-                            open.entry(end).or_default().entry(region).or_default().merge(&readings, 1);
+                            let (_, regions) =
+                                open.entry(end).or_insert_with(|| (initial.delayed(&end), HashMap::new()));
+                            regions.entry(region).or_default().merge(&readings, 1);
                         }
                         Err(err) => tracing::error!(part = saved.name(), %err, "saved readings are left out"),
                     }
                 }
-                held = Some(initial.delayed(&at));
             }
-            let saver = saved.clone();
-            let save = move |open: &BTreeMap<EventTime, HashMap<String, Readings>>| {
-                let entries = open.iter().flat_map(|(end, regions)| {
-                    regions
-                        .iter()
-                        .map(move |(region, readings)| Entry::new(route_hash(region), &(end, region, readings)))
-                });
-                saver.save(entries.collect());
-            };
+            drop(initial);
             move |(input, frontier), output| {
+                let due = saved.due();
                 input.for_each(|cap, data| {
-                    let time = cap.least().copied().unwrap_or_default();
-                    if held.as_ref().is_none_or(|h| time < *h.time()) {
-                        held = cap.retain_least(output.output_index());
-                    }
                     for (hb, t, diff) in data.drain(..) {
-                        if diff > 0 {
-                            pending.entry(t).or_default().push((hb.region, hb.cpu, hb.memory));
+                        if diff <= 0 {
+                            continue;
+                        }
+                        let end = params.window_end(t);
+                        let (_, regions) = open
+                            .entry(end)
+                            .or_insert_with(|| (cap.delayed(&end, output.output_index()), HashMap::new()));
+                        if due.is_some_and(|at| t >= at) {
+                            add(after.entry(end).or_default(), hb.region, hb.cpu, hb.memory);
+                        } else {
+                            add(regions, hb.region, hb.cpu, hb.memory);
                         }
                     }
                 });
-                while let Some(cap) = held.as_mut() {
-                    let next_beat = pending.first_key_value().map(|(t, _)| *t);
-                    let next_end = open.first_key_value().map(|(end, _)| *end);
-                    let Some(now) = next_beat.into_iter().chain(next_end).min() else { break };
-                    if frontier.less_equal(&now) {
-                        break;
-                    }
-                    if saved.due_at(frontier).is_some_and(|at| now >= at) {
-                        save(&open);
-                    }
-                    if next_beat == Some(now) {
-                        let end = params.window_end(now);
-                        let regions = open.entry(end).or_default();
-                        for (region, cpu, memory) in pending.pop_first().map(|(_, beats)| beats).unwrap_or_default() {
-                            match regions.get_mut(&region) {
-                                Some(readings) => readings.add(cpu, memory),
-                                None => {
-                                    let mut readings = Readings::default();
-                                    readings.add(cpu, memory);
-                                    regions.insert(region, readings);
+                // Windows that close before a checkpoint's time go out before it is saved;
+                // the open windows it saves hold only heartbeats before it.
+                let mut due = saved.due_at(frontier);
+                loop {
+                    if let Some(at) = due.filter(|at| open.first_key_value().is_none_or(|(end, _)| end >= at)) {
+                        let entries = open.iter().flat_map(|(end, (_, regions))| {
+                            regions
+                                .iter()
+                                .map(move |(region, readings)| Entry::new(route_hash(region), &(end, region, readings)))
+                        });
+                        saved.save(entries.collect());
+                        tracing::trace!(part = saved.name(), at, "saved");
+                        for (end, regions) in std::mem::take(&mut after) {
+                            if let Some((_, open)) = open.get_mut(&end) {
+                                for (region, readings) in regions {
+                                    open.entry(region).or_default().merge(&readings, 1);
                                 }
                             }
                         }
+                        due = None;
                     }
-                    // A window closes once its end is complete (its end belongs to it).
-                    if next_end == Some(now) && pending.first_key_value().is_none_or(|(t, _)| *t > now) {
-                        let regions = open.pop_first().map(|(_, regions)| regions).unwrap_or_default();
-                        let at = cap.delayed(&now);
-                        let mut session = output.session(&at);
-                        for (region, readings) in regions {
-                            session.give(((region.clone(), RegionEvidence::Readings(readings)), now, 1));
-                            session.give((
-                                (region, RegionEvidence::Readings(readings)),
-                                now.saturating_add(window),
-                                -1,
-                            ));
-                        }
+                    let Some(entry) = open.first_entry() else { break };
+                    if frontier.less_equal(entry.key()) {
+                        break;
                     }
-                }
-                if saved.due_at(frontier).is_some() {
-                    save(&open);
-                }
-                let next = pending
-                    .first_key_value()
-                    .map(|(t, _)| *t)
-                    .into_iter()
-                    .chain(open.first_key_value().map(|(end, _)| *end))
-                    .min();
-                match (next, held.as_mut()) {
-                    (Some(next), Some(cap)) => cap.downgrade(&next),
-                    _ => held = None,
+                    let (end, (cap, regions)) = entry.remove_entry();
+                    let mut session = output.session(&cap);
+                    for (region, readings) in regions {
+                        session.give(((region.clone(), RegionEvidence::Readings(readings)), end, 1));
+                        session.give(((region, RegionEvidence::Readings(readings)), end.saturating_add(window), -1));
+                    }
                 }
             }
         })

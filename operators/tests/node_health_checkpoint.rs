@@ -2,7 +2,7 @@
 //! restored from the checkpoint (on the same or another number of workers) with the inputs
 //! at or after `T` reports exactly the status changes and rollups of a run that never
 //! stopped, whatever `T` is and whatever inputs at or after `T` the first run had already
-//! received when it saved.
+//! received (after the checkpoint was agreed, as in the engine) when it saved.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -104,18 +104,23 @@ fn run(plan: Plan) -> Run {
                 }
             }
             Some((at, ahead)) => {
-                // Beats before the checkpoint, then some at or after it (sent before the
-                // frontier reaches it, as a source's out-of-order records are), then the
-                // frontier moves to the checkpoint's time and past it.
-                for hb in sorted.into_iter().filter(|hb| hb.timestamp < at + ahead) {
+                // Beats before the checkpoint; then, as the engine's protocol has it, the
+                // checkpoint is agreed at a time past every beat handed in so far, and beats
+                // at or after it follow (before the frontier reaches it, as a source's
+                // out-of-order records do); then the frontier moves to it and past it.
+                let (before, after): (Vec<_>, Vec<_>) = sorted.into_iter().partition(|hb| hb.timestamp < at);
+                for hb in before {
                     let time = hb.timestamp;
+                    input.advance_to(time);
                     input.update_at(hb, time, 1);
-                    if time < at {
-                        input.advance_to(time);
-                    }
                     worker.step();
                 }
                 state.start(1, at);
+                for hb in after.into_iter().filter(|hb| hb.timestamp < at + ahead) {
+                    let time = hb.timestamp;
+                    input.update_at(hb, time, 1);
+                    worker.step();
+                }
                 input.advance_to(at);
                 input.flush();
                 let saved = loop {
