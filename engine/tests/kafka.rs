@@ -517,10 +517,21 @@ impl rdkafka::producer::ProducerContext for Acknowledged {
 }
 
 /// How many times each index `0..total` occurs in `topic`, read from the beginning of all
-/// its partitions to their end (end of partition reported by the broker; its high watermark
-/// from ListOffsets is not trusted, Tansu under-reports it). `read_committed` skips aborted
+/// its partitions to their end (see [`read_to_end`]). `read_committed` skips aborted
 /// transactions.
 fn count_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, read_committed: bool) -> Vec<u32> {
+    let mut counts = vec![0u32; total];
+    for payload in read_to_end(broker, topic, partitions, read_committed) {
+        let value: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        counts[value["net_rx_bytes"].as_u64().unwrap() as usize] += 1;
+    }
+    counts
+}
+
+/// Every message value of `topic`, read from the beginning of all its partitions to their
+/// end (end of partition reported by the broker; its high watermark from ListOffsets is not
+/// trusted, Tansu under-reports it); `read_committed` skips aborted transactions.
+fn read_to_end(broker: &Broker, topic: &str, partitions: i32, read_committed: bool) -> Vec<Vec<u8>> {
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker.address)
         .set("group.id", format!("verify-{topic}"))
@@ -533,7 +544,7 @@ fn count_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, r
         assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
     }
     reader.assign(&assignment).unwrap();
-    let mut counts = vec![0u32; total];
+    let mut payloads = Vec::new();
     let mut at_end = std::collections::HashSet::new();
     let start = Instant::now();
     while at_end.len() < partitions as usize {
@@ -541,8 +552,7 @@ fn count_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, r
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
                 at_end.remove(&message.partition());
-                let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
-                counts[value["net_rx_bytes"].as_u64().unwrap() as usize] += 1;
+                payloads.push(message.payload().unwrap_or_default().to_vec());
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
                 at_end.insert(partition);
@@ -550,7 +560,7 @@ fn count_numbered(broker: &Broker, topic: &str, partitions: i32, total: usize, r
             _ => {}
         }
     }
-    counts
+    payloads
 }
 
 /// Writes `yaml` as `dir/name`; returns its path.
@@ -789,7 +799,10 @@ fn kill_9_at_10_points_node_health_exactly_once() {
     let mut expected: Vec<String> =
         std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap().lines().map(str::to_owned).collect();
     assert!(expected.len() > 10_000, "the fleet changes status often: {}", expected.len());
-    let mut committed = committed_payloads(&broker, "changes", 4);
+    let mut committed: Vec<String> = read_to_end(&broker, "changes", 4, true)
+        .into_iter()
+        .map(|payload| String::from_utf8_lossy(&payload).into_owned())
+        .collect();
     expected.sort();
     committed.sort();
     let duplicates = committed.windows(2).filter(|pair| pair[0] == pair[1]).count();
@@ -810,39 +823,6 @@ fn kill_9_at_10_points_node_health_exactly_once() {
     }
     assert_eq!(duplicates, 0, "a status change was committed twice");
     assert!(committed == expected, "the committed changes differ from the uninterrupted run's");
-}
-
-/// Every committed message of `topic` (a `read_committed` reader to the end of each partition).
-fn committed_payloads(broker: &Broker, topic: &str, partitions: i32) -> Vec<String> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.address)
-        .set("group.id", format!("committed-{topic}"))
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
-    }
-    reader.assign(&assignment).unwrap();
-    let mut payloads = Vec::new();
-    let mut at_end = std::collections::HashSet::new();
-    let start = Instant::now();
-    while at_end.len() < partitions as usize {
-        assert!(start.elapsed() < Duration::from_secs(300), "reading `{topic}` back timed out");
-        match reader.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                at_end.remove(&message.partition());
-                payloads.push(String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned());
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
-                at_end.insert(partition);
-            }
-            _ => {}
-        }
-    }
-    payloads
 }
 
 /// Whether the broker hides the records of an aborted transaction from a `read_committed`

@@ -156,6 +156,9 @@ pub struct KafkaSink {
     dead_letters: bool,
     /// Part of a transaction: the transaction's commit makes the writes visible.
     transactional: bool,
+    /// How long a flush waits for acknowledgements: until librdkafka itself gives up on a
+    /// message (`delivery_timeout`), and a little more for its report to arrive.
+    flush_timeout: Duration,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -187,6 +190,7 @@ impl KafkaSink {
             key: config.key.clone(),
             dead_letters,
             transactional: true,
+            flush_timeout: flush_timeout(config),
         }
     }
 
@@ -205,6 +209,7 @@ impl KafkaSink {
             key: config.key.clone(),
             dead_letters,
             transactional: false,
+            flush_timeout: flush_timeout(config),
         })
     }
 
@@ -268,15 +273,16 @@ impl Sink for KafkaSink {
         if !self.transactional {
             // Wait for the acknowledgements (the producer's own thread serves them); rdkafka's
             // `flush` would poll for events that thread already took, in 100 ms steps.
-            let deadline = std::time::Instant::now() + FLUSH_TIMEOUT;
+            let deadline = std::time::Instant::now() + self.flush_timeout;
             while self.producer.in_flight_count() > 0 {
                 if std::time::Instant::now() > deadline {
                     return Err(kafka_failure(
                         &self.brokers,
                         format!(
-                            "{} messages to `{}` not acknowledged within {FLUSH_TIMEOUT:?}",
+                            "{} messages to `{}` not acknowledged within {:?}",
                             self.producer.in_flight_count(),
-                            self.topic
+                            self.topic,
+                            self.flush_timeout
                         ),
                         Fault::External,
                     ));
@@ -321,8 +327,12 @@ impl std::fmt::Debug for KafkaTransaction {
     }
 }
 
-/// How long a flush waits for the brokers' acknowledgements before the pipeline fails.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a flush waits for the brokers' acknowledgements before the pipeline fails:
+/// librdkafka retries each message until `delivery_timeout` and then reports it failed (the
+/// flush returns that failure); the margin lets the report arrive.
+fn flush_timeout(config: &KafkaSinkConfig) -> Duration {
+    Duration::from_millis(config.delivery_timeout.as_millis()) + Duration::from_secs(5)
+}
 
 /// How long transaction calls may take before the pipeline fails.
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);

@@ -181,12 +181,19 @@ pub fn load(
         .into());
     }
     let mut restore = restore;
-    restore.participants.retain(|participant, _| {
-        let component = participant.split(['/']).nth(1).unwrap_or(participant);
-        !dropped.iter().any(|name| name == component)
-    });
+    restore.participants.retain(|participant, _| !dropped.iter().any(|name| owner(participant) == name));
     tracing::info!(epoch = restore.epoch, time = restore.time, dir = %settings.dir.display(), "restoring from checkpoint");
     Ok(Some(restore))
+}
+
+/// The component a participant's state belongs to: `@source/NAME` and `@sink/NAME` for
+/// sources and sinks (names cannot start with `@`), `NAME/PART` for an operator's parts.
+fn owner(participant: &str) -> &str {
+    match participant.split_once('/') {
+        Some(("@source" | "@sink", name)) => name,
+        Some((name, _)) => name,
+        None => participant,
+    }
 }
 
 /// The participants' entries of a loaded checkpoint, all parts together.
@@ -450,5 +457,18 @@ fn pause_for_tests(epoch: u64) {
             tracing::warn!(epoch, ms, "pausing before the manifest (EDGEFLOW_TEST_PAUSE_BEFORE_MANIFEST)");
             std::thread::sleep(Duration::from_millis(ms));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// State is dropped by the component it belongs to, whatever its kind.
+    #[test]
+    fn participants_belong_to_their_component() {
+        assert_eq!(super::owner("health/status"), "health");
+        assert_eq!(super::owner("@source/edge"), "edge");
+        assert_eq!(super::owner("@sink/changes"), "changes");
+        assert_eq!(super::owner("source/status"), "source");
+        assert_eq!(super::owner("@components"), "@components");
     }
 }

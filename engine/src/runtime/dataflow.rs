@@ -216,7 +216,7 @@ pub fn build<'scope>(
         let index = group.sinks.len();
         group.sinks.push(handle);
         if let Some(saved) = &saved {
-            group.saves.push(saved.handle(&format!("sink/{}", spec.name)));
+            group.saves.push(saved.handle(&format!("@sink/{}", spec.name)));
         }
         let references: Vec<PortRef> = if spec.inputs.is_empty() {
             // A dead_letter sink without inputs takes every source's dead letters.

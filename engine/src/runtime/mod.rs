@@ -532,7 +532,7 @@ fn run_worker(
             clock: None,
             max_time: 0,
             checkpoints: std::collections::VecDeque::new(),
-            saving: checkpointed.then(|| Saving::new(state.handle(&format!("source/{}", spec.name)), index, peers)),
+            saving: checkpointed.then(|| Saving::new(state.handle(&format!("@source/{}", spec.name)), index, peers)),
             ended: false,
             last_commit: Instant::now(),
             watermark: 0,
@@ -557,7 +557,7 @@ fn run_worker(
             lag_gauge: metrics.watermark_lag_of(&spec.name, index),
         };
         if let Some(restore) = restore {
-            let saved = saving::saved_sources(restore.of(&format!("source/{}", spec.name)))?;
+            let saved = saving::saved_sources(restore.of(&format!("@source/{}", spec.name)))?;
             driver.restore(restore.time, saved, index, peers)?;
         }
         drivers.push(driver);
@@ -689,7 +689,7 @@ fn run_worker(
 
 /// What a sink saved at the checkpoint being restored (`None`: nothing to go back to).
 fn sink_resume(restore: &Restore, sink: &str) -> anyhow::Result<Option<Vec<u8>>> {
-    let Some(entry) = restore.of(&format!("sink/{sink}")).first() else { return Ok(None) };
+    let Some(entry) = restore.of(&format!("@sink/{sink}")).first() else { return Ok(None) };
     entry.value::<Option<Vec<u8>>>().with_context(|| format!("the checkpoint's state of sink `{sink}`"))
 }
 
