@@ -1,5 +1,6 @@
 //! Golden tests: malformed pipelines under `pipelines/tests/invalid/` with their expected
-//! messages (`NAME.expected`), and runnable pipelines under `pipelines/tests/valid/` with
+//! messages (`NAME.expected`; `${PIPELINES}` in a case is the shipped pipelines' directory),
+//! and runnable pipelines under `pipelines/tests/valid/` with
 //! their input and expected output. `EDGEFLOW_BLESS=1 cargo test --test golden` rewrites the
 //! expectations on purpose.
 
@@ -50,7 +51,10 @@ fn invalid_pipelines_report_every_problem() {
     for case in cases {
         let text = std::fs::read_to_string(&case).expect("readable case");
         let name = format!("pipelines/tests/invalid/{}", case.file_name().unwrap().to_string_lossy());
-        let problems = match load_str(&text, &name, &|_| None) {
+        // `${PIPELINES}`: the shipped pipelines' directory, for a file a case needs to exist.
+        let pipelines = root().join("pipelines");
+        let lookup = |var: &str| (var == "PIPELINES").then(|| pipelines.display().to_string());
+        let problems = match load_str(&text, &name, &lookup) {
             Ok(_) => panic!("{name} should be invalid"),
             Err(problems) => problems,
         };

@@ -439,15 +439,15 @@ fn a_new_version_is_swapped_in_mid_stream_without_dropping_or_mixing() {
     );
 }
 
-/// Heartbeats of nodes `n0`..`n3` every second from two minutes ago to three minutes ahead
-/// (so the fleet outlives the test: a followed file, its watermark near the wall clock);
-/// `n2` stops after 20 s (Offline at 25 s with a 5 s timeout). Requests every 100 ms from
-/// 10 s to 50 s.
-fn fleet_and_requests(dir: &Path) -> (PathBuf, PathBuf) {
+/// Heartbeats of nodes `n0`..`n3` every second for `seconds` from two minutes ago (300: to
+/// three minutes ahead, so the fleet outlives the test: a followed file, its watermark near
+/// the wall clock); `n2` stops after 20 s (Offline at 25 s with a 5 s timeout). Requests
+/// every 100 ms from 10 s to 50 s.
+fn fleet_and_requests(dir: &Path, seconds: u64) -> (PathBuf, PathBuf) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let base = now - 120_000;
     let mut beats = Vec::new();
-    for second in 0..300u64 {
+    for second in 0..seconds {
         for node in 0..4 {
             if node == 2 && second > 20 {
                 continue;
@@ -467,6 +467,27 @@ fn fleet_and_requests(dir: &Path) -> (PathBuf, PathBuf) {
     (beats_path, requests_path)
 }
 
+/// Node health, a balancer with `strategy` and batched inference (2 s batch window, so that
+/// requests wait) over `fleet_and_requests`' files; results in `results.jsonl`, status
+/// changes in `changes.jsonl`; `extra` adds top-level sections.
+fn balance_pipeline(dir: &Path, (beats, requests): (&Path, &Path), strategy: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        "name: balance\nmetrics:\n  enabled: false\n{extra}sources:\n  fleet:\n    type: file\n    follow: true\n    path: {}\n  requests:\n    {}\n\
+         operators:\n  health:\n    type: node_health\n    input: fleet\n    heartbeat_timeout: 5s\n    unhealthy_after: 3s\n\
+         \x20 route:\n    type: load_balance\n    inputs: [requests, health.changes, fleet]\n    strategy: {strategy}\n\
+         \x20 infer:\n    type: inference\n    input: route\n    registry: {}\n    models: [linear]\n    max_batch_size: 1000\n    max_queue_delay: 2s\n\
+         sinks:\n  results:\n    type: file\n    input: infer\n    path: {}\n  changes:\n    type: file\n    input: health\n    path: {}\n",
+        beats.display(),
+        file_source(requests).trim_start(),
+        models().display(),
+        dir.join("results.jsonl").display(),
+        dir.join("changes.jsonl").display(),
+    );
+    let pipeline = dir.join("pipeline.yaml");
+    std::fs::write(&pipeline, text).unwrap();
+    pipeline
+}
+
 #[test]
 fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rerouted() {
     // The last run is a cluster of 2 processes of 1 worker: requests cross processes to the
@@ -474,22 +495,9 @@ fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rero
     for (strategy, workers, processes) in [("round_robin", 1, 1), ("consistent_hash", 2, 1), ("consistent_hash", 1, 2)]
     {
         let dir = tempfile::tempdir().unwrap();
-        let (beats, requests) = fleet_and_requests(dir.path());
+        let (beats, requests) = fleet_and_requests(dir.path(), 300);
         let results_path = dir.path().join("results.jsonl");
-        let text = format!(
-            "name: balance\nmetrics:\n  enabled: false\nsources:\n  fleet:\n    type: file\n    follow: true\n    path: {}\n  requests:\n    {}\n\
-             operators:\n  health:\n    type: node_health\n    input: fleet\n    heartbeat_timeout: 5s\n    unhealthy_after: 3s\n\
-             \x20 route:\n    type: load_balance\n    inputs: [requests, health.changes, fleet]\n    strategy: {strategy}\n\
-             \x20 infer:\n    type: inference\n    input: route\n    registry: {}\n    models: [linear]\n    max_batch_size: 1000\n    max_queue_delay: 2s\n\
-             sinks:\n  results:\n    type: file\n    input: infer\n    path: {}\n  changes:\n    type: file\n    input: health\n    path: {}\n",
-            beats.display(),
-            file_source(&requests).trim_start(),
-            models().display(),
-            results_path.display(),
-            dir.path().join("changes.jsonl").display(),
-        );
-        let pipeline = dir.path().join("pipeline.yaml");
-        std::fs::write(&pipeline, text).unwrap();
+        let pipeline = balance_pipeline(dir.path(), (&beats, &requests), strategy, "");
         let hostfile = dir.path().join("hosts");
         let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         std::fs::write(&hostfile, format!("127.0.0.1:{}\n127.0.0.1:{}\n", port(), port())).unwrap();
@@ -539,6 +547,79 @@ fn balanced_requests_go_to_live_nodes_and_a_lost_nodes_waiting_requests_are_rero
         let while_alive = results.iter().filter(|r| r["timestamp"].as_u64().unwrap() < offline_at - 2_000).count();
         assert!(while_alive > 100, "{strategy}: {while_alive} requests while n2 was Healthy");
     }
+}
+
+/// Complete checkpoints (with a manifest) under `dir/ckpt`.
+fn complete_checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let entries = std::fs::read_dir(dir.join("ckpt")).map(|e| e.flatten().map(|e| e.path()).collect::<Vec<_>>());
+    entries.unwrap_or_default().into_iter().filter(|p| p.join("MANIFEST.json").exists()).collect()
+}
+
+/// The balanced pipeline with checkpoints, killed with SIGKILL three times after a new
+/// checkpoint (at a random moment while requests wait in their 2 s batches, are answered,
+/// and those of the lost node are re-routed) and restarted each time: in the end every
+/// request has exactly one result (what the killed runs wrote after their last checkpoint is
+/// cut off and answered again, nothing before it twice), none served by the lost node.
+#[test]
+fn balanced_inference_killed_and_restored_answers_every_request_once() {
+    use rand::Rng;
+    let dir = tempfile::Builder::new().prefix("balanced-ckpt").tempdir().unwrap();
+    // The fleet's heartbeats end about now: a checkpoint's time is past every record read, and
+    // once they are all read the frontier reaches it as the wall clock advances (with
+    // heartbeats three minutes ahead, a checkpoint would wait three minutes).
+    let (beats, requests) = fleet_and_requests(dir.path(), 121);
+    let checkpoint = "checkpoint:\n  dir: ckpt\n  interval: 200ms\n";
+    let pipeline = balance_pipeline(dir.path(), (&beats, &requests), "round_robin", checkpoint);
+    // A restored run has read the whole fleet file: its watermark follows the wall clock
+    // after 1 s without new heartbeats, not the default 30 s.
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    std::fs::write(&pipeline, text.replace("    follow: true\n", "    follow: true\n    idle_timeout: 1s\n")).unwrap();
+    let results_path = dir.path().join("results.jsonl");
+    let log = dir.path().join("engine.log");
+    let start = || {
+        let mut command = edgeflow();
+        command.current_dir(dir.path()).arg("run").arg(&pipeline).args(["--no-metrics", "--workers", "2"]);
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        Running(command.stdout(Stdio::null()).stderr(stderr).spawn().unwrap())
+    };
+    eprintln!("engine log: {}", log.display());
+    let mut rng = rand::thread_rng();
+    for _ in 0..3 {
+        let seen = complete_checkpoints(dir.path());
+        let mut engine = start();
+        wait_for("a new checkpoint", Duration::from_secs(60), || {
+            complete_checkpoints(dir.path()).iter().any(|c| !seen.contains(c))
+        });
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
+        engine.kill().unwrap();
+        engine.wait().unwrap();
+    }
+    let mut engine = start();
+    let ids = || {
+        let results = std::fs::read_to_string(&results_path).unwrap_or_default();
+        let complete = results.lines().filter(|l| l.ends_with('}'));
+        complete
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    wait_for("400 results", Duration::from_secs(60), || ids().len() >= 400);
+    // Anything still to come would be a duplicate: wait for the next checkpoint first.
+    let seen = complete_checkpoints(dir.path());
+    wait_for("a checkpoint after the last result", Duration::from_secs(60), || {
+        complete_checkpoints(dir.path()).iter().any(|c| !seen.contains(c))
+    });
+    engine.kill().unwrap();
+    engine.wait().unwrap();
+    let results = read_results(&results_path);
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for result in &results {
+        assert_eq!(result["status"], "ok", "{result}");
+        assert_ne!(result["node"], "n2", "served by the lost node: {result}");
+        *per_id.entry(result["id"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    let twice: Vec<_> = per_id.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "answered more than once: {twice:?}");
+    assert_eq!(per_id.len(), 400, "one result per request");
 }
 
 /// The rows of an Arrow IPC results file as read by pyarrow (an independent reader), as

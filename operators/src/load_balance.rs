@@ -35,6 +35,7 @@ use timely::dataflow::StreamVec;
 use crate::records::{
     HealthStatus, Heartbeat, InferenceRequest, InferenceResult, Location, ResultStatus, StatusChange,
 };
+use crate::state::{Entry, StateHandle};
 use crate::{route_hash, DurationMs, EventTime};
 
 /// How a node is chosen.
@@ -109,7 +110,7 @@ pub struct NoNode {
 }
 
 /// What the balancer knows of one node.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
     /// Latest health status.
     pub status: HealthStatus,
@@ -228,6 +229,26 @@ impl Balancer {
             depth: BTreeMap::new(),
             ring: None,
         }
+    }
+
+    /// What a checkpoint keeps of the balancer: its turn, weights and recent assignments.
+    fn saved(&self) -> SavedBalancer {
+        SavedBalancer {
+            round_robin: self.round_robin,
+            current: self.current.clone(),
+            recent: self.recent.iter().cloned().collect(),
+        }
+    }
+
+    /// Takes up where a saved balancer was.
+    fn restore(&mut self, saved: SavedBalancer) {
+        self.round_robin = saved.round_robin;
+        self.current = saved.current;
+        self.depth.clear();
+        for (_, node) in &saved.recent {
+            *self.depth.entry(node.clone()).or_default() += 1;
+        }
+        self.recent = saved.recent.into();
     }
 
     /// Requests assigned to `node` within the load window.
@@ -381,6 +402,24 @@ pub enum Placement {
     Unplaced(InferenceResult),
 }
 
+/// A balancer's state in a checkpoint.
+#[derive(Serialize, Deserialize)]
+struct SavedBalancer {
+    round_robin: usize,
+    current: BTreeMap<String, f64>,
+    recent: Vec<(EventTime, String)>,
+}
+
+/// What a checkpoint keeps of the load balancer.
+#[derive(Serialize, Deserialize)]
+enum SavedBalance {
+    /// The fleet view, the same on every worker (saved by worker 0, restored on all).
+    Fleet(BTreeMap<String, NodeView>),
+    /// One worker's balancer (saved under the worker's index, restored on the worker of
+    /// that index: each worker balances its own sources' requests).
+    Balancer(SavedBalancer),
+}
+
 /// Stashed items per time, with a capability to emit at that time.
 type Stash<D> = BTreeMap<EventTime, (Capability<EventTime>, Vec<D>)>;
 
@@ -388,20 +427,43 @@ type Stash<D> = BTreeMap<EventTime, (Capability<EventTime>, Vec<D>)>;
 /// requests at time `t` are assigned once the fleet updates are complete up to `t`, from the
 /// fleet as of `t`; re-routed requests at once, from the latest view, away from their lost
 /// node. Each worker balances its own requests; every worker sees every fleet update.
+///
+/// In checkpoints (through `state`) it keeps the fleet view and each worker's balancer (turn,
+/// weights, recent assignments), as of the checkpoint's time: new requests and fleet updates
+/// at or after it wait until it is saved, and so do re-routed requests at or after it (the
+/// inference operator that sends them keeps those in flight across the checkpoint). On
+/// another number of workers, worker `i` takes up the balancer of the old worker `i`.
 pub fn load_balance<'scope>(
     requests: StreamVec<'scope, EventTime, Incoming>,
     updates: StreamVec<'scope, EventTime, FleetUpdate>,
     config: &LoadBalanceConfig,
     name: &str,
+    state: StateHandle,
 ) -> StreamVec<'scope, EventTime, Placement> {
     let mut balancer = Balancer::new(config);
     let updates = updates.broadcast();
-    requests.binary_frontier(updates, Pipeline, Pipeline, &format!("LoadBalance({name})"), move |_, _| {
+    let scope = requests.scope();
+    let (index, _) = state.worker();
+    requests.binary_frontier(updates, Pipeline, Pipeline, &format!("LoadBalance({name})"), move |_, info| {
+        state.activate_with(scope.activator_for(info.address));
         let mut fleet = Fleet::default();
+        if let Some((_, entries)) = state.restored_all() {
+            for entry in entries {
+                match entry.value::<SavedBalance>() {
+                    Ok(SavedBalance::Fleet(nodes)) => fleet.nodes = nodes,
+                    Ok(SavedBalance::Balancer(saved)) if entry.route == index as u64 => balancer.restore(saved),
+                    Ok(SavedBalance::Balancer(_)) => {}
+                    Err(err) => tracing::error!(part = state.name(), %err, "saved balancer state is left out"),
+                }
+            }
+            fleet.generation = next_generation();
+        }
         let mut waiting: Stash<InferenceRequest> = BTreeMap::new();
         // Updates received but not yet applied (re-routed requests see them: the latest view).
         let mut pending: BTreeMap<EventTime, Vec<FleetUpdate>> = BTreeMap::new();
-        move |(requests, _), (updates, update_frontier), output| {
+        // Re-routed requests at or after a checkpoint's time, until it is saved.
+        let mut stashed: Vec<(Capability<EventTime>, InferenceRequest)> = Vec::new();
+        move |(requests, request_frontier), (updates, update_frontier), output| {
             updates.for_each(|cap, data| {
                 let time = cap.least().copied().unwrap_or_default();
                 pending.entry(time).or_default().append(data);
@@ -422,12 +484,29 @@ pub fn load_balance<'scope>(
                     }
                 }
             });
+            // A checkpoint is saved once both inputs have reached its time, before anything
+            // at or after it applies.
+            let ready = state.due().filter(|at| !request_frontier.less_than(at) && !update_frontier.less_than(at));
+            let save = |balancer: &Balancer,
+                        fleet: &mut Fleet,
+                        pending: &mut BTreeMap<EventTime, Vec<FleetUpdate>>,
+                        at: EventTime| {
+                apply_until(fleet, pending, at.saturating_sub(1));
+                let mut entries = vec![Entry::new(index as u64, &SavedBalance::Balancer(balancer.saved()))];
+                if index == 0 {
+                    entries.push(Entry::new(0, &SavedBalance::Fleet(fleet.nodes.clone())));
+                }
+                state.save(entries);
+            };
             // New requests whose time the fleet updates have passed, in time order, each
             // after the updates at or before its time.
             while let Some(entry) = waiting.first_entry() {
                 let time = *entry.key();
                 if update_frontier.less_equal(&time) {
                     break;
+                }
+                if let Some(at) = ready.filter(|at| time >= *at && state.due().is_some()) {
+                    save(&balancer, &mut fleet, &mut pending, at);
                 }
                 let (cap, batch) = entry.remove();
                 apply_until(&mut fleet, &mut pending, time);
@@ -446,47 +525,76 @@ pub fn load_balance<'scope>(
                     }
                 }
             }
+            if let Some(at) = ready.filter(|_| state.due().is_some()) {
+                save(&balancer, &mut fleet, &mut pending, at);
+            }
             // Updates the frontier has passed are final: apply them.
             if let Some(low) = update_frontier.frontier().iter().min().copied() {
                 apply_until(&mut fleet, &mut pending, low.saturating_sub(1));
             } else {
                 apply_until(&mut fleet, &mut pending, EventTime::MAX);
             }
+            match state.due() {
+                Some(at) => {
+                    let (later, now): (Vec<_>, Vec<_>) = reroutes.into_iter().partition(|(cap, _)| *cap.time() >= at);
+                    stashed.extend(later);
+                    reroutes = now;
+                }
+                None => reroutes.append(&mut stashed),
+            }
             if !reroutes.is_empty() {
-                // The latest view: every update received so far.
-                let mut latest = fleet.clone();
-                for update in pending.values().flatten() {
-                    latest.apply(update);
-                }
-                // The latest view without the lost node; re-routes come in runs of one node,
-                // so the view is made once per run.
-                let mut without: Option<(String, Fleet)> = None;
-                for (cap, mut request) in reroutes {
-                    let lost = request.node.take().unwrap_or_default();
-                    if without.as_ref().is_none_or(|(node, _)| *node != lost) {
-                        let mut view = latest.clone();
-                        view.exclude(&lost);
-                        without = Some((lost.clone(), view));
-                    }
-                    let Some((_, view)) = without.as_ref() else { continue };
-                    let placed = match balancer.choose(view, &request, *cap.time()) {
-                        Ok(node) => {
-                            request.node = Some(node);
-                            Placement::Assigned(request)
-                        }
-                        Err(reason) => Placement::Unplaced(InferenceResult::refused(
-                            &request,
-                            ResultStatus::Rejected,
-                            format!("node `{lost}` went offline and {reason}"),
-                            0.0,
-                        )),
-                    };
-                    output.session(&cap).give(placed);
-                }
+                reroute(&mut balancer, &fleet, &pending, reroutes, output);
             }
         }
     })
 }
+
+/// Places re-routed requests from the latest view (every update received so far), away from
+/// the node each one lost.
+fn reroute(
+    balancer: &mut Balancer,
+    fleet: &Fleet,
+    pending: &BTreeMap<EventTime, Vec<FleetUpdate>>,
+    reroutes: Vec<(Capability<EventTime>, InferenceRequest)>,
+    output: &mut PlacementOutput<'_>,
+) {
+    let mut latest = fleet.clone();
+    for update in pending.values().flatten() {
+        latest.apply(update);
+    }
+    // The latest view without the lost node; re-routes come in runs of one node, so the view
+    // is made once per run.
+    let mut without: Option<(String, Fleet)> = None;
+    for (cap, mut request) in reroutes {
+        let lost = request.node.take().unwrap_or_default();
+        if without.as_ref().is_none_or(|(node, _)| *node != lost) {
+            let mut view = latest.clone();
+            view.exclude(&lost);
+            without = Some((lost.clone(), view));
+        }
+        let Some((_, view)) = without.as_ref() else { continue };
+        let placed = match balancer.choose(view, &request, *cap.time()) {
+            Ok(node) => {
+                request.node = Some(node);
+                Placement::Assigned(request)
+            }
+            Err(reason) => Placement::Unplaced(InferenceResult::refused(
+                &request,
+                ResultStatus::Rejected,
+                format!("node `{lost}` went offline and {reason}"),
+                0.0,
+            )),
+        };
+        output.session(&cap).give(placed);
+    }
+}
+
+/// Where the balancer sends its placements.
+type PlacementOutput<'a> = timely::dataflow::operators::generic::OutputBuilderSession<
+    'a,
+    EventTime,
+    timely::container::CapacityContainerBuilder<Vec<Placement>>,
+>;
 
 fn apply_until(fleet: &mut Fleet, pending: &mut BTreeMap<EventTime, Vec<FleetUpdate>>, time: EventTime) {
     while let Some(entry) = pending.first_entry() {

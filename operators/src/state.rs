@@ -195,6 +195,22 @@ impl StateHandle {
         Some((time, entries.into_iter().filter(|entry| entry.route % peers == index).collect()))
     }
 
+    /// Every worker's entries saved by the checkpoint restored from, unfiltered, with the
+    /// checkpoint's time: for state every worker keeps whole (a view of the fleet that every
+    /// worker is sent), or per-worker state that the operator matches to workers itself.
+    /// Taken once, like [`StateHandle::restored`].
+    pub fn restored_all(&self) -> Option<(EventTime, Vec<Entry>)> {
+        let mut inner = self.worker.0.borrow_mut();
+        let time = inner.restored_at?;
+        Some((time, inner.restore.remove(&self.name).unwrap_or_default()))
+    }
+
+    /// This worker's index and the number of workers.
+    pub fn worker(&self) -> (usize, usize) {
+        let inner = self.worker.0.borrow();
+        (inner.index, inner.peers)
+    }
+
     /// The time of the checkpoint to save, once one is agreed and this participant has not
     /// saved it yet.
     pub fn due(&self) -> Option<EventTime> {

@@ -1,9 +1,13 @@
 //! Tumbling and sliding event-time windows over a key, with count, sum, mean, min and max.
 //!
-//! A window's result is emitted once, when the input frontier passes its end. A record whose
-//! window already closed (only possible under the late policy `update`, which lets late
-//! records into the dataflow at the current watermark) produces a corrected result for that
-//! window with `revision` incremented, as long as the window is within `allowed_lateness`.
+//! A window's result is emitted once, when the input frontier passes its end. Records apply
+//! in the order of their times once each time is complete, and windows ending before a time
+//! close before its records apply, so the results do not depend on when records arrive nor on
+//! the number of workers. A record whose window already closed (only possible under the late
+//! policy `update`, which lets late records into the dataflow at the current watermark)
+//! produces a corrected result for that window and key at once, with `revision` incremented
+//! (or `0` if the key had no result in that window), as long as the window is within
+//! `allowed_lateness`; later than that it is counted and left out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -13,6 +17,7 @@ use timely::dataflow::operators::{Capability, Operator};
 use timely::dataflow::StreamVec;
 
 use crate::records::{Gauge, Heartbeat, WindowResult};
+use crate::state::{Entry, StateHandle};
 use crate::{route_hash, DurationMs, EventTime};
 
 /// Which heartbeat field identifies the group.
@@ -234,7 +239,7 @@ pub fn from_micros(micros: i128) -> f64 {
 }
 
 /// Running aggregate of one key in one window.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Accumulator {
     /// Records seen.
     pub count: u64,
@@ -321,20 +326,25 @@ where
         K: Fn(&D) -> String + 'static,
         V: Fn(&D, &EventTime) -> (EventTime, f64) + 'static,
     {
-        window_aggregate_core(self, name, params, key, value)
+        window_aggregate_core(self, name, params, key, value, StateHandle::none())
     }
 }
 
-/// Windows over heartbeats, by the key and field of `config`.
+/// Windows over heartbeats, by the key and field of `config`, taking part in checkpoints
+/// through `state`: a checkpoint keeps every open window's aggregate per key, the windows
+/// still within the allowed lateness (with their revisions), and after a restore the
+/// operator carries on as if it had never stopped.
 pub fn heartbeat_windows<'scope>(
     updates: StreamVec<'scope, EventTime, (Heartbeat, EventTime, isize)>,
     name: &str,
     config: &WindowAggregateConfig,
     params: WindowParams,
+    state: StateHandle,
 ) -> StreamVec<'scope, EventTime, WindowResult> {
     let key = config.key.clone();
     let field = config.field;
-    updates.window_aggregate(
+    window_aggregate_core(
+        updates,
         name,
         params,
         move |hb: &Heartbeat| match &key {
@@ -343,13 +353,37 @@ pub fn heartbeat_windows<'scope>(
             WindowKey::Label(label) => hb.labels.get(label).cloned().unwrap_or_default(),
         },
         move |hb, _time| (hb.timestamp, field.read(hb)),
+        state,
     )
 }
 
+#[derive(Default)]
 struct ClosedWindow {
     accumulators: HashMap<String, Accumulator>,
     revisions: HashMap<String, u32>,
 }
+
+/// What a checkpoint keeps of one key's window.
+#[derive(Serialize, Deserialize)]
+enum SavedWindow {
+    /// A window still open, its aggregate so far.
+    Open { end: EventTime, key: String, acc: Accumulator },
+    /// A window emitted but still within the allowed lateness: late records correct it.
+    Closed { end: EventTime, key: String, acc: Accumulator, revision: u32 },
+}
+
+/// Windows still open, by end: the capability to emit each at its end, and its aggregates.
+type OpenWindows = BTreeMap<EventTime, (Capability<EventTime>, HashMap<String, Accumulator>)>;
+
+/// Where the operator emits its results.
+type WindowOutput<'a> = timely::dataflow::operators::generic::OutputBuilderSession<
+    'a,
+    EventTime,
+    timely::container::CapacityContainerBuilder<Vec<WindowResult>>,
+>;
+
+/// Records of one time waiting for the frontier, with the capability to answer at it.
+type PendingRecords<D> = (Capability<EventTime>, Vec<(D, isize)>);
 
 fn window_aggregate_core<'scope, D, K, V>(
     stream: StreamVec<'scope, EventTime, (D, EventTime, isize)>,
@@ -357,6 +391,7 @@ fn window_aggregate_core<'scope, D, K, V>(
     params: WindowParams,
     key: K,
     value: V,
+    state: StateHandle,
 ) -> StreamVec<'scope, EventTime, WindowResult>
 where
     D: timely::ExchangeData + Clone,
@@ -367,71 +402,138 @@ where
     let route = key.clone();
     let pact = Exchange::new(move |update: &(D, EventTime, isize)| route_hash(&route(&update.0)));
     let span = tracing::info_span!("operator", name = %name, r#type = "window_aggregate");
-    stream.unary_frontier(pact, name, move |_, _| {
-        let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<String, Accumulator>)> = BTreeMap::new();
+    let scope = stream.scope();
+    stream.unary_frontier(pact, name, move |initial, info| {
+        state.activate_with(scope.activator_for(info.address));
+        let mut pending: BTreeMap<EventTime, PendingRecords<D>> = BTreeMap::new();
+        let mut open: OpenWindows = BTreeMap::new();
         let mut closed: BTreeMap<EventTime, ClosedWindow> = BTreeMap::new();
-        let mut corrected: BTreeSet<(EventTime, String)> = BTreeSet::new();
+        // Windows corrected at the time being applied, and whether the key is new in the window.
+        let mut corrected: BTreeMap<(EventTime, String), bool> = BTreeMap::new();
         let mut results = Vec::new();
-        // Windows ending at or before this were emitted and may have been forgotten.
-        let mut emitted_up_to: EventTime = 0;
         let mut beyond_lateness: u64 = 0;
+        if let Some((at, entries)) = state.restored() {
+            for entry in entries {
+                match entry.value::<SavedWindow>() {
+                    Ok(SavedWindow::Open { end, key, acc }) => {
+                        let window = open.entry(end).or_insert_with(|| (initial.delayed(&end.max(at)), HashMap::new()));
+                        window.1.insert(key, acc);
+                    }
+                    Ok(SavedWindow::Closed { end, key, acc, revision }) => {
+                        let window = closed.entry(end).or_default();
+                        window.accumulators.insert(key.clone(), acc);
+                        window.revisions.insert(key, revision);
+                    }
+                    Err(err) => tracing::error!(part = state.name(), %err, "a saved window is left out"),
+                }
+            }
+        }
+        drop(initial);
         move |(input, frontier), output| {
             let _entered = span.enter();
             input.for_each(|cap, data| {
-                let message_time = cap.least().copied().unwrap_or_default();
                 for (record, time, diff) in data.drain(..) {
+                    pending
+                        .entry(time)
+                        .or_insert_with(|| (cap.delayed(&time, output.output_index()), Vec::new()))
+                        .1
+                        .push((record, diff));
+                }
+            });
+            // Emits every open window ending before `before`, earliest first.
+            let close = |output: &mut WindowOutput<'_>,
+                         results: &mut Vec<WindowResult>,
+                         open: &mut OpenWindows,
+                         closed: &mut BTreeMap<EventTime, ClosedWindow>,
+                         before: EventTime| {
+                while let Some(entry) = open.first_entry() {
+                    if *entry.key() >= before {
+                        break;
+                    }
+                    let (end, (cap, accumulators)) = entry.remove_entry();
+                    results.clear();
+                    results.extend(accumulators.iter().map(|(group, acc)| params.result(group, end, acc, 0)));
+                    results.sort();
+                    output.session(&cap).give_iterator(results.drain(..));
+                    closed.insert(end, ClosedWindow { accumulators, revisions: HashMap::new() });
+                }
+            };
+            let save = |open: &OpenWindows, closed: &BTreeMap<EventTime, ClosedWindow>, at: EventTime| {
+                let mut entries = Vec::new();
+                for (end, (_, accumulators)) in open {
+                    entries.extend(accumulators.iter().map(|(key, acc)| {
+                        Entry::new(route_hash(key), &SavedWindow::Open { end: *end, key: key.clone(), acc: *acc })
+                    }));
+                }
+                for (end, window) in closed.range(at.saturating_sub(params.lateness)..) {
+                    entries.extend(window.accumulators.iter().map(|(key, acc)| {
+                        let revision = window.revisions.get(key).copied().unwrap_or(0);
+                        let saved = SavedWindow::Closed { end: *end, key: key.clone(), acc: *acc, revision };
+                        Entry::new(route_hash(key), &saved)
+                    }));
+                }
+                state.save(entries);
+            };
+            // Complete times in order: windows ending before a time close before its records
+            // apply, so the results do not depend on when records arrive.
+            while let Some(entry) = pending.first_entry() {
+                let time = *entry.key();
+                if frontier.less_equal(&time) {
+                    break;
+                }
+                if let Some(at) = state.due_at(frontier).filter(|at| time >= *at) {
+                    close(output, &mut results, &mut open, &mut closed, at);
+                    save(&open, &closed, at);
+                }
+                close(output, &mut results, &mut open, &mut closed, time);
+                let (cap, records) = entry.remove();
+                for (record, diff) in records {
                     let (event_time, value) = value(&record, &time);
                     let group = key(&record);
                     for end in params.window_ends(event_time) {
-                        if let Some(window) = closed.get_mut(&end) {
-                            window.accumulators.entry(group.clone()).or_default().add(value, diff);
-                            corrected.insert((end, group.clone()));
-                        } else if end > emitted_up_to {
-                            let at = end.max(message_time);
+                        if end >= time {
                             open.entry(end)
-                                .or_insert_with(|| (cap.delayed(&at, output.output_index()), HashMap::new()))
+                                .or_insert_with(|| (cap.delayed(&end), HashMap::new()))
                                 .1
                                 .entry(group.clone())
                                 .or_default()
                                 .add(value, diff);
+                        } else if end.saturating_add(params.lateness) >= time {
+                            let window = closed.entry(end).or_default();
+                            let accumulator = window.accumulators.entry(group.clone());
+                            let fresh = matches!(accumulator, std::collections::hash_map::Entry::Vacant(_));
+                            accumulator.or_default().add(value, diff);
+                            corrected.entry((end, group.clone())).or_insert(fresh);
                         } else {
                             beyond_lateness += 1;
                         }
                     }
                 }
                 if !corrected.is_empty() {
-                    let out_cap = cap.retain_least(output.output_index());
-                    if let Some(out_cap) = out_cap {
-                        let mut session = output.session(&out_cap);
-                        for (end, group) in std::mem::take(&mut corrected) {
-                            if let Some(window) = closed.get_mut(&end) {
-                                let revision = window.revisions.entry(group.clone()).or_insert(0);
-                                *revision += 1;
-                                let acc = window.accumulators[&group];
-                                session.give(params.result(&group, end, &acc, *revision));
-                            }
+                    let mut session = output.session(&cap);
+                    for ((end, group), fresh) in std::mem::take(&mut corrected) {
+                        let window = closed.get_mut(&end).expect("a corrected window is kept");
+                        // A key without a result in the window before gets its first one.
+                        let revision = window.revisions.entry(group.clone()).or_insert(0);
+                        if !fresh {
+                            *revision += 1;
                         }
+                        let acc = window.accumulators[&group];
+                        session.give(params.result(&group, end, &acc, *revision));
                     }
                 }
-            });
-            while let Some(entry) = open.first_entry() {
-                if frontier.less_equal(entry.key()) {
-                    break;
-                }
-                let (end, (cap, accumulators)) = entry.remove_entry();
-                results.clear();
-                results.extend(accumulators.iter().map(|(group, acc)| params.result(group, end, acc, 0)));
-                results.sort();
-                output.session(&cap).give_iterator(results.drain(..));
-                emitted_up_to = emitted_up_to.max(end);
-                closed.insert(end, ClosedWindow { accumulators, revisions: HashMap::new() });
+            }
+            let horizon = frontier.frontier().iter().min().copied();
+            close(output, &mut results, &mut open, &mut closed, horizon.unwrap_or(EventTime::MAX));
+            if let Some(at) = state.due_at(frontier) {
+                close(output, &mut results, &mut open, &mut closed, at);
+                save(&open, &closed, at);
             }
             if beyond_lateness > 0 {
                 tracing::warn!(records = beyond_lateness, "late records beyond allowed_lateness were not applied");
                 beyond_lateness = 0;
             }
-            // Forget windows beyond the allowed lateness.
-            let horizon = frontier.frontier().iter().min().copied();
+            // Forget windows beyond the allowed lateness: no record still to come can reach them.
             match horizon {
                 Some(now) => closed.retain(|end, _| end.saturating_add(params.lateness) >= now),
                 None => closed.clear(),

@@ -1,7 +1,11 @@
 //! Reference comparison for `node_health`: random heartbeat streams, and at every time the
 //! incremental output equals a from-scratch recomputation; 1 and 4 workers agree.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
+
+use common::heartbeat;
 use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::InputSession;
@@ -18,23 +22,6 @@ struct Outputs {
     differential: Vec<((u64, NodeState), u64, isize)>,
     changes: Vec<StatusChange>,
     rollups: Vec<RegionRollup>,
-}
-
-fn heartbeat(node: usize, time: u64, cpu: f64) -> Heartbeat {
-    Heartbeat {
-        node_id: format!("n{node}"),
-        region: format!("r{}", node % 2),
-        lat: 0.0,
-        lon: 0.0,
-        timestamp: time,
-        cpu,
-        memory: 50.0,
-        disk: 50.0,
-        net_rx_bytes: 0,
-        net_tx_bytes: 0,
-        capacity: 1.0,
-        labels: BTreeMap::new(),
-    }
 }
 
 fn params() -> NodeHealthParams {
@@ -163,7 +150,7 @@ proptest! {
             let in_region: Vec<_> = statuses.iter()
                 .filter(|(node, _)| {
                     let index: usize = node[1..].parse().unwrap();
-                    format!("r{}", index % 2) == rollup.region
+                    format!("r{}", index % 3) == rollup.region
                 })
                 .map(|(_, status)| *status)
                 .collect();

@@ -20,6 +20,7 @@
 //! use edgeflow_operators::inference::operator::{Inference, InferenceOut, Model, ModelRunner, RunOutcome};
 //! use edgeflow_operators::inference::InferenceConfig;
 //! use edgeflow_operators::metrics::InferenceMetrics;
+//! use edgeflow_operators::state::StateHandle;
 //! use edgeflow_operators::{InferenceRequest, Tensor};
 //! use timely::dataflow::operators::capture::{Capture, Event};
 //! use timely::dataflow::operators::{Concatenate, ToStream};
@@ -65,7 +66,8 @@
 //!     let requests = vec![Box::new(request)].to_stream(scope);
 //!     let changes = scope.concatenate(Vec::<timely::dataflow::StreamVec<_, _>>::new());
 //!     let models = vec![Double(Arc::default())];
-//!     requests.inference(changes, "infer", &config, models, &InferenceMetrics::default()).capture()
+//!     let (metrics, state) = (InferenceMetrics::default(), StateHandle::none());
+//!     requests.inference(changes, "infer", &config, models, &metrics, state).capture()
 //! });
 //! let out: Vec<InferenceOut> = results
 //!     .try_iter()
@@ -93,6 +95,7 @@ use timely::dataflow::StreamVec;
 use super::InferenceConfig;
 use crate::batcher::{Admission, Batcher};
 use crate::metrics::{labels, BatchHistogram, InferenceMetrics};
+use crate::state::{Entry, StateHandle};
 use crate::time::wall_clock_ms;
 use crate::{
     route_hash, EventTime, HealthStatus, InferenceRequest, InferenceResult, ResultStatus, StatusChange, Tensor,
@@ -168,6 +171,12 @@ pub trait Inference<'scope> {
     /// request (or, for a request whose node went Offline in `changes` while it waited, a
     /// re-route). `models` are this worker's models; `name` names the operator in metrics
     /// and logs.
+    ///
+    /// In checkpoints (through `state`, [`StateHandle::none`] for none) it saves once every
+    /// request before the checkpoint's time is answered or re-routed; what it keeps is the
+    /// re-routed requests still on their way back to the balancer across the checkpoint
+    /// (sent back just before its time, they reach the balancer at it), which it sends back
+    /// again after a restore. Requests at or after the time come again from the sources.
     fn inference<M: Model>(
         self,
         changes: StreamVec<'scope, EventTime, StatusChange>,
@@ -175,6 +184,7 @@ pub trait Inference<'scope> {
         config: &InferenceConfig,
         models: Vec<M>,
         metrics: &InferenceMetrics,
+        state: StateHandle,
     ) -> StreamVec<'scope, EventTime, InferenceOut>;
 }
 
@@ -186,8 +196,9 @@ impl<'scope> Inference<'scope> for StreamVec<'scope, EventTime, Box<InferenceReq
         config: &InferenceConfig,
         models: Vec<M>,
         metrics: &InferenceMetrics,
+        state: StateHandle,
     ) -> StreamVec<'scope, EventTime, InferenceOut> {
-        inference_core(self, changes, name, config, models, metrics)
+        inference_core(self, changes, name, config, models, metrics, state)
     }
 }
 
@@ -301,6 +312,7 @@ fn inference_core<'scope, M: Model>(
     config: &InferenceConfig,
     models: Vec<M>,
     metrics: &InferenceMetrics,
+    state: StateHandle,
 ) -> StreamVec<'scope, EventTime, InferenceOut> {
     let scope = requests.scope();
     let worker = scope.index();
@@ -313,8 +325,25 @@ fn inference_core<'scope, M: Model>(
         Exchange::new(|request: &Box<InferenceRequest>| route_hash(request.node.as_deref().unwrap_or(&request.id)));
     let rerouted = metrics.rerouted.get_or_create(&labels::Operator { operator: operator.to_owned() }).clone();
     let changes = changes.broadcast();
-    requests.binary_frontier(changes, pact, Pipeline, &format!("Inference({operator})"), move |_cap, info| {
+    requests.binary_frontier(changes, pact, Pipeline, &format!("Inference({operator})"), move |initial, info| {
         let activator = scope.activator_for(info.address.clone());
+        state.activate_with(activator.clone());
+        // Re-routed requests by the time they were sent back at; those sent back just before
+        // a checkpoint's time are in flight across it, and the checkpoint keeps them.
+        let mut sent_back: BTreeMap<EventTime, Vec<InferenceRequest>> = BTreeMap::new();
+        // After a restore: the requests in flight at the checkpoint, sent back again.
+        let mut resend: Option<(Capability<EventTime>, Vec<InferenceOut>)> = None;
+        if let Some((at, entries)) = state.restored() {
+            let mut requests = Vec::new();
+            for entry in entries {
+                match entry.value::<InferenceRequest>() {
+                    Ok(request) => requests.push(InferenceOut::Reroute(Box::new(request))),
+                    Err(err) => tracing::error!(part = state.name(), %err, "a saved re-routed request is left out"),
+                }
+            }
+            resend = Some((initial.delayed(&at.saturating_sub(1)), requests));
+        }
+        drop(initial);
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
         let served: Vec<String> = models.iter().map(|m| m.name().to_owned()).collect();
         let mut lanes: BTreeMap<String, Lane<M::Runner>> = BTreeMap::new();
@@ -367,6 +396,9 @@ fn inference_core<'scope, M: Model>(
         let span = tracing::info_span!("operator", name = %name, r#type = "inference", worker);
         move |(input, frontier), (changes, _), output: &mut Output<'_>| {
             let _entered = span.enter();
+            if let Some((cap, requests)) = resend.take() {
+                output.session(&cap).give_iterator(requests.into_iter());
+            }
             // Waiting requests of nodes that went Offline go back to be placed again, and so do
             // requests that arrive for a node already known to be Offline.
             let mut lost = Vec::new();
@@ -387,6 +419,7 @@ fn inference_core<'scope, M: Model>(
                     for queue in lane.queues.values_mut() {
                         for gone in queue.remove_where(|w| w.request.node.as_deref() == Some(node.as_str())) {
                             rerouted.inc();
+                            sent_back.entry(gone.item.time).or_default().push((*gone.item.request).clone());
                             released.push((gone.item.time, InferenceOut::Reroute(gone.item.request)));
                         }
                     }
@@ -402,6 +435,7 @@ fn inference_core<'scope, M: Model>(
                 for request in data.drain(..) {
                     if request.node.as_ref().is_some_and(|node| offline.contains(node)) {
                         rerouted.inc();
+                        sent_back.entry(time).or_default().push((*request).clone());
                         answered.push(InferenceOut::Reroute(request));
                         continue;
                     }
@@ -532,6 +566,18 @@ fn inference_core<'scope, M: Model>(
                 lane.depth.set(depth as i64);
             }
             held.emit_all(output, released);
+            // Nothing goes out before `low` any more: requests sent back before `low - 1`
+            // reached the balancer before `low`, which no checkpoint still to come precedes.
+            let low = frontier.frontier().iter().copied().chain(held.0.keys().copied()).min();
+            if let Some(at) = state.due().filter(|at| low.is_none_or(|low| low >= *at)) {
+                let in_flight = sent_back.get(&at.saturating_sub(1)).into_iter().flatten();
+                let routed = |request: &InferenceRequest| route_hash(request.node.as_deref().unwrap_or(&request.id));
+                state.save(in_flight.map(|request| Entry::new(routed(request), request)).collect());
+            }
+            match low {
+                Some(low) => sent_back = sent_back.split_off(&low.saturating_sub(1)),
+                None => sent_back.clear(),
+            }
             if let Some(delay) = wake_in {
                 activator.activate_after(delay);
             }

@@ -81,6 +81,10 @@ fn check_registry(problems: &mut ParamErrors, config: &InferenceConfig) {
 }
 
 impl OperatorComponent for InferenceOperator {
+    fn checkpointed(&self) -> bool {
+        true
+    }
+
     fn build<'scope>(
         &self,
         name: &str,
@@ -132,7 +136,8 @@ impl OperatorComponent for InferenceOperator {
         let watch = (config.watch.as_millis() > 0).then(|| std::time::Duration::from_millis(config.watch.as_millis()));
         let served: Vec<ServedModel> =
             models.into_iter().map(|model| ServedModel { model, options: ServiceOptions { watch } }).collect();
-        let out = requests.inference(changes, name, config, served, &cx.metrics.inference);
+        let state = cx.state.handle(name);
+        let out = requests.inference(changes, name, config, served, &cx.metrics.inference, state);
         let mut results = out.clone().flat_map(|out| match out {
             InferenceOut::Result(result) => Some(result),
             InferenceOut::Reroute(_) => None,

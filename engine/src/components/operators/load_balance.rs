@@ -78,6 +78,10 @@ impl Component for LoadBalanceOperator {
 }
 
 impl OperatorComponent for LoadBalanceOperator {
+    fn checkpointed(&self) -> bool {
+        true
+    }
+
     fn build<'scope>(
         &self,
         name: &str,
@@ -103,7 +107,8 @@ impl OperatorComponent for LoadBalanceOperator {
                 _ => {}
             }
         }
-        let placements = load_balance(scope.concatenate(requests), scope.concatenate(updates), &self.0, name);
+        let state = cx.state.handle(name);
+        let placements = load_balance(scope.concatenate(requests), scope.concatenate(updates), &self.0, name, state);
         let placed = |status| {
             let labels = OperatorStatus { operator: name.to_owned(), status };
             cx.metrics.inference.placed.get_or_create(&labels).clone()

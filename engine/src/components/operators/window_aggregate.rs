@@ -37,7 +37,12 @@ impl OperatorComponent for WindowAggregateOperator {
         cx: &mut Build<'_, 'scope>,
     ) -> Result<Vec<Port<'scope>>, BuildError> {
         let heartbeats = cx.count(cx.heartbeats(inputs), name, "input");
-        let results = heartbeat_windows(heartbeats.inner, name, &self.config, self.params.clone());
+        let state = cx.state.handle(name);
+        let results = heartbeat_windows(heartbeats.inner, name, &self.config, self.params.clone(), state);
         Ok(vec![Port::Windows(cx.count_stream(results, name, "results"))])
+    }
+
+    fn checkpointed(&self) -> bool {
+        true
     }
 }
