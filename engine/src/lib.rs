@@ -20,5 +20,6 @@ pub mod graph;
 pub mod http;
 pub mod metrics;
 pub mod model_cli;
+pub mod reload;
 pub mod runtime;
 pub mod status_line;

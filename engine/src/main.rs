@@ -81,6 +81,17 @@ enum Command {
         #[arg(long)]
         no_status: bool,
     },
+    /// Apply a changed pipeline file to a running `edgeflow run` without losing state: the
+    /// file is checked here first (problems are printed, nothing is sent), then the engine
+    /// (process PID) is sent SIGHUP, checks it again and goes on from its last checkpoint
+    /// with the new pipeline (see the README, "Hot reload").
+    Reload {
+        /// The running engine's process id.
+        #[arg(long)]
+        pid: u32,
+        /// The changed pipeline file (the one the engine runs).
+        pipeline: PathBuf,
+    },
     /// Check a pipeline and report every problem, without running it.
     Validate {
         /// The pipeline YAML file.
@@ -236,6 +247,29 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Reload { pid, pipeline } => {
+            if let Err(code) = load(&pipeline) {
+                return code;
+            }
+            let sent = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status();
+            match sent {
+                Ok(status) if status.success() => {
+                    println!(
+                        "{}: ok; reload requested of process {pid} (its log says when it runs the new pipeline)",
+                        pipeline.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("error: cannot signal process {pid} (not running, or not yours)");
+                    ExitCode::FAILURE
+                }
+                Err(err) => {
+                    eprintln!("error: cannot run `kill` to signal process {pid}: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Graph { pipeline, format } => match load(&pipeline) {
             Ok(loaded) => {
                 print!("{}", graph::render(&loaded, format));
@@ -318,7 +352,7 @@ fn main() -> ExitCode {
             };
             let stop = Arc::new(AtomicBool::new(false));
             let options = RunOptions { workers, processes, process, hostfile, stop: stop.clone(), allow_state_drop };
-            match run(&loaded, &options, metrics_addr, no_metrics, no_status) {
+            match run(&pipeline, loaded, options, metrics_addr, no_metrics, no_status) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("error: {err:#}");
@@ -337,17 +371,27 @@ fn load(path: &std::path::Path) -> Result<Pipeline, ExitCode> {
 }
 
 fn run(
-    pipeline: &Pipeline,
-    options: &RunOptions,
+    path: &std::path::Path,
+    mut pipeline: Pipeline,
+    mut options: RunOptions,
     metrics_addr: Option<String>,
     no_metrics: bool,
     no_status: bool,
 ) -> anyhow::Result<()> {
+    let terminated = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while stopping exits at once.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, options.stop.clone())?;
+        signal_hook::flag::register_conditional_shutdown(signal, 1, terminated.clone())?;
+        signal_hook::flag::register(signal, terminated.clone())?;
         signal_hook::flag::register(signal, options.stop.clone())?;
     }
+    let reloads = edgeflow_engine::reload::Reloads::watch(
+        path,
+        &pipeline,
+        options.stop.clone(),
+        terminated.clone(),
+        options.processes,
+    )?;
     let metrics = Arc::new(Metrics::new());
     if pipeline.metrics.enabled && !no_metrics {
         let mut config = pipeline.metrics.clone();
@@ -365,8 +409,21 @@ fn run(
     } else {
         None
     };
-    tracing::info!(pipeline = %pipeline.name, workers = options.workers, processes = options.processes, process = options.process, "starting");
-    let result = runtime::run(pipeline, options, metrics);
+    let result = loop {
+        tracing::info!(pipeline = %pipeline.name, workers = options.workers, processes = options.processes, process = options.process, "starting");
+        let result = runtime::run(&pipeline, &options, metrics.clone());
+        let reload = reloads.take();
+        let Some(reload) = reload.filter(|_| result.is_ok() && !terminated.load(Ordering::Relaxed)) else {
+            break result;
+        };
+        if !reload.dropped.is_empty() {
+            tracing::warn!(components = ?reload.dropped, "reload: the state of components removed or of another type is dropped");
+        }
+        options.allow_state_drop.extend(reload.dropped);
+        pipeline = reload.pipeline;
+        options.stop.store(false, Ordering::Relaxed);
+        tracing::info!(pipeline = %pipeline.name, "reloaded: starting the new pipeline from the last checkpoint");
+    };
     status_stop.store(true, Ordering::Relaxed);
     if let Some(status) = status {
         let _ = status.join();

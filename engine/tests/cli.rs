@@ -9,16 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{edgeflow, output, promtool_accepts, write, Running};
-
-/// Waits for `condition`, polling; panics with `what` after `limit`.
-fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !condition() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{edgeflow, output, promtool_accepts, wait_for, write, Running};
 
 fn fleet_pipeline(out: &Path, nodes: u32, duration: &str) -> String {
     format!(

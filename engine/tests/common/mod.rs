@@ -18,6 +18,15 @@ pub fn output(command: &mut Command) -> std::process::Output {
     command.output().unwrap_or_else(|err| panic!("cannot run edgeflow: {err}"))
 }
 
+/// Waits until `condition` holds, checking every 20 ms; fails after `limit`, naming `what`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut condition: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Writes `text` to `dir/name`.
 pub fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);
