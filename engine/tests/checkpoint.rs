@@ -334,3 +334,25 @@ fn a_checkpoint_that_no_longer_fits_is_refused_unless_its_state_may_be_dropped()
     let log = run_to_end(&renamed, &["--allow-state-drop", "health"]);
     assert!(log.contains("its state is dropped"), "{log}");
 }
+
+/// A second run of the pipeline on the same checkpoint directory, while the first still
+/// runs, is refused with the first one's pid (it would mix its checkpoints with the first's).
+#[test]
+fn a_second_run_on_the_same_checkpoints_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = fleet_pipeline(dir.path(), "fleet.yaml", 24 * 365, true);
+    let mut first = start(&pipeline, &[], &[]);
+    assert!(wait_for_new_checkpoint(&mut first, dir.path(), &[]), "the first run ended");
+    let second = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+        .current_dir(dir.path())
+        .args(["run", "fleet.yaml", "--no-status"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is in use by another run of this pipeline"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.id())), "{stderr}");
+    assert!(first.try_wait().unwrap().is_none(), "the first run goes on");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}

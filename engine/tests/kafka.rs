@@ -825,6 +825,92 @@ fn kill_9_at_10_points_node_health_exactly_once() {
     assert!(committed == expected, "the committed changes differ from the uninterrupted run's");
 }
 
+/// Fencing of a zombie: a run stopped (SIGSTOP) part-way while a second run takes over from
+/// a copy of its checkpoints (as a standby on another machine would), with the same
+/// transactional id. The second run's start fences the first's producer and aborts its open
+/// transaction; when the first wakes up, it fails (fenced) without committing anything more,
+/// and a `read_committed` consumer sees exactly the changes of an uninterrupted run, once.
+#[test]
+fn a_fenced_zombie_commits_nothing() {
+    let broker = Broker::apache();
+    broker.create_topic("beats", 4);
+    broker.create_topic("changes", 4);
+    produce_fleet(&broker, "beats", 300_000);
+    let dir = tempfile::tempdir().unwrap();
+    let source = |group: &str| {
+        format!(
+            "sources:\n  beats:\n    type: kafka\n    brokers: {}\n    topics: [beats]\n    group: {group}\n    stop_at_end: true\n    max_out_of_orderness: 5s\noperators:\n  health:\n    type: node_health\n    input: beats\n",
+            broker.address
+        )
+    };
+    let reference = write_pipeline(
+        dir.path(),
+        "reference.yaml",
+        format!(
+            "name: reference\n{}sinks:\n  changes:\n    type: file\n    input: health.changes\n    path: {}\n",
+            source("reference"),
+            dir.path().join("reference.jsonl").display()
+        ),
+    );
+    run(&reference, 1);
+    let eos = |checkpoints: &str| {
+        format!(
+            "name: health-eos\ncheckpoint:\n  dir: {}\n  interval: 300ms\n{}sinks:\n  changes:\n    type: kafka\n    brokers: {}\n    topic: changes\n    input: health.changes\n    key: node_id\n    exactly_once: true\n",
+            dir.path().join(checkpoints).display(),
+            source("eos"),
+            broker.address,
+        )
+    };
+    let zombie_pipeline = write_pipeline(dir.path(), "zombie.yaml", eos("ckpt-zombie"));
+    let standby_pipeline = write_pipeline(dir.path(), "standby.yaml", eos("ckpt-standby"));
+    let log = dir.path().join("zombie.log");
+    // Killed if the test fails (a stopped process would otherwise stay behind).
+    let mut zombie = Running(start_engine(&zombie_pipeline, &log));
+    let start = Instant::now();
+    while complete_checkpoints(&dir.path().join("ckpt-zombie")).len() < 2 {
+        assert!(zombie.try_wait().unwrap().is_none(), "the run ended before it was stopped");
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoints in 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let signal = |name: &str, child: &Child| {
+        let sent = Command::new("kill").args([name, &child.id().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill {name}");
+    };
+    signal("-STOP", &zombie);
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(dir.path().join("ckpt-zombie"))
+        .arg(dir.path().join("ckpt-standby"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    run(&standby_pipeline, 2);
+    signal("-CONT", &zombie);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = zombie.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "the fenced run did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let zombie_log = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "the fenced run must fail:\n{zombie_log}");
+    assert!(zombie_log.to_lowercase().contains("fenced"), "the failure names the fencing:\n{zombie_log}");
+    let mut expected: Vec<String> =
+        std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap().lines().map(str::to_owned).collect();
+    let mut committed: Vec<String> = read_to_end(&broker, "changes", 4, true)
+        .into_iter()
+        .map(|payload| String::from_utf8_lossy(&payload).into_owned())
+        .collect();
+    expected.sort();
+    committed.sort();
+    let duplicates = committed.windows(2).filter(|pair| pair[0] == pair[1]).count();
+    assert_eq!(duplicates, 0, "a status change was committed twice");
+    assert_eq!(committed.len(), expected.len(), "committed changes");
+    assert!(committed == expected, "the committed changes differ from the uninterrupted run's");
+}
+
 /// Whether the broker hides the records of an aborted transaction from a `read_committed`
 /// consumer, as Apache Kafka does (Tansu 0.6.0 does not).
 fn broker_hides_aborted_transactions(broker: &Broker) -> bool {

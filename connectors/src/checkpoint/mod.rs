@@ -86,6 +86,55 @@ impl Manifest {
     }
 }
 
+/// One process's exclusive hold on a checkpoint directory for as long as it runs: a second
+/// run of the pipeline on the same directory (started by mistake, or a stopped run's
+/// restart while the stopped process still lives) would interleave its checkpoints with this
+/// run's. Released when dropped (or when the process dies: an OS file lock).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Takes the hold of process `process` on `dir` (created if missing), or says which
+    /// process (by pid) holds it.
+    pub fn take(dir: &Path, process: usize) -> Result<Self, ConnectorError> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(dir).map_err(|source| write_error(dir, source))?;
+        let path = dir.join(format!("process-{process}.lock"));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|source| write_error(&path, source))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let pid = std::process::id().to_string();
+                file.set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| file.write_all(pid.as_bytes()))
+                    .map_err(|source| write_error(&path, source))?;
+                Ok(Self { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                Err(ConnectorError::Config {
+                    connector: "checkpoint",
+                    reason: format!(
+                        "checkpoint directory `{}` is in use by another run of this pipeline (process {process}, pid {})\nhint: stop that run first: two runs on one directory would mix their checkpoints",
+                        dir.display(),
+                        holder.trim()
+                    ),
+                })
+            }
+            Err(std::fs::TryLockError::Error(source)) => Err(write_error(&path, source)),
+        }
+    }
+}
+
 /// Checkpoints in one directory.
 #[derive(Clone, Debug)]
 pub struct CheckpointStore {

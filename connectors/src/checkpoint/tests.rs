@@ -113,3 +113,19 @@ fn part_bytes_are_checked_before_they_are_trusted() {
     assert_eq!(decode_part(&body).unwrap_err(), "an entry runs past the end");
     assert!(store.write_part(1, "../escape", &[]).is_err(), "a part name cannot leave its directory");
 }
+
+/// A second hold of the same process's directory is refused with the holder's pid; another
+/// process's hold is separate; a hold ends when dropped.
+#[test]
+fn a_directory_is_held_by_one_run_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = DirLock::take(dir.path(), 0).unwrap();
+    let err = DirLock::take(dir.path(), 0).unwrap_err().to_string();
+    assert!(err.contains("in use by another run") && err.contains(&std::process::id().to_string()), "{err}");
+    let other_process = DirLock::take(dir.path(), 1).unwrap();
+    drop(held);
+    DirLock::take(dir.path(), 0).unwrap();
+    drop(other_process);
+    // The lock files are not checkpoints.
+    assert!(CheckpointStore::open(dir.path(), 2).unwrap().latest().unwrap().is_none());
+}

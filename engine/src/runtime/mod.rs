@@ -90,6 +90,11 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> 
             (s.name.clone(), SharedSource { finished: Default::default(), file_clock })
         })
         .collect();
+    // One run per checkpoint directory (and process) at a time.
+    let _lock = match &pipeline.checkpoint {
+        Some(settings) => Some(edgeflow_connectors::checkpoint::DirLock::take(&settings.dir, options.process)?),
+        None => None,
+    };
     // Exactly once: the transaction opens first, which fences a crashed run's producer and
     // aborts its open transaction; then Kafka tells which checkpoint's output it committed,
     // and the run restores that checkpoint.
