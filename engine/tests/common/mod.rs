@@ -2,6 +2,8 @@
 // Each test crate uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod apache_kafka;
+
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 
