@@ -382,8 +382,174 @@ type WindowOutput<'a> = timely::dataflow::operators::generic::OutputBuilderSessi
     timely::container::CapacityContainerBuilder<Vec<WindowResult>>,
 >;
 
-/// Records of one time waiting for the frontier, with the capability to answer at it.
-type PendingRecords<D> = (Capability<EventTime>, Vec<(D, isize)>);
+/// A record waiting for its time to complete, reduced to what the windows need.
+struct Pending {
+    time: EventTime,
+    group: String,
+    event_time: EventTime,
+    value: f64,
+    diff: isize,
+}
+
+/// One worker's windows.
+struct Windows {
+    params: WindowParams,
+    open: OpenWindows,
+    closed: BTreeMap<EventTime, ClosedWindow>,
+    results: Vec<WindowResult>,
+    /// Records past the allowed lateness since the last warning.
+    beyond_lateness: u64,
+}
+
+impl Windows {
+    /// Applies a record whose windows all end at or after its time (not late): any order of
+    /// such records gives the same aggregates. `held` is a capability at or before its time.
+    fn apply(&mut self, record: Pending, held: &Capability<EventTime>) {
+        for end in self.params.window_ends(record.event_time) {
+            let window = self.open.entry(end).or_insert_with(|| (held.delayed(&end.max(record.time)), HashMap::new()));
+            window.1.entry(record.group.clone()).or_default().add(record.value, record.diff);
+        }
+    }
+
+    /// Applies the late records of one time `time` (every window ending before it closed):
+    /// each corrects its closed windows within the allowed lateness at once, with the next
+    /// revision (`0` for a key without a result in that window); windows still open take it
+    /// as usual.
+    fn apply_late(
+        &mut self,
+        records: &[Pending],
+        time: EventTime,
+        held: &Capability<EventTime>,
+        output: &mut WindowOutput<'_>,
+    ) {
+        // Corrected windows, and whether the key is new in the window.
+        let mut corrected: BTreeMap<(EventTime, &str), bool> = BTreeMap::new();
+        for record in records {
+            for end in self.params.window_ends(record.event_time) {
+                if end >= time {
+                    let window = self.open.entry(end).or_insert_with(|| (held.delayed(&end), HashMap::new()));
+                    window.1.entry(record.group.clone()).or_default().add(record.value, record.diff);
+                } else if end.saturating_add(self.params.lateness) >= time {
+                    let window = self.closed.entry(end).or_default();
+                    let accumulator = window.accumulators.entry(record.group.clone());
+                    let fresh = matches!(accumulator, std::collections::hash_map::Entry::Vacant(_));
+                    accumulator.or_default().add(record.value, record.diff);
+                    corrected.entry((end, &record.group)).or_insert(fresh);
+                } else {
+                    self.beyond_lateness += 1;
+                }
+            }
+        }
+        if corrected.is_empty() {
+            return;
+        }
+        let cap = held.delayed(&time);
+        let mut session = output.session(&cap);
+        for ((end, group), fresh) in corrected {
+            let Some(window) = self.closed.get_mut(&end) else { continue };
+            let revision = window.revisions.entry(group.to_owned()).or_insert(0);
+            if !fresh {
+                *revision += 1;
+            }
+            if let Some(acc) = window.accumulators.get(group) {
+                session.give(self.params.result(group, end, acc, *revision));
+            }
+        }
+    }
+
+    /// Emits every open window ending before `before`, earliest first.
+    fn close_before(&mut self, before: EventTime, output: &mut WindowOutput<'_>) {
+        while let Some(entry) = self.open.first_entry() {
+            if *entry.key() >= before {
+                break;
+            }
+            let (end, (cap, accumulators)) = entry.remove_entry();
+            self.results.clear();
+            self.results.extend(accumulators.iter().map(|(group, acc)| self.params.result(group, end, acc, 0)));
+            self.results.sort();
+            output.session(&cap).give_iterator(self.results.drain(..));
+            self.closed.insert(end, ClosedWindow { accumulators, revisions: HashMap::new() });
+        }
+    }
+
+    /// Applies the records before `bound` (their times complete), taking them out of
+    /// `pending`: first those that are not late, in any order, then the late ones in time
+    /// order, each time after the windows ending before it closed; then closes the windows
+    /// ending before `bound`.
+    fn apply_until(
+        &mut self,
+        pending: &mut Vec<Pending>,
+        bound: EventTime,
+        held: &Capability<EventTime>,
+        output: &mut WindowOutput<'_>,
+    ) {
+        let size = self.params.size;
+        let mut late = Vec::new();
+        let mut index = 0;
+        while index < pending.len() {
+            if pending[index].time >= bound {
+                index += 1;
+                continue;
+            }
+            let record = pending.swap_remove(index);
+            // The earliest window of a record ends after its event time; late if before its time.
+            let first_end = self.params.window_ends(record.event_time).next().unwrap_or(record.event_time + size);
+            if first_end >= record.time {
+                self.apply(record, held);
+            } else {
+                late.push(record);
+            }
+        }
+        late.sort_by_key(|record| record.time);
+        let mut rest = late.as_slice();
+        while let Some(first) = rest.first() {
+            let time = first.time;
+            let run = rest.iter().take_while(|record| record.time == time).count();
+            self.close_before(time, output);
+            self.apply_late(&rest[..run], time, held, output);
+            rest = &rest[run..];
+        }
+        self.close_before(bound, output);
+    }
+
+    /// Saves the open windows, and the closed ones late records at or after `at` may still
+    /// correct.
+    fn save(&self, state: &StateHandle, at: EventTime) {
+        let mut entries = Vec::new();
+        for (end, (_, accumulators)) in &self.open {
+            entries.extend(accumulators.iter().map(|(key, acc)| {
+                Entry::new(route_hash(key), &SavedWindow::Open { end: *end, key: key.clone(), acc: *acc })
+            }));
+        }
+        for (end, window) in self.closed.range(at.saturating_sub(self.params.lateness)..) {
+            entries.extend(window.accumulators.iter().map(|(key, acc)| {
+                let revision = window.revisions.get(key).copied().unwrap_or(0);
+                let saved = SavedWindow::Closed { end: *end, key: key.clone(), acc: *acc, revision };
+                Entry::new(route_hash(key), &saved)
+            }));
+        }
+        state.save(entries);
+    }
+
+    /// Takes up the windows saved by a checkpoint at `at`.
+    fn restore(&mut self, state: &StateHandle, at: EventTime, entries: Vec<Entry>, initial: &Capability<EventTime>) {
+        for entry in entries {
+            match entry.value::<SavedWindow>() {
+                Ok(SavedWindow::Open { end, key, acc }) => {
+                    let window =
+                        self.open.entry(end).or_insert_with(|| (initial.delayed(&end.max(at)), HashMap::new()));
+                    window.1.insert(key, acc);
+                }
+                Ok(SavedWindow::Closed { end, key, acc, revision }) => {
+                    let window = self.closed.entry(end).or_default();
+                    window.accumulators.insert(key.clone(), acc);
+                    window.revisions.insert(key, revision);
+                }
+                Err(err) => tracing::error!(part = state.name(), %err, "a saved window is left out"),
+            }
+        }
+    }
+}
 
 fn window_aggregate_core<'scope, D, K, V>(
     stream: StreamVec<'scope, EventTime, (D, EventTime, isize)>,
@@ -405,138 +571,65 @@ where
     let scope = stream.scope();
     stream.unary_frontier(pact, name, move |initial, info| {
         state.activate_with(scope.activator_for(info.address));
-        let mut pending: BTreeMap<EventTime, PendingRecords<D>> = BTreeMap::new();
-        let mut open: OpenWindows = BTreeMap::new();
-        let mut closed: BTreeMap<EventTime, ClosedWindow> = BTreeMap::new();
-        // Windows corrected at the time being applied, and whether the key is new in the window.
-        let mut corrected: BTreeMap<(EventTime, String), bool> = BTreeMap::new();
-        let mut results = Vec::new();
-        let mut beyond_lateness: u64 = 0;
+        let mut windows =
+            Windows { params, open: BTreeMap::new(), closed: BTreeMap::new(), results: Vec::new(), beyond_lateness: 0 };
         if let Some((at, entries)) = state.restored() {
-            for entry in entries {
-                match entry.value::<SavedWindow>() {
-                    Ok(SavedWindow::Open { end, key, acc }) => {
-                        let window = open.entry(end).or_insert_with(|| (initial.delayed(&end.max(at)), HashMap::new()));
-                        window.1.insert(key, acc);
-                    }
-                    Ok(SavedWindow::Closed { end, key, acc, revision }) => {
-                        let window = closed.entry(end).or_default();
-                        window.accumulators.insert(key.clone(), acc);
-                        window.revisions.insert(key, revision);
-                    }
-                    Err(err) => tracing::error!(part = state.name(), %err, "a saved window is left out"),
-                }
-            }
+            windows.restore(&state, at, entries, &initial);
         }
         drop(initial);
+        // Records whose time is not complete yet (or, while a checkpoint is due, at or after
+        // its time), and a capability at the least of their times.
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut held: Option<Capability<EventTime>> = None;
         move |(input, frontier), output| {
             let _entered = span.enter();
             input.for_each(|cap, data| {
-                for (record, time, diff) in data.drain(..) {
-                    pending
-                        .entry(time)
-                        .or_insert_with(|| (cap.delayed(&time, output.output_index()), Vec::new()))
-                        .1
-                        .push((record, diff));
+                let least = cap.least().copied().unwrap_or_default();
+                if held.as_ref().is_none_or(|h| least < *h.time()) {
+                    held = Some(cap.delayed(&least, output.output_index()));
                 }
-            });
-            // Emits every open window ending before `before`, earliest first.
-            let close = |output: &mut WindowOutput<'_>,
-                         results: &mut Vec<WindowResult>,
-                         open: &mut OpenWindows,
-                         closed: &mut BTreeMap<EventTime, ClosedWindow>,
-                         before: EventTime| {
-                while let Some(entry) = open.first_entry() {
-                    if *entry.key() >= before {
-                        break;
-                    }
-                    let (end, (cap, accumulators)) = entry.remove_entry();
-                    results.clear();
-                    results.extend(accumulators.iter().map(|(group, acc)| params.result(group, end, acc, 0)));
-                    results.sort();
-                    output.session(&cap).give_iterator(results.drain(..));
-                    closed.insert(end, ClosedWindow { accumulators, revisions: HashMap::new() });
-                }
-            };
-            let save = |open: &OpenWindows, closed: &BTreeMap<EventTime, ClosedWindow>, at: EventTime| {
-                let mut entries = Vec::new();
-                for (end, (_, accumulators)) in open {
-                    entries.extend(accumulators.iter().map(|(key, acc)| {
-                        Entry::new(route_hash(key), &SavedWindow::Open { end: *end, key: key.clone(), acc: *acc })
-                    }));
-                }
-                for (end, window) in closed.range(at.saturating_sub(params.lateness)..) {
-                    entries.extend(window.accumulators.iter().map(|(key, acc)| {
-                        let revision = window.revisions.get(key).copied().unwrap_or(0);
-                        let saved = SavedWindow::Closed { end: *end, key: key.clone(), acc: *acc, revision };
-                        Entry::new(route_hash(key), &saved)
-                    }));
-                }
-                state.save(entries);
-            };
-            // Complete times in order: windows ending before a time close before its records
-            // apply, so the results do not depend on when records arrive.
-            while let Some(entry) = pending.first_entry() {
-                let time = *entry.key();
-                if frontier.less_equal(&time) {
-                    break;
-                }
-                if let Some(at) = state.due_at(frontier).filter(|at| time >= *at) {
-                    close(output, &mut results, &mut open, &mut closed, at);
-                    save(&open, &closed, at);
-                }
-                close(output, &mut results, &mut open, &mut closed, time);
-                let (cap, records) = entry.remove();
-                for (record, diff) in records {
+                pending.extend(data.drain(..).map(|(record, time, diff)| {
                     let (event_time, value) = value(&record, &time);
-                    let group = key(&record);
-                    for end in params.window_ends(event_time) {
-                        if end >= time {
-                            open.entry(end)
-                                .or_insert_with(|| (cap.delayed(&end), HashMap::new()))
-                                .1
-                                .entry(group.clone())
-                                .or_default()
-                                .add(value, diff);
-                        } else if end.saturating_add(params.lateness) >= time {
-                            let window = closed.entry(end).or_default();
-                            let accumulator = window.accumulators.entry(group.clone());
-                            let fresh = matches!(accumulator, std::collections::hash_map::Entry::Vacant(_));
-                            accumulator.or_default().add(value, diff);
-                            corrected.entry((end, group.clone())).or_insert(fresh);
-                        } else {
-                            beyond_lateness += 1;
+                    Pending { time, group: key(&record), event_time, value, diff }
+                }));
+            });
+            let bound = frontier.frontier().iter().min().copied().unwrap_or(EventTime::MAX);
+            if let Some(held) = held.as_ref() {
+                // A checkpoint due at `at`: the state saved holds every record before it, none
+                // at or after it.
+                if let Some(at) = state.due_at(frontier) {
+                    windows.apply_until(&mut pending, at, held, output);
+                    windows.save(&state, at);
+                }
+                windows.apply_until(&mut pending, bound, held, output);
+            } else {
+                windows.close_before(bound, output);
+                if let Some(at) = state.due_at(frontier) {
+                    windows.save(&state, at);
+                }
+            }
+            // Hold only what the records still waiting need.
+            match pending.iter().map(|record| record.time).min() {
+                Some(least) => {
+                    if let Some(h) = held.as_mut() {
+                        if *h.time() < least {
+                            h.downgrade(&least);
                         }
                     }
                 }
-                if !corrected.is_empty() {
-                    let mut session = output.session(&cap);
-                    for ((end, group), fresh) in std::mem::take(&mut corrected) {
-                        let window = closed.get_mut(&end).expect("a corrected window is kept");
-                        // A key without a result in the window before gets its first one.
-                        let revision = window.revisions.entry(group.clone()).or_insert(0);
-                        if !fresh {
-                            *revision += 1;
-                        }
-                        let acc = window.accumulators[&group];
-                        session.give(params.result(&group, end, &acc, *revision));
-                    }
-                }
+                None => held = None,
             }
-            let horizon = frontier.frontier().iter().min().copied();
-            close(output, &mut results, &mut open, &mut closed, horizon.unwrap_or(EventTime::MAX));
-            if let Some(at) = state.due_at(frontier) {
-                close(output, &mut results, &mut open, &mut closed, at);
-                save(&open, &closed, at);
-            }
-            if beyond_lateness > 0 {
-                tracing::warn!(records = beyond_lateness, "late records beyond allowed_lateness were not applied");
-                beyond_lateness = 0;
+            if windows.beyond_lateness > 0 {
+                tracing::warn!(
+                    records = windows.beyond_lateness,
+                    "late records beyond allowed_lateness were not applied"
+                );
+                windows.beyond_lateness = 0;
             }
             // Forget windows beyond the allowed lateness: no record still to come can reach them.
-            match horizon {
-                Some(now) => closed.retain(|end, _| end.saturating_add(params.lateness) >= now),
-                None => closed.clear(),
+            match frontier.frontier().iter().min() {
+                Some(now) => windows.closed.retain(|end, _| end.saturating_add(windows.params.lateness) >= *now),
+                None => windows.closed.clear(),
             }
         }
     })

@@ -568,7 +568,7 @@ fn inference_core<'scope, M: Model>(
             held.emit_all(output, released);
             // Nothing goes out before `low` any more: requests sent back before `low - 1`
             // reached the balancer before `low`, which no checkpoint still to come precedes.
-            let low = frontier.frontier().iter().copied().chain(held.0.keys().copied()).min();
+            let low = frontier.frontier().iter().copied().chain(held.0.keys().next().copied()).min();
             if let Some(at) = state.due().filter(|at| low.is_none_or(|low| low >= *at)) {
                 let in_flight = sent_back.get(&at.saturating_sub(1)).into_iter().flatten();
                 let routed = |request: &InferenceRequest| route_hash(request.node.as_deref().unwrap_or(&request.id));
