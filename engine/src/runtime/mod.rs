@@ -214,8 +214,9 @@ struct SourceDriver {
     checkpoints: std::collections::VecDeque<(EventTime, edgeflow_connectors::Checkpoint)>,
     /// With checkpoints: its part in them.
     saving: Option<Saving>,
-    /// Ended, its inputs at the end of time (with checkpoints, until the last one).
-    ended: bool,
+    /// Ended, its inputs at the end of time (with checkpoints, until the last one): the
+    /// latest time it handed anything in at before (its watermark or a record's time).
+    ended: Option<EventTime>,
     last_commit: Instant,
     /// Current watermark: the inputs' time.
     watermark: EventTime,
@@ -381,7 +382,7 @@ impl SourceDriver {
     fn try_save(&mut self) {
         let Some(saving) = self.saving.as_mut() else { return };
         let source = &mut self.source;
-        let ended = self.inputs.is_none() || self.ended;
+        let ended = self.inputs.is_none() || self.ended.is_some();
         saving.try_save(self.watermark, ended, self.clock, || source.as_mut().and_then(|source| source.position()));
     }
 
@@ -452,8 +453,9 @@ impl SourceDriver {
     /// whose inputs close are retired, and could not save their state in it.
     fn end(&mut self) {
         if self.saving.is_some() {
+            // (Called again when every source has ended: the time stays the first one.)
+            self.ended.get_or_insert(self.watermark.max(self.max_time));
             self.advance(EventTime::MAX);
-            self.ended = true;
         } else {
             self.close();
         }
@@ -461,7 +463,7 @@ impl SourceDriver {
 
     /// Whether it has nothing more to read.
     fn done(&self) -> bool {
-        self.inputs.is_none() || self.ended
+        self.inputs.is_none() || self.ended.is_some()
     }
 }
 
@@ -538,7 +540,7 @@ fn run_worker(
             max_time: 0,
             checkpoints: std::collections::VecDeque::new(),
             saving: checkpointed.then(|| Saving::new(state.handle(&format!("@source/{}", spec.name)), index, peers)),
-            ended: false,
+            ended: None,
             last_commit: Instant::now(),
             watermark: 0,
             last_data: Instant::now(),
@@ -703,9 +705,15 @@ struct Drivers<'a>(&'a mut Vec<SourceDriver>);
 
 impl checkpoint::Sources for Drivers<'_> {
     fn horizon(&self) -> EventTime {
-        let open = self.0.iter().filter(|d| !d.done());
-        // Records and dead letters enter at their time or at the watermark: past both.
-        open.map(|d| d.watermark.max(d.max_time).saturating_add(1)).max().unwrap_or(0)
+        // Records and dead letters enter at their time or at the watermark: past both. An
+        // ended source's watermark is the end of time, but what it handed in is before the
+        // time it ended at, and still in the dataflow (another worker's sources may run on).
+        let handed_in = |d: &SourceDriver| match d.ended {
+            Some(at) => at,
+            None if d.inputs.is_none() => 0,
+            None => d.watermark.max(d.max_time),
+        };
+        self.0.iter().map(|d| handed_in(d).saturating_add(1)).max().unwrap_or(0)
     }
 
     fn begin(&mut self, epoch: u64, time: EventTime) {
