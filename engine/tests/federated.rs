@@ -510,3 +510,84 @@ fn secure_aggregation_with_external_client_processes_and_a_dropout() {
     let worst = model.iter().zip(&sum).map(|(m, s)| (f64::from(*m) - s / weight).abs()).fold(0.0, f64::max);
     assert!(worst < 1e-4, "the unmasked model differs from the plain FedAvg by {worst}");
 }
+
+/// The federated pipeline with checkpoints, killed with SIGKILL once part-way through its
+/// rounds (after a checkpoint) and restarted: it goes on at the round it was in. Without
+/// privacy noise, the rounds, models and CSV equal an uninterrupted run's byte for byte (the
+/// same model at every round, no round twice or missing); with central DP, ε continues
+/// where it was (the accountant's value for every round, as an uninterrupted run's).
+#[test]
+fn a_run_killed_mid_training_resumes_at_the_same_round_with_the_same_model_and_epsilon() {
+    let dp = "    dp: {mode: central, clip_norm: 1.0, noise_multiplier: 1.0, epsilon_budget: 50, delta: 0.00001}\n";
+    for extra in ["", dp] {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = run(dir.path(), 1, extra);
+        let pipeline = std::fs::read_to_string(dir.path().join("federated-1.yaml")).unwrap().replace(
+            "name: federated-digits\n",
+            "name: federated-digits\ncheckpoint:\n  dir: ckpt\n  interval: 100ms\n",
+        );
+        let path = dir.path().join("checkpointed.yaml");
+        std::fs::write(&path, pipeline).unwrap();
+        let out = |name: &str| dir.path().join(format!("{name}-restored"));
+        let start = || {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+            command
+                .current_dir(dir.path())
+                .arg("run")
+                .arg(&path)
+                .args(["--no-metrics", "--log-format", "json"])
+                .env("FEDERATED_ROUNDS", "30")
+                .env("FEDERATED_CSV", out("csv"))
+                .env("FEDERATED_ROUNDS_PATH", out("rounds"))
+                .env("FEDERATED_MODELS_PATH", out("models"))
+                .env("FEDERATED_DEAD_LETTERS", out("dead"))
+                .env("FEDERATED_REGISTRY", dir.path().join("registry-restored"));
+            command
+        };
+        // The first run stalls before the manifest of its second checkpoint and is killed
+        // there: mid-training, after one complete checkpoint.
+        let log = dir.path().join("first.log");
+        let mut first = start();
+        first.env("EDGEFLOW_TEST_PAUSE_BEFORE_MANIFEST", "2:600000");
+        first.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
+        let mut first = common::Running(first.spawn().unwrap());
+        common::wait_for(
+            "the pause before the second checkpoint's manifest",
+            std::time::Duration::from_secs(120),
+            || std::fs::read_to_string(&log).is_ok_and(|log| log.contains("pausing before the manifest")),
+        );
+        let reports = || std::fs::read_to_string(out("rounds")).map(|t| t.lines().count()).unwrap_or(0);
+        first.kill().unwrap();
+        first.wait().unwrap();
+        let killed_at = reports();
+        assert!(killed_at < 30, "the run finished before it was killed ({killed_at} rounds)");
+        let output = start().output().unwrap();
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{log}");
+        let restored =
+            log.lines().find(|l| l.contains("federated training restored")).unwrap_or_else(|| panic!("{log}"));
+        let round: serde_json::Value = serde_json::from_str(restored).unwrap();
+        let round = round["round"].as_u64().unwrap();
+        assert!(
+            (1..=30).contains(&round) && round <= killed_at as u64 + 1,
+            "restored at round {round}, killed after {killed_at}"
+        );
+        let read = |name: &str| std::fs::read_to_string(out(name)).unwrap();
+        let (csv, rounds, models) = (read("csv"), read("rounds"), read("models"));
+        let reports: Vec<serde_json::Value> = common::json_values(&rounds);
+        let numbers: Vec<u64> = reports.iter().map(|r| r["round"].as_u64().unwrap()).collect();
+        assert_eq!(numbers, (1..=30).collect::<Vec<_>>(), "every round once, in order");
+        assert_eq!(csv.lines().count(), 31, "a header and 30 rounds in the CSV");
+        if extra.is_empty() {
+            assert!(rounds == expected.1, "the rounds differ from an uninterrupted run's");
+            assert!(models == expected.2, "the models differ from an uninterrupted run's");
+            assert!(csv == expected.0, "the CSV differs from an uninterrupted run's");
+        } else {
+            let epsilons: Vec<f64> = reports.iter().map(|r| r["epsilon"].as_f64().unwrap()).collect();
+            for (index, epsilon) in epsilons.iter().enumerate() {
+                let want = edgeflow_operators::federated::privacy::epsilon_for(1.0, 0.5, index as u64 + 1, 1e-5).0;
+                assert!((epsilon - want).abs() < 1e-9, "round {}: epsilon {epsilon} vs {want}", index + 1);
+            }
+        }
+    }
+}

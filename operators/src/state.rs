@@ -91,6 +91,14 @@ struct Inner {
     /// How to wake each participant when a checkpoint starts (its frontier may already have
     /// reached the time, and nothing else would schedule it).
     activators: Vec<timely::scheduling::Activator>,
+    /// A checkpoint's time is being agreed: participants that drive time themselves wait.
+    holding: bool,
+    /// The least checkpoint time each participant that drives time itself can save at, and
+    /// whether it still drives time (its last proposal stays when it stops: its last output
+    /// was before that time).
+    horizons: BTreeMap<String, (EventTime, bool)>,
+    /// The run takes checkpoints (see [`WorkerState::checkpointing`]).
+    checkpointing: bool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -113,6 +121,15 @@ impl WorkerState {
         Self(Rc::new(RefCell::new(Inner { index, peers: peers.max(1), restored_at, restore, ..Inner::default() })))
     }
 
+    /// Marks the run as one that takes checkpoints, down to a last one at the end of time:
+    /// an operator that ends on its own (a training loop) then keeps a capability at the end
+    /// of time until that checkpoint is complete, so that it and the operators after it are
+    /// not retired before they have saved it.
+    pub fn checkpointing(self) -> Self {
+        self.0.borrow_mut().checkpointing = true;
+        self
+    }
+
     /// A handle for participant `name` (unique per pipeline: the operator's name and what
     /// part of it this is, e.g. `health/status`).
     pub fn handle(&self, name: &str) -> StateHandle {
@@ -120,10 +137,30 @@ impl WorkerState {
         StateHandle { worker: self.clone(), name: name.to_owned() }
     }
 
+    /// A checkpoint's time is being agreed (until [`Self::start`]): participants that drive
+    /// time themselves (a training loop whose rounds are times) hold still, so that the time
+    /// they proposed ([`Self::horizon`]) stays ahead of what they processed.
+    pub fn hold(&self) {
+        self.0.borrow_mut().holding = true;
+    }
+
+    /// The least time a checkpoint can be taken at as far as this worker's operators that
+    /// drive time themselves say (0: none does).
+    pub fn horizon(&self) -> EventTime {
+        self.0.borrow().horizons.values().map(|(time, _)| *time).max().unwrap_or(0)
+    }
+
+    /// Whether an operator of this worker drives time itself and has not finished (then the
+    /// run is not over when the sources are).
+    pub fn driving(&self) -> bool {
+        self.0.borrow().horizons.values().any(|(_, driving)| *driving)
+    }
+
     /// Starts checkpoint `epoch` at `time`: from now on [`StateHandle::due`] returns `time`
     /// until each participant has saved.
     pub fn start(&self, epoch: u64, time: EventTime) {
         let mut inner = self.0.borrow_mut();
+        inner.holding = false;
         inner.due = Some((epoch, time));
         inner.saved.clear();
         for saved in inner.participants.values_mut() {
@@ -247,6 +284,32 @@ impl StateHandle {
             *saved = true;
         }
         inner.saved.insert(self.name.clone(), entries);
+    }
+
+    /// For an operator that drives time itself (rounds of a training loop as times, not the
+    /// sources' event time): the least time it can save at now, which the checkpoint's time
+    /// is at least. It holds still while [`Self::holding`].
+    pub fn propose(&self, time: EventTime) {
+        self.worker.0.borrow_mut().horizons.insert(self.name.clone(), (time, true));
+    }
+
+    /// The operator no longer drives time (its loop is over); checkpoints stay at or after
+    /// the time it last proposed.
+    pub fn stop_driving(&self) {
+        if let Some((_, driving)) = self.worker.0.borrow_mut().horizons.get_mut(&self.name) {
+            *driving = false;
+        }
+    }
+
+    /// Whether the run takes checkpoints (see [`WorkerState::checkpointing`]).
+    pub fn checkpointing(&self) -> bool {
+        self.worker.0.borrow().checkpointing
+    }
+
+    /// Whether a checkpoint's time is being agreed: an operator that proposes times holds
+    /// still until it is (it is woken then).
+    pub fn holding(&self) -> bool {
+        self.worker.0.borrow().holding
     }
 
     /// Wakes `activator` (the participant's operator) whenever a checkpoint starts.

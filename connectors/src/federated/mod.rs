@@ -26,6 +26,9 @@ pub fn load(config: &FederatedConfig) -> Result<FederatedData, ConnectorError> {
 #[derive(Debug)]
 pub struct RoundFiles {
     operator: String,
+    /// The CSV's path; the file is created (with its header) at the first round, or taken
+    /// up at a restore.
+    csv_path: Option<PathBuf>,
     csv: Option<std::fs::File>,
     export: Option<Export>,
 }
@@ -34,10 +37,38 @@ impl RoundFiles {
     /// The files of operator `operator`; a CSV that cannot be created is logged and skipped
     /// (training goes on).
     pub fn create(operator: &str, config: &FederatedConfig) -> Self {
-        Self {
-            operator: operator.to_owned(),
-            csv: config.csv.as_deref().and_then(create_csv),
-            export: config.export.clone(),
+        Self { operator: operator.to_owned(), csv_path: config.csv.clone(), csv: None, export: config.export.clone() }
+    }
+
+    /// The CSV, created with its header on first use.
+    fn csv(&mut self) -> Option<&mut std::fs::File> {
+        if self.csv.is_none() {
+            self.csv = self.csv_path.take().and_then(|path| create_csv(&path));
+        }
+        self.csv.as_mut()
+    }
+}
+
+/// The CSV at `path` as of a checkpoint after round `closed`: its rows of later rounds (run
+/// after the checkpoint, and run again now) are cut off; open for appending.
+fn resume_csv(path: &Path, closed: u64) -> Option<std::fs::File> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else { return create_csv(path) };
+    let mut kept = format!("{header}\n");
+    for line in lines {
+        let round = line.split(',').next().and_then(|r| r.parse::<u64>().ok());
+        if round.is_some_and(|round| round <= closed) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    let written = std::fs::write(path, kept).and_then(|()| std::fs::OpenOptions::new().append(true).open(path));
+    match written {
+        Ok(file) => Some(file),
+        Err(err) => {
+            tracing::error!(path = %path.display(), %err, "cannot take up the federated CSV");
+            None
         }
     }
 }
@@ -61,7 +92,7 @@ fn create_csv(path: &Path) -> Option<std::fs::File> {
 
 impl RoundsOutput for RoundFiles {
     fn round_closed(&mut self, summary: &RoundSummary, test_loss: f64, test_accuracy: f64) {
-        let Some(file) = self.csv.as_mut() else { return };
+        let Some(file) = self.csv() else { return };
         let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
         let _ = writeln!(
             file,
@@ -76,6 +107,12 @@ impl RoundsOutput for RoundFiles {
             opt(summary.epsilon)
         );
         let _ = file.flush();
+    }
+
+    fn restored(&mut self, closed: u64) {
+        if let Some(path) = self.csv_path.take() {
+            self.csv = resume_csv(&path, closed);
+        }
     }
 
     fn finished(&mut self, shape: &Softmax, coordinator: &Coordinator) {

@@ -43,6 +43,9 @@ use crate::metrics::Metrics;
 /// The entry of worker 0's part that lists the pipeline's components and their types.
 const COMPONENTS: &str = "@components";
 
+/// How long saving a checkpoint may take before the parts it waits for are logged.
+const SLOW_CHECKPOINT: Duration = Duration::from_secs(10);
+
 /// A message of the checkpoint protocol (see the module docs), heard by every worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Control {
@@ -257,6 +260,9 @@ pub struct Checkpointer {
     proposals: Vec<EventTime>,
     parts: Vec<PartInfo>,
     started: Instant,
+    /// When this worker started saving the checkpoint in progress, and whether it has said
+    /// that the checkpoint is slow.
+    saving_since: (Instant, bool),
     time: EventTime,
     /// A last checkpoint was asked for (the inputs ended) and is under way or done.
     last_requested: bool,
@@ -302,6 +308,7 @@ impl Checkpointer {
             proposals: Vec::new(),
             parts: Vec::new(),
             started: Instant::now(),
+            saving_since: (Instant::now(), false),
             time: 0,
             last_requested: false,
             last_done: false,
@@ -335,6 +342,10 @@ impl Checkpointer {
         self.proposals.clear();
         self.parts.clear();
         self.started = Instant::now();
+        // No longer idle from now on, not from when the request comes back: a second request
+        // of the same epoch (the last one, asked for while this one is on its way) would
+        // restart the checkpoint after this worker saved its part.
+        self.phase = Phase::Holding { epoch };
         self.send(Control::Request { epoch, last });
     }
 
@@ -374,6 +385,10 @@ impl Checkpointer {
                     .with_context(|| format!("cannot write checkpoint {epoch} (time {time})"))?;
                 self.phase = Phase::Written { epoch };
                 self.send(Control::Part { epoch, part });
+            } else if self.saving_since.0.elapsed() >= SLOW_CHECKPOINT && !self.saving_since.1 {
+                self.saving_since.1 = true;
+                let waiting = self.state.waiting_for().join(", ");
+                tracing::warn!(worker = self.index, epoch, time, %waiting, "a checkpoint waits for parts that have not saved");
             }
         }
         Ok(())
@@ -385,7 +400,8 @@ impl Checkpointer {
             Control::Request { epoch, last } => {
                 self.last_requested |= last;
                 self.phase = Phase::Holding { epoch };
-                let watermark = if last { EventTime::MAX } else { sources.horizon() };
+                self.state.hold();
+                let watermark = if last { EventTime::MAX } else { sources.horizon().max(self.state.horizon()) };
                 self.send(Control::Proposal { epoch, watermark });
             }
             Control::Proposal { epoch, watermark } if self.index == 0 && epoch == self.next_epoch => {
@@ -401,6 +417,7 @@ impl Checkpointer {
                 self.state.start(epoch, time);
                 sources.begin(epoch, time);
                 self.phase = Phase::Saving { epoch, time };
+                self.saving_since = (Instant::now(), false);
                 tracing::debug!(epoch, time, "checkpoint started");
             }
             Control::Part { epoch, part } if self.index == 0 && epoch == self.next_epoch => {

@@ -492,8 +492,11 @@ fn run_worker(
     transaction: Option<KafkaTransaction>,
 ) -> anyhow::Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
-    let state = WorkerState::new(index, peers, restore.map(|r| (r.time, r.participants.clone())));
     let checkpointed = pipeline.checkpoint.is_some();
+    let mut state = WorkerState::new(index, peers, restore.map(|r| (r.time, r.participants.clone())));
+    if checkpointed {
+        state = state.checkpointing();
+    }
     let mut handles = Vec::new();
     for spec in &pipeline.sinks {
         let sink = if index == 0 {
@@ -659,7 +662,9 @@ fn run_worker(
     // with them, as they do.
     loop {
         if let Some(checkpointer) = checkpointer.as_mut() {
-            if !probes.inputs.less_than(&EventTime::MAX) {
+            // The last checkpoint once the inputs are at the end of time, and no operator
+            // drives time on its own (a training loop whose rounds are times).
+            if !probes.inputs.less_than(&EventTime::MAX) && !state.driving() {
                 checkpointer.finish();
             }
             checkpointer.step(&mut Drivers(&mut drivers))?;

@@ -337,6 +337,19 @@ impl ServerOptimizer {
         Self { strategy, m, v }
     }
 
+    /// The moments that carry over rounds (empty where the strategy has none).
+    pub(crate) fn moments(&self) -> (Vec<f64>, Vec<f64>) {
+        (self.m.clone(), self.v.clone())
+    }
+
+    /// Takes up saved moments of the same length.
+    pub(crate) fn restore_moments(&mut self, (m, v): (Vec<f64>, Vec<f64>)) {
+        if m.len() == self.m.len() && v.len() == self.v.len() {
+            self.m = m;
+            self.v = v;
+        }
+    }
+
     /// Moves `model` by the round's aggregate `delta`.
     pub fn apply(&mut self, model: &mut [f32], delta: &[f32]) {
         match self.strategy {

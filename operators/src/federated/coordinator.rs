@@ -229,6 +229,26 @@ struct OpenRound {
     answered: std::collections::BTreeSet<String>,
 }
 
+/// What a checkpoint keeps of a [`Coordinator`] (see [`Coordinator::snapshot`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoordinatorSnapshot {
+    round: u64,
+    version: u64,
+    model: Vec<f32>,
+    moments: (Vec<f64>, Vec<f64>),
+    spent: Option<(Vec<f64>, u64, f64)>,
+    clip: Option<f64>,
+    participation: BTreeMap<String, u64>,
+    open: Option<RoundPlan>,
+}
+
+impl CoordinatorSnapshot {
+    /// The round it was taken in (the open one, or the last closed).
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+}
+
 /// Why no round could start.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum PlanError {
@@ -433,16 +453,22 @@ impl Coordinator {
             local_noise_std,
             local_laplace_scale,
         };
+        self.open = Some(self.open_round_for(plan.clone()));
+        self.round = round;
+        Ok(plan)
+    }
+
+    /// The open state of a round whose plan is `plan` (no update in yet).
+    fn open_round_for(&self, plan: RoundPlan) -> OpenRound {
         let rules = RoundRules {
-            round,
+            round: plan.round,
             base_version: self.version,
             parameters: self.model.len(),
-            selected: chosen.into_iter().collect(),
+            selected: plan.clients.iter().cloned().collect(),
             max_norm: self.config.max_norm,
         };
         let central = self.config.dp.as_ref().is_some_and(|dp| dp.mode == DpMode::Central);
-        self.open = Some(OpenRound {
-            plan: plan.clone(),
+        OpenRound {
             check: UpdateCheck::new(rules),
             aggregate: RoundAggregate::new(self.config.strategy, self.model.len()),
             dp_sum: central.then(|| vec![0.0; self.model.len()]),
@@ -450,9 +476,47 @@ impl Coordinator {
             losses: Vec::new(),
             rejected: 0,
             answered: Default::default(),
-        });
-        self.round = round;
-        Ok(plan)
+            plan,
+        }
+    }
+
+    /// What a checkpoint keeps of the coordinator, taken while no update of the open round
+    /// is in (between rounds).
+    pub fn snapshot(&self) -> CoordinatorSnapshot {
+        CoordinatorSnapshot {
+            round: self.round,
+            version: self.version,
+            model: self.model.clone(),
+            moments: self.server.moments(),
+            spent: self.accountant.as_ref().map(Accountant::spent_state),
+            clip: self.adaptive.as_ref().map(|adaptive| adaptive.clip),
+            participation: self.participation.clone(),
+            open: self.open.as_ref().map(|open| open.plan.clone()),
+        }
+    }
+
+    /// Takes up where `snapshot` was: the model, optimiser state, privacy spent, clip norm,
+    /// participation, and the open round again (no update in). The privacy noise's
+    /// generator is keyed afresh (from the operating system; with the insecure test seed,
+    /// from the seed and the round): its state is never written to disk, where it would tell
+    /// the noise.
+    pub fn restore(&mut self, snapshot: CoordinatorSnapshot) {
+        self.round = snapshot.round;
+        self.version = snapshot.version;
+        if snapshot.model.len() == self.model.len() {
+            self.model = snapshot.model;
+        }
+        self.server.restore_moments(snapshot.moments);
+        if let (Some(accountant), Some(spent)) = (self.accountant.as_mut(), snapshot.spent) {
+            accountant.restore_spent(spent);
+        }
+        if let (Some(adaptive), Some(clip)) = (self.adaptive.as_mut(), snapshot.clip) {
+            adaptive.clip = clip;
+        }
+        self.participation = snapshot.participation;
+        self.open = snapshot.open.map(|plan| self.open_round_for(plan));
+        let seed = self.config.dp.as_ref().and_then(|dp| dp.insecure_noise_seed);
+        self.rng = noise_rng(seed.map(|seed| seed ^ self.round.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
     }
 
     /// Offers an update to the open round: folded in, or rejected with the reason.
@@ -554,6 +618,11 @@ impl Coordinator {
     /// rejected): nothing more is to be waited for.
     pub fn all_answered(&self) -> bool {
         self.open.as_ref().is_some_and(|open| open.answered.len() == open.plan.clients.len())
+    }
+
+    /// The open round's plan, if a round is open.
+    pub fn open_plan(&self) -> Option<RoundPlan> {
+        self.open.as_ref().map(|open| open.plan.clone())
     }
 
     /// The open round, if any.

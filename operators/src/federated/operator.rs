@@ -24,18 +24,21 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::vec::{Broadcast, Map};
-use timely::dataflow::operators::{Concatenate, ConnectLoop, Feedback, Operator};
+use timely::dataflow::operators::{Capability, Concatenate, ConnectLoop, Feedback, Operator};
 use timely::dataflow::{Scope, StreamVec};
 
 use super::config::{FederatedConfig, SecureAggregation};
 use super::coordinator::DpMode;
-use super::coordinator::{ClientInfo, Coordinator, PlanError, PlanRecord, RoundPlan, RoundSummary};
+use super::coordinator::{
+    ClientInfo, Coordinator, CoordinatorSnapshot, PlanError, PlanRecord, RoundPlan, RoundSummary,
+};
 use super::learn::{Dataset, Softmax};
 use super::secure::{unmask, Announcement, MaskedUpdate, Reveal, SecureClient};
 use super::secure_protocol::{Advance, ClientStep, ServerRound, ServerStep};
 use super::simulate::SimulatedFleet;
 use super::update::{ModelUpdate, Payload};
 use crate::metrics::{labels, FederatedMetrics};
+use crate::state::{Entry, StateHandle};
 use crate::time::wall_clock_ms;
 use crate::{route_hash, DeadLetter, EventTime, HealthStatus};
 
@@ -47,6 +50,9 @@ pub trait RoundsOutput: 'static {
     fn round_closed(&mut self, summary: &RoundSummary, test_loss: f64, test_accuracy: f64);
     /// Training is over: `coordinator` holds the final global model of shape `shape`.
     fn finished(&mut self, shape: &Softmax, coordinator: &Coordinator);
+    /// Training goes on from a checkpoint taken after round `closed` closed: what was
+    /// written of later rounds is undone.
+    fn restored(&mut self, _closed: u64) {}
 }
 
 /// Rounds go nowhere but the operator's outputs.
@@ -64,6 +70,7 @@ impl RoundsOutput for () {
 /// use edgeflow_operators::federated::learn::Dataset;
 /// use edgeflow_operators::federated::operator::{Federated, FederatedData};
 /// use edgeflow_operators::metrics::FederatedMetrics;
+/// use edgeflow_operators::state::StateHandle;
 /// use timely::dataflow::operators::capture::{Capture, Extract};
 /// use timely::dataflow::operators::vec::Map;
 ///
@@ -74,7 +81,8 @@ impl RoundsOutput for () {
 /// })).unwrap();
 /// let data = FederatedData::split(&Dataset::parse_csv(&csv, 1.0).unwrap(), &config);
 /// let rounds = timely::example(move |scope| {
-///     let ports = scope.federated("train", &config, data, None, Vec::new(), &FederatedMetrics::default(), ());
+///     let (metrics, state) = (FederatedMetrics::default(), StateHandle::none());
+///     let ports = scope.federated("train", &config, data, None, Vec::new(), &metrics, (), state);
 ///     ports.rounds.map(|report| report.round()).capture()
 /// });
 /// let rounds: Vec<u64> = rounds.extract().into_iter().flat_map(|(_, rounds)| rounds).collect();
@@ -87,6 +95,13 @@ pub trait Federated<'scope> {
     /// wall-clock deadline. Without, the simulated fleet of `data` answers each plan within
     /// the round's logical time. `health` is the clients' live node health; `output` gets
     /// each closed round and the final model.
+    ///
+    /// With simulated clients it takes part in checkpoints through `state`
+    /// ([`StateHandle::none`] for none): rounds are times, so it proposes the round it waits
+    /// for as the least checkpoint time and holds still while one is agreed; it saves the
+    /// coordinator between rounds (model, optimiser state, privacy spent, participation, the
+    /// open round's plan), and after a restore sends the open round's plan to the clients
+    /// again and goes on at that round.
     #[allow(clippy::too_many_arguments)]
     fn federated<W: RoundsOutput>(
         self,
@@ -97,6 +112,7 @@ pub trait Federated<'scope> {
         health: Vec<StreamVec<'scope, EventTime, ClientHealth>>,
         metrics: &FederatedMetrics,
         output: W,
+        state: StateHandle,
     ) -> FederatedPorts<'scope>;
 }
 
@@ -110,8 +126,9 @@ impl<'scope> Federated<'scope> for Scope<'scope, EventTime> {
         health: Vec<StreamVec<'scope, EventTime, ClientHealth>>,
         metrics: &FederatedMetrics,
         output: W,
+        state: StateHandle,
     ) -> FederatedPorts<'scope> {
-        federated_core(self, name, config, data, external, health, metrics, Box::new(output))
+        federated_core(self, name, config, data, external, health, metrics, Box::new(output), state)
     }
 }
 
@@ -229,6 +246,9 @@ enum CoordinatorOut {
     Model(GlobalModel),
     /// A refused update, at the round it was for.
     Rejected(DeadLetter, u64),
+    /// The open round's plan sent to the simulated clients again after a restore (not to
+    /// the `plans` output, which had it before the checkpoint).
+    Resend(PlanMessage),
 }
 
 /// The operator's outputs.
@@ -277,6 +297,7 @@ fn federated_core<'scope>(
     health: Vec<StreamVec<'scope, EventTime, ClientHealth>>,
     metrics: &FederatedMetrics,
     output: Box<dyn RoundsOutput>,
+    state: StateHandle,
 ) -> FederatedPorts<'scope> {
     let live_health = external.is_some() && !health.is_empty();
     let index = scope.index();
@@ -311,14 +332,66 @@ fn federated_core<'scope>(
         &format!("FederatedCoordinator({name})"),
         move |cap, info| {
             let activator = scope.activator_for(info.address.clone());
-            // Worker 0 coordinates; the others only run clients.
-            let mut held = (index == 0).then_some(cap);
+            state.activate_with(activator.clone());
             let mut pending: BTreeMap<EventTime, Vec<ClientMessage>> = BTreeMap::new();
             let mut started = false;
+            // After a restore: the open round's plan, sent to the clients again just before
+            // its round.
+            let mut resend: Option<(Capability<EventTime>, PlanMessage)> = None;
+            let restored = state.restored_all().and_then(|(_, entries)| entries.into_iter().next());
+            let restored = restored.filter(|_| index == 0).and_then(|entry| match entry.value::<SavedTraining>() {
+                Ok(saved) => Some(saved),
+                Err(err) => {
+                    tracing::error!(part = state.name(), %err, "the saved training does not decode; it starts afresh");
+                    None
+                }
+            });
+            // Worker 0 coordinates; the others only run clients.
+            let mut held = (index == 0).then_some(cap);
+            // Training is over but a last checkpoint is to come (see `retire`): the
+            // capability at the end of time, and the checkpoint saved at it.
+            let mut reserve: Option<Capability<EventTime>> = None;
+            let mut saved_last: Option<u64> = None;
+            if let (Some(saved), Some(cap)) = (restored, held.as_mut()) {
+                started = true;
+                let over = saved.over;
+                tracing::info!(operator = %driver.operator, round = saved.coordinator.round(), over, "federated training restored");
+                match driver.restore(saved) {
+                    Some(plan) if !over => {
+                        let round = plan.plan.round;
+                        resend = Some((cap.delayed(&round.saturating_sub(1)), plan));
+                        cap.downgrade(&round);
+                    }
+                    _ => reserve = retire(&mut held, &state),
+                }
+            }
+            // The training loop drives time from the start (the run is not over when its
+            // sources, if any, are).
+            if let (Some(cap), false) = (held.as_ref(), is_external) {
+                state.propose(*cap.time());
+            }
             let span = tracing::info_span!("operator", name = %name, r#type = "federated", worker = index);
             move |(input, frontier), output| {
                 let _entered = span.enter();
+                if let Some((cap, plan)) = resend.take() {
+                    output.session(&cap).give(CoordinatorOut::Resend(plan));
+                }
                 let Some(cap) = held.as_mut() else {
+                    // Nothing more to save than whether training is over (worker 0).
+                    if let Some((epoch, time)) = state.due_checkpoint() {
+                        let saved = (index == 0).then(|| Entry::new(0, &driver.saved()));
+                        state.save(saved.into_iter().collect());
+                        if time == EventTime::MAX {
+                            saved_last = Some(epoch);
+                        }
+                    }
+                    if let (Some(_), Some(epoch)) = (&reserve, saved_last) {
+                        if state.committed() >= epoch {
+                            reserve = None;
+                        } else {
+                            activator.activate_after(Duration::from_millis(2));
+                        }
+                    }
                     // Training is over: whatever still arrives is a straggler (no round is open,
                     // so the coordinator refuses it).
                     input.for_each(|cap, data| {
@@ -344,10 +417,10 @@ fn federated_core<'scope>(
                 if !started {
                     started = true;
                     match driver.open() {
-                        Opened::Plan(plan) => output.session(&*cap).give(plan),
+                        Opened::Plan(plan) => output.session(&*cap).give(*plan),
                         Opened::Wait => activator.activate_after(RETRY_SELECTION),
                         Opened::Over => {
-                            held = None;
+                            reserve = retire(&mut held, &state);
                             return;
                         }
                     }
@@ -393,9 +466,9 @@ fn federated_core<'scope>(
                     };
                     output.session(&*cap).give_iterator(out.into_iter());
                     match next {
-                        Some(Opened::Plan(plan)) => output.session(&*cap).give(plan),
+                        Some(Opened::Plan(plan)) => output.session(&*cap).give(*plan),
                         Some(Opened::Wait) => {}
-                        Some(Opened::Over) => held = None,
+                        Some(Opened::Over) => reserve = retire(&mut held, &state),
                         None => {}
                     }
                     if let Some(at) = driver.wake_at() {
@@ -408,6 +481,16 @@ fn federated_core<'scope>(
                     pending.entry(time).or_default().append(data);
                 });
                 let round = *cap.time();
+                // Rounds are times: a checkpoint is at least the round waited for, and no
+                // round closes while its time is being agreed.
+                state.propose(round);
+                if state.holding() {
+                    return;
+                }
+                let save = |driver: &Driver| state.save(vec![Entry::new(0, &driver.saved())]);
+                if state.due_at(frontier).is_some_and(|at| round >= at) {
+                    save(&driver);
+                }
                 if frontier.less_equal(&round) {
                     return;
                 }
@@ -433,11 +516,22 @@ fn federated_core<'scope>(
                 output.session(&*cap).give_iterator(out.into_iter());
                 match next {
                     Opened::Plan(plan) => {
-                        output.session(&*cap).give(plan);
+                        output.session(&*cap).give(*plan);
                         // Round `round + 1` is the next logical time.
                         cap.downgrade(&(round + 1));
+                        state.propose(round + 1);
+                        if state.due_at(frontier).is_some_and(|at| round + 1 >= at) {
+                            save(&driver);
+                        }
                     }
-                    Opened::Wait | Opened::Over => held = None,
+                    Opened::Wait | Opened::Over => {
+                        reserve = retire(&mut held, &state);
+                        // A checkpoint after the last round, not yet saved.
+                        if state.due().is_some() {
+                            save(&driver);
+                        }
+                        activator.activate();
+                    }
                 }
             }
         },
@@ -445,7 +539,7 @@ fn federated_core<'scope>(
     if let Some(handle) = feedback {
         out.clone()
             .flat_map(|o| match o {
-                CoordinatorOut::Plan(plan) => Some(plan),
+                CoordinatorOut::Plan(plan) | CoordinatorOut::Resend(plan) => Some(plan),
                 _ => None,
             })
             .connect_loop(handle);
@@ -618,10 +712,33 @@ struct Driver {
     open_plan: Option<PlanMessage>,
 }
 
+/// Training is over: the coordinator's capability goes, unless the run takes checkpoints;
+/// then it stays at the end of time until the last checkpoint (at the end of time) is
+/// complete, so that neither the coordinator nor the operators after it are retired before
+/// they have saved it. Returns the capability kept.
+/// Checkpoints from now on are after the last output.
+fn retire(held: &mut Option<Capability<EventTime>>, state: &StateHandle) -> Option<Capability<EventTime>> {
+    if let Some(cap) = held.as_ref() {
+        state.propose(cap.time().saturating_add(1));
+        state.stop_driving();
+    }
+    let mut cap = held.take().filter(|_| state.checkpointing())?;
+    cap.downgrade(&EventTime::MAX);
+    Some(cap)
+}
+
+/// A federated operator's state in a checkpoint (see [`Driver::saved`]).
+#[derive(Serialize, Deserialize)]
+struct SavedTraining {
+    coordinator: CoordinatorSnapshot,
+    closed: u64,
+    over: bool,
+}
+
 /// What opening a round gave.
 enum Opened {
     /// The plan of the new round.
-    Plan(CoordinatorOut),
+    Plan(Box<CoordinatorOut>),
     /// No client is eligible yet.
     Wait,
     /// Training is over.
@@ -697,7 +814,7 @@ impl Driver {
                 self.secure_round = secure;
                 let message = PlanMessage { plan, model, deadline, secure: step };
                 self.open_plan = self.secure.is_some().then(|| message.clone());
-                Opened::Plan(CoordinatorOut::Plan(message))
+                Opened::Plan(Box::new(CoordinatorOut::Plan(message)))
             }
             Err(PlanError::NoneEligible(reason)) if self.live_health => {
                 if self.retry_at.is_none() {
@@ -905,6 +1022,23 @@ impl Driver {
         ]
     }
 
+    /// What a checkpoint keeps: the coordinator between rounds, the rounds closed, and
+    /// whether training is over.
+    fn saved(&self) -> SavedTraining {
+        SavedTraining { coordinator: self.coordinator.snapshot(), closed: self.closed, over: self.finished }
+    }
+
+    /// Takes up saved training: the plan to send the clients again if a round is open.
+    fn restore(&mut self, saved: SavedTraining) -> Option<PlanMessage> {
+        self.closed = saved.closed;
+        self.finished = saved.over;
+        self.coordinator.restore(saved.coordinator);
+        self.gauges.round.set(self.closed as i64);
+        self.output.restored(self.closed);
+        let plan = self.coordinator.open_plan()?;
+        Some(PlanMessage { plan, model: self.coordinator.model().to_vec(), deadline: None, secure: None })
+    }
+
     /// Training is over: the final model goes to the output (once).
     fn finish(&mut self) {
         if !std::mem::replace(&mut self.finished, true) {
@@ -970,7 +1104,8 @@ mod tests {
             let shape = data.fleet.model;
             let mut driver =
                 Driver::new(&config, data.test, shape, infos, "train", &metrics, Box::new(()), true, false);
-            let Opened::Plan(CoordinatorOut::Plan(message)) = driver.open() else { panic!("no plan") };
+            let Opened::Plan(plan) = driver.open() else { panic!("no plan") };
+            let CoordinatorOut::Plan(message) = *plan else { panic!("no plan") };
             let mut send = |client: &String| {
                 let update = data.fleet.train(&message.plan, &message.model, client).unwrap();
                 assert!(driver.offer(&update).is_none(), "accepted");

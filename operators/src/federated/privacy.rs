@@ -183,6 +183,20 @@ impl Accountant {
         self.rounds
     }
 
+    /// What was spent so far, for a checkpoint: the RDP per order, rounds, and pure ε.
+    pub(crate) fn spent_state(&self) -> (Vec<f64>, u64, f64) {
+        (self.rdp.clone(), self.rounds, self.pure)
+    }
+
+    /// Takes up what a checkpoint says was spent (orders are always the default ones).
+    pub(crate) fn restore_spent(&mut self, (rdp, rounds, pure): (Vec<f64>, u64, f64)) {
+        if rdp.len() == self.orders.len() {
+            self.rdp = rdp;
+        }
+        self.rounds = rounds;
+        self.pure = pure;
+    }
+
     /// Accounts one round of sampling rate `q` and noise multiplier `sigma` if the total stays
     /// within the budget; returns the new ε, or why the round is refused.
     pub fn spend(&mut self, q: f64, sigma: f64) -> Result<f64, BudgetError> {

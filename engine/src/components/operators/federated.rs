@@ -14,7 +14,11 @@ use crate::runtime::{Build, Port};
 
 /// Federated training with checked settings and a dataset that exists.
 #[derive(Debug)]
-pub struct FederatedOperator(Checked<FederatedConfig>);
+pub struct FederatedOperator {
+    config: Checked<FederatedConfig>,
+    /// Whether its clients are external (it has inputs).
+    external: bool,
+}
 
 impl Component for FederatedOperator {
     const TYPE: &'static str = "federated";
@@ -68,7 +72,7 @@ impl Component for FederatedOperator {
                 problems.at_value(*field, format!("`{field}` {why}"));
             }
         })
-        .map(Self)
+        .map(|config| Self { config, external: cx.has_inputs })
     }
 
     /// With inputs its clients are external: their updates must be among the inputs (health
@@ -84,13 +88,19 @@ impl Component for FederatedOperator {
 }
 
 impl OperatorComponent for FederatedOperator {
+    /// Simulated clients' training saves its state; external clients' rounds, on the wall
+    /// clock, do not yet.
+    fn checkpointed(&self) -> bool {
+        !self.external
+    }
+
     fn build<'scope>(
         &self,
         name: &str,
         inputs: &[PortRef],
         cx: &mut Build<'_, 'scope>,
     ) -> Result<Vec<Port<'scope>>, BuildError> {
-        let data = load(&self.0).map_err(|err| BuildError {
+        let data = load(&self.config).map_err(|err| BuildError {
             role: "operator",
             operator: name.to_owned(),
             what: "cannot load its data",
@@ -120,8 +130,9 @@ impl OperatorComponent for FederatedOperator {
                 _ => None,
             })
             .collect();
-        let files = RoundFiles::create(name, &self.0);
-        let ports = scope.federated(name, &self.0, data, external, health, &cx.metrics.federated, files);
+        let files = RoundFiles::create(name, &self.config);
+        let state = cx.state.handle(name);
+        let ports = scope.federated(name, &self.config, data, external, health, &cx.metrics.federated, files, state);
         let rounds = cx.count_stream(ports.rounds, name, "rounds");
         Ok(vec![
             Port::Rounds(rounds),
