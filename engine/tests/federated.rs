@@ -7,6 +7,7 @@ mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use edgeflow_operators::federated::coordinator::PlanRecord;
 
@@ -590,4 +591,98 @@ fn a_run_killed_mid_training_resumes_at_the_same_round_with_the_same_model_and_e
             }
         }
     }
+}
+
+/// External clients over files with checkpoints: the engine is killed with SIGKILL in round
+/// 2 after three of its five clients' updates are covered by a complete checkpoint, and
+/// restarted; the other two answer then. Round 2 counts all five once (the three saved with
+/// the open round, not lost and not read again), and every round's global model equals an
+/// uninterrupted run's.
+#[test]
+fn external_clients_killed_mid_round_keep_the_updates_they_sent() {
+    use common::external_clients::{fleet, pipeline};
+    let models = |kill: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let (plans, updates) = (dir.path().join("plans.jsonl"), dir.path().join("updates.jsonl"));
+        let mut file = std::fs::File::create(&updates).unwrap();
+        let source = format!(
+            "    type: file\n    path: {}\n    records: model_updates\n    follow: true\n    poll_interval: 20ms\n    idle_timeout: 100ms",
+            updates.display()
+        );
+        let sink = format!("    type: file\n    input: train.plans\n    path: {}", plans.display());
+        // No round closes on its deadline: each waits for its five clients.
+        let path = pipeline(dir.path(), &data(), &source, &sink, 600_000);
+        let yaml = std::fs::read_to_string(&path).unwrap().replacen(
+            "sources:",
+            "checkpoint:\n  dir: ckpt\n  interval: 100ms\nsources:",
+            1,
+        );
+        std::fs::write(&path, yaml).unwrap();
+        let log = dir.path().join("engine.log");
+        let start = || {
+            common::Running(
+                Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+                    .arg("run")
+                    .arg(&path)
+                    .args(["--no-metrics", "--log-format", "json"])
+                    .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            )
+        };
+        let mut engine = start();
+        let fleet = fleet(&data());
+        let mut send = |plan: &PlanRecord, clients: &[String]| -> u64 {
+            let global = plan.model.decode().unwrap();
+            let mut newest = 0;
+            for client in clients {
+                let mut update = fleet.train(&plan.plan, &global, client).unwrap();
+                update.timestamp = edgeflow_connectors::wall_clock_ms();
+                newest = update.timestamp;
+                writeln!(file, "{}", serde_json::to_string(&update).unwrap()).unwrap();
+            }
+            file.flush().unwrap();
+            newest
+        };
+        let plan = |round: usize| {
+            common::wait_for(&format!("the plan of round {round}"), Duration::from_secs(60), || {
+                common::written_json_values::<PlanRecord>(&plans).len() >= round
+            });
+            common::written_json_values::<PlanRecord>(&plans).remove(round - 1)
+        };
+        for round in 1..=6 {
+            let plan = plan(round);
+            let (first, rest) = plan.plan.clients.split_at(3);
+            let newest = send(&plan, first);
+            if kill && round == 2 {
+                // A complete checkpoint past the three updates' time: they are in its state.
+                common::wait_for("a checkpoint after the updates", Duration::from_secs(60), || {
+                    std::fs::read_to_string(&log).unwrap_or_default().lines().any(|line| {
+                        let line: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                        line["message"] == "checkpoint complete" && line["time"].as_u64().is_some_and(|t| t > newest)
+                    })
+                });
+                engine.kill().unwrap();
+                engine.wait().unwrap();
+                engine = start();
+            }
+            send(&plan, rest);
+        }
+        let rounds = dir.path().join("rounds.jsonl");
+        common::wait_for("the sixth round", Duration::from_secs(60), || {
+            std::fs::read_to_string(&rounds).unwrap_or_default().lines().count() >= 6
+        });
+        let id = engine.id().to_string();
+        assert!(Command::new("kill").args(["-s", "TERM", &id]).status().unwrap().success());
+        assert!(engine.0.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(log.contains("federated training restored"), kill, "{log}");
+        let reports: Vec<serde_json::Value> = common::json_values(&std::fs::read_to_string(&rounds).unwrap());
+        let counts: Vec<(u64, u64)> =
+            reports.iter().map(|r| (r["round"].as_u64().unwrap(), r["accepted"].as_u64().unwrap())).collect();
+        assert_eq!(counts, (1..=6).map(|round| (round, 5)).collect::<Vec<_>>(), "every round once, all five in");
+        models_of(&std::fs::read_to_string(dir.path().join("models.jsonl")).unwrap())
+    };
+    let restored = models(true);
+    assert!(restored == models(false), "the models differ from an uninterrupted run's");
 }

@@ -338,6 +338,8 @@ fn federated_core<'scope>(
             // After a restore: the open round's plan, sent to the clients again just before
             // its round.
             let mut resend: Option<(Capability<EventTime>, PlanMessage)> = None;
+            // External clients: messages at or after a checkpoint's time, until it is saved.
+            let mut waiting: Vec<(EventTime, Vec<ClientMessage>)> = Vec::new();
             let restored = state.restored_all().and_then(|(_, entries)| entries.into_iter().next());
             let restored = restored.filter(|_| index == 0).and_then(|entry| match entry.value::<SavedTraining>() {
                 Ok(saved) => Some(saved),
@@ -357,12 +359,14 @@ fn federated_core<'scope>(
                 let over = saved.over;
                 tracing::info!(operator = %driver.operator, round = saved.coordinator.round(), over, "federated training restored");
                 match driver.restore(saved) {
+                    // External clients read the plan where it went before the checkpoint.
+                    Some(_) if !over && is_external => {}
                     Some(plan) if !over => {
                         let round = plan.plan.round;
                         resend = Some((cap.delayed(&round.saturating_sub(1)), plan));
                         cap.downgrade(&round);
                     }
-                    _ => reserve = retire(&mut held, &state),
+                    _ => reserve = retire(&mut held, &state, !is_external),
                 }
             }
             // The training loop drives time from the start (the run is not over when its
@@ -420,7 +424,7 @@ fn federated_core<'scope>(
                         Opened::Plan(plan) => output.session(&*cap).give(*plan),
                         Opened::Wait => activator.activate_after(RETRY_SELECTION),
                         Opened::Over => {
-                            reserve = retire(&mut held, &state);
+                            reserve = retire(&mut held, &state, !is_external);
                             return;
                         }
                     }
@@ -431,16 +435,28 @@ fn federated_core<'scope>(
                 let mut out = Vec::new();
                 if is_external {
                     // Updates count in the order they arrive; health reports update the fleet.
-                    input.for_each(|_, data| {
-                        for message in data.drain(..) {
-                            match message {
-                                ClientMessage::Update(update) => out.extend(driver.offer(&update)),
-                                ClientMessage::Health(report) => driver.observe(report),
-                                _ => {}
-                            }
+                    // While a checkpoint at `T` is due, what arrives at or after `T` waits
+                    // until the state as of `T` is saved.
+                    let due = state.due_checkpoint().map(|(_, time)| time);
+                    input.for_each(|cap, data| {
+                        let time = cap.least().copied().unwrap_or_default();
+                        match due {
+                            Some(due) if time >= due => waiting.push((time, std::mem::take(data))),
+                            _ => data.drain(..).for_each(|message| out.extend(driver.take_in(message))),
                         }
                     });
-                    let ended = frontier.is_empty();
+                    if state.due_at(frontier).is_some() {
+                        state.save(vec![Entry::new(0, &driver.saved())]);
+                    }
+                    if state.due_checkpoint().is_none() {
+                        waiting.sort_by_key(|(time, _)| *time);
+                        for (_, data) in waiting.drain(..) {
+                            data.into_iter().for_each(|message| out.extend(driver.take_in(message)));
+                        }
+                    }
+                    // With checkpoints an ended input stays at the end of time until the
+                    // last one.
+                    let ended = !frontier.less_than(&EventTime::MAX);
                     out.extend(driver.secure_tick(ended));
                     let next = match driver.coordinator.open_round() {
                         Some(round) if ended || driver.due() => {
@@ -468,7 +484,7 @@ fn federated_core<'scope>(
                     match next {
                         Some(Opened::Plan(plan)) => output.session(&*cap).give(*plan),
                         Some(Opened::Wait) => {}
-                        Some(Opened::Over) => reserve = retire(&mut held, &state),
+                        Some(Opened::Over) => reserve = retire(&mut held, &state, !is_external),
                         None => {}
                     }
                     if let Some(at) = driver.wake_at() {
@@ -525,7 +541,7 @@ fn federated_core<'scope>(
                         }
                     }
                     Opened::Wait | Opened::Over => {
-                        reserve = retire(&mut held, &state);
+                        reserve = retire(&mut held, &state, !is_external);
                         // A checkpoint after the last round, not yet saved.
                         if state.due().is_some() {
                             save(&driver);
@@ -710,15 +726,22 @@ struct Driver {
     secure_round: Option<ServerRound>,
     /// The open round's plan, repeated with each of its secure-aggregation steps.
     open_plan: Option<PlanMessage>,
+    /// External clients: the updates offered since the open round opened, in order, as
+    /// JSON (a checkpoint keeps them: the sources resume after them).
+    offered: Vec<String>,
 }
 
 /// Training is over: the coordinator's capability goes, unless the run takes checkpoints;
 /// then it stays at the end of time until the last checkpoint (at the end of time) is
 /// complete, so that neither the coordinator nor the operators after it are retired before
 /// they have saved it. Returns the capability kept.
-/// Checkpoints from now on are after the last output.
-fn retire(held: &mut Option<Capability<EventTime>>, state: &StateHandle) -> Option<Capability<EventTime>> {
-    if let Some(cap) = held.as_ref() {
+/// A loop that drives time (`drives`) proposes checkpoints after its last output from now on.
+fn retire(
+    held: &mut Option<Capability<EventTime>>,
+    state: &StateHandle,
+    drives: bool,
+) -> Option<Capability<EventTime>> {
+    if let Some(cap) = held.as_ref().filter(|_| drives) {
         state.propose(cap.time().saturating_add(1));
         state.stop_driving();
     }
@@ -733,6 +756,8 @@ struct SavedTraining {
     coordinator: CoordinatorSnapshot,
     closed: u64,
     over: bool,
+    /// External clients: the updates offered to the open round (JSON), in order.
+    offered: Vec<String>,
 }
 
 /// What opening a round gave.
@@ -783,6 +808,7 @@ impl Driver {
             secure: config.secure_aggregation.clone().filter(|_| external),
             secure_round: None,
             open_plan: None,
+            offered: Vec::new(),
         }
     }
 
@@ -797,6 +823,7 @@ impl Driver {
         match self.coordinator.plan(&self.infos) {
             Ok(plan) => {
                 self.retry_at = None;
+                self.offered.clear();
                 let deadline = self.timeout.map(|timeout| {
                     // Checked: a timeout of centuries means no deadline, not a panic.
                     self.deadline = Instant::now().checked_add(timeout);
@@ -842,6 +869,24 @@ impl Driver {
         };
         if let Some(info) = self.infos.iter_mut().find(|info| info.id == id) {
             update(info);
+        }
+    }
+
+    /// External clients: takes in an update (offered to the open round, and kept for
+    /// checkpoints) or a health report.
+    fn take_in(&mut self, message: ClientMessage) -> Option<CoordinatorOut> {
+        match message {
+            ClientMessage::Update(update) => {
+                if self.secure.is_none() {
+                    self.offered.push(serde_json::to_string(&update).unwrap_or_default());
+                }
+                self.offer(&update)
+            }
+            ClientMessage::Health(report) => {
+                self.observe(report);
+                None
+            }
+            _ => None,
         }
     }
 
@@ -995,6 +1040,7 @@ impl Driver {
     /// model and the report.
     fn close(&mut self, round: u64) -> Vec<CoordinatorOut> {
         self.deadline = None;
+        self.offered.clear();
         if self.secure_round.take().is_some() {
             self.failure
                 .get_or_insert_with(|| format!("secure aggregation failed in round {round}: the round's time ran out"));
@@ -1022,10 +1068,16 @@ impl Driver {
         ]
     }
 
-    /// What a checkpoint keeps: the coordinator between rounds, the rounds closed, and
-    /// whether training is over.
+    /// What a checkpoint keeps: the coordinator (between rounds, or with external clients
+    /// the updates offered to the open round), the rounds closed, and whether training is
+    /// over.
     fn saved(&self) -> SavedTraining {
-        SavedTraining { coordinator: self.coordinator.snapshot(), closed: self.closed, over: self.finished }
+        SavedTraining {
+            coordinator: self.coordinator.snapshot(),
+            closed: self.closed,
+            over: self.finished,
+            offered: self.offered.clone(),
+        }
     }
 
     /// Takes up saved training: the plan to send the clients again if a round is open.
@@ -1035,6 +1087,22 @@ impl Driver {
         self.coordinator.restore(saved.coordinator);
         self.gauges.round.set(self.closed as i64);
         self.output.restored(self.closed);
+        // The open round's updates again, in their order; the clients' refusals went out
+        // before the checkpoint. The round's time starts again.
+        for json in saved.offered {
+            match serde_json::from_str::<ModelUpdate>(&json) {
+                Ok(update) => {
+                    self.offer(&update);
+                    self.offered.push(json);
+                }
+                Err(err) => {
+                    tracing::error!(operator = %self.operator, %err, "a saved update does not decode; it is left out")
+                }
+            }
+        }
+        if self.coordinator.open_round().is_some() {
+            self.deadline = self.timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+        }
         let plan = self.coordinator.open_plan()?;
         Some(PlanMessage { plan, model: self.coordinator.model().to_vec(), deadline: None, secure: None })
     }

@@ -88,10 +88,10 @@ impl Component for FederatedOperator {
 }
 
 impl OperatorComponent for FederatedOperator {
-    /// Simulated clients' training saves its state; external clients' rounds, on the wall
-    /// clock, do not yet.
+    /// Training saves its state, but not yet with external clients' secure aggregation
+    /// (its masking steps are not saved).
     fn checkpointed(&self) -> bool {
-        !self.external
+        !self.external || self.config.secure_aggregation.is_none()
     }
 
     fn build<'scope>(
