@@ -96,6 +96,23 @@ fn validate_exit_statuses() {
     assert_eq!(missing.status.code(), Some(3));
 }
 
+/// Every pipeline shipped in `pipelines/` validates, on its embedded defaults.
+#[test]
+fn every_shipped_pipeline_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines");
+    let mut shipped: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    shipped.sort();
+    assert!(shipped.len() >= 5, "{shipped:?}");
+    for pipeline in shipped {
+        let result = output(edgeflow().arg("validate").arg(&pipeline));
+        assert!(result.status.success(), "{}: {}", pipeline.display(), String::from_utf8_lossy(&result.stderr));
+    }
+}
+
 #[test]
 fn schema_and_graph() {
     let result = output(edgeflow().arg("schema"));

@@ -1105,6 +1105,71 @@ fn edge_to_cloud_pipeline_runs_against_a_broker() {
     assert!(rollups.len() >= 2, "rollups for both regions");
 }
 
+/// The shipped `pipelines/edge-to-cloud-exactly-once.yaml` on Apache Kafka: ten nodes'
+/// heartbeats, ten minutes old, become healthy, unhealthy and offline; a `read_committed`
+/// reader sees the 30 changes once the checkpoint covering them is durable. Killed with
+/// SIGKILL and started again on its checkpoints, the pipeline writes no change twice.
+#[test]
+fn shipped_exactly_once_pipeline_commits_each_change_once_across_a_kill() {
+    let broker = Broker::apache();
+    for (topic, partitions) in [
+        ("edge.heartbeats", 2),
+        ("cloud.node-status-changes", 1),
+        ("cloud.region-rollups", 1),
+        ("edge.heartbeats.dead-letters", 1),
+    ] {
+        broker.create_topic(topic, partitions);
+    }
+    let producer = broker.producer();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    for node in 0..10 {
+        let beat = format!(
+            r#"{{"node_id":"e{node}","region":"r{}","lat":1,"lon":2,"timestamp":{},"cpu":10,"memory":20,"disk":30}}"#,
+            node % 2,
+            now - 600_000 + node
+        );
+        producer.send(BaseRecord::to("edge.heartbeats").key(&format!("e{node}")).payload(&beat)).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("engine.log");
+    let start = || {
+        common::Running(
+            Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+                .arg("run")
+                .arg(root().join("pipelines/edge-to-cloud-exactly-once.yaml"))
+                .args(["--log-format", "json", "--no-metrics"])
+                .env("KAFKA_BROKERS", &broker.address)
+                .env("EDGEFLOW_CHECKPOINTS", dir.path().join("ckpt"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut engine = start();
+    // Librdkafka reads read_committed by default.
+    let changes = broker.read_all("cloud.node-status-changes", 30, Duration::from_secs(120));
+    assert_eq!(changes.len(), 30, "healthy, unhealthy and offline for 10 nodes");
+    engine.kill().unwrap();
+    engine.wait().unwrap();
+    let completed = |log: &str| log.matches("\"checkpoint complete\"").count();
+    let before = completed(&std::fs::read_to_string(&log).unwrap());
+    let mut engine = start();
+    common::wait_for("a checkpoint of the restarted run", Duration::from_secs(60), || {
+        completed(&std::fs::read_to_string(&log).unwrap()) > before
+    });
+    assert!(Command::new("kill").args(["-s", "INT", &engine.id().to_string()]).status().unwrap().success());
+    assert!(engine.0.wait().unwrap().success(), "SIGINT exits 0");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("restoring from checkpoint"), "{log}");
+    let mut seen = read_to_end(&broker, "cloud.node-status-changes", 1, true);
+    assert_eq!(seen.len(), 30, "no change twice after the restart");
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 30, "30 different changes");
+}
+
 /// Reads the child's JSON log until the metrics address appears, then keeps draining it.
 fn metrics_address(child: &mut Child) -> String {
     use std::io::BufRead;
