@@ -22,16 +22,10 @@ mod apache_kafka;
 
 use std::path::Path;
 use std::process::Child;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use edgeflow_benches::{fleet_config, fleet_heartbeats};
-use edgeflow_engine::config::load_str;
-use edgeflow_engine::metrics::Metrics;
-use edgeflow_engine::runtime::{run, RunOptions};
+use edgeflow_benches::{fleet_config, fleet_heartbeats, median, produce_heartbeats, run_timed};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 
 /// The allocator of the `edgeflow` binary, so that the engine runs here as it does there.
@@ -101,23 +95,7 @@ fn engine(broker: &Broker, variant: &Variant, run_name: &str, total: usize) -> f
         "name: {run_name}\nmetrics:\n  enabled: false\n{checkpoint}sources:\n  beats:\n    type: kafka\n    brokers: {b}\n    topics: [beats]\n    group: {run_name}\n    stop_at_end: true\n    max_out_of_orderness: 10s\noperators:\n  health:\n    type: node_health\n    input: beats\nsinks:\n  changes:\n    type: kafka\n    brokers: {b}\n    topic: changes\n    input: health.changes\n{eos}  rollups:\n    type: kafka\n    brokers: {b}\n    topic: rollups\n    key: region\n    input: health.rollups\n{eos}",
         b = broker.address
     );
-    let pipeline =
-        load_str(&yaml, "exactly-once-bench.yaml", &|_| None).unwrap_or_else(|problems| panic!("{problems}"));
-    let metrics = Arc::new(Metrics::new());
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (metrics, done) = (metrics.clone(), done.clone());
-        std::thread::spawn(move || {
-            while metrics.records_total.get() == 0 && !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            Instant::now()
-        })
-    };
-    run(&pipeline, &RunOptions { workers: 2, ..RunOptions::default() }, metrics.clone()).expect("pipeline runs");
-    let end = Instant::now();
-    done.store(true, Ordering::Relaxed);
-    let first = watcher.join().expect("watcher");
+    let (seconds, metrics) = run_timed(&yaml, "exactly-once-bench.yaml", 2);
     // In a consumer group (no checkpoints) the second worker's join moves partitions, and
     // messages read but not yet committed are read again: at least once.
     let read = metrics.records_total.get();
@@ -129,12 +107,7 @@ fn engine(broker: &Broker, variant: &Variant, run_name: &str, total: usize) -> f
     if variant.exactly_once {
         assert!(metrics.checkpoints.completed.get() > 0, "{}: no checkpoint completed", variant.name);
     }
-    end.duration_since(first).as_secs_f64()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    seconds
 }
 
 fn main() {
@@ -144,22 +117,7 @@ fn main() {
     let total = heartbeats.len();
     let broker = Broker::start();
     broker.create_topics(&[("beats", PARTITIONS), ("changes", 2), ("rollups", 1)]);
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &broker.address)
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    for heartbeat in &heartbeats {
-        let payload = serde_json::to_vec(heartbeat).expect("json");
-        loop {
-            match producer.send(BaseRecord::to("beats").key(&heartbeat.node_id).payload(&payload)) {
-                Ok(()) => break,
-                Err(_) => producer.poll(Duration::from_millis(5)),
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(300)).expect("input produced");
+    produce_heartbeats(&broker.address, "beats", &heartbeats);
 
     // Rounds interleave the variants so that the broker's state is alike for each.
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];

@@ -12,6 +12,7 @@
 //! Run: `cargo bench -p edgeflow-benches --bench federated` (full size, medians of 3). Under
 //! `cargo test` it runs once on 10 clients x 100,000 parameters.
 
+use edgeflow_benches::median;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -24,11 +25,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn update(client: usize, parameters: usize) -> Vec<f32> {
     (0..parameters).map(|i| ((i * 7919 + client * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() {

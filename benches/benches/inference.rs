@@ -23,6 +23,7 @@
 //!    busy fraction. A model run inside the worker would take that fraction of the worker's
 //!    time away from node_health.
 
+use edgeflow_benches::median;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,11 +45,6 @@ fn root() -> PathBuf {
 
 fn mlp() -> PathBuf {
     root().join("engine/tests/models/mlp/1/model.onnx")
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// Rows/s of a bare `ort` loop at `batch` for `seconds`.

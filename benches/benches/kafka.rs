@@ -20,16 +20,10 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edgeflow_benches::{fleet_config, fleet_heartbeats};
-use edgeflow_engine::config::load_str;
-use edgeflow_engine::metrics::Metrics;
-use edgeflow_engine::runtime::{run, RunOptions};
+use edgeflow_benches::{fleet_config, fleet_heartbeats, median, produce_heartbeats, run_timed};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// The allocator of the `edgeflow` binary, so that the engine runs here as it does there.
@@ -134,30 +128,9 @@ fn engine(broker: &Broker, group: &str, workers: usize, total: usize) -> f64 {
         "sources:\n  beats:\n    type: kafka\n    brokers: {b}\n    topics: [beats]\n    group: {group}\n    stop_at_end: true\n    max_out_of_orderness: 10s\noperators:\n  health:\n    type: node_health\n    input: beats\nsinks:\n  changes:\n    type: kafka\n    brokers: {b}\n    topic: changes\n    input: health.changes\n  rollups:\n    type: kafka\n    brokers: {b}\n    topic: rollups\n    key: region\n    input: health.rollups\n",
         b = broker.address
     );
-    let pipeline = load_str(&yaml, "kafka-bench.yaml", &|_| None).unwrap_or_else(|problems| panic!("{problems}"));
-    let metrics = Arc::new(Metrics::new());
-    // The first record's arrival, seen from a watcher thread.
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (metrics, done) = (metrics.clone(), done.clone());
-        std::thread::spawn(move || {
-            while metrics.records_total.get() == 0 && !done.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            Instant::now()
-        })
-    };
-    run(&pipeline, &RunOptions { workers, ..RunOptions::default() }, metrics.clone()).expect("pipeline runs");
-    let end = Instant::now();
-    done.store(true, Ordering::Relaxed);
-    let first = watcher.join().expect("watcher");
+    let (seconds, metrics) = run_timed(&yaml, "kafka-bench.yaml", workers);
     assert_eq!(metrics.records_total.get(), total as u64, "the engine read every message");
-    end.duration_since(first).as_secs_f64()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    seconds
 }
 
 fn main() {
@@ -169,22 +142,7 @@ fn main() {
     broker.create_topic("beats", PARTITIONS);
     broker.create_topic("changes", 2);
     broker.create_topic("rollups", 1);
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &broker.address)
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    for heartbeat in &heartbeats {
-        let payload = serde_json::to_vec(heartbeat).expect("json");
-        loop {
-            match producer.send(BaseRecord::to("beats").key(&heartbeat.node_id).payload(&payload)) {
-                Ok(()) => break,
-                Err(_) => producer.poll(Duration::from_millis(5)),
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(300)).expect("input produced");
+    produce_heartbeats(&broker.address, "beats", &heartbeats);
 
     // Rounds interleave the variants so that the broker's state is alike for each.
     let (mut raw, mut decoded, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

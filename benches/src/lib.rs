@@ -155,3 +155,56 @@ pub fn cost_baseline(heartbeats: &[Heartbeat], config: &NodeHealthConfig) -> Bas
     rollup(&nodes, &mut readings, &mut out);
     out
 }
+
+/// Produces `heartbeats` as JSON to `topic` on the Kafka broker at `address`, keyed by node
+/// id, waiting when the producer's queue is full, and returns once all are delivered.
+pub fn produce_heartbeats(address: &str, topic: &str, heartbeats: &[Heartbeat]) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use std::time::Duration;
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", address)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    for heartbeat in heartbeats {
+        let payload = serde_json::to_vec(heartbeat).expect("json");
+        while producer.send(BaseRecord::to(topic).key(&heartbeat.node_id).payload(&payload)).is_err() {
+            producer.poll(Duration::from_millis(5));
+        }
+    }
+    producer.flush(Duration::from_secs(300)).expect("input produced");
+}
+
+/// The median of `values` (the upper one of an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Runs `yaml` (a pipeline, named `name` in errors) on `workers` workers to its end; returns
+/// the seconds from its first record (seen by a watcher thread) to the end, and its metrics.
+pub fn run_timed(yaml: &str, name: &str, workers: usize) -> (f64, std::sync::Arc<edgeflow_engine::metrics::Metrics>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let pipeline =
+        edgeflow_engine::config::load_str(yaml, name, &|_| None).unwrap_or_else(|problems| panic!("{problems}"));
+    let metrics = Arc::new(edgeflow_engine::metrics::Metrics::new());
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (metrics, done) = (metrics.clone(), done.clone());
+        std::thread::spawn(move || {
+            while metrics.records_total.get() == 0 && !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Instant::now()
+        })
+    };
+    let options = edgeflow_engine::runtime::RunOptions { workers, ..Default::default() };
+    edgeflow_engine::runtime::run(&pipeline, &options, metrics.clone()).expect("pipeline runs");
+    let end = Instant::now();
+    done.store(true, Ordering::Relaxed);
+    let first = watcher.join().expect("watcher");
+    (end.duration_since(first).as_secs_f64(), metrics)
+}

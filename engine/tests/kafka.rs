@@ -569,6 +569,44 @@ fn kill_9_and_restart_loses_nothing() {
     assert_eq!(missing, 0, "records lost after kill -9 and restart");
 }
 
+/// The `sources` and `operators` of a pipeline that reads topic `beats` to its end in
+/// consumer group `group` into node_health `health`.
+fn health_from_beats(broker: &Broker, group: &str) -> String {
+    format!(
+        "sources:\n  beats:\n    type: kafka\n    brokers: {}\n    topics: [beats]\n    group: {group}\n    stop_at_end: true\n    max_out_of_orderness: 5s\noperators:\n  health:\n    type: node_health\n    input: beats\n",
+        broker.address
+    )
+}
+
+/// The at-least-once reference of the exactly-once tests: [`health_from_beats`] with its
+/// changes in `DIR/reference.jsonl`.
+fn reference_pipeline(broker: &Broker, dir: &Path) -> PathBuf {
+    write_pipeline(
+        dir,
+        "reference.yaml",
+        format!(
+            "name: reference\n{}sinks:\n  changes:\n    type: file\n    input: health.changes\n    path: {}\n",
+            health_from_beats(broker, "reference"),
+            dir.join("reference.jsonl").display()
+        ),
+    )
+}
+
+/// The reference run's changes (`DIR/reference.jsonl`) and those committed to topic
+/// `changes` (4 partitions, read_committed), both sorted, and how many were committed twice.
+fn committed_against_reference(broker: &Broker, dir: &Path) -> (Vec<String>, Vec<String>, usize) {
+    let mut expected: Vec<String> =
+        std::fs::read_to_string(dir.join("reference.jsonl")).unwrap().lines().map(str::to_owned).collect();
+    let mut committed: Vec<String> = read_to_end(broker, "changes", 4, true)
+        .into_iter()
+        .map(|payload| String::from_utf8_lossy(&payload).into_owned())
+        .collect();
+    expected.sort();
+    committed.sort();
+    let duplicates = committed.windows(2).filter(|pair| pair[0] == pair[1]).count();
+    (expected, committed, duplicates)
+}
+
 /// Exactly-once: the same kill -9 and restart with `exactly_once: true`; a `read_committed`
 /// consumer sees every record exactly once. Malformed input goes to a dead-letter topic in
 /// the same transaction.
@@ -673,21 +711,8 @@ fn kill_9_at_10_points_node_health_exactly_once() {
     let total = 1_000_000usize;
     produce_fleet(&broker, "beats", total);
     let dir = tempfile::tempdir().unwrap();
-    let source = |group: &str| {
-        format!(
-            "sources:\n  beats:\n    type: kafka\n    brokers: {}\n    topics: [beats]\n    group: {group}\n    stop_at_end: true\n    max_out_of_orderness: 5s\noperators:\n  health:\n    type: node_health\n    input: beats\n",
-            broker.address
-        )
-    };
-    let reference = write_pipeline(
-        dir.path(),
-        "reference.yaml",
-        format!(
-            "name: reference\n{}sinks:\n  changes:\n    type: file\n    input: health.changes\n    path: {}\n",
-            source("reference"),
-            dir.path().join("reference.jsonl").display()
-        ),
-    );
+    let source = |group: &str| health_from_beats(&broker, group);
+    let reference = reference_pipeline(&broker, dir.path());
     // One worker: the group's first assignment is final (with two, the second member's
     // join moves partitions after a session timeout, and the worker without partitions in
     // the meantime goes idle and its watermark follows the wall clock).
@@ -732,16 +757,8 @@ fn kill_9_at_10_points_node_health_exactly_once() {
     // uninterrupted run's file byte for byte.
     let reference_file = std::fs::read(dir.path().join("reference.jsonl")).unwrap();
     assert!(std::fs::read(dir.path().join("eos.jsonl")).unwrap() == reference_file, "the file sink differs");
-    let mut expected: Vec<String> =
-        std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap().lines().map(str::to_owned).collect();
+    let (expected, committed, duplicates) = committed_against_reference(&broker, dir.path());
     assert!(expected.len() > 10_000, "the fleet changes status often: {}", expected.len());
-    let mut committed: Vec<String> = read_to_end(&broker, "changes", 4, true)
-        .into_iter()
-        .map(|payload| String::from_utf8_lossy(&payload).into_owned())
-        .collect();
-    expected.sort();
-    committed.sort();
-    let duplicates = committed.windows(2).filter(|pair| pair[0] == pair[1]).count();
     eprintln!("{} status changes committed, {} expected, {duplicates} duplicates", committed.len(), expected.len());
     if committed != expected {
         if let Ok(debug) = std::env::var("EDGEFLOW_TEST_DEBUG_DIR") {
@@ -773,21 +790,8 @@ fn a_fenced_zombie_commits_nothing() {
     broker.create_topic("changes", 4);
     produce_fleet(&broker, "beats", 300_000);
     let dir = tempfile::tempdir().unwrap();
-    let source = |group: &str| {
-        format!(
-            "sources:\n  beats:\n    type: kafka\n    brokers: {}\n    topics: [beats]\n    group: {group}\n    stop_at_end: true\n    max_out_of_orderness: 5s\noperators:\n  health:\n    type: node_health\n    input: beats\n",
-            broker.address
-        )
-    };
-    let reference = write_pipeline(
-        dir.path(),
-        "reference.yaml",
-        format!(
-            "name: reference\n{}sinks:\n  changes:\n    type: file\n    input: health.changes\n    path: {}\n",
-            source("reference"),
-            dir.path().join("reference.jsonl").display()
-        ),
-    );
+    let source = |group: &str| health_from_beats(&broker, group);
+    let reference = reference_pipeline(&broker, dir.path());
     run(&reference, 1);
     let eos = |checkpoints: &str| {
         format!(
@@ -833,15 +837,7 @@ fn a_fenced_zombie_commits_nothing() {
     let zombie_log = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success(), "the fenced run must fail:\n{zombie_log}");
     assert!(zombie_log.to_lowercase().contains("fenced"), "the failure names the fencing:\n{zombie_log}");
-    let mut expected: Vec<String> =
-        std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap().lines().map(str::to_owned).collect();
-    let mut committed: Vec<String> = read_to_end(&broker, "changes", 4, true)
-        .into_iter()
-        .map(|payload| String::from_utf8_lossy(&payload).into_owned())
-        .collect();
-    expected.sort();
-    committed.sort();
-    let duplicates = committed.windows(2).filter(|pair| pair[0] == pair[1]).count();
+    let (expected, committed, duplicates) = committed_against_reference(&broker, dir.path());
     assert_eq!(duplicates, 0, "a status change was committed twice");
     assert_eq!(committed.len(), expected.len(), "committed changes");
     assert!(committed == expected, "the committed changes differ from the uninterrupted run's");
@@ -1019,9 +1015,9 @@ fn broker_outage_of_30_seconds_loses_nothing() {
     assert_eq!(missing, 0, "records lost across the outage");
 }
 
-#[test]
-fn edge_to_cloud_pipeline_runs_against_a_broker() {
-    let broker = Broker::start();
+/// The edge-to-cloud pipelines' topics, with one heartbeat of each of 10 nodes (`e0`..`e9`
+/// in regions `r0` and `r1`) ten minutes old, and with `garbage` one undecodable message.
+fn edge_topics(broker: &Broker, garbage: bool) {
     for (topic, partitions) in [
         ("edge.heartbeats", 2),
         ("cloud.node-status-changes", 1),
@@ -1040,8 +1036,16 @@ fn edge_to_cloud_pipeline_runs_against_a_broker() {
         );
         producer.send(BaseRecord::to("edge.heartbeats").key(&format!("e{node}")).payload(&beat)).unwrap();
     }
-    producer.send(BaseRecord::<(), str>::to("edge.heartbeats").payload("garbage")).unwrap();
+    if garbage {
+        producer.send(BaseRecord::<(), str>::to("edge.heartbeats").payload("garbage")).unwrap();
+    }
     producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+#[test]
+fn edge_to_cloud_pipeline_runs_against_a_broker() {
+    let broker = Broker::start();
+    edge_topics(&broker, true);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
         .arg("run")
@@ -1112,25 +1116,7 @@ fn edge_to_cloud_pipeline_runs_against_a_broker() {
 #[test]
 fn shipped_exactly_once_pipeline_commits_each_change_once_across_a_kill() {
     let broker = Broker::apache();
-    for (topic, partitions) in [
-        ("edge.heartbeats", 2),
-        ("cloud.node-status-changes", 1),
-        ("cloud.region-rollups", 1),
-        ("edge.heartbeats.dead-letters", 1),
-    ] {
-        broker.create_topic(topic, partitions);
-    }
-    let producer = broker.producer();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    for node in 0..10 {
-        let beat = format!(
-            r#"{{"node_id":"e{node}","region":"r{}","lat":1,"lon":2,"timestamp":{},"cpu":10,"memory":20,"disk":30}}"#,
-            node % 2,
-            now - 600_000 + node
-        );
-        producer.send(BaseRecord::to("edge.heartbeats").key(&format!("e{node}")).payload(&beat)).unwrap();
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
+    edge_topics(&broker, false);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("engine.log");
     let start = || {
