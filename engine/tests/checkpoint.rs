@@ -356,3 +356,46 @@ fn a_second_run_on_the_same_checkpoints_is_refused() {
     first.kill().unwrap();
     first.wait().unwrap();
 }
+
+/// Two file sources into node_health: `early`, a few heartbeats of other nodes in the
+/// middle of `beats`'s event time, ends at once while `beats` is read on. The records
+/// `early` handed in are still in the dataflow (node_health waits for `beats` to reach their
+/// time), so a checkpoint must not be taken before them: killed after a checkpoint and
+/// restarted (`early` at its end), the output equals an uninterrupted run's.
+#[test]
+fn a_source_that_ended_still_holds_the_checkpoint_time_back() {
+    let pipeline = |dir: &Path, checkpoint: bool| {
+        heartbeats_file(dir);
+        let start = 1_700_000_000_000u64 + 150 * 60_000;
+        let early: String = (0..20u64)
+            .flat_map(|step| {
+                (0..10u64).map(move |node| {
+                    format!(
+                        "{{\"node_id\":\"x{node}\",\"region\":\"x\",\"lat\":0,\"lon\":0,\"timestamp\":{},\"cpu\":95,\"memory\":40,\"disk\":30}}\n",
+                        start + step * 30_000 + node
+                    )
+                })
+            })
+            .collect();
+        write(dir, "early.jsonl", &early);
+        let section = if checkpoint { "checkpoint:\n  dir: ckpt\n  interval: 100ms\n" } else { "" };
+        write(
+            dir,
+            "health.yaml",
+            &format!("name: health\nmetrics:\n  enabled: false\n{section}sources:\n  beats:\n    type: file\n    path: beats.jsonl\n    max_out_of_orderness: 1s\n  early:\n    type: file\n    path: early.jsonl\n    max_out_of_orderness: 1s\noperators:\n  health:\n    type: node_health\n    inputs: [beats, early]\nsinks:\n  changes:\n    type: file\n    input: health.changes\n    path: changes.jsonl\n  rollups:\n    type: file\n    input: health.rollups\n    path: rollups.jsonl\n"),
+        )
+    };
+    let expected = tempfile::tempdir().unwrap();
+    run_to_end(&pipeline(expected.path(), false), &[]);
+    let want = std::fs::read_to_string(expected.path().join("changes.jsonl")).unwrap();
+    assert!(want.contains("\"x3\""), "the early source's nodes are reported");
+    let dir = tempfile::tempdir().unwrap();
+    let path = pipeline(dir.path(), true);
+    run_and_kill_after(&path, dir.path(), 1, &[]);
+    let log = run_to_end(&path, &[]);
+    assert_restored_part_way(&log);
+    for name in ["changes.jsonl", "rollups.jsonl"] {
+        let want = std::fs::read(expected.path().join(name)).unwrap();
+        assert!(want == std::fs::read(dir.path().join(name)).unwrap(), "{name} differs after the restore");
+    }
+}
