@@ -22,4 +22,5 @@ pub mod metrics;
 pub mod model_cli;
 pub mod reload;
 pub mod runtime;
+pub mod serve;
 pub mod status_line;

@@ -1,0 +1,3 @@
+//! Serving a running pipeline's live state for queries (see [`store`]).
+
+pub mod store;
