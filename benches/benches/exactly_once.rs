@@ -111,6 +111,10 @@ fn engine(broker: &Broker, variant: &Variant, run_name: &str, total: usize) -> f
 }
 
 fn main() {
+    // The engine's warnings (a slow checkpoint names what it waits for) on stderr.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGEFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let full = std::env::args().any(|arg| arg == "--bench");
     let (nodes, minutes, rounds) = if full { (2000, 260, 3) } else { (50, 10, 1) };
     let heartbeats = fleet_heartbeats(&fleet_config(nodes, minutes));
@@ -123,6 +127,7 @@ fn main() {
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
     for round in 0..rounds {
         for (index, variant) in VARIANTS.iter().enumerate() {
+            eprintln!("running {} (round {round})", variant.name);
             times[index].push(engine(&broker, variant, &format!("eos-bench-{round}-{index}"), total));
         }
     }

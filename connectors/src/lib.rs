@@ -248,6 +248,12 @@ pub trait Source: Send {
     fn commit(&mut self, _checkpoint: &Checkpoint, _wait: bool) -> Result<(), ConnectorError> {
         Ok(())
     }
+
+    /// Called while the worker does not poll the source (it waits for the dataflow to
+    /// catch up): a source that must answer its peers meanwhile (a Kafka consumer taking
+    /// part in a group rebalance) does so here; records that come with it wait for the next
+    /// poll.
+    fn keep_alive(&mut self) {}
 }
 
 /// A sink of encoded records (one JSON document per call, without the newline).

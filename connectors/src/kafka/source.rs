@@ -173,6 +173,11 @@ pub struct KafkaSource {
     future: edgeflow_operators::time::FutureBound,
     /// The positions this worker's partitions were resumed from.
     resumed: Vec<(String, i32, i64)>,
+    /// Items taken while the worker was not polling (see [`Source::keep_alive`]), handed
+    /// out first at the next poll.
+    early: Vec<SourceItem>,
+    /// A member of a consumer group (not fixed partitions).
+    grouped: bool,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -298,6 +303,8 @@ impl KafkaSource {
             counters: HashMap::new(),
             future: edgeflow_operators::time::FutureBound::new(config.max_future.as_millis()),
             resumed: Vec::new(),
+            early: Vec::new(),
+            grouped: matches!(membership, Membership::Group),
         })
     }
 
@@ -480,17 +487,20 @@ impl KafkaSource {
     /// may come before the messages that were there at open (a partition assigned at its
     /// committed offset). (A partition may move between workers in a rebalance, and a
     /// restarted process first waits for a dead member's partitions.)
+    ///
+    /// A worker still joining the group is done too once the other workers of its process
+    /// have read every partition: it would otherwise wait for an assignment that the group
+    /// can only make when those workers, which no longer poll, answer the rebalance.
     fn all_at_end(&self) -> bool {
-        if !self.assigned.load(Ordering::Relaxed) {
-            return false; // still joining the group
-        }
         let Ok(mut finished) = self.finished.lock() else { return false };
         for (key, state) in &self.partitions {
             if state.at_end {
                 finished.insert(key.clone());
             }
         }
-        self.end_offsets.keys().all(|key| finished.contains(key))
+        let all = self.end_offsets.keys().all(|key| finished.contains(key));
+        // (Before any assignment, no partition known is not "all read".)
+        all && (self.assigned.load(Ordering::Relaxed) || !self.end_offsets.is_empty())
     }
 
     /// End of partition reported for `partition` (of whichever assigned topic has it): marks
@@ -519,6 +529,7 @@ impl Source for KafkaSource {
         let now = Instant::now();
         let since_assignment = self.assigned_at.lock().map(|at| now.saturating_duration_since(*at)).unwrap_or_default();
         let start = out.len();
+        out.append(&mut self.early);
         let report = |source: &Self, err: KafkaError| {
             // librdkafka retries broker connections itself; report and go on.
             tracing::warn!(source = %source.name, brokers = %source.brokers, %err, "kafka consumer error");
@@ -562,6 +573,30 @@ impl Source for KafkaSource {
             return Ok(SourceStatus::Exhausted);
         }
         Ok(SourceStatus::Idle { retry_in_ms: 1 })
+    }
+
+    /// Serves the consumer's events (a rebalance must not wait for this worker until
+    /// `max.poll.interval.ms`: another member may be waiting for its partitions, and this
+    /// worker for that member's watermark); a message fetched before its partition's queue
+    /// was split waits in `early`.
+    /// Fixed partitions (checkpointed pipelines) take part in no rebalance: nothing to do,
+    /// and nothing is taken ahead of a checkpoint's positions.
+    fn keep_alive(&mut self) {
+        if !self.grouped {
+            return;
+        }
+        let now = Instant::now();
+        let since_assignment = self.assigned_at.lock().map(|at| now.saturating_duration_since(*at)).unwrap_or_default();
+        let consumer = self.consumer.clone();
+        let mut early = std::mem::take(&mut self.early);
+        while let Some(result) = consumer.poll(Duration::ZERO) {
+            if let Err(err) = self.take(result, None, &mut early, now, since_assignment) {
+                tracing::warn!(source = %self.name, brokers = %self.brokers, %err, "kafka consumer error");
+                break;
+            }
+        }
+        self.early = early;
+        self.refresh_assignment();
     }
 
     fn checkpoint(&mut self) -> Option<Checkpoint> {

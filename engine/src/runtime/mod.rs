@@ -432,6 +432,13 @@ impl SourceDriver {
         Ok(())
     }
 
+    /// Lets the connector answer its peers while the worker does not poll it.
+    fn keep_alive(&mut self) {
+        if let Some(source) = self.source.as_mut() {
+            source.keep_alive();
+        }
+    }
+
     fn flush(&mut self) {
         if let Some(inputs) = self.inputs.as_mut() {
             inputs.heartbeats.flush();
@@ -618,6 +625,11 @@ fn run_worker(
                 let target = in_flight.pop_front().unwrap_or(0);
                 while probes.processed.less_than(&target) && !failed() && !stop.load(Ordering::Relaxed) {
                     worker.step_or_park(Some(Duration::from_millis(1)));
+                    // What this worker waits for may need its sources to answer their peers
+                    // (a Kafka group rebalance that gives another worker its partitions).
+                    for driver in drivers.iter_mut().filter(|d| !d.done()) {
+                        driver.keep_alive();
+                    }
                     // Other workers may wait for this one's answer in a checkpoint.
                     if let Some(checkpointer) = checkpointer.as_mut() {
                         checkpointer.step(&mut Drivers(&mut drivers))?;
