@@ -326,6 +326,7 @@ fn federated_core<'scope>(
 
     let mut driver =
         Driver::new(config, data.test, model_shape, infos, name, metrics, output, is_external, live_health);
+    driver.keep_offered = state.checkpointing();
     let secure = config.secure_aggregation.clone();
     let out = updates.unary_frontier(
         Exchange::new(|_: &ClientMessage| 0),
@@ -726,9 +727,11 @@ struct Driver {
     secure_round: Option<ServerRound>,
     /// The open round's plan, repeated with each of its secure-aggregation steps.
     open_plan: Option<PlanMessage>,
-    /// External clients: the updates offered since the open round opened, in order, as
-    /// JSON (a checkpoint keeps them: the sources resume after them).
-    offered: Vec<String>,
+    /// External clients in a run that takes checkpoints: the updates offered since the open
+    /// round opened, in order (a checkpoint keeps them: the sources resume after them).
+    offered: Vec<ModelUpdate>,
+    /// Whether to keep `offered` (the run takes checkpoints).
+    keep_offered: bool,
 }
 
 /// Training is over: the coordinator's capability goes, unless the run takes checkpoints;
@@ -809,6 +812,7 @@ impl Driver {
             secure_round: None,
             open_plan: None,
             offered: Vec::new(),
+            keep_offered: false,
         }
     }
 
@@ -877,10 +881,11 @@ impl Driver {
     fn take_in(&mut self, message: ClientMessage) -> Option<CoordinatorOut> {
         match message {
             ClientMessage::Update(update) => {
-                if self.secure.is_none() {
-                    self.offered.push(serde_json::to_string(&update).unwrap_or_default());
+                let refused = self.offer(&update);
+                if self.keep_offered && self.secure.is_none() {
+                    self.offered.push(update);
                 }
-                self.offer(&update)
+                refused
             }
             ClientMessage::Health(report) => {
                 self.observe(report);
@@ -1076,7 +1081,7 @@ impl Driver {
             coordinator: self.coordinator.snapshot(),
             closed: self.closed,
             over: self.finished,
-            offered: self.offered.clone(),
+            offered: self.offered.iter().filter_map(|update| serde_json::to_string(update).ok()).collect(),
         }
     }
 
@@ -1093,7 +1098,7 @@ impl Driver {
             match serde_json::from_str::<ModelUpdate>(&json) {
                 Ok(update) => {
                     self.offer(&update);
-                    self.offered.push(json);
+                    self.offered.push(update);
                 }
                 Err(err) => {
                     tracing::error!(operator = %self.operator, %err, "a saved update does not decode; it is left out")
