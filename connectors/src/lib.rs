@@ -38,6 +38,11 @@ pub enum SourceItem {
     Future { letter: DeadLetter, clock: Option<EventTime> },
 }
 
+/// A gap between two polls of a source longer than this means that the worker did not look
+/// (it waited for the dataflow to catch up): the time in between does not count towards a
+/// source's or partition's idle timeout.
+pub const UNPOLLED: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What a poll found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceStatus {

@@ -23,4 +23,5 @@ pub mod model_cli;
 pub mod reload;
 pub mod runtime;
 pub mod serve;
+pub mod sql_cli;
 pub mod status_line;

@@ -146,6 +146,27 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         idle_timeout: u64,
     },
+    /// Query a running pipeline's live tables over Flight SQL (its `serve` section) and
+    /// print the result, e.g. `edgeflow sql --server 127.0.0.1:50051 "SELECT * FROM nodes"`.
+    Sql {
+        /// The query.
+        sql: String,
+        /// `HOST:PORT` of the pipeline's Flight SQL server.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        server: String,
+        /// Bearer token (or set `EDGEFLOW_FLIGHT_TOKEN`).
+        #[arg(long, env = "EDGEFLOW_FLIGHT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Connect with TLS.
+        #[arg(long)]
+        tls: bool,
+        /// With `--tls`: the CA certificate (PEM) to trust instead of the system's.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// `table`, `json` (one object per row), `csv` or `arrow` (an IPC stream).
+        #[arg(long, value_enum, default_value = "table")]
+        format: edgeflow_engine::sql_cli::Format,
+    },
     /// Print the JSON Schema of pipeline files (for editors), or the Markdown reference.
     Schema {
         /// `json` (JSON Schema) or `markdown` (the README's YAML reference).
@@ -320,6 +341,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Sql { sql, server, token, tls, ca, format } => {
+            let options =
+                edgeflow_engine::sql_cli::SqlOptions { server, token, tls: tls || ca.is_some(), ca, sql, format };
+            match edgeflow_engine::sql_cli::run(&options) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Schema { format } => match format.as_str() {
             "json" => {
                 let schema = config::schema::pipeline_schema();

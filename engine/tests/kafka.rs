@@ -752,11 +752,42 @@ fn kill_9_at_10_points_node_health_exactly_once() {
         engine.kill().unwrap(); // SIGKILL
         engine.wait().unwrap();
     }
-    run(&pipeline, 2);
+    let last = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+        .arg("run")
+        .arg(&pipeline)
+        .args(["--no-metrics", "--workers", "2", "--log-format", "json"])
+        .output()
+        .unwrap();
+    std::fs::write(dir.path().join("run-11.log"), &last.stderr).unwrap();
+    assert!(last.status.success(), "{}", String::from_utf8_lossy(&last.stderr));
+    let show_logs = |words: &[&str]| {
+        for run in 1..=11 {
+            let log = std::fs::read_to_string(dir.path().join(format!("run-{run}.log"))).unwrap_or_default();
+            for line in log.lines().filter(|line| words.iter().any(|word| line.contains(word))) {
+                eprintln!("run {run}: {line}");
+            }
+        }
+    };
     // The file sink of the same run, cut back to each checkpoint on restore, equals the
     // uninterrupted run's file byte for byte.
-    let reference_file = std::fs::read(dir.path().join("reference.jsonl")).unwrap();
-    assert!(std::fs::read(dir.path().join("eos.jsonl")).unwrap() == reference_file, "the file sink differs");
+    let reference_file = std::fs::read_to_string(dir.path().join("reference.jsonl")).unwrap();
+    let eos_file = std::fs::read_to_string(dir.path().join("eos.jsonl")).unwrap();
+    if eos_file != reference_file {
+        let (ours, theirs): (Vec<&str>, Vec<&str>) = (eos_file.lines().collect(), reference_file.lines().collect());
+        let first = ours.iter().zip(&theirs).position(|(a, b)| a != b).unwrap_or(ours.len().min(theirs.len()));
+        eprintln!(
+            "file sink: {} lines ({} bytes), the reference {} lines ({} bytes); first difference at line {}:\n  ours:   {:?}\n  theirs: {:?}",
+            ours.len(),
+            eos_file.len(),
+            theirs.len(),
+            reference_file.len(),
+            first + 1,
+            ours.get(first),
+            theirs.get(first)
+        );
+        show_logs(&["restor", "cut back", "afresh", "ERROR", "WARN", "late"]);
+        panic!("the file sink differs");
+    }
     let (expected, committed, duplicates) = committed_against_reference(&broker, dir.path());
     assert!(expected.len() > 10_000, "the fleet changes status often: {}", expected.len());
     eprintln!("{} status changes committed, {} expected, {duplicates} duplicates", committed.len(), expected.len());
@@ -765,14 +796,7 @@ fn kill_9_at_10_points_node_health_exactly_once() {
             std::fs::write(format!("{debug}/committed.txt"), committed.join("\n")).unwrap();
             std::fs::write(format!("{debug}/expected.txt"), expected.join("\n")).unwrap();
         }
-        for kill in 1..=10 {
-            let log = std::fs::read_to_string(dir.path().join(format!("run-{kill}.log"))).unwrap_or_default();
-            for line in log.lines().filter(|l| {
-                l.contains("restor") || l.contains("exactly once") || l.contains("afresh") || l.contains("ERROR")
-            }) {
-                eprintln!("run {kill}: {line}");
-            }
-        }
+        show_logs(&["restor", "exactly once", "afresh", "ERROR"]);
     }
     assert_eq!(duplicates, 0, "a status change was committed twice");
     assert!(committed == expected, "the committed changes differ from the uninterrupted run's");

@@ -178,6 +178,9 @@ pub struct KafkaSource {
     early: Vec<SourceItem>,
     /// A member of a consumer group (not fixed partitions).
     grouped: bool,
+    /// When the worker last polled: a longer gap (the worker waited for the dataflow) is
+    /// not counted as partitions being idle.
+    last_poll: Instant,
 }
 
 impl std::fmt::Debug for KafkaSource {
@@ -298,6 +301,7 @@ impl KafkaSource {
             partitions: HashMap::new(),
             idle_timeout: Duration::from_millis(config.idle_timeout.as_millis()),
             stop_at_end: config.stop_at_end,
+            last_poll: Instant::now(),
             metrics,
             group: config.group.clone(),
             counters: HashMap::new(),
@@ -527,6 +531,15 @@ impl Source for KafkaSource {
         self.refresh_assignment();
         self.future.refresh();
         let now = Instant::now();
+        let unpolled = now.saturating_duration_since(self.last_poll);
+        self.last_poll = now;
+        if unpolled > crate::UNPOLLED {
+            // The worker did not look (it waited for the dataflow to catch up): a partition
+            // without messages in that time says nothing about its traffic.
+            for state in self.partitions.values_mut() {
+                state.last_message += unpolled;
+            }
+        }
         let since_assignment = self.assigned_at.lock().map(|at| now.saturating_duration_since(*at)).unwrap_or_default();
         let start = out.len();
         out.append(&mut self.early);

@@ -6,6 +6,7 @@ use std::path::Path;
 use edgeflow_operators::params::Place;
 use serde::de::DeserializeOwned;
 
+use super::serve::{RetentionConfig, ServeConfig, ServedTable, Serving, DEFAULT_RETENTION_ROWS};
 use super::yaml::{self, Mark, Node, Value};
 use super::{
     env, CheckpointConfig, Checkpointing, LatePolicy, MetricsConfig, Pipeline, PortKind, PortRef, Problem, Problems,
@@ -15,8 +16,10 @@ use crate::components::{
     find, join, names, ComponentType, Context, Declared, Input, OperatorComponent, PortKinds, SinkComponent, Wiring,
     OPERATORS, SINKS, SOURCES,
 };
+use crate::serve::rows::{Layout, TableKind};
+use crate::serve::store::Retention;
 
-const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "checkpoint", "sources", "operators", "sinks"];
+const TOP_LEVEL: &[&str] = &["name", "late_policy", "metrics", "checkpoint", "serve", "sources", "operators", "sinks"];
 
 /// Loads and validates the pipeline in `path`, with environment variables from the process.
 pub fn load_file(path: &Path) -> Result<Pipeline, Problems> {
@@ -345,6 +348,7 @@ impl Checker {
                 },
             );
         }
+        let serve = root.get("serve").and_then(|node| self.serve(node, &ports, &all_names, &mut consumed));
         let order = self.operator_order(&operators);
         self.check_exactly_once(checkpoint.as_ref(), &sinks, &declared_sinks);
         if checkpoint.is_some() {
@@ -375,7 +379,7 @@ impl Checker {
         let sinks = checked(&sinks, declared_sinks);
         let position: HashMap<String, usize> = order.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
         typed_operators.sort_by_key(|operator| position.get(&operator.name).copied().unwrap_or(usize::MAX));
-        Some(Pipeline { name, late_policy, metrics, sources, operators: typed_operators, sinks, checkpoint })
+        Some(Pipeline { name, late_policy, metrics, sources, operators: typed_operators, sinks, checkpoint, serve })
     }
 
     /// The `checkpoint` section: on when `dir` is set; an interval of at least 100ms and at
@@ -408,6 +412,126 @@ impl Checker {
             interval: std::time::Duration::from_millis(config.interval.as_millis()),
             keep: config.keep,
         })
+    }
+
+    /// The `serve` section: each table reads a servable operator output (which counts as
+    /// using it), has an SQL name, and a retention only if it appends; the Flight address
+    /// parses, and one that is not loopback needs tokens.
+    fn serve(
+        &mut self,
+        node: &Node,
+        ports: &PortKinds,
+        names: &[&str],
+        consumed: &mut BTreeSet<String>,
+    ) -> Option<Serving> {
+        let config = self.typed::<ServeConfig>(node, "serve")?;
+        let flight_node = node.get("flight").unwrap_or(node);
+        let address = match config.flight.address.parse::<std::net::SocketAddr>() {
+            Ok(address) => Some(address),
+            Err(_) => {
+                self.problem(
+                    "serve.flight.address",
+                    flight_node.locate("address").mark,
+                    format!("`{}` is not an address; write HOST:PORT, e.g. 127.0.0.1:50051", config.flight.address),
+                );
+                None
+            }
+        };
+        if let Some(address) = address {
+            if !address.ip().is_loopback() && config.flight.tokens.is_empty() {
+                self.problem(
+                    "serve.flight.tokens",
+                    flight_node.locate("address").mark,
+                    format!("the Flight SQL server listens on {address}, beyond loopback, without `tokens`: anyone who can reach it could read the pipeline's state\nhint: add `tokens: [\"${{EDGEFLOW_FLIGHT_TOKEN}}\"]` (and `tls`), or listen on 127.0.0.1"),
+                );
+            }
+        }
+        for (i, token) in config.flight.tokens.iter().enumerate() {
+            if token.len() < 16 {
+                let mark = flight_node.locate(&format!("tokens[{i}]")).mark;
+                self.problem(
+                    &format!("serve.flight.tokens[{i}]"),
+                    mark,
+                    format!(
+                        "token {} is {} characters; a token needs at least 16 (e.g. `openssl rand -hex 32`)",
+                        i + 1,
+                        token.len()
+                    ),
+                );
+            }
+        }
+        let mut flight = config.flight.clone();
+        if let Some(tls) = flight.tls.as_mut() {
+            let resolve =
+                |path: &std::path::Path| if path.is_relative() { self.base.join(path) } else { path.to_path_buf() };
+            tls.cert = resolve(&tls.cert);
+            tls.key = resolve(&tls.key);
+            tls.client_ca = tls.client_ca.as_deref().map(resolve);
+        }
+        let tables_node = node.get("tables").unwrap_or(node);
+        let mut tables = Vec::new();
+        for (name, table) in &config.tables {
+            let path = format!("serve.tables.{name}");
+            let table_node = tables_node.get(name).unwrap_or(tables_node);
+            let name_mark = tables_node.key_of(name).map_or(table_node.mark, |key| key.mark);
+            let sql_name = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !sql_name {
+                self.problem(
+                    &path,
+                    name_mark,
+                    format!("table name `{name}` is not a plain SQL name: use lower-case letters, digits and `_`, starting with a letter"),
+                );
+            }
+            let reference = parse_ref(&table.input);
+            let input_mark = table_node.locate("input").mark;
+            let inputs = [(reference.clone(), input_mark, format!("{path}.input"))];
+            self.check_inputs(("serve", name, name_mark), &inputs, ports, names, consumed, |kind| {
+                Layout::of(kind).map(|_| ()).ok_or_else(|| {
+                    format!("table `{name}` holds node status, status changes, region rollups, window, inference or federated round results")
+                })
+            });
+            let Some(kind) = kind_of(ports, &reference) else { continue };
+            let Some(layout) = Layout::of(kind) else { continue };
+            let retention = match (layout.kind, table.retention) {
+                (TableKind::Collection, Some(_)) => {
+                    self.problem(
+                        &format!("{path}.retention"),
+                        table_node.locate("retention").mark,
+                        format!("table `{name}` holds the live collection `{reference}` (its current contents), which takes no `retention`\nhint: remove `retention`"),
+                    );
+                    continue;
+                }
+                (_, Some(RetentionConfig::Rows(0))) => {
+                    self.problem(
+                        &format!("{path}.retention.rows"),
+                        table_node.locate("retention").mark,
+                        "`rows` is 0; keep at least 1 row".to_owned(),
+                    );
+                    continue;
+                }
+                (_, Some(RetentionConfig::Span(span))) if span.as_millis() == 0 => {
+                    self.problem(
+                        &format!("{path}.retention.span"),
+                        table_node.locate("retention").mark,
+                        "`span` is 0; keep a span of at least 1ms".to_owned(),
+                    );
+                    continue;
+                }
+                (_, Some(RetentionConfig::Rows(rows))) => Retention::Rows(rows),
+                (_, Some(RetentionConfig::Span(span))) => Retention::Span(span.as_millis()),
+                (_, None) => Retention::Rows(DEFAULT_RETENTION_ROWS),
+            };
+            tables.push(ServedTable { name: name.clone(), input: reference, kind, retention });
+        }
+        if config.tables.is_empty() {
+            self.problem(
+                "serve.tables",
+                tables_node.mark,
+                "`tables` is empty; serve at least one operator output".to_owned(),
+            );
+        }
+        Some(Serving { flight, address: address?, tables })
     }
 
     fn check_duplicate_keys(&mut self, node: &Node, path: &str) {

@@ -5,6 +5,7 @@
 pub mod env;
 mod load;
 pub mod schema;
+pub mod serve;
 pub mod yaml;
 
 use std::fmt;
@@ -260,6 +261,8 @@ pub struct Pipeline {
     pub sinks: Vec<SinkSpec>,
     /// Checkpoints, when on.
     pub checkpoint: Option<Checkpointing>,
+    /// Live tables served over Flight SQL, when on.
+    pub serve: Option<serve::Serving>,
 }
 
 /// One problem found in a pipeline file.

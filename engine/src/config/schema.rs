@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::Serialize;
 
+use super::serve::ServeConfig;
 use super::{CheckpointConfig, LatePolicy, MetricsConfig};
 use crate::components::{ComponentType, OPERATORS, SINKS, SOURCES};
 
@@ -119,6 +120,9 @@ struct PipelineFile {
     /// Checkpoints of every operator's state and every source's position (on when `dir` is
     /// set); a restart goes on from the last one.
     checkpoint: Option<CheckpointConfig>,
+    /// Live tables from operator outputs, queried with SQL over Arrow Flight SQL while the
+    /// pipeline runs.
+    serve: Option<ServeConfig>,
     /// Sources by name.
     sources: BTreeMap<String, Source>,
     /// Operators by name.
@@ -145,6 +149,15 @@ pub fn pipeline_reference_markdown() -> String {
     render_properties(&mut out, &defs["MetricsConfig"], defs, &[]);
     let _ = writeln!(out, "\n`checkpoint`:\n");
     render_properties(&mut out, &defs["CheckpointConfig"], defs, &[]);
+    for (title, def) in [
+        ("serve", "ServeConfig"),
+        ("serve.flight", "FlightConfig"),
+        ("serve.flight.tls", "TlsConfig"),
+        ("serve.tables.NAME", "TableConfig"),
+    ] {
+        let _ = writeln!(out, "\n`{title}`:\n");
+        render_properties(&mut out, &defs[def], defs, &[]);
+    }
     for (section, def, what) in
         [("sources", "Source", "source"), ("operators", "Operator", "operator"), ("sinks", "Sink", "sink")]
     {

@@ -49,11 +49,31 @@ const SLOW_CHECKPOINT: Duration = Duration::from_secs(10);
 /// A message of the checkpoint protocol (see the module docs), heard by every worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Control {
-    Request { epoch: u64, last: bool },
-    Proposal { epoch: u64, watermark: EventTime },
-    Decide { epoch: u64, time: EventTime },
-    Part { epoch: u64, part: PartInfo },
-    Committed { epoch: u64, time: EventTime },
+    Request {
+        epoch: u64,
+        last: bool,
+    },
+    Proposal {
+        epoch: u64,
+        watermark: EventTime,
+    },
+    Decide {
+        epoch: u64,
+        time: EventTime,
+    },
+    Part {
+        epoch: u64,
+        part: PartInfo,
+    },
+    Committed {
+        epoch: u64,
+        time: EventTime,
+    },
+    /// Exactly once: checkpoint `epoch`'s Kafka transaction has committed.
+    Published {
+        epoch: u64,
+        last: bool,
+    },
 }
 
 /// The checkpoint a run starts from: its number and time, and what each participant saved
@@ -269,6 +289,10 @@ pub struct Checkpointer {
     last_done: bool,
     components: Vec<u8>,
     metrics: std::sync::Arc<Metrics>,
+    /// Exactly once: the last checkpoint whose transaction committed (set by the sinks'
+    /// operator on worker 0), and, on worker 0, the checkpoint waiting for its commit.
+    published: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    to_publish: Option<(u64, bool)>,
 }
 
 impl Checkpointer {
@@ -314,7 +338,19 @@ impl Checkpointer {
             last_done: false,
             components: serde_json::to_vec(&Components::of(pipeline)).unwrap_or_default(),
             metrics,
+            published: None,
+            to_publish: None,
         })
+    }
+
+    /// Exactly once: consumer-group offsets are committed (and the last checkpoint counts
+    /// as done) only once the checkpoint's Kafka transaction has committed, which the sinks'
+    /// operator records in `published`. Committed before it, a group's offsets could run
+    /// ahead of the output: a run killed between the two, whose transactions never
+    /// committed, would start afresh from those offsets and skip what it had not published.
+    pub fn publish_after(mut self, published: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.published = Some(published);
+        self
     }
 
     /// Whether the sources must not be polled now (a checkpoint's time is being agreed).
@@ -368,6 +404,12 @@ impl Checkpointer {
         loop {
             let Some(message) = self.inbox.borrow_mut().pop_front() else { break };
             self.handle(message, sources)?;
+        }
+        if let (Some((epoch, last)), Some(published)) = (self.to_publish, self.published.as_ref()) {
+            if published.load(std::sync::atomic::Ordering::Acquire) >= epoch {
+                self.to_publish = None;
+                self.send(Control::Published { epoch, last });
+            }
         }
         if let Phase::Saving { epoch, time } = self.phase {
             if let Some((_, _, saved)) = self.state.take_complete() {
@@ -443,13 +485,19 @@ impl Checkpointer {
             }
             Control::Committed { epoch, time } => {
                 self.state.set_committed(epoch);
-                sources.committed(epoch, self.last_requested)?;
+                if self.published.is_none() {
+                    sources.committed(epoch, self.last_requested)?;
+                    self.last_done |= self.last_requested;
+                } else if self.index == 0 {
+                    self.to_publish = Some((epoch, self.last_requested));
+                }
                 self.next_epoch = epoch + 1;
                 self.last_time = time;
                 self.phase = Phase::Idle;
-                if self.last_requested {
-                    self.last_done = true;
-                }
+            }
+            Control::Published { epoch, last } => {
+                sources.committed(epoch, last)?;
+                self.last_done |= last;
             }
             Control::Proposal { .. } | Control::Part { .. } => {}
         }

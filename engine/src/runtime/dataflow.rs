@@ -99,6 +99,8 @@ pub struct Sinks {
     pub failure: Failure,
     /// The run's stop flag (a sink whose reader went away stops the run).
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The live tables the `serve` section's outputs feed (worker 0 holds them).
+    pub tables: Option<crate::serve::feed::SharedTables>,
 }
 
 /// Probes of a built dataflow.
@@ -190,10 +192,17 @@ pub fn build<'scope>(
         scope.concatenate(balanced.reroutes).connect_loop(balanced.feedback);
     }
 
+    let Sinks { sinks, transaction, exactly_once, failure, stop, state: saved, tables } = sinks;
+    if let (Some(serving), Some(tables)) = (&pipeline.serve, tables) {
+        for table in &serving.tables {
+            if let Some(port) = ports.get(&table.input.to_string()) {
+                serve_table(port, &table.name, table.kind, &tables);
+            }
+        }
+    }
     let probe = ProbeHandle::new();
     let processed = ProbeHandle::new();
     let mut groups: Vec<(SinkGroup, Vec<SinkStream<'scope>>)> = Vec::new();
-    let Sinks { sinks, transaction, exactly_once, failure, stop, state: saved } = sinks;
     let group = |span, transaction| SinkGroup {
         sinks: Vec::new(),
         transaction,
@@ -376,6 +385,24 @@ impl<'scope> Build<'_, 'scope> {
             }
         })
     }
+}
+
+/// Feeds live table `name` from `port` (a servable output: validation checked its kind).
+fn serve_table(port: &Port<'_>, name: &str, kind: crate::config::PortKind, tables: &crate::serve::feed::SharedTables) {
+    use crate::serve::feed::{append_rows, collection_rows, feed};
+    let Some(layout) = crate::serve::rows::Layout::of(kind) else { return };
+    let rows = match port {
+        Port::Status(collection) => {
+            collection_rows(collection.inner.clone().map(|((_, state), time, diff)| (state, time, diff)), layout, name)
+        }
+        Port::Changes(stream) => append_rows(stream.clone(), layout, name),
+        Port::Rollups(stream) => append_rows(stream.clone(), layout, name),
+        Port::Windows(stream) => append_rows(stream.clone(), layout, name),
+        Port::Results(stream) => append_rows(stream.clone(), layout, name),
+        Port::Rounds(stream) => append_rows(stream.clone(), layout, name),
+        _ => return,
+    };
+    feed(rows, name, tables.clone());
 }
 
 /// Encodes a port's records as `(event time, JSON line)` for sinks.

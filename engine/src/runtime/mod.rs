@@ -119,10 +119,23 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> 
     };
     let restore = restore.map(Arc::new);
     let transaction = Arc::new(Mutex::new(transaction));
+    // Live tables: fed by the dataflow, queried over Flight SQL while the run lasts.
+    let server = match &pipeline.serve {
+        Some(serving) => Some(crate::serve::Server::start(serving)?),
+        None => None,
+    };
+    let tables = server.as_ref().map(|server| server.tables.clone());
     let guards = timely::execute(config, move |worker| {
         let transaction = if worker.index() == 0 { transaction.lock().ok().and_then(|mut t| t.take()) } else { None };
-        let result =
-            run_worker(worker, &pipeline, &metrics, (&stop, &worker_failure), &shared, restore.as_deref(), transaction);
+        let result = run_worker(
+            worker,
+            &pipeline,
+            &metrics,
+            (&stop, &worker_failure),
+            &shared,
+            restore.as_deref(),
+            (transaction, tables.as_ref()),
+        );
         if let Err(err) = &result {
             let mut failure = worker_failure.lock().unwrap_or_else(|p| p.into_inner());
             failure.get_or_insert_with(|| format!("{err:#}"));
@@ -132,6 +145,9 @@ pub fn run(pipeline: &Pipeline, options: &RunOptions, metrics: Arc<Metrics>) -> 
     .map_err(|err| anyhow!("cannot start the timely workers: {err}"))?;
     for result in guards.join() {
         result.map_err(|err| anyhow!("a worker failed: {err}"))?;
+    }
+    if let Some(server) = server {
+        server.stop();
     }
     let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failure {
@@ -220,7 +236,10 @@ struct SourceDriver {
     last_commit: Instant,
     /// Current watermark: the inputs' time.
     watermark: EventTime,
-    last_data: Instant,
+    /// Since when every poll has found nothing (`None`: the last found records, or the
+    /// worker did not poll for a while, see [`edgeflow_connectors::UNPOLLED`]).
+    idle_since: Option<Instant>,
+    last_poll: Instant,
     items: Vec<SourceItem>,
     records: Counter,
     dead: Counter,
@@ -317,12 +336,19 @@ impl SourceDriver {
             }
             self.records.inc_by(records);
             metrics.records_total.inc_by(records);
-            self.last_data = Instant::now();
         }
+        let now = Instant::now();
+        let looked = now.saturating_duration_since(self.last_poll) <= edgeflow_connectors::UNPOLLED;
+        self.last_poll = now;
+        let idle_since = match (status, records, looked) {
+            (SourceStatus::Idle { .. }, 0, true) => Some(*self.idle_since.get_or_insert(now)),
+            _ => {
+                self.idle_since = None;
+                None
+            }
+        };
         let mut target = self.clock.map_or(0, |clock| clock.saturating_sub(self.max_out_of_orderness));
-        if matches!(status, SourceStatus::Idle { .. })
-            && self.last_data.elapsed() >= Duration::from_millis(self.idle_timeout)
-        {
+        if idle_since.is_some_and(|since| now.duration_since(since) >= Duration::from_millis(self.idle_timeout)) {
             // An idle source must not hold the frontier back: follow the wall clock.
             target = target.max(wall_clock_ms().saturating_sub(self.max_out_of_orderness));
         }
@@ -496,7 +522,7 @@ fn run_worker(
     (stop, failure): (&Arc<AtomicBool>, &Failure),
     shared: &Shared,
     restore: Option<&Restore>,
-    transaction: Option<KafkaTransaction>,
+    (transaction, tables): (Option<KafkaTransaction>, Option<&crate::serve::feed::SharedTables>),
 ) -> anyhow::Result<()> {
     let (index, peers) = (worker.index(), worker.peers());
     let checkpointed = pipeline.checkpoint.is_some();
@@ -504,6 +530,7 @@ fn run_worker(
     if checkpointed {
         state = state.checkpointing();
     }
+    let published = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut handles = Vec::new();
     for spec in &pipeline.sinks {
         let sink = if index == 0 {
@@ -521,16 +548,25 @@ fn run_worker(
     let sinks = dataflow::Sinks {
         sinks: handles,
         exactly_once: pipeline.exactly_once().is_some(),
-        transaction: transaction.map(|t| Box::new(t) as Box<dyn edgeflow_connectors::Transaction>),
+        transaction: transaction.map(|inner| {
+            Box::new(Publishing { inner, published: published.clone() }) as Box<dyn edgeflow_connectors::Transaction>
+        }),
         failure: failure.clone(),
         stop: stop.clone(),
         state: checkpointed.then(|| state.clone()),
+        tables: tables.cloned(),
     };
     let dataflow_index = worker.next_dataflow_index();
     let (inputs, probes) =
         worker.dataflow_named(&pipeline.name, |scope| dataflow::build(scope, pipeline, sinks, metrics, &state))?;
     let mut checkpointer = match &pipeline.checkpoint {
-        Some(settings) => Some(Checkpointer::new(worker, pipeline, settings, state.clone(), restore, metrics.clone())?),
+        Some(settings) => {
+            let checkpointer = Checkpointer::new(worker, pipeline, settings, state.clone(), restore, metrics.clone())?;
+            Some(match pipeline.exactly_once() {
+                Some(_) => checkpointer.publish_after(published),
+                None => checkpointer,
+            })
+        }
         None => None,
     };
 
@@ -553,7 +589,8 @@ fn run_worker(
             ended: None,
             last_commit: Instant::now(),
             watermark: 0,
-            last_data: Instant::now(),
+            idle_since: None,
+            last_poll: Instant::now(),
             items: Vec::with_capacity(BATCH),
             records: metrics.source_records.get_or_create(&labels).clone(),
             dead: metrics.dead_letters_total.get_or_create(&labels).clone(),
@@ -751,6 +788,21 @@ impl checkpoint::Sources for Drivers<'_> {
                     .with_context(|| format!("source `{}` failed to commit its group offsets", driver.name))?;
             }
         }
+        Ok(())
+    }
+}
+
+/// The transaction of an exactly-once pipeline, recording each checkpoint it committed for
+/// the checkpointer (see [`Checkpointer::publish_after`]).
+struct Publishing {
+    inner: KafkaTransaction,
+    published: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl edgeflow_connectors::Transaction for Publishing {
+    fn commit(&mut self, epoch: u64) -> Result<(), edgeflow_connectors::ConnectorError> {
+        self.inner.commit(epoch)?;
+        self.published.fetch_max(epoch, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder};
 use arrow_array::{ArrayRef, RecordBatch, TimestampMillisecondArray};
@@ -177,7 +178,9 @@ pub enum Retention {
 enum Contents {
     /// A differential collection: its rows as of `base_time` with their counts, and the
     /// updates after it.
-    Collection { base: BTreeMap<Row, isize>, pending: BTreeMap<EventTime, Vec<(Row, isize)>> },
+    /// The base is a persistent map, so a query takes it in constant time under the lock
+    /// and builds its batch outside.
+    Collection { base: imbl::OrdMap<Row, isize>, pending: BTreeMap<EventTime, Vec<(Row, isize)>> },
     /// Rows at event times: complete times in batches (time order, the time column first),
     /// times still open waiting.
     Append { batches: VecDeque<RecordBatch>, rows: usize, retention: Retention, open: BTreeMap<EventTime, Vec<Row>> },
@@ -237,12 +240,58 @@ pub struct Tables {
     tables: BTreeMap<String, Table>,
     /// Every collection has folded in its updates up to this time.
     folded: Option<EventTime>,
+    /// Read holds: times promised to queries planned but not yet run (a Flight ticket's
+    /// time), which the collections do not fold past until released or expired.
+    holds: BTreeMap<u64, (EventTime, Instant)>,
+    next_hold: u64,
+}
+
+/// A table as of one time, taken under the lock in constant time (collections) or
+/// sharing the table's batches (append tables); [`Snapshot::batches`] builds its record
+/// batches outside the lock.
+#[derive(Debug)]
+pub struct Snapshot {
+    name: String,
+    schema: SchemaRef,
+    contents: SnapshotContents,
+}
+
+#[derive(Debug)]
+enum SnapshotContents {
+    Rows { base: imbl::OrdMap<Row, isize>, pending: Vec<(Row, isize)> },
+    Batches(Vec<RecordBatch>),
+}
+
+impl Snapshot {
+    /// The table's schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// The table's rows as record batches of its schema.
+    pub fn batches(self) -> Result<Vec<RecordBatch>, SnapshotError> {
+        match self.contents {
+            SnapshotContents::Batches(batches) => Ok(batches),
+            SnapshotContents::Rows { mut base, pending } => {
+                for (row, diff) in pending {
+                    apply(&mut base, row, diff);
+                }
+                let rows: Vec<&Row> = base
+                    .iter()
+                    .flat_map(|(row, count)| std::iter::repeat_n(row, usize::try_from(*count).unwrap_or(0)))
+                    .collect();
+                let batch = to_batch(&self.schema, &rows)
+                    .map_err(|source| SnapshotError::Arrow { table: self.name, source })?;
+                Ok(vec![batch])
+            }
+        }
+    }
 }
 
 impl Tables {
     /// Adds collection `name` with `schema` (empty).
     pub fn add_collection(&mut self, name: &str, schema: SchemaRef) {
-        let contents = Contents::Collection { base: BTreeMap::new(), pending: BTreeMap::new() };
+        let contents = Contents::Collection { base: imbl::OrdMap::new(), pending: BTreeMap::new() };
         self.tables.insert(name.to_owned(), Table { schema, contents, complete: None });
     }
 
@@ -319,10 +368,28 @@ impl Tables {
         self.tables.values().map(|table| table.complete).min().flatten()
     }
 
-    /// Folds each collection's updates up to the least complete time into its base: every
-    /// query reads as of that time or later.
+    /// Holds `time` readable (the collections do not fold past it) until released or
+    /// `until`; the hold's number, for [`Tables::release`].
+    pub fn hold(&mut self, time: EventTime, until: Instant) -> u64 {
+        self.next_hold += 1;
+        self.holds.insert(self.next_hold, (time, until));
+        self.next_hold
+    }
+
+    /// Releases hold `id` (gone already if it expired).
+    pub fn release(&mut self, id: u64) {
+        self.holds.remove(&id);
+        self.fold();
+    }
+
+    /// Folds each collection's updates up to the least complete time (or the earliest time
+    /// held for a query) into its base: every query reads as of that time or later.
     fn fold(&mut self) {
+        let now = Instant::now();
+        self.holds.retain(|_, (_, until)| *until > now);
+        let held = self.holds.values().map(|(time, _)| *time).min();
         let Some(least) = self.least_complete() else { return };
+        let least = held.map_or(least, |held| least.min(held));
         if self.folded.is_some_and(|folded| folded >= least) {
             return;
         }
@@ -349,30 +416,21 @@ impl Tables {
     }
 
     /// Table `name` as of `time` (at most its complete time; a collection also at least the
-    /// time its base is at): record batches of its schema, sharing their buffers with the
-    /// table's.
-    pub fn snapshot(&self, name: &str, time: EventTime) -> Result<Vec<RecordBatch>, SnapshotError> {
+    /// time its base is at), to be built into batches outside the lock.
+    pub fn read(&self, name: &str, time: EventTime) -> Result<Snapshot, SnapshotError> {
         let table = self.tables.get(name).ok_or_else(|| SnapshotError::Unknown(name.to_owned()))?;
         let complete = table.complete.ok_or_else(|| SnapshotError::NotReady(name.to_owned()))?;
         if time > complete {
             return Err(SnapshotError::NotComplete { table: name.to_owned(), complete, asked: time });
         }
-        let arrow = |source| SnapshotError::Arrow { table: name.to_owned(), source };
-        match &table.contents {
+        let contents = match &table.contents {
             Contents::Collection { base, pending } => {
                 let oldest = self.folded.unwrap_or(0);
                 if time < oldest {
                     return Err(SnapshotError::TooOld { table: name.to_owned(), oldest, asked: time });
                 }
-                let mut rows = base.clone();
-                for (row, diff) in pending.range(..=time).flat_map(|(_, updates)| updates) {
-                    apply(&mut rows, row.clone(), *diff);
-                }
-                let rows: Vec<&Row> = rows
-                    .iter()
-                    .flat_map(|(row, count)| std::iter::repeat_n(row, usize::try_from(*count).unwrap_or(0)))
-                    .collect();
-                Ok(vec![to_batch(&table.schema, &rows).map_err(arrow)?])
+                let pending = pending.range(..=time).flat_map(|(_, updates)| updates.iter().cloned()).collect();
+                SnapshotContents::Rows { base: base.clone(), pending }
             }
             Contents::Append { batches, .. } => {
                 let mut out = Vec::new();
@@ -386,27 +444,32 @@ impl Tables {
                         break;
                     }
                 }
-                Ok(out)
+                SnapshotContents::Batches(out)
             }
-        }
+        };
+        Ok(Snapshot { name: name.to_owned(), schema: table.schema.clone(), contents })
+    }
+
+    /// Table `name` as of `time` as record batches of its schema ([`Tables::read`], then
+    /// [`Snapshot::batches`]).
+    pub fn snapshot(&self, name: &str, time: EventTime) -> Result<Vec<RecordBatch>, SnapshotError> {
+        self.read(name, time)?.batches()
+    }
+
+    /// The time a query over every table reads at (for a query that names none).
+    pub fn as_of_all(&self) -> Result<EventTime, SnapshotError> {
+        let names: Vec<&str> = self.tables.keys().map(String::as_str).collect();
+        self.as_of(names)
     }
 }
 
 /// Adds `diff` copies of `row` to a multiset; a count of zero goes.
-fn apply(rows: &mut BTreeMap<Row, isize>, row: Row, diff: isize) {
-    use std::collections::btree_map::Entry;
-    match rows.entry(row) {
-        Entry::Occupied(mut entry) => {
-            *entry.get_mut() += diff;
-            if *entry.get() == 0 {
-                entry.remove();
-            }
-        }
-        Entry::Vacant(entry) => {
-            if diff != 0 {
-                entry.insert(diff);
-            }
-        }
+fn apply(rows: &mut imbl::OrdMap<Row, isize>, row: Row, diff: isize) {
+    let count = rows.get(&row).copied().unwrap_or(0) + diff;
+    if count == 0 {
+        rows.remove(&row);
+    } else {
+        rows.insert(row, count);
     }
 }
 

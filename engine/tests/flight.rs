@@ -1,0 +1,207 @@
+//! Arrow Flight SQL over a running pipeline's live tables, queried by clients no one here
+//! wrote (the ADBC Flight SQL driver and pyarrow.flight, from `flight_clients.py`): the
+//! answers equal a recomputation from the same run's file output at the reported time, the
+//! catalog calls and prepared statements work, and every refusal says why.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{edgeflow, wait_for, write, Running};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn python() -> PathBuf {
+    std::env::var_os("EDGEFLOW_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+}
+
+/// The address the run logged for its Flight SQL server.
+fn flight_address(log: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().filter(|line| line.contains("serving Flight SQL")).find_map(|line| {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        value["address"].as_str().map(str::to_owned)
+    })
+}
+
+#[test]
+fn adbc_and_pyarrow_query_a_running_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let changes = dir.path().join("changes.jsonl");
+    let pipeline = write(
+        dir.path(),
+        "served.yaml",
+        &format!(
+            "name: served
+sources:
+  fleet:
+    type: generator
+    nodes: 300
+    heartbeat_interval: 1s
+    failure_rate: 0.05
+    mean_outage: 3s
+    seed: 7
+operators:
+  health:
+    type: node_health
+    input: fleet
+    heartbeat_timeout: 3s
+    unhealthy_after: 1500ms
+serve:
+  flight:
+    address: 127.0.0.1:0
+    tokens: [\"${{FLIGHT_TOKEN}}\"]
+  tables:
+    nodes:
+      input: health.status
+    changes:
+      input: health.changes
+      retention: {{rows: 1000000}}
+sinks:
+  changes:
+    type: file
+    input: health.changes
+    path: {}
+",
+            changes.display()
+        ),
+    );
+    let log = dir.path().join("run.log");
+    let mut engine = Running(
+        edgeflow()
+            .args(["run", pipeline.to_str().unwrap(), "--no-metrics", "--log-format", "json", "--workers", "2"])
+            .env("FLIGHT_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut address = None;
+    wait_for("the Flight SQL server's address in the log", Duration::from_secs(60), || {
+        address = flight_address(&log);
+        address.is_some()
+    });
+    let address = address.unwrap();
+    let clients = Command::new(python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/flight_clients.py"))
+        .args([&address, TOKEN, "300"])
+        .output()
+        .unwrap();
+    assert!(
+        clients.status.success(),
+        "the clients failed:\n{}\nengine log:\n{}",
+        String::from_utf8_lossy(&clients.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // `edgeflow sql` in each format, and refused without the token.
+    let sql = |format: &str, token: &str, query: &str| {
+        edgeflow()
+            .args(["sql", "--server", &address, "--format", format, query])
+            .env("EDGEFLOW_FLIGHT_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let count = "SELECT count(*) AS nodes, max(edgeflow_as_of()) AS at FROM nodes";
+    let json = sql("json", TOKEN, count);
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let row: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(row["nodes"], 300, "{row}");
+    let csv = sql("csv", TOKEN, "SELECT node_id, status FROM nodes ORDER BY node_id LIMIT 2");
+    let csv = String::from_utf8(csv.stdout).unwrap();
+    assert_eq!(csv.lines().next(), Some("node_id,status"), "{csv}");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let table = sql("table", TOKEN, count);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("| nodes |") && table.contains("(1 rows, as of "), "{table}");
+    let arrow = sql("arrow", TOKEN, count);
+    assert!(arrow.status.success() && arrow.stdout.starts_with(&[0xff, 0xff, 0xff, 0xff]), "an Arrow IPC stream");
+    let refused = sql("table", "wrong-token-0123456789", count);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("Unauthenticated") && message.contains("not accepted"), "{message}");
+    let bad = sql("table", TOKEN, "SELECT nonsense FROM nodes");
+    let message = String::from_utf8_lossy(&bad.stderr);
+    assert!(message.contains("InvalidArgument") && message.contains("nonsense"), "{message}");
+
+    // Stopped gracefully, the run writes every change up to where it got.
+    Command::new("kill").args(["-TERM", &engine.id().to_string()]).status().unwrap();
+    let status = engine.wait().unwrap();
+    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    let report: serde_json::Value = serde_json::from_slice(&clients.stdout).unwrap();
+    let as_of = report["as_of"].as_u64().unwrap();
+
+    // The table as of `as_of` is each node's latest status change at or before it.
+    let mut expected: BTreeMap<String, String> = BTreeMap::new();
+    let mut changes_until = 0;
+    for line in std::fs::read_to_string(&changes).unwrap().lines() {
+        let change: serde_json::Value = serde_json::from_str(line).unwrap();
+        if change["time"].as_u64().unwrap() <= as_of {
+            changes_until += 1;
+            expected.insert(change["node_id"].as_str().unwrap().to_owned(), change["to"].as_str().unwrap().to_owned());
+        }
+    }
+    let answered: BTreeMap<String, String> = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| (pair[0].as_str().unwrap().to_owned(), pair[1].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(answered.len(), 300, "one row per node");
+    assert_eq!(answered, expected, "the table as of {as_of} is the changes up to it");
+    let statuses: std::collections::BTreeSet<&String> = answered.values().collect();
+    assert!(statuses.len() > 1, "the fleet's statuses vary: {statuses:?}");
+    assert_eq!(
+        report["nodes_schema"],
+        serde_json::json!([["node_id", "string", false], ["status", "string", false]]),
+        "nullability as in the table"
+    );
+
+    // One time per query: the metadata and edgeflow_as_of() agree; a later query is not older.
+    let as_of_fn = &report["as_of_fn"];
+    assert_eq!(as_of_fn[0], as_of_fn[1], "{as_of_fn}");
+    assert!(as_of_fn[0].as_u64().unwrap() >= as_of);
+    assert_eq!(report["counts"][0], 300);
+    assert!(report["counts"][1].as_u64().unwrap() >= changes_until);
+
+    // Prepared statements with parameters, and the catalog.
+    let prepared = &report["prepared"];
+    assert_eq!(prepared[1], serde_json::json!([[prepared[0][0]], [prepared[0][1]]]), "{prepared}");
+    assert_eq!(report["table_types"], serde_json::json!(["TABLE"]));
+    assert_eq!(report["objects"], serde_json::json!([["edgeflow", "live", ["changes", "nodes"]]]));
+    assert_eq!(
+        report["changes_schema"],
+        serde_json::json!([
+            ["time", "timestamp[ms, tz=UTC]", false],
+            ["node_id", "string", false],
+            ["region", "string", false],
+            ["from", "string", true],
+            ["to", "string", false]
+        ])
+    );
+    assert_eq!(report["vendor"], "edgeflow");
+
+    // Refusals, each saying why.
+    let refusal = |key: &str, words: &[&str]| {
+        let error = report[key].as_array().unwrap_or_else(|| panic!("`{key}` was not refused"));
+        let message = error[1].as_str().unwrap();
+        for word in words {
+            assert!(message.contains(word), "{key}: `{word}` not in {message}");
+        }
+    };
+    refusal("bad_sql", &["INVALID_ARGUMENT", "SELEC"]);
+    refusal("unknown_table", &["INVALID_ARGUMENT", "nowhere"]);
+    refusal("not_a_query", &["INVALID_ARGUMENT", "only queries"]);
+    refusal("wrong_token", &["UNAUTHENTICATED", "not accepted"]);
+
+    // pyarrow.flight: Basic -> Bearer, and DoGet's schema is FlightInfo's, metadata included.
+    assert_eq!(report["handshake_header"], serde_json::json!(["authorization", "Bearer"]));
+    assert_eq!(report["flight_schema_equal"], true);
+    assert_eq!(report["flight_rows"], 300);
+    refusal("flight_no_token", &["no `authorization` header"]);
+    refusal("flight_bad_basic", &["not accepted"]);
+}
