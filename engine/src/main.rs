@@ -163,6 +163,12 @@ enum Command {
         /// With `--tls`: the CA certificate (PEM) to trust instead of the system's.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// With `--tls`: a client certificate (PEM), for a server that requires one.
+        #[arg(long, requires = "client_key")]
+        client_cert: Option<PathBuf>,
+        /// The client certificate's private key (PEM).
+        #[arg(long, requires = "client_cert")]
+        client_key: Option<PathBuf>,
         /// `table`, `json` (one object per row), `csv` or `arrow` (an IPC stream).
         #[arg(long, value_enum, default_value = "table")]
         format: edgeflow_engine::sql_cli::Format,
@@ -341,9 +347,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Sql { sql, server, token, tls, ca, format } => {
-            let options =
-                edgeflow_engine::sql_cli::SqlOptions { server, token, tls: tls || ca.is_some(), ca, sql, format };
+        Command::Sql { sql, server, token, tls, ca, client_cert, client_key, format } => {
+            let identity = client_cert.zip(client_key);
+            let tls = tls || ca.is_some() || identity.is_some();
+            let options = edgeflow_engine::sql_cli::SqlOptions { server, token, tls, ca, identity, sql, format };
             match edgeflow_engine::sql_cli::run(&options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

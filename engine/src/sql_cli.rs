@@ -33,6 +33,8 @@ pub struct SqlOptions {
     pub tls: bool,
     /// The CA certificate to trust (PEM).
     pub ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for a server that asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
     /// The query.
     pub sql: String,
     /// Output format.
@@ -59,12 +61,23 @@ async fn query(options: &SqlOptions) -> anyhow::Result<(datafusion::arrow::datat
             }
             None => tls.with_webpki_roots(),
         };
+        if let Some((cert, key)) = &options.identity {
+            let read =
+                |path: &PathBuf| std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()));
+            tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+        }
         endpoint = endpoint.tls_config(tls).context("the TLS settings are not usable")?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to the Flight SQL server at {}", options.server))?;
+    let channel = endpoint.connect().await.map_err(|err| {
+        // The transport's own error hides the cause (a refused certificate, say) in its source.
+        let mut message = format!("cannot connect to the Flight SQL server at {}: {err}", options.server);
+        let mut cause = std::error::Error::source(&err);
+        while let Some(inner) = cause {
+            message.push_str(&format!(": {inner}"));
+            cause = inner.source();
+        }
+        anyhow!(message)
+    })?;
     let mut client = FlightSqlServiceClient::new(channel);
     if let Some(token) = &options.token {
         client.set_token(token.clone());

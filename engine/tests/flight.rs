@@ -33,6 +33,7 @@ fn flight_address(log: &std::path::Path) -> Option<String> {
 fn adbc_and_pyarrow_query_a_running_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let changes = dir.path().join("changes.jsonl");
+    let beats = dir.path().join("beats.jsonl");
     let pipeline = write(
         dir.path(),
         "served.yaml",
@@ -67,8 +68,13 @@ sinks:
     type: file
     input: health.changes
     path: {}
+  beats:
+    type: file
+    input: fleet
+    path: {}
 ",
-            changes.display()
+            changes.display(),
+            beats.display()
         ),
     );
     let log = dir.path().join("run.log");
@@ -145,19 +151,36 @@ sinks:
             expected.insert(change["node_id"].as_str().unwrap().to_owned(), change["to"].as_str().unwrap().to_owned());
         }
     }
-    let answered: BTreeMap<String, String> = report["nodes"]
-        .as_array()
-        .unwrap()
+    let rows = report["nodes"].as_array().unwrap();
+    let answered: BTreeMap<String, String> =
+        rows.iter().map(|row| (row[0].as_str().unwrap().to_owned(), row[1].as_str().unwrap().to_owned())).collect();
+    // Each node's row has its latest heartbeat at or before `as_of`.
+    let mut latest: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for line in std::fs::read_to_string(&beats).unwrap().lines() {
+        let beat: serde_json::Value = serde_json::from_str(line).unwrap();
+        let time = beat["timestamp"].as_u64().unwrap();
+        let node = beat["node_id"].as_str().unwrap().to_owned();
+        if time <= as_of && latest.get(&node).is_none_or(|(seen, _)| *seen < time) {
+            latest.insert(node, (time, beat["cpu"].as_f64().unwrap()));
+        }
+    }
+    let heartbeats: BTreeMap<String, (u64, f64)> = rows
         .iter()
-        .map(|pair| (pair[0].as_str().unwrap().to_owned(), pair[1].as_str().unwrap().to_owned()))
+        .map(|row| (row[0].as_str().unwrap().to_owned(), (row[2].as_u64().unwrap(), row[3].as_f64().unwrap())))
         .collect();
+    assert_eq!(heartbeats, latest, "each node's latest heartbeat as of {as_of}");
     assert_eq!(answered.len(), 300, "one row per node");
     assert_eq!(answered, expected, "the table as of {as_of} is the changes up to it");
     let statuses: std::collections::BTreeSet<&String> = answered.values().collect();
     assert!(statuses.len() > 1, "the fleet's statuses vary: {statuses:?}");
     assert_eq!(
         report["nodes_schema"],
-        serde_json::json!([["node_id", "string", false], ["status", "string", false]]),
+        serde_json::json!([
+            ["node_id", "string", false],
+            ["status", "string", false],
+            ["last_heartbeat", "int64", true],
+            ["cpu", "double", true]
+        ]),
         "nullability as in the table"
     );
 
@@ -204,4 +227,147 @@ sinks:
     assert_eq!(report["flight_rows"], 300);
     refusal("flight_no_token", &["no `authorization` header"]);
     refusal("flight_bad_basic", &["not accepted"]);
+}
+
+/// A certificate authority, and PEM certificates with keys signed by it.
+struct Authority {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl Authority {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self { issuer: rcgen::Issuer::new(params, key), pem }
+    }
+
+    /// A certificate for `names` (server or client), and its key.
+    fn sign(&self, names: &[&str], client: bool) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
+    }
+}
+
+/// TLS with client certificates: `edgeflow sql` with the CA and a client certificate gets
+/// its answer; without the certificate, with another CA, or in plain text, it does not. A
+/// pipeline whose TLS files cannot be read does not start.
+#[test]
+fn tls_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (authority, stranger) = (Authority::new(), Authority::new());
+    let (server_cert, server_key) = authority.sign(&["127.0.0.1", "localhost"], false);
+    let (client_cert, client_key) = authority.sign(&["analyst"], true);
+    for (name, text) in [
+        ("ca.pem", &authority.pem),
+        ("other-ca.pem", &stranger.pem),
+        ("server.pem", &server_cert),
+        ("server.key", &server_key),
+        ("client.pem", &client_cert),
+        ("client.key", &client_key),
+    ] {
+        write(dir.path(), name, text);
+    }
+    let pipeline = |cert: &str| {
+        format!(
+            "name: tls
+sources:
+  fleet:
+    type: generator
+    nodes: 20
+    heartbeat_interval: 1s
+operators:
+  health:
+    type: node_health
+    input: fleet
+serve:
+  flight:
+    address: 127.0.0.1:0
+    tls: {{cert: {cert}, key: server.key, client_ca: ca.pem}}
+  tables:
+    nodes:
+      input: health.status
+sinks:
+  out:
+    type: file
+    input: health.changes
+    path: changes.jsonl
+"
+        )
+    };
+    // A certificate file that is not there: the run does not start, and says which file.
+    let missing = write(dir.path(), "missing.yaml", &pipeline("nowhere.pem"));
+    let failed = edgeflow().args(["run", missing.to_str().unwrap(), "--no-metrics"]).output().unwrap();
+    assert_eq!(failed.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&failed.stderr);
+    assert!(message.contains("cannot read the Flight TLS file") && message.contains("nowhere.pem"), "{message}");
+
+    let served = write(dir.path(), "tls.yaml", &pipeline("server.pem"));
+    let log = dir.path().join("run.log");
+    let _engine = Running(
+        edgeflow()
+            .args(["run", served.to_str().unwrap(), "--no-metrics", "--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut address = None;
+    wait_for("the Flight SQL server's address in the log", Duration::from_secs(60), || {
+        address = flight_address(&log);
+        address.is_some()
+    });
+    let address = address.unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let sql = |extra: &[String]| {
+        edgeflow()
+            .args(["sql", "--server", &address, "--format", "csv"])
+            .args(extra)
+            .arg("SELECT 1 AS one")
+            .output()
+            .unwrap()
+    };
+    let mutual = ["--ca", "ca.pem", "--client-cert", "client.pem", "--client-key", "client.key"].map(|a| {
+        if a.ends_with(".pem") || a.ends_with(".key") {
+            path(a)
+        } else {
+            a.to_owned()
+        }
+    });
+    let mut answered = None;
+    wait_for("an answer over TLS", Duration::from_secs(60), || {
+        let out = sql(&mutual);
+        let ok = out.status.success();
+        answered = Some(out);
+        ok
+    });
+    assert_eq!(String::from_utf8_lossy(&answered.unwrap().stdout), "one\n1\n");
+    // No client certificate: the server refuses the handshake.
+    let anonymous = sql(&["--ca".into(), path("ca.pem")]);
+    assert!(!anonymous.status.success(), "answered without a client certificate");
+    // Another CA: the client does not trust the server.
+    let distrusting = sql(&[
+        "--ca".into(),
+        path("other-ca.pem"),
+        "--client-cert".into(),
+        path("client.pem"),
+        "--client-key".into(),
+        path("client.key"),
+    ]);
+    assert!(!distrusting.status.success(), "trusted a server its CA did not sign");
+    let message = String::from_utf8_lossy(&distrusting.stderr);
+    assert!(message.contains("certificate"), "{message}");
+    // Plain text to a TLS server.
+    let plain = sql(&[]);
+    assert!(!plain.status.success(), "answered in plain text");
 }

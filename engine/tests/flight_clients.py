@@ -41,7 +41,9 @@ cursor = connection.cursor()
 deadline = time.time() + 60
 while True:
     try:
-        cursor.execute("SELECT node_id, status FROM nodes ORDER BY node_id")
+        cursor.execute(
+            "SELECT node_id, status, CAST(last_heartbeat AS BIGINT) AS last_heartbeat, cpu FROM nodes ORDER BY node_id"
+        )
         nodes = cursor.fetch_arrow_table()
         if nodes.num_rows >= fleet:
             break
@@ -52,7 +54,10 @@ while True:
     time.sleep(0.2)
 metadata = nodes.schema.metadata or {}
 report["as_of"] = int(metadata[b"edgeflow.as_of"])
-report["nodes"] = [[n, s] for n, s in zip(nodes.column("node_id").to_pylist(), nodes.column("status").to_pylist())]
+report["nodes"] = [
+    list(row)
+    for row in zip(*(nodes.column(name).to_pylist() for name in ("node_id", "status", "last_heartbeat", "cpu")))
+]
 report["nodes_schema"] = [[f.name, str(f.type), f.nullable] for f in nodes.schema]
 
 # One time for the whole query, in the metadata and from edgeflow_as_of().

@@ -195,9 +195,20 @@ pub fn build<'scope>(
     let Sinks { sinks, transaction, exactly_once, failure, stop, state: saved, tables } = sinks;
     if let (Some(serving), Some(tables)) = (&pipeline.serve, tables) {
         for table in &serving.tables {
-            if let Some(port) = ports.get(&table.input.to_string()) {
-                serve_table(port, &table.name, table.kind, &tables);
-            }
+            let Some(port) = ports.get(&table.input.to_string()) else { continue };
+            // A node status table also holds each node's latest heartbeat: the heartbeats
+            // its operator reads.
+            let heartbeats: Vec<_> = pipeline
+                .operators
+                .iter()
+                .filter(|operator| operator.name == table.input.component)
+                .flat_map(|operator| &operator.inputs)
+                .filter_map(|input| match ports.get(&input.to_string()) {
+                    Some(Port::Heartbeats(collection)) => Some(collection.inner.clone()),
+                    _ => None,
+                })
+                .collect();
+            serve_table(port, &table.name, table.kind, &tables, scope.concatenate(heartbeats));
         }
     }
     let probe = ProbeHandle::new();
@@ -388,12 +399,20 @@ impl<'scope> Build<'_, 'scope> {
 }
 
 /// Feeds live table `name` from `port` (a servable output: validation checked its kind).
-fn serve_table(port: &Port<'_>, name: &str, kind: crate::config::PortKind, tables: &crate::serve::feed::SharedTables) {
-    use crate::serve::feed::{append_rows, collection_rows, feed};
+fn serve_table<'scope>(
+    port: &Port<'scope>,
+    name: &str,
+    kind: crate::config::PortKind,
+    tables: &crate::serve::feed::SharedTables,
+    heartbeats: StreamVec<'scope, EventTime, (Heartbeat, EventTime, isize)>,
+) {
+    use crate::serve::feed::{append_rows, collection_rows, feed, feed_with_latest, latest_heartbeats};
     let Some(layout) = crate::serve::rows::Layout::of(kind) else { return };
     let rows = match port {
         Port::Status(collection) => {
-            collection_rows(collection.inner.clone().map(|((_, state), time, diff)| (state, time, diff)), layout, name)
+            let statuses = collection.inner.clone().map(|((_, state), time, diff)| (state, time, diff));
+            let rows = collection_rows(statuses, layout, name);
+            return feed_with_latest(rows, latest_heartbeats(heartbeats), name, tables.clone());
         }
         Port::Changes(stream) => append_rows(stream.clone(), layout, name),
         Port::Rollups(stream) => append_rows(stream.clone(), layout, name),

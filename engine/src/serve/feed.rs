@@ -50,6 +50,72 @@ pub fn feed<'scope>(updates: StreamVec<'scope, EventTime, (Row, EventTime, isize
     );
 }
 
+type Unused<'a> = timely::dataflow::operators::generic::OutputBuilderSession<
+    'a,
+    EventTime,
+    timely::container::CapacityContainerBuilder<Vec<()>>,
+>;
+
+/// Feeds collection table `name` from `updates` (as [`feed`]) and its rows' latest-entry
+/// series from `latest` (key, time, cells; see [`Tables::update_latest`]): the table is
+/// complete up to where both inputs are.
+pub fn feed_with_latest<'scope>(
+    updates: StreamVec<'scope, EventTime, (Row, EventTime, isize)>,
+    latest: StreamVec<'scope, EventTime, (String, EventTime, Row)>,
+    name: &str,
+    tables: SharedTables,
+) {
+    let name = name.to_owned();
+    let index = updates.scope().index();
+    let operator = format!("Serve({name})");
+    let _: StreamVec<'scope, EventTime, ()> = updates.binary_frontier(
+        latest,
+        Exchange::new(|_: &(Row, EventTime, isize)| 0),
+        Exchange::new(|_: &(String, EventTime, Row)| 0),
+        &operator,
+        move |_, _| {
+            move |(updates, updates_frontier), (latest, latest_frontier), _output: &mut Unused<'_>| {
+                let mut batch = Vec::new();
+                updates.for_each(|_, data| batch.append(data));
+                let mut entries = Vec::new();
+                latest.for_each(|_, data| entries.append(data));
+                if index != 0 {
+                    return;
+                }
+                let mut tables = tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if !batch.is_empty() {
+                    tables.update(&name, batch);
+                }
+                if !entries.is_empty() {
+                    tables.update_latest(&name, entries);
+                }
+                let low = updates_frontier.frontier().iter().chain(latest_frontier.frontier().iter()).min().copied();
+                let complete = match low {
+                    Some(0) => return,
+                    Some(low) => low - 1,
+                    None => EventTime::MAX,
+                };
+                if let Err(err) = tables.advance(&name, complete) {
+                    tracing::error!(table = %name, %err, "the live table cannot take its rows");
+                }
+            }
+        },
+    );
+}
+
+/// Each heartbeat inserted into `heartbeats` (a collection's updates) as its node's entry
+/// of the latest-heartbeat series at the heartbeat's time.
+pub fn latest_heartbeats<'scope>(
+    heartbeats: StreamVec<'scope, EventTime, (edgeflow_operators::Heartbeat, EventTime, isize)>,
+) -> StreamVec<'scope, EventTime, (String, EventTime, Row)> {
+    heartbeats.flat_map(|(heartbeat, time, diff)| {
+        (diff > 0).then(|| {
+            let cells = super::rows::heartbeat_cells(&heartbeat);
+            (heartbeat.node_id, time, cells)
+        })
+    })
+}
+
 /// `records` as rows of `layout` at their message time, each counted once (an append
 /// table's records). A record that does not fit is logged and left out (a bug: the layouts
 /// follow the records' own fields).

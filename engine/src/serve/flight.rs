@@ -16,7 +16,6 @@
 //!   message; a table that has completed no time yet is `Unavailable`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -552,14 +551,9 @@ fn prepared_of(prepared: &Mutex<HashMap<u64, Prepared>>, handle: &[u8]) -> Resul
         .ok_or_else(|| Status::invalid_argument("no such prepared statement (closed, or from before a restart)"))
 }
 
-/// Serves `service` on `address` (TLS per `config`) until `shutdown` resolves; returns the
-/// bound address once listening, through `bound`.
-pub async fn serve(
-    service: LiveFlightSql,
-    config: &FlightConfig,
-    listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+/// The gRPC server with `config`'s TLS, if any: the certificate, key and client CA are read
+/// and checked here, so that a pipeline with unusable TLS files does not start.
+pub fn server(config: &FlightConfig) -> anyhow::Result<tonic::transport::Server> {
     use anyhow::Context;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
@@ -571,20 +565,27 @@ pub async fn serve(
         if let Some(ca) = &tls.client_ca {
             settings = settings.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }
-        builder = builder.tls_config(settings).context("the Flight TLS certificate or key is not usable")?;
+        builder = builder.tls_config(settings).with_context(|| {
+            format!("the Flight TLS certificate `{}` or key `{}` is not usable", tls.cert.display(), tls.key.display())
+        })?;
     }
+    Ok(builder)
+}
+
+/// Serves `service` with `server` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    service: LiveFlightSql,
+    mut server: tonic::transport::Server,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    builder
+    server
         .add_service(service.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("the Flight SQL server stopped")
-}
-
-/// Binds `address` for the Flight SQL server (port 0: a free one).
-pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    use anyhow::Context;
-    tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen for Flight SQL on {address}"))
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ pub fn tables_of(serving: &Serving) -> SharedTables {
     for table in &serving.tables {
         let Some(layout) = Layout::of(table.kind) else { continue };
         match layout.kind {
+            TableKind::Collection if layout.latest > 0 => {
+                tables.add_collection_with_latest(&table.name, layout.schema, layout.latest)
+            }
             TableKind::Collection => tables.add_collection(&table.name, layout.schema),
             TableKind::Append => tables.add_append(&table.name, layout.schema, table.retention),
         }
@@ -61,7 +64,7 @@ impl Server {
             .build()
             .context("cannot start the Flight SQL server's runtime")?;
         let service = flight::LiveFlightSql::new(query::QueryEngine::new(tables.clone()), &serving.flight.tokens);
-        let config = serving.flight.clone();
+        let server = flight::server(&serving.flight)?;
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new().name("edgeflow-flight".into()).spawn(move || {
             runtime.block_on(async move {
@@ -72,7 +75,7 @@ impl Server {
                 let stop = async move {
                     let _ = stopped.await;
                 };
-                if let Err(err) = flight::serve(service, &config, listener, stop).await {
+                if let Err(err) = flight::serve(service, server, listener, stop).await {
                     tracing::error!(err = %format!("{err:#}"), "the Flight SQL server failed");
                 }
             });

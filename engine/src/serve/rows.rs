@@ -60,6 +60,33 @@ const STATUS_CHANGES: &[Column] = &[
     column("to", Kind::Text),
 ];
 
+/// The columns a node's row takes from its latest heartbeat at the time read (nullable: a
+/// node may have none yet).
+const LATEST_HEARTBEAT: &[Column] = &[
+    nullable("last_heartbeat", Kind::Time),
+    nullable("cpu", Kind::Float),
+    nullable("memory", Kind::Float),
+    nullable("disk", Kind::Float),
+    nullable("lat", Kind::Float),
+    nullable("lon", Kind::Float),
+    nullable("capacity", Kind::Float),
+    nullable("labels", Kind::Json),
+];
+
+/// A heartbeat as the cells of [`LATEST_HEARTBEAT`].
+pub fn heartbeat_cells(heartbeat: &edgeflow_operators::Heartbeat) -> Row {
+    vec![
+        Cell::Time(heartbeat.timestamp),
+        Cell::Float(heartbeat.cpu),
+        Cell::Float(heartbeat.memory),
+        Cell::Float(heartbeat.disk),
+        Cell::Float(heartbeat.lat),
+        Cell::Float(heartbeat.lon),
+        Cell::Float(heartbeat.capacity),
+        Cell::Text(serde_json::to_string(&heartbeat.labels).unwrap_or_default()),
+    ]
+}
+
 const REGION_ROLLUPS: &[Column] = &[
     column("region", Kind::Text),
     column("window_start", Kind::Time),
@@ -147,6 +174,9 @@ pub struct Layout {
     pub kind: TableKind,
     /// The table's schema (an append table's starts with the rows' event time, `time`).
     pub schema: SchemaRef,
+    /// How many of the schema's last columns come from the latest heartbeat of the row's
+    /// node (the node status table), not from the record.
+    pub latest: usize,
     columns: &'static [Column],
 }
 
@@ -158,7 +188,8 @@ impl Layout {
         if table == TableKind::Append {
             fields.push(Field::new("time", time_type(), false));
         }
-        fields.extend(columns.iter().map(|column| {
+        let latest = if kind == PortKind::NodeStatus { LATEST_HEARTBEAT } else { &[] };
+        fields.extend(columns.iter().chain(latest).map(|column| {
             let data_type = match column.kind {
                 Kind::Text | Kind::Json => DataType::Utf8,
                 Kind::Int => DataType::Int64,
@@ -168,7 +199,7 @@ impl Layout {
             };
             Field::new(column.name, data_type, column.nullable)
         }));
-        Some(Self { kind: table, schema: Arc::new(Schema::new(fields)), columns })
+        Some(Self { kind: table, schema: Arc::new(Schema::new(fields)), latest: latest.len(), columns })
     }
 
     /// `record` as a row of the table (without an append table's `time`, which the store

@@ -180,10 +180,32 @@ enum Contents {
     /// updates after it.
     /// The base is a persistent map, so a query takes it in constant time under the lock
     /// and builds its batch outside.
-    Collection { base: imbl::OrdMap<Row, isize>, pending: BTreeMap<EventTime, Vec<(Row, isize)>> },
+    Collection {
+        base: imbl::OrdMap<Row, isize>,
+        pending: BTreeMap<EventTime, Vec<(Row, isize)>>,
+        /// Joined to each row by its first column (a node's id): the latest of a keyed
+        /// series at the time read (a node's latest heartbeat), `width` cells, null when
+        /// none. Each key keeps its entries after the folded time and the last before it.
+        latest: Option<Latest>,
+    },
     /// Rows at event times: complete times in batches (time order, the time column first),
     /// times still open waiting.
     Append { batches: VecDeque<RecordBatch>, rows: usize, retention: Retention, open: BTreeMap<EventTime, Vec<Row>> },
+}
+
+/// The latest entry per key at every time a query can read (see `Contents::Collection`).
+#[derive(Clone, Debug)]
+struct Latest {
+    entries: imbl::HashMap<String, imbl::OrdMap<EventTime, Row>>,
+    width: usize,
+}
+
+impl Latest {
+    /// The cells joined to rows of `key` as of `time`: its latest entry at or before then.
+    fn cells(&self, key: &Cell, time: EventTime) -> Option<&Row> {
+        let Cell::Text(key) = key else { return None };
+        self.entries.get(key)?.range(..=time).next_back().map(|(_, row)| row)
+    }
 }
 
 /// One live table.
@@ -258,7 +280,7 @@ pub struct Snapshot {
 
 #[derive(Debug)]
 enum SnapshotContents {
-    Rows { base: imbl::OrdMap<Row, isize>, pending: Vec<(Row, isize)> },
+    Rows { base: imbl::OrdMap<Row, isize>, pending: Vec<(Row, isize)>, latest: Option<(Latest, EventTime)> },
     Batches(Vec<RecordBatch>),
 }
 
@@ -272,16 +294,29 @@ impl Snapshot {
     pub fn batches(self) -> Result<Vec<RecordBatch>, SnapshotError> {
         match self.contents {
             SnapshotContents::Batches(batches) => Ok(batches),
-            SnapshotContents::Rows { mut base, pending } => {
+            SnapshotContents::Rows { mut base, pending, latest } => {
                 for (row, diff) in pending {
                     apply(&mut base, row, diff);
                 }
-                let rows: Vec<&Row> = base
-                    .iter()
-                    .flat_map(|(row, count)| std::iter::repeat_n(row, usize::try_from(*count).unwrap_or(0)))
-                    .collect();
-                let batch = to_batch(&self.schema, &rows)
-                    .map_err(|source| SnapshotError::Arrow { table: self.name, source })?;
+                let rows =
+                    base.iter().flat_map(|(row, count)| std::iter::repeat_n(row, usize::try_from(*count).unwrap_or(0)));
+                let arrow = |source| SnapshotError::Arrow { table: self.name.clone(), source };
+                let batch = match latest {
+                    None => to_batch(&self.schema, &rows.collect::<Vec<&Row>>()).map_err(arrow)?,
+                    Some((latest, time)) => {
+                        let joined: Vec<Row> = rows
+                            .map(|row| {
+                                let mut joined = row.clone();
+                                match row.first().and_then(|key| latest.cells(key, time)) {
+                                    Some(cells) => joined.extend(cells.iter().cloned()),
+                                    None => joined.extend(std::iter::repeat_n(Cell::Null, latest.width)),
+                                }
+                                joined
+                            })
+                            .collect();
+                        to_batch(&self.schema, &joined.iter().collect::<Vec<&Row>>()).map_err(arrow)?
+                    }
+                };
                 Ok(vec![batch])
             }
         }
@@ -291,8 +326,46 @@ impl Snapshot {
 impl Tables {
     /// Adds collection `name` with `schema` (empty).
     pub fn add_collection(&mut self, name: &str, schema: SchemaRef) {
-        let contents = Contents::Collection { base: imbl::OrdMap::new(), pending: BTreeMap::new() };
+        let contents = Contents::Collection { base: imbl::OrdMap::new(), pending: BTreeMap::new(), latest: None };
         self.tables.insert(name.to_owned(), Table { schema, contents, complete: None });
+    }
+
+    /// Adds collection `name` whose rows are joined, by their first column, with the latest
+    /// entry of a keyed series at the time read (the last `width` columns of `schema`; see
+    /// [`Tables::update_latest`]).
+    pub fn add_collection_with_latest(&mut self, name: &str, schema: SchemaRef, width: usize) {
+        let latest = Some(Latest { entries: imbl::HashMap::new(), width });
+        let contents = Contents::Collection { base: imbl::OrdMap::new(), pending: BTreeMap::new(), latest };
+        self.tables.insert(name.to_owned(), Table { schema, contents, complete: None });
+    }
+
+    /// Entries of collection `name`'s keyed series (key, time, cells): each is its key's
+    /// latest from its time until a later one. Entries at complete times are dropped with
+    /// an error log, as in [`Tables::update`].
+    pub fn update_latest(&mut self, name: &str, entries: impl IntoIterator<Item = (String, EventTime, Row)>) {
+        let folded = self.folded;
+        let Some(table) = self.tables.get_mut(name) else { return };
+        let complete = table.complete;
+        let Contents::Collection { latest: Some(latest), .. } = &mut table.contents else { return };
+        for (key, time, row) in entries {
+            if complete.is_some_and(|complete| time <= complete) {
+                tracing::error!(
+                    table = name,
+                    time,
+                    "an entry at a complete time is dropped (a bug in the table's feed)"
+                );
+                continue;
+            }
+            let series = latest.entries.entry(key).or_default();
+            series.insert(time, row);
+            // Nothing reads before the folded time: keep only the last entry up to it.
+            if let Some(folded) = folded {
+                while series.range(..=folded).nth(1).is_some() {
+                    let Some(&(oldest, _)) = series.get_min() else { break };
+                    series.remove(&oldest);
+                }
+            }
+        }
     }
 
     /// Adds append table `name` with `schema` (whose first column is the rows' event time)
@@ -395,7 +468,7 @@ impl Tables {
         }
         self.folded = Some(least);
         for table in self.tables.values_mut() {
-            if let Contents::Collection { base, pending } = &mut table.contents {
+            if let Contents::Collection { base, pending, .. } = &mut table.contents {
                 let later = pending.split_off(&least.saturating_add(1));
                 for (row, diff) in std::mem::replace(pending, later).into_values().flatten() {
                     apply(base, row, diff);
@@ -424,13 +497,14 @@ impl Tables {
             return Err(SnapshotError::NotComplete { table: name.to_owned(), complete, asked: time });
         }
         let contents = match &table.contents {
-            Contents::Collection { base, pending } => {
+            Contents::Collection { base, pending, latest } => {
                 let oldest = self.folded.unwrap_or(0);
                 if time < oldest {
                     return Err(SnapshotError::TooOld { table: name.to_owned(), oldest, asked: time });
                 }
                 let pending = pending.range(..=time).flat_map(|(_, updates)| updates.iter().cloned()).collect();
-                SnapshotContents::Rows { base: base.clone(), pending }
+                let latest = latest.as_ref().map(|latest| (latest.clone(), time));
+                SnapshotContents::Rows { base: base.clone(), pending, latest }
             }
             Contents::Append { batches, .. } => {
                 let mut out = Vec::new();
@@ -608,6 +682,41 @@ mod tests {
         let times = batches[0].column(0).as_any().downcast_ref::<TimestampMillisecondArray>().unwrap();
         assert_eq!(times.value(0), 200);
         assert_eq!(batches[0].schema().field(0).data_type(), &time_type());
+    }
+
+    /// A collection joined with its keys' latest entries: each row gets its key's latest
+    /// entry at or before the time read (nulls before the first), and older entries go once
+    /// no query can read them.
+    #[test]
+    fn rows_are_joined_with_their_latest_entry_at_the_time_read() {
+        let mut tables = Tables::default();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("node_id", DataType::Utf8, false),
+            Field::new("status", DataType::Utf8, false),
+            Field::new("seen", DataType::Utf8, true),
+        ]));
+        tables.add_collection_with_latest("nodes", schema, 1);
+        tables.update("nodes", [(vec![text("a"), text("healthy")], 10, 1), (vec![text("b"), text("healthy")], 10, 1)]);
+        tables.update_latest(
+            "nodes",
+            [("a".to_owned(), 10, vec![text("a@10")]), ("a".to_owned(), 15, vec![text("a@15")])],
+        );
+        tables.update_latest("nodes", [("b".to_owned(), 12, vec![text("b@12")])]);
+        tables.advance("nodes", 11).unwrap();
+        let seen = |tables: &Tables, time| -> Vec<Option<String>> {
+            let batches = tables.snapshot("nodes", time).unwrap();
+            let array = batches[0].column(2).as_any().downcast_ref::<StringArray>().unwrap().clone();
+            (0..array.len()).map(|i| array.is_valid(i).then(|| array.value(i).to_owned())).collect()
+        };
+        assert_eq!(seen(&tables, 11), [Some("a@10".to_owned()), None]);
+        tables.advance("nodes", 20).unwrap();
+        assert_eq!(seen(&tables, 20), [Some("a@15".to_owned()), Some("b@12".to_owned())]);
+        // Folded to 20: a later entry of `a` drops the ones no query can read any more.
+        tables.update_latest("nodes", [("a".to_owned(), 25, vec![text("a@25")])]);
+        let Contents::Collection { latest: Some(latest), .. } = &tables.tables["nodes"].contents else { panic!() };
+        assert_eq!(latest.entries["a"].keys().copied().collect::<Vec<_>>(), [15, 25]);
+        tables.advance("nodes", 30).unwrap();
+        assert_eq!(seen(&tables, 30), [Some("a@25".to_owned()), Some("b@12".to_owned())]);
     }
 
     /// Updates at a time already complete are refused, not applied to a past snapshot.
