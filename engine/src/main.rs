@@ -172,6 +172,10 @@ enum Command {
         /// `table`, `json` (one object per row), `csv` or `arrow` (an IPC stream).
         #[arg(long, value_enum, default_value = "table")]
         format: edgeflow_engine::sql_cli::Format,
+        /// Print the query's changes as they happen (`time`, `progressed`, `diff`, then the
+        /// columns), until interrupted.
+        #[arg(long)]
+        subscribe: bool,
     },
     /// Print the JSON Schema of pipeline files (for editors), or the Markdown reference.
     Schema {
@@ -347,10 +351,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Sql { sql, server, token, tls, ca, client_cert, client_key, format } => {
+        Command::Sql { sql, server, token, tls, ca, client_cert, client_key, format, subscribe } => {
             let identity = client_cert.zip(client_key);
             let tls = tls || ca.is_some() || identity.is_some();
-            let options = edgeflow_engine::sql_cli::SqlOptions { server, token, tls, ca, identity, sql, format };
+            let options =
+                edgeflow_engine::sql_cli::SqlOptions { server, token, tls, ca, identity, sql, format, subscribe };
             match edgeflow_engine::sql_cli::run(&options) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

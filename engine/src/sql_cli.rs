@@ -39,16 +39,66 @@ pub struct SqlOptions {
     pub sql: String,
     /// Output format.
     pub format: Format,
+    /// Subscribe: print the query's changes as they happen, until interrupted.
+    pub subscribe: bool,
 }
 
 /// Runs the query and prints its result to standard output.
 pub fn run(options: &SqlOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if options.subscribe {
+        return runtime.block_on(subscribe(options));
+    }
     let batches = runtime.block_on(query(options))?;
     print(&batches.0, &batches.1, options.format)
 }
 
-async fn query(options: &SqlOptions) -> anyhow::Result<(datafusion::arrow::datatypes::SchemaRef, Vec<RecordBatch>)> {
+/// Prints the query's changes batch by batch as the server sends them.
+async fn subscribe(options: &SqlOptions) -> anyhow::Result<()> {
+    use arrow_flight::sql::Any;
+    use datafusion::arrow;
+    use prost::Message;
+    let mut client = connect(options).await?;
+    let any = Any {
+        type_url: crate::serve::flight::SUBSCRIBE_TYPE.to_owned(),
+        value: options.sql.clone().into_bytes().into(),
+    };
+    let ticket = arrow_flight::Ticket { ticket: any.encode_to_vec().into() };
+    let mut changes = client.do_get(ticket).await.map_err(explain)?;
+    let stdout = std::io::stdout();
+    let mut csv_header = true;
+    let mut ipc: Option<arrow::ipc::writer::StreamWriter<std::io::Stdout>> = None;
+    while let Some(batch) = changes.try_next().await.map_err(explain)? {
+        let mut out = stdout.lock();
+        match options.format {
+            Format::Table => writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&[batch])?)?,
+            Format::Json => {
+                let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+                writer.write(&batch)?;
+                writer.finish()?;
+            }
+            Format::Csv => {
+                let mut writer = arrow::csv::WriterBuilder::new().with_header(csv_header).build(&mut out);
+                writer.write(&batch)?;
+                csv_header = false;
+            }
+            Format::Arrow => {
+                drop(out);
+                let writer = match ipc.as_mut() {
+                    Some(writer) => writer,
+                    None => ipc.insert(arrow::ipc::writer::StreamWriter::try_new(std::io::stdout(), &batch.schema())?),
+                };
+                writer.write(&batch)?;
+                writer.flush()?;
+                continue;
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+async fn connect(options: &SqlOptions) -> anyhow::Result<FlightSqlServiceClient<tonic::transport::Channel>> {
     let scheme = if options.tls { "https" } else { "http" };
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", options.server))
         .with_context(|| format!("`{}` is not HOST:PORT", options.server))?;
@@ -82,6 +132,11 @@ async fn query(options: &SqlOptions) -> anyhow::Result<(datafusion::arrow::datat
     if let Some(token) = &options.token {
         client.set_token(token.clone());
     }
+    Ok(client)
+}
+
+async fn query(options: &SqlOptions) -> anyhow::Result<(datafusion::arrow::datatypes::SchemaRef, Vec<RecordBatch>)> {
+    let mut client = connect(options).await?;
     let info = client.execute(options.sql.clone(), None).await.map_err(explain)?;
     let schema = std::sync::Arc::new(info.clone().try_decode_schema().context("the server's schema does not decode")?);
     let mut batches = Vec::new();

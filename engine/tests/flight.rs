@@ -29,6 +29,26 @@ fn flight_address(log: &std::path::Path) -> Option<String> {
     })
 }
 
+/// Runs `pipeline` on 2 workers (logging to `log`, with `FLIGHT_TOKEN` set to [`TOKEN`]);
+/// the running engine and its Flight SQL address, once it serves.
+fn serve(pipeline: &std::path::Path, log: &std::path::Path) -> (Running, String) {
+    let engine = Running(
+        edgeflow()
+            .args(["run", pipeline.to_str().unwrap(), "--no-metrics", "--log-format", "json", "--workers", "2"])
+            .env("FLIGHT_TOKEN", TOKEN)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut address = None;
+    wait_for("the Flight SQL server's address in the log", Duration::from_secs(60), || {
+        address = flight_address(log);
+        address.is_some()
+    });
+    (engine, address.unwrap())
+}
+
 #[test]
 fn adbc_and_pyarrow_query_a_running_pipeline() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,21 +98,7 @@ sinks:
         ),
     );
     let log = dir.path().join("run.log");
-    let mut engine = Running(
-        edgeflow()
-            .args(["run", pipeline.to_str().unwrap(), "--no-metrics", "--log-format", "json", "--workers", "2"])
-            .env("FLIGHT_TOKEN", TOKEN)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let mut address = None;
-    wait_for("the Flight SQL server's address in the log", Duration::from_secs(60), || {
-        address = flight_address(&log);
-        address.is_some()
-    });
-    let address = address.unwrap();
+    let (mut engine, address) = serve(&pipeline, &log);
     let clients = Command::new(python())
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/flight_clients.py"))
         .args([&address, TOKEN, "300"])
@@ -104,6 +110,24 @@ sinks:
         String::from_utf8_lossy(&clients.stderr),
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    // `edgeflow sql --subscribe` prints the changes as they come.
+    let mut subscribed = edgeflow()
+        .args(["sql", "--server", &address, "--format", "json", "--subscribe", "SELECT node_id, status FROM nodes"])
+        .env("EDGEFLOW_FLIGHT_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(subscribed.stdout.take().unwrap()));
+    let (mut inserted, mut progressed) = (false, false);
+    while !(inserted && progressed) {
+        let line = lines.next().expect("the subscription ended").unwrap();
+        let change: serde_json::Value = serde_json::from_str(&line).unwrap();
+        inserted |= change["diff"] == 1 && change["node_id"].is_string();
+        progressed |= change["progressed"] == true;
+    }
+    subscribed.kill().unwrap();
+    subscribed.wait().unwrap();
+
     // `edgeflow sql` in each format, and refused without the token.
     let sql = |format: &str, token: &str, query: &str| {
         edgeflow()
@@ -226,6 +250,38 @@ sinks:
     assert_eq!(report["flight_schema_equal"], true);
     assert_eq!(report["flight_rows"], 300);
     refusal("flight_no_token", &["no `authorization` header"]);
+
+    // The subscription's changes, replayed, are the table as of the last time read.
+    let subscription = &report["subscription"];
+    let until = subscription["time"].as_u64().unwrap();
+    let mut expected: BTreeMap<String, String> = BTreeMap::new();
+    for line in std::fs::read_to_string(&changes).unwrap().lines() {
+        let change: serde_json::Value = serde_json::from_str(line).unwrap();
+        if change["time"].as_u64().unwrap() <= until {
+            expected.insert(change["node_id"].as_str().unwrap().to_owned(), change["to"].as_str().unwrap().to_owned());
+        }
+    }
+    let replayed: BTreeMap<String, String> = subscription["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            assert_eq!(row[2], 1, "a node is in the table once: {row}");
+            (row[0].as_str().unwrap().to_owned(), row[1].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(replayed, expected, "the changes up to {until}, replayed");
+    assert!(subscription["progress"].as_u64().unwrap() > 0 && subscription["retracted"].as_u64().unwrap() > 0);
+    assert_eq!(
+        subscription["schema"],
+        serde_json::json!([
+            ["time", "timestamp[ms, tz=UTC]", false],
+            ["progressed", "bool", false],
+            ["diff", "int64", true],
+            ["node_id", "string", true],
+            ["status", "string", true]
+        ])
+    );
     refusal("flight_bad_basic", &["not accepted"]);
 }
 
@@ -313,21 +369,7 @@ sinks:
     assert!(message.contains("cannot read the Flight TLS file") && message.contains("nowhere.pem"), "{message}");
 
     let served = write(dir.path(), "tls.yaml", &pipeline("server.pem"));
-    let log = dir.path().join("run.log");
-    let _engine = Running(
-        edgeflow()
-            .args(["run", served.to_str().unwrap(), "--no-metrics", "--log-format", "json"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let mut address = None;
-    wait_for("the Flight SQL server's address in the log", Duration::from_secs(60), || {
-        address = flight_address(&log);
-        address.is_some()
-    });
-    let address = address.unwrap();
+    let (_engine, address) = serve(&served, &dir.path().join("run.log"));
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
     let sql = |extra: &[String]| {
         edgeflow()

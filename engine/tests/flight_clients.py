@@ -153,4 +153,39 @@ try:
 except flight.FlightUnauthenticatedError as err:
     report["flight_bad_basic"] = ["FlightUnauthenticatedError", str(err)]
 
+# A subscription (DoGet with an `Any` of type edgeflow.Subscribe whose value is the SQL):
+# the first batch is the result as +1 rows, then changes and progress rows. Replayed up to
+# the last time read, the changes are the table as of that time.
+subscription = flight.Ticket(
+    field(1, b"type.googleapis.com/edgeflow.Subscribe") + field(2, b"SELECT node_id, status FROM nodes")
+)
+reader = client.do_get(subscription, options)
+state, last, progress, retracted, schema = {}, None, 0, 0, None
+deadline = time.time() + 60
+while time.time() < deadline:
+    batch = reader.read_chunk().data
+    schema = batch.schema
+    times = batch.column("time").cast("int64").to_pylist()
+    for at, progressed, diff, node, status in zip(
+        times, *(batch.column(name).to_pylist() for name in ("progressed", "diff", "node_id", "status"))
+    ):
+        assert last is None or at >= last, "times go forward"
+        last = at
+        if progressed:
+            progress += 1
+            continue
+        key = (node, status)
+        state[key] = state.get(key, 0) + diff
+        retracted += diff < 0
+    if progress > 0 and retracted > 0 and time.time() > deadline - 55:
+        break
+reader.cancel()
+report["subscription"] = {
+    "time": last,
+    "rows": sorted([node, status, count] for (node, status), count in state.items() if count != 0),
+    "progress": progress,
+    "retracted": retracted,
+    "schema": [[f.name, str(f.type), f.nullable] for f in schema],
+}
+
 print(json.dumps(report))

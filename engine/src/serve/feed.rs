@@ -36,18 +36,22 @@ pub fn feed<'scope>(updates: StreamVec<'scope, EventTime, (Row, EventTime, isize
             if !batch.is_empty() {
                 tables.update(&name, batch);
             }
-            // Complete up to just before the least time still to come (all of time once the
-            // input has ended).
-            let complete = match frontier.frontier().iter().min() {
-                Some(0) => return,
-                Some(low) => low - 1,
-                None => EventTime::MAX,
-            };
-            if let Err(err) = tables.advance(&name, complete) {
-                tracing::error!(table = %name, %err, "the live table cannot take its rows");
-            }
+            complete_before(&mut tables, &name, frontier.frontier().iter().min().copied());
         },
     );
+}
+
+/// Table `name` is complete up to just before `low`, the least time still to come on its
+/// inputs (`None`: they have ended, and it is complete for all of time).
+fn complete_before(tables: &mut Tables, name: &str, low: Option<EventTime>) {
+    let complete = match low {
+        Some(0) => return,
+        Some(low) => low - 1,
+        None => EventTime::MAX,
+    };
+    if let Err(err) = tables.advance(name, complete) {
+        tracing::error!(table = %name, %err, "the live table cannot take its rows");
+    }
 }
 
 type Unused<'a> = timely::dataflow::operators::generic::OutputBuilderSession<
@@ -90,14 +94,7 @@ pub fn feed_with_latest<'scope>(
                     tables.update_latest(&name, entries);
                 }
                 let low = updates_frontier.frontier().iter().chain(latest_frontier.frontier().iter()).min().copied();
-                let complete = match low {
-                    Some(0) => return,
-                    Some(low) => low - 1,
-                    None => EventTime::MAX,
-                };
-                if let Err(err) = tables.advance(&name, complete) {
-                    tracing::error!(table = %name, %err, "the live table cannot take its rows");
-                }
+                complete_before(&mut tables, &name, low);
             }
         },
     );

@@ -48,6 +48,9 @@ use tonic::{Request, Response, Status, Streaming};
 use super::query::{Planned, QueryEngine, QueryError, CATALOG, HOLD, SCHEMA};
 use crate::config::serve::FlightConfig;
 
+/// The type URL of a subscription ticket (a protobuf `Any` whose value is the SQL).
+pub const SUBSCRIBE_TYPE: &str = "type.googleapis.com/edgeflow.Subscribe";
+
 /// The table type every live table has in `GetTables`.
 const TABLE_TYPE: &str = "TABLE";
 
@@ -528,9 +531,22 @@ impl FlightSqlService for LiveFlightSql {
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 
+    /// Subscriptions: a ticket that is a protobuf `Any` of type [`SUBSCRIBE_TYPE`] whose
+    /// value is the query's SQL (UTF-8) streams the query's changes until the client goes.
     async fn do_get_fallback(&self, request: Request<Ticket>, message: Any) -> Result<Response<DataStream>, Status> {
         self.authorize(request.metadata())?;
-        Err(Status::invalid_argument(format!("this server does not answer `{}` tickets", message.type_url)))
+        if message.type_url != SUBSCRIBE_TYPE {
+            return Err(Status::invalid_argument(format!(
+                "this server does not answer `{}` tickets (a subscription's is `{SUBSCRIBE_TYPE}`)",
+                message.type_url
+            )));
+        }
+        let sql = String::from_utf8(message.value.to_vec())
+            .map_err(|_| Status::invalid_argument("the subscription's query is not UTF-8 text"))?;
+        let (schema, changes) = self.engine.subscribe(&sql).await.map_err(status_of)?;
+        let changes = changes.map_err(|err| FlightError::ExternalError(Box::new(err)));
+        let stream = FlightDataEncoderBuilder::new().with_schema(schema).build(changes).map_err(Status::from);
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -8,7 +8,7 @@
 //! pinned to is held readable ([`Tables::hold`]) from planning until it has run, or for
 //! [`HOLD`] at most (a Flight client that asked for a query's schema and never fetched it).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -203,6 +203,125 @@ impl QueryEngine {
         let mut named: Vec<(String, Option<DataType>)> = types.into_iter().collect();
         named.sort_by_key(|(name, _)| name.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX));
         Ok(named)
+    }
+}
+
+/// How often a subscription looks for a later time.
+pub const SUBSCRIBE_EVERY: Duration = Duration::from_millis(100);
+
+/// A subscription's state between two times: the result as of `time` (each row with its
+/// count).
+struct Subscription {
+    engine: QueryEngine,
+    sql: String,
+    schema: SchemaRef,
+    previous: HashMap<Vec<ScalarValue>, i64>,
+    time: Option<EventTime>,
+    first: Option<Planned>,
+}
+
+impl QueryEngine {
+    /// Subscribes to `sql`: its result as of the latest complete time, as rows with `+1`
+    /// (`diff`), then at each later time the rows that left (`-1`) and came (`+1`), or, when
+    /// nothing changed, one progress row (`progressed` true, every other column but `time`
+    /// null). Replaying the changes up to a time gives the result as of that time. The
+    /// query runs again at each time (every [`SUBSCRIBE_EVERY`] at most).
+    pub async fn subscribe(
+        &self,
+        sql: &str,
+    ) -> Result<(SchemaRef, futures::stream::BoxStream<'static, Result<RecordBatch, DataFusionError>>), QueryError>
+    {
+        let first = self.plan(sql, None).await?;
+        let mut fields = vec![
+            arrow_schema::Field::new("time", time_type(), false),
+            arrow_schema::Field::new("progressed", DataType::Boolean, false),
+            arrow_schema::Field::new("diff", DataType::Int64, true),
+        ];
+        fields.extend(first.schema.fields().iter().map(|field| field.as_ref().clone().with_nullable(true)));
+        let schema = Arc::new(arrow_schema::Schema::new(fields));
+        let state = Subscription {
+            engine: self.clone(),
+            sql: sql.to_owned(),
+            schema: schema.clone(),
+            previous: HashMap::new(),
+            time: None,
+            first: Some(first),
+        };
+        let stream = futures::stream::try_unfold(state, |mut state| async move {
+            let batch = state.next().await?;
+            Ok(Some((batch, state)))
+        });
+        Ok((schema, Box::pin(stream)))
+    }
+}
+
+impl Subscription {
+    /// The changes at the next time the query's tables complete.
+    async fn next(&mut self) -> Result<RecordBatch, DataFusionError> {
+        let failed = |err: QueryError| DataFusionError::Execution(err.to_string());
+        let planned = loop {
+            let planned = match self.first.take() {
+                Some(planned) => planned,
+                None => self.engine.plan(&self.sql, None).await.map_err(failed)?,
+            };
+            if self.time.is_none_or(|time| planned.as_of > time) {
+                break planned;
+            }
+            drop(planned);
+            tokio::time::sleep(SUBSCRIBE_EVERY).await;
+        };
+        let time = planned.as_of;
+        let mut current: HashMap<Vec<ScalarValue>, i64> = HashMap::new();
+        let mut batches = planned.run().await.map_err(failed)?;
+        while let Some(batch) = batches.next().await {
+            let batch = batch?;
+            for row in 0..batch.num_rows() {
+                let values = batch
+                    .columns()
+                    .iter()
+                    .map(|column| ScalarValue::try_from_array(column, row))
+                    .collect::<Result<Vec<_>, _>>()?;
+                *current.entry(values).or_default() += 1;
+            }
+        }
+        let mut changes: Vec<(Vec<ScalarValue>, i64)> = Vec::new();
+        for (row, count) in &self.previous {
+            let now = current.get(row).copied().unwrap_or(0);
+            if now != *count {
+                changes.push((row.clone(), now - count));
+            }
+        }
+        for (row, count) in &current {
+            if !self.previous.contains_key(row) {
+                changes.push((row.clone(), *count));
+            }
+        }
+        changes.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal)));
+        self.previous = current;
+        self.time = Some(time);
+        self.batch(time, changes)
+    }
+
+    /// The batch of `changes` at `time` (one progress row if there are none).
+    fn batch(&self, time: EventTime, changes: Vec<(Vec<ScalarValue>, i64)>) -> Result<RecordBatch, DataFusionError> {
+        let progressed = changes.is_empty();
+        let rows = changes.len().max(1);
+        let at = ScalarValue::TimestampMillisecond(Some(millis(time)), Some("UTC".into()));
+        let mut columns: Vec<arrow_array::ArrayRef> =
+            vec![at.to_array_of_size(rows)?, ScalarValue::Boolean(Some(progressed)).to_array_of_size(rows)?];
+        if progressed {
+            for field in self.schema.fields().iter().skip(2) {
+                columns.push(ScalarValue::try_from(field.data_type())?.to_array_of_size(1)?);
+            }
+        } else {
+            columns.push(Arc::new(arrow_array::Int64Array::from_iter_values(changes.iter().map(|(_, diff)| *diff))));
+            for (index, field) in self.schema.fields().iter().skip(3).enumerate() {
+                let values = changes.iter().map(|(row, _)| row[index].clone());
+                let column = ScalarValue::iter_to_array(values)?;
+                columns.push(datafusion::arrow::compute::cast(&column, field.data_type())?);
+            }
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
 }
 
@@ -524,6 +643,65 @@ mod tests {
             // `changes` has completed nothing yet: the query says so.
             let waiting = engine.plan("SELECT * FROM changes", None).await.unwrap_err();
             assert!(waiting.to_string().contains("no complete time yet"), "{waiting}");
+        });
+    }
+
+    /// A subscription starts with the result, then sends what changed at each later time,
+    /// or progress when nothing did.
+    #[test]
+    fn a_subscription_sends_the_result_then_its_changes_and_progress() {
+        let shared = tables();
+        {
+            let mut tables = lock(&shared);
+            tables.update(
+                "nodes",
+                [(vec![text("a"), text("healthy")], 10, 1), (vec![text("b"), text("healthy")], 10, 1)],
+            );
+            tables.advance("nodes", 10).unwrap();
+            tables.advance("changes", 10).unwrap();
+        }
+        let engine = QueryEngine::new(shared.clone());
+        runtime().block_on(async {
+            let (schema, mut changes) = engine.subscribe("SELECT node_id, status FROM nodes").await.unwrap();
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            assert_eq!(names, ["time", "progressed", "diff", "node_id", "status"]);
+            let rows = |batch: &RecordBatch| -> Vec<(i64, bool, Option<i64>, Option<String>)> {
+                let time = batch.column(0).as_any().downcast_ref::<TimestampMillisecondArray>().unwrap();
+                let progressed = batch.column(1).as_any().downcast_ref::<arrow_array::BooleanArray>().unwrap();
+                let diff = batch.column(2).as_any().downcast_ref::<arrow_array::Int64Array>().unwrap();
+                let status = batch.column(4).as_any().downcast_ref::<StringArray>().unwrap();
+                (0..batch.num_rows())
+                    .map(|i| {
+                        (
+                            time.value(i),
+                            progressed.value(i),
+                            diff.is_valid(i).then(|| diff.value(i)),
+                            status.is_valid(i).then(|| status.value(i).to_owned()),
+                        )
+                    })
+                    .collect()
+            };
+            let healthy = Some("healthy".to_owned());
+            let first = changes.next().await.unwrap().unwrap();
+            assert_eq!(rows(&first), [(10, false, Some(1), healthy.clone()), (10, false, Some(1), healthy.clone())]);
+            {
+                let mut tables = lock(&shared);
+                tables.update(
+                    "nodes",
+                    [(vec![text("a"), text("healthy")], 20, -1), (vec![text("a"), text("degraded")], 20, 1)],
+                );
+                tables.advance("nodes", 20).unwrap();
+                tables.advance("changes", 20).unwrap();
+            }
+            let second = changes.next().await.unwrap().unwrap();
+            assert_eq!(
+                rows(&second),
+                [(20, false, Some(-1), healthy), (20, false, Some(1), Some("degraded".to_owned()))]
+            );
+            lock(&shared).advance("nodes", 30).unwrap();
+            lock(&shared).advance("changes", 30).unwrap();
+            let third = changes.next().await.unwrap().unwrap();
+            assert_eq!(rows(&third), [(30, true, None, None)]);
         });
     }
 
