@@ -49,6 +49,20 @@ fn serve(pipeline: &std::path::Path, log: &std::path::Path) -> (Running, String)
     (engine, address.unwrap())
 }
 
+/// Each node's status as of `time`, recomputed from a run's status changes (`changes.jsonl`):
+/// its latest change at or before then; and how many changes that is.
+fn statuses_until(changes: &std::path::Path, time: u64) -> (BTreeMap<String, String>, u64) {
+    let (mut statuses, mut count) = (BTreeMap::new(), 0);
+    for line in std::fs::read_to_string(changes).unwrap().lines() {
+        let change: serde_json::Value = serde_json::from_str(line).unwrap();
+        if change["time"].as_u64().unwrap() <= time {
+            count += 1;
+            statuses.insert(change["node_id"].as_str().unwrap().to_owned(), change["to"].as_str().unwrap().to_owned());
+        }
+    }
+    (statuses, count)
+}
+
 #[test]
 fn adbc_and_pyarrow_query_a_running_pipeline() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,15 +180,7 @@ sinks:
     let as_of = report["as_of"].as_u64().unwrap();
 
     // The table as of `as_of` is each node's latest status change at or before it.
-    let mut expected: BTreeMap<String, String> = BTreeMap::new();
-    let mut changes_until = 0;
-    for line in std::fs::read_to_string(&changes).unwrap().lines() {
-        let change: serde_json::Value = serde_json::from_str(line).unwrap();
-        if change["time"].as_u64().unwrap() <= as_of {
-            changes_until += 1;
-            expected.insert(change["node_id"].as_str().unwrap().to_owned(), change["to"].as_str().unwrap().to_owned());
-        }
-    }
+    let (expected, changes_until) = statuses_until(&changes, as_of);
     let rows = report["nodes"].as_array().unwrap();
     let answered: BTreeMap<String, String> =
         rows.iter().map(|row| (row[0].as_str().unwrap().to_owned(), row[1].as_str().unwrap().to_owned())).collect();
@@ -254,13 +260,7 @@ sinks:
     // The subscription's changes, replayed, are the table as of the last time read.
     let subscription = &report["subscription"];
     let until = subscription["time"].as_u64().unwrap();
-    let mut expected: BTreeMap<String, String> = BTreeMap::new();
-    for line in std::fs::read_to_string(&changes).unwrap().lines() {
-        let change: serde_json::Value = serde_json::from_str(line).unwrap();
-        if change["time"].as_u64().unwrap() <= until {
-            expected.insert(change["node_id"].as_str().unwrap().to_owned(), change["to"].as_str().unwrap().to_owned());
-        }
-    }
+    let (expected, _) = statuses_until(&changes, until);
     let replayed: BTreeMap<String, String> = subscription["rows"]
         .as_array()
         .unwrap()
